@@ -1,0 +1,182 @@
+"""Collators: records → model batches, for SFT (labels on assistant tokens) and for RL prompts.
+
+Each sample's image is loaded and run through the Qwen image processor; the chat text is rendered with as
+many ``<|image_pad|>`` tokens as the image has visual tokens (``radvlm.chat``), so the image-token count
+always equals the vision-feature count ("image features and image tokens do not match" cannot happen).
+A sample longer than ``max_length`` is never truncated (that could cut through its image tokens): it is
+dropped and counted in ``batch["n_dropped"]``, or raises ``SampleTooLongError`` with ``overlong="error"``.
+
+SFT batches are right-padded; prompt batches are left-padded so completions can be appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from datamodules.records import Record, load_image
+from radvlm.chat import (
+    IGNORE_INDEX,
+    THINK_CLOSE,
+    encode_conversation,
+    image_token_count,
+    is_thinking_prompt,
+    split_thinking,
+)
+
+
+class SampleTooLongError(ValueError):
+    """A sample exceeds ``max_length`` tokens and ``overlong="error"`` was configured."""
+
+
+@dataclass
+class EncodedSample:
+    id: str
+    input_ids: list[int]  # (T,)
+    labels: list[int]  # (T,)
+    pixel_values: torch.Tensor | None  # (patches, D)
+    image_grid_thw: torch.Tensor | None  # (1, 3)
+
+
+def _image_inputs(record: Record, image_processor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    if record.image is None:
+        return None, None, 0
+    image = load_image(record.image)
+    out = image_processor(images=[image], return_tensors="pt")
+    grid = out["image_grid_thw"]  # (1, 3)
+    return out["pixel_values"], grid, image_token_count(grid[0], image_processor.merge_size)
+
+
+def turns_of(record: Record) -> list[tuple[str, str]]:
+    return [(t.role, t.text) for t in record.conversations]
+
+
+def encode_sft(record: Record, processor) -> EncodedSample:
+    """Whole conversation, labels on every assistant turn."""
+    pixels, grid, k = _image_inputs(record, processor.image_processor)
+    enc = encode_conversation(processor.tokenizer, turns_of(record), image_tokens=k)
+    return EncodedSample(record.id, enc.input_ids, enc.labels, pixels, grid)
+
+
+def encode_prompt(record: Record, processor) -> EncodedSample:
+    """Conversation up to the last user turn, followed by the assistant header (generation prompt)."""
+    turns = turns_of(record)
+    if turns and turns[-1][0] == "assistant":
+        turns = turns[:-1]
+    pixels, grid, k = _image_inputs(record, processor.image_processor)
+    enc = encode_conversation(processor.tokenizer, turns, image_tokens=k, add_generation_prompt=True)
+    return EncodedSample(record.id, enc.input_ids, enc.labels, pixels, grid)
+
+
+def pad_stack(rows: Sequence[Sequence[int]], value: int, left: bool) -> torch.Tensor:  # (N, T_max)
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if len(r):
+            if left:
+                out[i, width - len(r) :] = torch.tensor(r)
+            else:
+                out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def stack_samples(samples: Sequence[EncodedSample], pad_id: int, image_token_id: int, left: bool) -> dict:
+    """Pad ids/labels, build attention and multimodal token-type masks, concatenate image patches."""
+    input_ids = pad_stack([s.input_ids for s in samples], pad_id, left)  # (N, T)
+    attention = pad_stack([[1] * len(s.input_ids) for s in samples], 0, left)  # (N, T)
+    batch: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": pad_stack([s.labels for s in samples], IGNORE_INDEX, left),  # (N, T)
+        "mm_token_type_ids": ((input_ids == image_token_id) & (attention == 1)).int(),  # (N, T)
+        "ids": [s.id for s in samples],
+    }
+    with_images = [s for s in samples if s.pixel_values is not None]
+    if with_images:
+        batch["pixel_values"] = torch.cat([s.pixel_values for s in with_images])  # (patches, D)
+        batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images])  # (I, 3)
+    batch["image_counts"] = torch.tensor([int(s.pixel_values is not None) for s in samples])  # (N,)
+    return batch
+
+
+class _Collator:
+    left = False
+
+    def __init__(self, processor, max_length: int | None = None, overlong: str = "drop") -> None:
+        if overlong not in ("drop", "error"):
+            raise ValueError(f"overlong must be 'drop' or 'error', got {overlong!r}")
+        self.processor = processor
+        self.max_length = max_length
+        self.overlong = overlong
+        tok = processor.tokenizer
+        self.pad_id = tok.pad_token_id
+        self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+
+    def encode(self, record: Record) -> EncodedSample:
+        raise NotImplementedError
+
+    def _keep(self, record: Record, sample: EncodedSample) -> bool:
+        if self.max_length is None or len(sample.input_ids) <= self.max_length:
+            return True
+        if self.overlong == "error":
+            raise SampleTooLongError(
+                f"record {record.id!r} ({record.source}, index {record.index}) has {len(sample.input_ids)} "
+                f"tokens > max_length={self.max_length}; raise max_length, lower max_pixels, or use "
+                f"overlong='drop'"
+            )
+        return False
+
+    def __call__(self, records: Sequence[Record]) -> dict:
+        kept = [(r, s) for r in records for s in [self.encode(r)] if self._keep(r, s)]
+        n_dropped = len(records) - len(kept)
+        if not kept:
+            return {"n_dropped": n_dropped, "empty": True}
+        batch = stack_samples([s for _, s in kept], self.pad_id, self.image_token_id, self.left)
+        batch["n_dropped"] = n_dropped
+        batch["tasks"] = [r.task for r, _ in kept]
+        self.extend(batch, [r for r, _ in kept])
+        return batch
+
+    def extend(self, batch: dict, records: list[Record]) -> None:
+        pass
+
+
+class SFTCollator(_Collator):
+    """Right-padded full conversations with assistant-only labels; optionally the prompts too
+    (``with_prompts``: ``batch["prompt"]`` holds a ``PromptCollator`` batch of the same records, for greedy
+    generation at validation)."""
+
+    def __init__(self, processor, max_length: int | None = None, overlong: str = "drop",
+                 with_prompts: bool = False) -> None:
+        super().__init__(processor, max_length, overlong)
+        self.prompts = PromptCollator(processor, max_length, overlong) if with_prompts else None
+
+    def encode(self, record: Record) -> EncodedSample:
+        return encode_sft(record, self.processor)
+
+    def extend(self, batch: dict, records: list[Record]) -> None:
+        if self.prompts is not None:
+            batch["prompt"] = self.prompts(records)
+
+
+class PromptCollator(_Collator):
+    """Left-padded generation prompts plus what rewards and metrics need: ``targets`` (the reference
+    answer), ``tasks``, ``thinking`` flags, ``prompts`` (text) and ``gt_boxes``."""
+
+    left = True
+
+    def encode(self, record: Record) -> EncodedSample:
+        return encode_prompt(record, self.processor)
+
+    def extend(self, batch: dict, records: list[Record]) -> None:
+        batch.pop("labels")
+        users = [[t.text for t in r.conversations if t.role == "user"] for r in records]
+        batch["prompts"] = [u[-1] if u else "" for u in users]
+        # the reference is the final answer: a thinking trace in the record's answer is not scored
+        batch["targets"] = [split_thinking(r.answer)[1] if THINK_CLOSE in r.answer else r.answer
+                            for r in records]
+        batch["thinking"] = [is_thinking_prompt(p) for p in batch["prompts"]]
+        batch["gt_boxes"] = [r.boxes or [] for r in records]
+        batch["images"] = [str(r.image) if r.image else None for r in records]

@@ -1,0 +1,202 @@
+"""``RadVLMDataModule``: RadVLM JSON/JSONL files (or a phantom folder) → resumable train/val/test loaders.
+
+- Sources: lists of JSON/JSONL files per split, or ``phantom_dir`` (the folder written by
+  ``datamodules.phantom``: ``train.json``/``val.json``/``test.json``, ``*_thinking.json`` with ``thinking``).
+- Task filter and mixing: ``tasks`` keeps only those tasks; ``task_weights`` are per-task repeat factors
+  applied to the training set once at setup (RadVLM's own mixture is written this way: VinDr ×3, MS-CXR ×3 …;
+  2.0 repeats every record twice, 0.5 keeps a seeded half).
+- Images: with ``check_images`` every image is opened at setup; a bad one raises ``RecordError`` naming
+  file, index, id and path unless ``max_bad_fraction`` > 0, in which case bad records are skipped and counted
+  (``self.n_bad``) and setup fails only once the fraction passes the limit.
+- Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
+  stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
+- ``collate`` picks the batch layout: ``"sft"`` (conversation + labels; validation batches also carry the
+  prompts for greedy generation) or ``"prompt"`` (RL: left-padded prompts and references).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from datamodules.collate import PromptCollator, SFTCollator
+from datamodules.records import Record, RecordError, check_image, load_records
+
+
+class RecordDataset:
+    """A list of records as a map-style dataset (items are ``Record`` objects; the collator encodes)."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> Record:
+        return self.records[i]
+
+
+def apply_task_weights(records: list[Record], weights: dict[str, float], seed: int = 0) -> list[Record]:
+    """Repeat each task's records ``floor(w)`` times plus a seeded ``w − floor(w)`` fraction of them."""
+    rng = random.Random(seed)
+    out: list[Record] = []
+    by_task: dict[str | None, list[Record]] = {}
+    for r in records:
+        by_task.setdefault(r.task, []).append(r)
+    for task, group in by_task.items():
+        w = float(weights.get(task, 1.0)) if task is not None else 1.0
+        if w < 0:
+            raise ValueError(f"task weight for {task!r} must be ≥ 0, got {w}")
+        whole, frac = int(math.floor(w)), w - math.floor(w)
+        out.extend(group * whole)
+        if frac > 0:
+            out.extend(rng.sample(group, int(round(frac * len(group)))))
+    return out
+
+
+class RadVLMDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        processor_path: str,
+        train_files: list[str] | None = None,
+        val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
+        predict_files: list[str] | None = None,
+        phantom_dir: str | None = None,
+        image_root: str | None = None,
+        thinking: bool = False,
+        tasks: list[str] | None = None,
+        task_weights: dict[str, float] | None = None,
+        collate: Literal["sft", "prompt"] = "sft",
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_length: int | None = 4096,
+        overlong: Literal["drop", "error"] = "drop",
+        check_images: bool = True,
+        max_bad_fraction: float = 0.0,
+        max_val_samples: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            processor_path: checkpoint folder or hub id whose tokenizer/image processor encode the data
+                (the CLI links it to the model's path).
+            train_files, val_files, test_files, predict_files: RadVLM JSON or JSONL files.
+            phantom_dir: a phantom dataset folder; fills the file lists that were not given.
+            image_root: folder image paths are relative to (default: each file's folder).
+            thinking: use the ``*_thinking.json`` files of ``phantom_dir``.
+            tasks: keep only these tasks (``None`` = all).
+            task_weights: per-task repeat factors for training.
+            collate: ``"sft"`` or ``"prompt"`` (GRPO).
+            max_length: samples with more tokens are dropped and counted, or raise (``overlong``).
+            check_images: open every image at setup (clear error, or skip up to ``max_bad_fraction``).
+            max_val_samples: cap on validation/test records (first N after the task filter).
+            min_pixels, max_pixels: image pixel budget of the processor (Qwen3-VL: 1024 … 451584).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.processor = None
+        self.n_bad = 0
+        self.splits: dict[str, list[Record]] = {}
+
+    # ------------------------------------------------------------------ setup
+    def _files(self, split: str) -> list[str]:
+        given = getattr(self.hparams, f"{split}_files")
+        if given:
+            return list(given)
+        if self.hparams.phantom_dir:
+            name = {"predict": "test"}.get(split, split)
+            suffix = "_thinking" if self.hparams.thinking else ""
+            path = Path(self.hparams.phantom_dir) / f"{name}{suffix}.json"
+            return [str(path)]
+        return []
+
+    def _load(self, split: str) -> list[Record]:
+        hp = self.hparams
+        records: list[Record] = []
+        for f in self._files(split):
+            strict = hp.check_images and hp.max_bad_fraction <= 0
+            records.extend(load_records(f, image_root=hp.image_root, check_images=strict))
+        if hp.tasks is not None:
+            records = [r for r in records if r.task in set(hp.tasks)]
+        if hp.check_images and hp.max_bad_fraction > 0:
+            records = self._drop_bad_images(records, split)
+        if split != "train" and hp.max_val_samples is not None:
+            records = records[: hp.max_val_samples]
+        if split == "train" and hp.task_weights:
+            records = apply_task_weights(records, hp.task_weights, seed=hp.seed)
+        return records
+
+    def _drop_bad_images(self, records: list[Record], split: str) -> list[Record]:
+        good, bad = [], []
+        for r in records:
+            try:
+                if r.image is not None:
+                    check_image(r.image)
+                good.append(r)
+            except (RecordError, OSError, ValueError) as err:
+                bad.append(f"{r.source}[{r.index}] id={r.id!r}: {err}")
+        self.n_bad += len(bad)
+        if records and len(bad) / len(records) > self.hparams.max_bad_fraction:
+            listing = "\n  ".join(bad[:10])
+            raise RecordError(
+                f"{len(bad)} of {len(records)} {split} records have a bad image, more than "
+                f"max_bad_fraction={self.hparams.max_bad_fraction}:\n  {listing}"
+            )
+        return good
+
+    def setup(self, stage: str | None = None) -> None:
+        from radvlm.policy import load_processor
+
+        if self.processor is None:
+            self.processor = load_processor(self.hparams.processor_path, self.hparams.min_pixels,
+                                            self.hparams.max_pixels)
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for split in wanted.get(stage, ("train", "val", "test", "predict")):
+            if split not in self.splits and self._files(split):
+                self.splits[split] = self._load(split)
+
+    # ------------------------------------------------------------------ loaders
+    def _collator(self, train: bool):
+        hp = self.hparams
+        if hp.collate == "prompt":
+            return PromptCollator(self.processor, hp.max_length, hp.overlong)
+        return SFTCollator(self.processor, hp.max_length, hp.overlong, with_prompts=not train)
+
+    def _loader(self, split: str, train: bool) -> StatefulDataLoader:
+        if split not in self.splits:
+            raise RuntimeError(f"no {split} data: give {split}_files or phantom_dir")
+        hp = self.hparams
+        return StatefulDataLoader(
+            RecordDataset(self.splits[split]),
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            shuffle=train,
+            num_workers=hp.num_workers,
+            collate_fn=self._collator(train),
+            drop_last=False,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader("train", train=True)
+
+    def val_dataloader(self):
+        return self._loader("val", train=False)
+
+    def test_dataloader(self):
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self):
+        hp = self.hparams
+        return StatefulDataLoader(RecordDataset(self.splits["predict"]),
+                                  batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
+                                  num_workers=hp.num_workers,
+                                  collate_fn=PromptCollator(self.processor, hp.max_length, hp.overlong))

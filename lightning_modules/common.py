@@ -1,0 +1,150 @@
+"""Wiring shared by the SFT and GRPO LightningModules: policy construction, optimizers, guarded steps.
+
+- The policy is built in ``configure_model`` (so FSDP can wrap it on setup) from a ``PolicyConfig``.
+- Optimizers and schedulers are injected (``OptimizerCallable`` / ``LRSchedulerCallable``).
+- Both stages use manual optimization so a step can be refused: a non-finite loss or gradient norm zeroes
+  the gradients and skips ``optimizer.step()`` (counted in ``train/skipped_steps``); after
+  ``max_consecutive_skips`` skips in a row the run saves a checkpoint of the last good state (the weights did
+  not move since) and stops with ``NonFiniteError``. Lightning itself does not guard this: one NaN would
+  otherwise reach every weight.
+- ``log_text_samples=False`` keeps every piece of report text out of logs and TensorBoard (it may be PHI).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from radvlm.policy import Policy, PolicyConfig
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
+
+
+def default_optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
+
+
+class PolicyModule(L.LightningModule):
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        grad_clip: float | None = 1.0,
+        max_consecutive_skips: int = 10,
+        log_text_samples: bool = True,
+        export_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy_config = policy
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.grad_clip = grad_clip
+        self.max_consecutive_skips = max_consecutive_skips
+        self.log_text_samples = log_text_samples
+        self.export_dir = export_dir
+        self.policy: Policy | None = None
+        self.automatic_optimization = False
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    # ------------------------------------------------------------------ model and optimizers
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self.policy_config.build()
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ guarded optimizer step
+    def grad_norm(self) -> torch.Tensor:
+        """Clip gradients to ``grad_clip`` (if set) and return the total norm before clipping."""
+        wrapped = self.trainer.strategy.model if self._trainer is not None else None
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        if wrapped is not None and hasattr(wrapped, "clip_grad_norm_"):  # FSDP1 shards: norm over all ranks
+            return wrapped.clip_grad_norm_(max_norm)
+        params = [p for p in self.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros(())
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def guarded_step(self, loss_finite: bool = True) -> tuple[bool, float]:
+        """Step the optimizer (and scheduler) unless the loss or gradient norm is non-finite.
+
+        Returns ``(stepped, grad_norm)``. Gradients are zeroed in both cases.
+        """
+        optimizer = self.optimizers()
+        norm = float(self.grad_norm()) if loss_finite else float("nan")
+        stepped = loss_finite and math.isfinite(norm)
+        if stepped:
+            optimizer.step()
+            scheduler = self.lr_schedulers()
+            if scheduler is not None:
+                scheduler.step()
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+        optimizer.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+        self.log("train/grad_norm", norm if math.isfinite(norm) else -1.0, on_step=True, on_epoch=False)
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            self._stop_non_finite()
+        return stepped, norm
+
+    def _stop_non_finite(self) -> None:
+        path = None
+        if self._trainer is not None:
+            root = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = root / "checkpoints" / "last-good.ckpt"
+            self.trainer.save_checkpoint(str(path))
+        raise NonFiniteError(
+            f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient norm "
+            f"(max_consecutive_skips={self.max_consecutive_skips}); the last good state is saved at {path}. "
+            f"Lower the learning rate or check the data of the last batches."
+        )
+
+    def log_lr(self) -> None:
+        opt = self.optimizers()
+        opt = getattr(opt, "optimizer", opt)
+        self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    # ------------------------------------------------------------------ checkpoints and export
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["radvlm"] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("radvlm", {})
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.consecutive_skips = state.get("consecutive_skips", 0)
+
+    def on_fit_end(self) -> None:
+        """Write the trained policy as a Hugging Face folder (the next stage's ``name_or_path``)."""
+        if self.export_dir and self.trainer.is_global_zero and self.policy is not None:
+            self.policy.save_pretrained(self.export_dir, merge_lora=True)
+
+    def text_table(self, tag: str, rows: list[dict[str, Any]]) -> None:
+        """A Markdown table of text samples in TensorBoard (nothing at all when ``log_text_samples`` is off)."""
+        if not self.log_text_samples or not rows or self.logger is None:
+            return
+        experiment = getattr(self.logger, "experiment", None)
+        if experiment is None or not hasattr(experiment, "add_text"):
+            return
+        keys = list(rows[0])
+        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        for row in rows:
+            cells = [str(row[k]).replace("|", "\\|").replace("\n", " ") for k in keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        experiment.add_text(tag, "\n".join(lines), global_step=self.global_step)

@@ -1,0 +1,141 @@
+"""``SFTModule``: supervised fine-tuning of the Qwen3-VL policy (stage 1) and thinking cold start (stage 2).
+
+Both stages are the same loss on different data: next-token cross-entropy on assistant tokens only
+(``radvlm.chat`` sets the labels), averaged over the labelled tokens of each micro-batch (token-mean); with
+``accumulate_grad_batches`` > 1 the micro-batch means are averaged. The cold start simply points the
+DataModule at thinking data.
+
+Logged: ``train/loss``, ``train/lr``, ``train/tokens_per_s``, ``train/grad_norm``, ``train/skipped_steps``,
+``train/dropped_samples`` (over-long), ``val/loss``; at validation a few greedy generations go to a
+TensorBoard text table (unless ``log_text_samples`` is off).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from lightning_modules.common import PolicyModule, default_optimizer
+from radvlm.chat import answer_of
+from radvlm.policy import PolicyConfig
+
+
+class SFTModule(PolicyModule):
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        grad_clip: float | None = 1.0,
+        accumulate_grad_batches: int = 1,
+        max_consecutive_skips: int = 10,
+        num_generation_samples: int = 4,
+        max_new_tokens: int = 256,
+        log_text_samples: bool = True,
+        export_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            policy: what to load (checkpoint, dtype, LoRA, gradient checkpointing).
+            optimizer: e.g. AdamW; lr_scheduler: stepped once per optimizer step.
+            grad_clip: max gradient norm (``None``: no clipping, norm still checked for finiteness).
+            accumulate_grad_batches: micro-batches per optimizer step.
+            max_consecutive_skips: consecutive non-finite steps before the run stops.
+            num_generation_samples: validation prompts generated greedily and shown per validation run.
+            max_new_tokens: generation budget of those samples.
+            log_text_samples: ``False`` keeps all text out of the logs.
+            export_dir: write the trained policy here as a Hugging Face folder when fit ends.
+        """
+        super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
+                         export_dir)
+        self.save_hyperparameters()
+        self.accumulate = max(1, int(accumulate_grad_batches))
+        self.num_generation_samples = num_generation_samples
+        self.max_new_tokens = max_new_tokens
+        self._t_last = None
+        self._dropped = 0
+        self._shown = 0
+        self._gen_rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        self._dropped += int(batch.get("n_dropped", 0))
+        self.log("train/dropped_samples", float(self._dropped), on_step=True, on_epoch=False)
+        if batch.get("empty"):
+            return None
+        start = self._t_last or time.perf_counter()
+        loss_sum, n_tokens = self.policy.sft_loss(batch)
+        loss = loss_sum / max(n_tokens, 1)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            self.manual_backward(loss / self.accumulate)
+        self._loss_finite = getattr(self, "_loss_finite", True) and finite
+        last_micro = (batch_idx + 1) % self.accumulate == 0
+        if last_micro:
+            self.log_lr()
+            self.guarded_step(loss_finite=self._loss_finite)
+            self._loss_finite = True
+        now = time.perf_counter()
+        tokens = int(batch["attention_mask"].sum())
+        self.log("train/tokens_per_s", tokens / max(now - start, 1e-9), on_step=True, on_epoch=False)
+        self._t_last = now
+        self.log("train/loss", loss.detach() if finite else float("nan"), on_step=True, on_epoch=True,
+                 prog_bar=True, batch_size=len(batch["ids"]))
+        return loss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        self._shown = 0
+        self._gen_rows = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch.get("empty"):
+            return
+        loss_sum, n_tokens = self.policy.sft_loss(batch)
+        self.log("val/loss", loss_sum / max(n_tokens, 1), on_epoch=True, prog_bar=True,
+                 batch_size=max(n_tokens, 1), sync_dist=True)
+        want = self.num_generation_samples - self._shown
+        if want > 0 and "prompt" in batch and not batch["prompt"].get("empty"):
+            prompt = _take(batch["prompt"], want)
+            out = self.policy.generate(prompt, max_new_tokens=self.max_new_tokens)
+            for i, text in enumerate(out.texts):
+                answer, _ = answer_of(text, prompt["thinking"][i])
+                self._gen_rows.append({"id": prompt["ids"][i], "task": prompt["tasks"][i],
+                                       "generated": answer, "reference": prompt["targets"][i]})
+            self._shown += len(out.texts)
+
+    def on_validation_epoch_end(self) -> None:
+        self.text_table("val/generations", self._gen_rows)
+
+
+def _take(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """The first ``n`` samples of a collated prompt batch (one image per sample)."""
+    size = len(batch["ids"])
+    if n >= size:
+        return batch
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key == "pixel_values":
+            grid = batch["image_grid_thw"]
+            out[key] = value[: int(grid[:n].prod(-1).sum())]
+        elif key == "image_grid_thw":
+            out[key] = value[:n]
+        elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            out[key] = value[:n]
+        elif isinstance(value, list) and len(value) == size:
+            out[key] = value[:n]
+        else:
+            out[key] = value
+    # left-padded prompts: drop columns that are padding for every kept row
+    width = int(out["attention_mask"].sum(-1).max())
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        out[key] = out[key][:, -width:]
+    return out
+
+

@@ -1,0 +1,73 @@
+"""Common base of every metric in this package: a per-sample score that is also a reward.
+
+Contract (DESIGN.md): ``score(preds, targets) -> Tensor[N]`` is stateless and returns one float per sample,
+NaN where the value could not be computed (model missing, exception, timeout); ``update`` stores those
+per-sample tensors (tensors, never strings, so DDP can gather them); ``compute`` aggregates, ignoring NaN.
+``higher_is_better`` gives the sign when the value becomes a GRPO reward; ``worst_value`` is the value an
+unusable answer receives (for example a thinking completion without ``</think>``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+def check_pairs(preds: Sequence[str], targets: Sequence[str]) -> None:
+    """Raise a clear error unless ``preds`` and ``targets`` are equally long sequences of strings."""
+    if isinstance(preds, str) or isinstance(targets, str):
+        raise TypeError("preds and targets must be lists of strings, not a single string")
+    if len(preds) != len(targets):
+        raise ValueError(f"got {len(preds)} predictions but {len(targets)} targets")
+    for name, seq in (("preds", preds), ("targets", targets)):
+        for i, text in enumerate(seq):
+            if not isinstance(text, str):
+                raise TypeError(f"{name}[{i}] is {type(text).__name__}, expected str")
+
+
+class PerSampleMetric(Metric):
+    """A metric whose state is the list of per-sample values; ``compute`` is their NaN-ignoring mean.
+
+    Subclasses implement ``score``; they may override ``compute`` for other aggregates (micro F1, mAP).
+    """
+
+    higher_is_better: bool = True
+    is_differentiable = False
+    full_state_update = False
+    #: value given to an answer that cannot be scored at all (e.g. unclosed thinking block)
+    worst_value: float = 0.0
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+
+    def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
+        raise NotImplementedError
+
+    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+        check_pairs(preds, targets)
+        values = self.score(list(preds), list(targets)).detach().to(dtype=torch.float32)  # (N,)
+        self.values.append(values.to(self.device))
+
+    def per_sample(self) -> torch.Tensor:  # (N_total,)
+        """All per-sample values stored so far (synced across processes when called inside ``compute``)."""
+        vals = self.values
+        if isinstance(vals, torch.Tensor):  # after a DDP sync torchmetrics concatenates list states
+            return vals.reshape(-1)
+        if not vals:
+            return torch.zeros(0, device=self.device)
+        return torch.cat([v.reshape(-1) for v in vals])
+
+    def compute(self) -> torch.Tensor:
+        vals = self.per_sample()
+        finite = vals[~torch.isnan(vals)]
+        if finite.numel() == 0:
+            return torch.tensor(float("nan"), device=self.device)
+        return finite.mean()
+
+    def reward(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
+        """``score`` signed so that higher is better (NaN stays NaN)."""
+        values = self.score(list(preds), list(targets))
+        return values if self.higher_is_better else -values

@@ -1,0 +1,393 @@
+"""The Qwen3-VL policy shared by every training stage: load, LoRA, per-token log-probs, generation.
+
+``Policy.from_pretrained`` loads any Qwen3-VL checkpoint folder or hub id (``Qwen/Qwen3-VL-8B-Instruct`` or
+the tiny one written by ``radvlm.tiny``) through ``AutoModelForImageTextToText``; ``trust_remote_code`` is
+never set. The processor is rebuilt from ``AutoTokenizer`` + ``AutoImageProcessor`` (+ the folder's chat
+template) so that it also loads where torchvision is absent (the PIL image processor is used then and no
+video processor is needed).
+
+Batches are the dictionaries produced by ``datamodules.collate``: ``input_ids``, ``attention_mask`` (N, T),
+``mm_token_type_ids`` (N, T; 1 on image tokens), ``pixel_values`` (patches, D) and ``image_grid_thw``
+(images, 3). Prompts are left-padded so completions can be appended on the right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+#: tokens the policy must never sample: a sampled vision token breaks the next forward pass
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"``/``"bf16"``/``torch.bfloat16`` → ``torch.bfloat16`` (clear error otherwise)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class LoRASettings:
+    """LoRA adapters through peft. By default only the language model's linear layers get adapters."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    language_only: bool = True
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        names = "|".join(self.target_modules)
+        # a regex is matched against full module names: restrict to the language model when asked
+        target = rf".*language_model.*\.({names})$" if self.language_only else rf".*\.({names})$"
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=target,
+                          bias="none")
+
+
+@dataclass
+class PolicyConfig:
+    """What to load as the policy; LightningModules take this and build the model in ``configure_model``.
+
+    Args:
+        name_or_path: checkpoint folder or hub id (``Qwen/Qwen3-VL-8B-Instruct``, a tiny folder, an SFT export).
+        dtype: ``bfloat16`` on GPU; ``float32`` for CPU tests.
+        lora: LoRA settings, or ``None`` for a full fine-tune.
+        gradient_checkpointing: recompute activations in backward (on in real configs).
+        freeze_vision: keep the vision tower fixed.
+        attn_implementation: ``sdpa`` (default), ``flash_attention_2`` or ``eager``.
+        min_pixels, max_pixels: image pixel budget (Qwen3-VL in the paper: 1024 … 451584).
+    """
+
+    name_or_path: str
+    dtype: str = "bfloat16"
+    lora: LoRASettings | None = None
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    attn_implementation: str = "sdpa"
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def build(self) -> "Policy":
+        return Policy.from_pretrained(
+            self.name_or_path, dtype=self.dtype, lora=self.lora, gradient_checkpointing=self.gradient_checkpointing,
+            freeze_vision=self.freeze_vision, attn_implementation=self.attn_implementation,
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+        )
+
+
+def load_processor(name_or_path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Tokenizer + image processor of a Qwen3-VL checkpoint, without needing torchvision.
+
+    Returns a ``Qwen3VLProcessor`` whose ``video_processor`` may be ``None``. Prompts are left-padded.
+    """
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer.padding_side = "left"
+    kwargs = {}
+    if min_pixels is not None:
+        kwargs["min_pixels"] = int(min_pixels)
+    if max_pixels is not None:
+        kwargs["max_pixels"] = int(max_pixels)
+    image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), **kwargs)
+    template = getattr(tokenizer, "chat_template", None)
+    template_file = Path(str(name_or_path)) / "chat_template.jinja"
+    if template is None and template_file.is_file():
+        template = template_file.read_text()
+    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                              chat_template=template)
+
+
+def _processor_class():
+    from transformers import Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        """``Qwen3VLProcessor`` that accepts ``video_processor=None`` (no torchvision needed for images)."""
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and "video" in argument_name:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+        def save_pretrained(self, save_directory, **kwargs):
+            # the parent's save needs a video processor: save the two parts we have
+            Path(save_directory).mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save_pretrained(save_directory)
+            self.image_processor.save_pretrained(save_directory)
+            if self.chat_template:
+                (Path(save_directory) / "chat_template.jinja").write_text(self.chat_template)
+
+    return ImageOnlyQwen3VLProcessor
+
+
+@dataclass
+class GenerationOutput:
+    """G completions per prompt, rows grouped contiguously (prompt i → rows i·G … i·G+G−1)."""
+
+    prompt_ids: torch.Tensor  # (N*G, P) left-padded prompts
+    prompt_mask: torch.Tensor  # (N*G, P)
+    completion_ids: torch.Tensor  # (N*G, C) right-padded with the pad id
+    completion_mask: torch.Tensor  # (N*G, C) 1 up to and including the first stop token
+    truncated: torch.Tensor  # (N*G,) bool: no stop token within max_new_tokens
+    texts: list[str]  # decoded completions (special tokens dropped, <think> kept)
+
+
+def repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
+    """Repeat every sample of a collated batch ``n`` times, contiguously (sample i → rows i·n … i·n+n−1).
+
+    ``pixel_values`` holds the patches of all images back to back, so it is repeated per image block.
+    """
+    if n == 1:
+        return dict(batch)
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if key == "pixel_values" or not isinstance(value, torch.Tensor):
+            continue
+        out[key] = value.repeat_interleave(n, dim=0)  # (N*n, ...)
+    if batch.get("pixel_values") is not None:
+        grid = batch["image_grid_thw"]  # (I, 3)
+        blocks = torch.split(batch["pixel_values"], grid.prod(-1).tolist())  # I × (patches_i, D)
+        out["pixel_values"] = torch.cat([b for b in blocks for _ in range(n)])  # (patches*n, D)
+        # image_grid_thw was repeated above: valid because each sample carries exactly one image
+        if "image_counts" in batch:
+            counts = batch["image_counts"]
+            if not bool((counts == 1).all()):
+                raise ValueError("repeat_batch supports one image per sample")
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor) and key not in out:
+            out[key] = [v for v in value for _ in range(n)] if isinstance(value, list) else value
+    return out
+
+
+class Policy(nn.Module):
+    """A Qwen3-VL model and its processor. ``model`` may be a peft ``PeftModel`` (LoRA)."""
+
+    def __init__(self, model: nn.Module, processor: Any) -> None:
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        tok = processor.tokenizer
+        self.stop_token_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if i is not None]
+        self.suppress_token_ids = [tok.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS
+                                   if t in tok.get_vocab()]
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.stop_token_ids[0]
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: str | torch.dtype = "float32",
+        lora: LoRASettings | None = None,
+        gradient_checkpointing: bool = False,
+        freeze_vision: bool = False,
+        attn_implementation: str = "sdpa",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+    ) -> "Policy":
+        """Load a Qwen3-VL checkpoint (local folder or hub id) and its processor, in train mode."""
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(
+            str(name_or_path), dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
+        )
+        processor = load_processor(name_or_path, min_pixels=min_pixels, max_pixels=max_pixels)
+        if freeze_vision:
+            for p in model.model.visual.parameters():
+                p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora.peft_config())
+        model.train()  # from_pretrained returns eval mode
+        return cls(model, processor)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The underlying ``Qwen3VLForConditionalGeneration`` (LoRA layers, if any, are injected in it)."""
+        return self.model.get_base_model() if self.is_lora else self.model
+
+    @property
+    def is_lora(self) -> bool:
+        return hasattr(self.model, "disable_adapter")
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run as the reference policy: LoRA adapters disabled (only meaningful with LoRA)."""
+        if not self.is_lora:
+            raise RuntimeError("reference() needs LoRA; for a full fine-tune keep a frozen copy of the policy")
+        with self.model.disable_adapter():
+            yield
+
+    def save_pretrained(self, path: str | Path, merge_lora: bool = False) -> None:
+        """Save model (LoRA adapters, or merged weights with ``merge_lora``) and processor to ``path``."""
+        model = self.model.merge_and_unload() if (merge_lora and self.is_lora) else self.model
+        model.save_pretrained(str(path))
+        self.processor.save_pretrained(str(path))
+
+    # ------------------------------------------------------------------ forward passes
+    @staticmethod
+    def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, V) logits
+        return self.hf_model(**self.model_inputs(batch), use_cache=False).logits
+
+    def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, H)
+        out = self.hf_model.model(**self.model_inputs(batch), use_cache=False)
+        return out.last_hidden_state
+
+    def token_logprobs(
+        self,
+        batch: dict[str, Any],
+        completion_mask: torch.Tensor,
+        temperature: float = 1.0,
+        chunk_size: int = 256,
+        return_entropy: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Log-probabilities of the last ``C`` tokens of ``batch["input_ids"]`` (the completions).
+
+        ``completion_mask`` is (N, C); positions outside it get 0. Logits are formed ``chunk_size`` positions
+        at a time for the completion positions only (never (N, T, V) at once), divided by ``temperature``
+        (match the sampling temperature), and each chunk is recomputed in backward (checkpointed) so float32
+        vocabulary-sized logits never pile up. ``return_entropy`` also gives the per-token entropy (detached).
+        """
+        ids = batch["input_ids"]  # (N, T)
+        n, c = completion_mask.shape
+        hidden = self.hidden_states(batch)  # (N, T, H)
+        h = hidden[:, -c - 1 : -1]  # (N, C, H): the state before each completion token predicts it
+        targets = ids[:, -c:]  # (N, C)
+        head = self.hf_model.lm_head
+        logps, ents = [], []
+        for start in range(0, c, chunk_size):
+            hs, ts = h[:, start : start + chunk_size], targets[:, start : start + chunk_size]
+            if torch.is_grad_enabled():
+                lp, ent = checkpoint(_chunk_logprobs, head, hs, ts, temperature, use_reentrant=False)
+            else:
+                lp, ent = _chunk_logprobs(head, hs, ts, temperature)
+            logps.append(lp)
+            ents.append(ent)
+        logp = torch.cat(logps, dim=1) * completion_mask  # (N, C)
+        if return_entropy:
+            return logp, torch.cat(ents, dim=1).detach() * completion_mask
+        return logp
+
+    def sft_loss(self, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
+        """Summed next-token cross-entropy over labelled positions and their count (mean = sum / count).
+
+        Only the positions with a label are projected to the vocabulary, ``chunk_size`` at a time and
+        checkpointed, so (N, T, V) logits are never materialised.
+        """
+        labels = batch["labels"][:, 1:]  # (N, T-1): token t+1 is predicted at position t
+        hidden = self.hidden_states(batch)[:, :-1]  # (N, T-1, H)
+        keep = labels != -100  # (N, T-1)
+        h = hidden[keep]  # (K, H)
+        y = labels[keep]  # (K,)
+        head = self.hf_model.lm_head
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, y.numel(), chunk_size):
+            hs, ys = h[start : start + chunk_size], y[start : start + chunk_size]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_ce_sum, head, hs, ys, use_reentrant=False)
+            else:
+                total = total + _chunk_ce_sum(head, hs, ys)
+        return total, int(y.numel())
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict[str, Any],
+        num_return_sequences: int = 1,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+    ) -> GenerationOutput:
+        """Greedy or sampled completions, ``num_return_sequences`` per prompt, grouped contiguously."""
+        from transformers import GenerationConfig
+
+        inputs = repeat_batch(self.model_inputs(batch), num_return_sequences)
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature if do_sample else None,
+            top_p=top_p if do_sample else None,
+            top_k=(top_k or 0) if do_sample else None,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            suppress_tokens=self.suppress_token_ids,
+            use_cache=True,
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            sequences = self.hf_model.generate(**inputs, generation_config=config)  # (N*G, P+C)
+        finally:
+            self.model.train(was_training)
+        prompt_len = inputs["input_ids"].shape[1]
+        completion = sequences[:, prompt_len:]  # (N*G, C)
+        completion_mask, truncated = completion_mask_from_ids(completion, self.stop_token_ids)
+        completion = completion.masked_fill(completion_mask == 0, self.pad_token_id)
+        texts = self.tokenizer.batch_decode(completion, skip_special_tokens=True)
+        return GenerationOutput(
+            prompt_ids=inputs["input_ids"],
+            prompt_mask=inputs["attention_mask"],
+            completion_ids=completion,
+            completion_mask=completion_mask,
+            truncated=truncated,
+            texts=texts,
+        )
+
+
+def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (k, V)
+    return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+
+
+def _chunk_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+    logits = head(h).float() / temperature  # (N, c, V)
+    logz = torch.logsumexp(logits, dim=-1)  # (N, c)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # (N, c)
+    probs = torch.softmax(logits, dim=-1)  # (N, c, V)
+    entropy = logz - (probs * logits).sum(-1)  # (N, c)
+    return logp, entropy
+
+
+def completion_mask_from_ids(completion: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask (N, C) that is 1 up to and including the first stop token, and whether no stop token came.
+
+    Example: stop 9, completion [5, 9, 7] → mask [1, 1, 0], truncated False; [5, 6, 7] → [1, 1, 1], True.
+    """
+    is_stop = torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device))  # (N, C)
+    seen_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()  # (N, C): stops strictly before
+    mask = (seen_before == 0).long()  # (N, C)
+    truncated = ~is_stop.any(dim=1)  # (N,)
+    return mask, truncated
