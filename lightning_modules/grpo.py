@@ -1,0 +1,368 @@
+"""``GRPOModule``: GRPO with clinically grounded rewards (RadVLM-GRPO, REFERENCE.md §2), manual optimization.
+
+One training step on a batch of ``B`` prompts:
+
+1. rollout: ``G`` sampled completions per prompt from the current policy (temperature ``temperature``,
+   stop at ``<|im_end|>``, at most ``max_new_tokens``; vision special tokens suppressed);
+2. reward: ``radvlm.rollout.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the terms
+   of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
+3. advantages ``radvlm.grpo.group_advantages`` (``scale_rewards``); optional zero-variance group filter and
+   masking of truncated completions;
+4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
+   π_old = π_θ and the detached current log-probs are used) and, with ``beta > 0``, under the reference
+   (LoRA: adapters disabled; full fine-tune: a frozen copy made at setup);
+5. ``ppo_epochs`` × (B / ``ppo_mini_batch_size``) optimizer updates, each accumulating micro-batches of
+   ``micro_batch_size`` rollouts: ``policy_loss + beta · k3`` aggregated over the whole mini-batch, gradient
+   clipping, and a skipped step on a non-finite loss or gradient norm.
+
+Paper settings (configs/grpo_report.yaml): G = 8, 512 prompts per step, mini-batch 128 prompts (4 updates),
+lr 1e-6 constant, β = 0.01 k3 as a loss, ε 0.20/0.28, dual clip 3, token-mean, temperature 1.
+
+Deviations: in data-parallel runs ``ppo_mini_batch_size`` is divided by the world size and each rank
+aggregates over its own tokens (gradients are then averaged across ranks, as verl does per rank).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lightning_modules.common import PolicyModule, default_optimizer
+from radvlm import grpo
+from radvlm.chat import answer_of, split_thinking
+from radvlm.policy import Policy, PolicyConfig
+from radvlm.rollout import RewardTerm, build_rollout_batch, compute_rewards, select_rows
+
+
+class RewardFailureError(RuntimeError):
+    """Too large a fraction of rewards could not be computed."""
+
+
+class GRPOModule(PolicyModule):
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        rewards: list[RewardTerm],
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        num_generations: int = 8,
+        max_new_tokens: int = 1024,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        beta: float = 0.01,
+        eps_low: float = 0.2,
+        eps_high: float = 0.28,
+        dual_clip: float | None = 3.0,
+        loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",
+        scale_rewards: Literal["group", "batch", "none"] = "group",
+        ppo_mini_batch_size: int | None = None,
+        ppo_epochs: int = 1,
+        micro_batch_size: int = 8,
+        mask_truncated_completions: bool = False,
+        filter_zero_std_groups: bool = False,
+        reward_timeout: float | None = None,
+        max_unavailable_fraction: float = 0.5,
+        grad_clip: float | None = 1.0,
+        max_consecutive_skips: int = 10,
+        val_metrics: list[RewardTerm] | None = None,
+        val_max_new_tokens: int | None = None,
+        num_logged_samples: int = 4,
+        log_text_samples: bool = True,
+        export_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            policy: the starting checkpoint (the SFT export) and how to load it.
+            rewards: reward terms (metric, weight, tasks); see ``radvlm.rollout``.
+            num_generations: rollouts per prompt (G).
+            max_new_tokens, temperature, top_p, top_k: rollout sampling (log-probs use the same temperature).
+            beta: k3 KL coefficient (0: no reference policy is loaded).
+            eps_low, eps_high, dual_clip: clipping of the policy ratio.
+            loss_agg: loss aggregation; scale_rewards: advantage normalisation (``none`` = Dr. GRPO).
+            ppo_mini_batch_size: prompts per optimizer update (``None``: the whole batch, one update).
+            ppo_epochs: passes over each rollout batch.
+            micro_batch_size: rollouts per forward/backward (gradient accumulation inside a mini-batch).
+            mask_truncated_completions: truncated rollouts get no loss.
+            filter_zero_std_groups: drop groups whose rewards are all equal (they carry no signal).
+            reward_timeout: seconds a reward term may take per step before its rows become NaN.
+            max_unavailable_fraction: stop the run when a step has more unavailable rewards than this.
+            val_metrics: extra metrics for validation only (e.g. ``GroundingMAP`` on grounding tasks); the
+                reward terms are always evaluated too.
+            val_max_new_tokens: generation budget at validation (default ``max_new_tokens``).
+            num_logged_samples: rollouts shown in the TensorBoard sample table per step.
+            log_text_samples: ``False`` keeps all text out of the logs.
+            export_dir: Hugging Face export of the policy when fit ends.
+        """
+        super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
+                         export_dir)
+        if num_generations < 2:
+            raise ValueError(f"num_generations must be ≥ 2 for group advantages, got {num_generations}")
+        if not rewards:
+            raise ValueError("GRPOModule needs at least one reward term")
+        self.save_hyperparameters(ignore=["rewards", "val_metrics"])
+        self.rewards = list(rewards)
+        self.val_terms = list(rewards) + list(val_metrics or [])
+        # validation state lives in torchmetrics objects (tensor states: synced across processes)
+        self.val_metric_modules = nn.ModuleDict(
+            {term.name: copy.deepcopy(term.metric) for term in self.val_terms if isinstance(term.metric, nn.Module)}
+        )
+        self.reference_model: nn.Module | None = None
+        self.rollout_rng_state: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.hparams.beta > 0 and not self.policy.is_lora and self.reference_model is None:
+            ref = copy.deepcopy(self.policy.hf_model)
+            ref.requires_grad_(False)
+            ref.eval()
+            self.reference_model = ref
+
+    def state_dict(self, *args, **kwargs):
+        # the frozen reference copy and the metric modules are rebuilt at setup: never checkpointed
+        state = super().state_dict(*args, **kwargs)
+        return {k: v for k, v in state.items()
+                if not k.startswith(("reference_model.", "val_metric_modules."))}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False):
+        return self.policy.token_logprobs(batch, mask, temperature=self.hparams.temperature,
+                                          return_entropy=entropy)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+        if self.policy.is_lora:
+            with self.policy.reference():
+                return self._logprobs(batch, mask)
+        saved = self.policy.model
+        self.policy.model = self.reference_model  # same code path, frozen weights
+        try:
+            return self._logprobs(batch, mask)
+        finally:
+            self.policy.model = saved
+
+    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
+        size = max(1, int(self.hparams.micro_batch_size))
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, rows: list[int], reference: bool):
+        out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, C)
+        for mb in self._micro_batches(rows):
+            sub = select_rows(batch, mb)
+            fn = self._reference_logprobs if reference else self._logprobs
+            out[mb] = fn(sub, mask[mb]).float()
+        return out
+
+    def _mini_batches(self, num_prompts: int) -> list[list[int]]:
+        g = self.hparams.num_generations
+        world = max(1, self.trainer.world_size if self._trainer is not None else 1)
+        per_update = self.hparams.ppo_mini_batch_size
+        per_update = num_prompts if per_update is None else max(1, per_update // world)
+        prompts = list(range(num_prompts))
+        return [[p * g + j for p in prompts[i : i + per_update] for j in range(g)]
+                for i in range(0, num_prompts, per_update)]
+
+    # ------------------------------------------------------------------ training step
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        if batch.get("empty"):
+            return None
+        g = hp.num_generations
+        times: dict[str, float] = {}
+        t0 = time.perf_counter()
+        gen = self.policy.generate(batch, num_return_sequences=g, max_new_tokens=hp.max_new_tokens,
+                                   do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k)
+        times["generate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731  (prompt i → rows i·G … i·G+G−1)
+        result = compute_rewards(self.rewards, gen.texts, rep(batch["targets"]), rep(batch["tasks"]),
+                                 rep(batch["thinking"]), timeout=hp.reward_timeout)
+        times["reward"] = time.perf_counter() - t0
+        rewards = result.total.to(self.device)  # (B*G,)
+        unavailable = float(result.unavailable.float().mean())
+        self.log("train/reward_unavailable_frac", unavailable, on_step=True, on_epoch=False)
+        if unavailable > hp.max_unavailable_fraction:
+            raise RewardFailureError(
+                f"{unavailable:.0%} of the rewards of step {self.global_step} could not be computed "
+                f"(limit max_unavailable_fraction={hp.max_unavailable_fraction}); failures per term: "
+                f"{result.failed}"
+            )
+
+        advantages = grpo.group_advantages(rewards, g, scale=hp.scale_rewards)  # (B*G,)
+        group_std = grpo.group_reward_std(rewards, g)  # (B,)
+        mask = gen.completion_mask.to(self.device)  # (B*G, C)
+        if hp.mask_truncated_completions:
+            mask = mask * (~gen.truncated.to(self.device)).unsqueeze(1).to(mask.dtype)
+        keep_groups = group_std > 0  # (B,) groups with signal (NaN std → False)
+        rollout = build_rollout_batch(gen_prompt_inputs(batch, g), gen.completion_ids, gen.completion_mask)
+        rollout = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in rollout.items()}
+        all_rows = list(range(rewards.numel()))
+        if hp.filter_zero_std_groups:
+            all_rows = [r for r in all_rows if bool(keep_groups[r // g])]
+
+        t0 = time.perf_counter()
+        updates = self._mini_batches(len(batch["ids"]))
+        single_update = len(updates) == 1 and hp.ppo_epochs == 1
+        old_logp = None if single_update else self._no_grad_logprobs(rollout, mask, all_rows, reference=False)
+        ref_logp = self._no_grad_logprobs(rollout, mask, all_rows, reference=True) if hp.beta > 0 else None
+        times["logprobs"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        stats = self._update(rollout, mask, advantages, old_logp, ref_logp, updates, set(all_rows))
+        times["update"] = time.perf_counter() - t0
+        self._log_step(batch, gen, result, rewards, advantages, group_std, mask, stats, times)
+
+    def _update(self, rollout, mask, advantages, old_logp, ref_logp, updates, allowed: set[int]) -> dict:
+        hp = self.hparams
+        agg_kw = {"agg": hp.loss_agg, "max_len": hp.max_new_tokens}
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(hp.ppo_epochs):
+            for rows in updates:
+                rows = [r for r in rows if r in allowed and bool(mask[r].any())]
+                if not rows:
+                    continue
+                den = grpo.aggregation_denominator(mask[rows], hp.loss_agg)
+                finite = True
+                for mb in self._micro_batches(rows):
+                    sub = select_rows(rollout, mb)
+                    logp, entropy = self._logprobs(sub, mask[mb], entropy=True)  # (n, C)
+                    old = logp.detach() if old_logp is None else old_logp[mb]
+                    loss, st = grpo.policy_loss(logp, old, advantages[mb], mask[mb], eps_low=hp.eps_low,
+                                                eps_high=hp.eps_high, dual_clip=hp.dual_clip,
+                                                denominator=den, **agg_kw)
+                    if ref_logp is not None:
+                        kl = grpo.kl_k3(logp, ref_logp[mb], mask[mb])  # (n, C)
+                        kl_term = grpo.aggregate(kl, mask[mb], denominator=den, **agg_kw)
+                        loss = loss + hp.beta * kl_term
+                        st["kl"] = grpo.masked_mean(kl.detach(), mask[mb])
+                    st["entropy"] = grpo.masked_mean(entropy, mask[mb])
+                    if torch.isfinite(loss):
+                        self.manual_backward(loss)
+                    else:
+                        finite = False
+                    for k, v in st.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+                    count += 1
+                self.log_lr()
+                self.guarded_step(loss_finite=finite)
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, batch, gen, result, rewards, advantages, group_std, mask, stats, times) -> None:
+        g = self.hparams.num_generations
+        log = lambda name, value: self.log(name, float(value), on_step=True, on_epoch=False)  # noqa: E731
+        valid = rewards[~torch.isnan(rewards)]
+        if valid.numel():
+            log("train/reward_mean", valid.mean())
+            log("train/reward_std", valid.std() if valid.numel() > 1 else 0.0)
+        for name, values in result.values.items():
+            v = values[~torch.isnan(values)]
+            if v.numel():
+                log(f"train/reward/{name}", v.mean())
+            log(f"train/reward_failed/{name}", result.failed.get(name, 0))
+        tasks = [t for t in batch["tasks"] for _ in range(g)]
+        for task in sorted(set(tasks)):
+            idx = torch.tensor([t == task for t in tasks], device=rewards.device)
+            v = rewards[idx & ~torch.isnan(rewards)]
+            if v.numel():
+                log(f"train/reward_task/{task}", v.mean())
+        log("train/zero_std_group_frac", (~(group_std > 0)).float().mean())
+        log("train/advantage_mean", advantages.mean())
+        log("train/advantage_abs_mean", advantages.abs().mean())
+        lengths = gen.completion_mask.sum(-1).float()  # (B*G,)
+        log("train/completion_len_mean", lengths.mean())
+        log("train/completion_len_min", lengths.min())
+        log("train/completion_len_max", lengths.max())
+        log("train/truncated_frac", gen.truncated.float().mean())
+        if any(batch["thinking"]):
+            log("train/think_closed_frac", result.closed.float().mean())
+            parts = [split_thinking(t) for t in gen.texts]
+            log("train/think_chars_mean", sum(len(p[0]) for p in parts) / len(parts))
+            log("train/answer_chars_mean", sum(len(p[1]) for p in parts) / len(parts))
+        for k, v in stats.items():
+            log(f"train/{k}", v)
+        for k, v in times.items():
+            log(f"time/{k}_s", v)
+        total = sum(times.values())
+        log("time/step_s", total)
+        log("train/tokens_per_s", float(mask.sum()) / max(total, 1e-9))
+        if self.log_text_samples and self.hparams.num_logged_samples > 0:
+            n = min(self.hparams.num_logged_samples, len(gen.texts))
+            rows = [{"id": batch["ids"][i // g], "completion": gen.texts[i], "reward": f"{float(rewards[i]):.3f}"}
+                    for i in range(n)]
+            self.text_table("train/samples", rows)
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self) -> None:
+        for metric in self.val_metric_modules.values():
+            metric.reset()
+        self._val_rows: list[dict[str, Any]] = []
+        self._val_chars: list[int] = []
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if batch.get("empty"):
+            return
+        budget = self.hparams.val_max_new_tokens or self.hparams.max_new_tokens
+        gen = self.policy.generate(batch, max_new_tokens=budget)  # greedy
+        answers = [answer_of(t, th)[0] for t, th in zip(gen.texts, batch["thinking"])]
+        self._val_chars.extend(len(a) for a in answers)
+        for term in self.val_terms:
+            metric = self.val_metric_modules[term.name] if term.name in self.val_metric_modules else None
+            rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
+            if metric is None or not rows:
+                continue
+            metric.update([answers[i] for i in rows], [batch["targets"][i] for i in rows])
+        if len(self._val_rows) < self.hparams.num_logged_samples:
+            for i in range(min(len(answers), self.hparams.num_logged_samples - len(self._val_rows))):
+                self._val_rows.append({"id": batch["ids"][i], "task": batch["tasks"][i], "generated": answers[i],
+                                       "reference": batch["targets"][i]})
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.val_metric_modules.items():
+            if not getattr(metric, "_update_count", 0):
+                continue
+            value = metric.compute()
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    self.log(f"val/{name}/{k}", float(v), sync_dist=False)
+            else:
+                self.log(f"val/{name}", float(value), sync_dist=False)
+        if self._val_chars:
+            self.log("val/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
+        self.text_table("val/generations", self._val_rows)
+
+    # ------------------------------------------------------------------ resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["radvlm"]["torch_rng_state"] = torch.get_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.rollout_rng_state = checkpoint.get("radvlm", {}).get("torch_rng_state")
+
+    def on_train_start(self) -> None:
+        if self.rollout_rng_state is not None:  # continue the rollout sampling stream where it stopped
+            torch.set_rng_state(self.rollout_rng_state)
+            self.rollout_rng_state = None
+
+
+def gen_prompt_inputs(batch: dict[str, Any], g: int) -> dict[str, Any]:
+    """The prompt's model inputs repeated ``g`` times (rows grouped contiguously)."""
+    from radvlm.policy import repeat_batch
+
+    return repeat_batch(Policy.model_inputs(batch), g)
+
+

@@ -1,0 +1,33 @@
+"""Shared fixtures: a tiny Qwen3-VL checkpoint and a small phantom dataset, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from radvlm.tiny import write_tiny_checkpoint
+
+    try:
+        from datamodules.phantom import phantom_text_corpus
+
+        corpus = phantom_text_corpus()
+    except ImportError:
+        corpus = None
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), corpus=corpus, seed=0)
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory) -> Path:
+    from datamodules.phantom import write_phantom
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom(out, n=40, seed=0, size=128)
+    return out

@@ -1,0 +1,71 @@
+import lightning as L
+import pytest
+import torch
+
+from datamodules.datamodule import RadVLMDataModule
+from lightning_modules.grpo import GRPOModule, RewardFailureError
+from metrics.text import GLEU
+from radvlm.policy import LoRASettings, PolicyConfig
+from radvlm.rollout import RewardTerm
+from tests.helpers import report_record, write_records
+
+
+class Failing(GLEU):
+    def score(self, preds, targets):
+        raise RuntimeError("reward server down")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("grpodata")
+    answers = ["The heart is enlarged.", "No pleural effusion.", "Small left apical pneumothorax."]
+    return write_records(folder, [report_record(i, answers[i % 3]) for i in range(8)])
+
+
+def make(tiny_ckpt, data_file, tmp_path, rewards=None, lora=None, max_steps=2, **kw):
+    L.seed_everything(0)
+    module = GRPOModule(
+        PolicyConfig(str(tiny_ckpt), dtype="float32", lora=lora),
+        rewards=rewards or [RewardTerm(GLEU())],
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+        num_generations=4, max_new_tokens=8, ppo_mini_batch_size=1, micro_batch_size=3, **kw,
+    )
+    data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(data_file)], val_files=[str(data_file)],
+                            collate="prompt", batch_size=2, max_val_samples=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, limit_val_batches=1)
+    return module, data, trainer
+
+
+def test_grpo_fit_changes_parameters_with_two_updates_per_step(tiny_ckpt, data_file, tmp_path):
+    module, data, trainer = make(tiny_ckpt, data_file, tmp_path, max_steps=4)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    trainer.fit(module, data)
+    assert trainer.global_step == 4  # 2 prompts per batch, mini-batch of 1 prompt → 2 updates per batch
+    changed = sum(not torch.equal(before[n], p) for n, p in module.policy.named_parameters())
+    assert changed > 0
+    assert "train/reward_mean" in trainer.callback_metrics
+    assert "train/kl" in trainer.callback_metrics
+    assert module.reference_model is not None  # full fine-tune with beta > 0: frozen copy
+
+
+def test_grpo_with_lora_uses_disabled_adapters_as_reference(tiny_ckpt, data_file, tmp_path):
+    module, data, trainer = make(tiny_ckpt, data_file, tmp_path, lora=LoRASettings(r=4, alpha=8), max_steps=2)
+    trainer.fit(module, data)
+    assert module.reference_model is None
+    assert torch.isfinite(trainer.callback_metrics["train/kl"])
+
+
+def test_failing_reward_stops_the_run_when_too_many_are_unavailable(tiny_ckpt, data_file, tmp_path):
+    module, data, trainer = make(tiny_ckpt, data_file, tmp_path, rewards=[RewardTerm(Failing())],
+                                 max_unavailable_fraction=0.5)
+    with pytest.raises(RewardFailureError, match="could not be computed"):
+        trainer.fit(module, data)
+
+
+def test_validation_reports_reward_metric(tiny_ckpt, data_file, tmp_path):
+    module, data, trainer = make(tiny_ckpt, data_file, tmp_path)
+    trainer.validate(module, data)
+    assert "val/gleu" in trainer.callback_metrics
