@@ -121,6 +121,30 @@ class PolicyModule(L.LightningModule):
         opt = getattr(opt, "optimizer", opt)
         self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    # ------------------------------------------------------------------ prediction
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Greedy generation on a prompt batch → one row per sample (written by ``PredictionWriter``)."""
+        from radvlm.chat import split_thinking
+
+        if batch.get("empty"):
+            return []
+        gen = self.policy.generate(batch, max_new_tokens=self.predict_max_new_tokens)
+        rows = []
+        for i, text in enumerate(gen.texts):
+            thinking = bool(batch["thinking"][i])
+            thoughts, answer, closed = split_thinking(text) if thinking else ("", text.strip(), True)
+            rows.append({
+                "id": batch["ids"][i], "task": batch["tasks"][i], "image": batch["images"][i],
+                "prompt": batch["prompts"][i], "completion": text, "answer": answer, "thinking": thinking,
+                "think_closed": closed, "reference": batch["targets"][i], "gt_boxes": batch["gt_boxes"][i],
+                "completion_tokens": int(gen.completion_mask[i].sum()), "truncated": bool(gen.truncated[i]),
+            })
+        return rows
+
+    @property
+    def predict_max_new_tokens(self) -> int:
+        return int(getattr(self.hparams, "val_max_new_tokens", None) or getattr(self.hparams, "max_new_tokens", 256))
+
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["radvlm"] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}

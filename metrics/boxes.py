@@ -1,0 +1,117 @@
+"""Bounding boxes in RadVLM answers: parse them from text, write them back, and compare them by IoU.
+
+Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (REFERENCE.md §4, §8).
+
+- ``parse_boxes`` finds every bracket group of exactly four numbers (sign, decimals and exponent allowed) and
+  returns them in text order. A group holding a number that is not finite once read (``1e999``) is skipped;
+  anything that is not a plain decimal number (``nan``, ``inf``, ``0x1``, ``1_0``) does not form a group at
+  all. Coordinates are returned as written: no clipping, no reordering (IoU handles inverted boxes). It never
+  raises on a string, whatever its content or length.
+- ``format_boxes`` writes boxes the way the RadVLM answers do: each coordinate is ``round(x, ndigits)``
+  printed by Python's ``repr`` of that float, so trailing zeros are dropped (``0.3``, not ``0.30``) and an
+  integral value keeps one decimal (``1.0``, ``0.0``), exactly as ``str([round(x, 2) ...])`` prints;
+  ``-0.0`` is written ``0.0``. Several boxes are joined by ``", "`` with ``" and "`` before the last.
+- ``pairwise_iou`` is the vectorised IoU of REFERENCE.md §4 (areas clamped at 0, IoU 0 when the union is
+  <= 0) in float64. Deviation needed to keep it total: coordinates are clamped to +-1e150 so that no product
+  overflows (a normalised box never comes near), and a box with a NaN or infinite coordinate has IoU 0 with
+  every box. The result is always finite and in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+Box = tuple[float, float, float, float]
+
+# One number: optional sign, digits with optional fraction (or a bare fraction), optional exponent. The
+# alternatives cannot match the same text in two ways, which keeps the regex linear on long digit runs.
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+BOX_PATTERN = re.compile(
+    r"\[\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\]"
+)
+#: coordinates are clamped to this magnitude before IoU so that areas cannot overflow float64
+_COORD_LIMIT = 1e150
+
+
+def parse_boxes(text: str) -> list[Box]:
+    """All ``[a, b, c, d]`` groups of ``text`` as float tuples, in order; non-finite groups are skipped."""
+    if not isinstance(text, str):
+        raise TypeError(f"parse_boxes expects a str, got {type(text).__name__}")
+    boxes: list[Box] = []
+    for match in BOX_PATTERN.finditer(text):
+        values = tuple(float(g) for g in match.groups())  # the regex only admits float() syntax
+        if all(math.isfinite(v) for v in values):
+            boxes.append(values)  # type: ignore[arg-type]
+    return boxes
+
+
+def box_spans(text: str) -> list[tuple[int, int, bool]]:
+    """``(start, end, finite)`` of each four-number bracket group of ``text``; finite ones are parsed."""
+    spans = []
+    for match in BOX_PATTERN.finditer(text):
+        finite = all(math.isfinite(float(g)) for g in match.groups())
+        spans.append((match.start(), match.end(), finite))
+    return spans
+
+
+def _format_number(value: float, ndigits: int) -> str:
+    rounded = round(float(value), ndigits) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return repr(rounded)
+
+
+def format_box(box: Sequence[float], ndigits: int = 2) -> str:
+    """One box as ``[0.12, 0.3, 0.5, 0.71]`` (see the module docstring for the number style)."""
+    if len(box) != 4:
+        raise ValueError(f"a box has 4 coordinates [x1, y1, x2, y2], got {len(box)}: {box!r}")
+    values = [float(v) for v in box]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"cannot write a box with a non-finite coordinate: {box!r}")
+    return "[" + ", ".join(_format_number(v, ndigits) for v in values) + "]"
+
+
+def format_boxes(boxes: Sequence[Sequence[float]], ndigits: int = 2) -> str:
+    """Boxes in RadVLM answer style: ``[a]``, ``[a] and [b]``, ``[a], [b] and [c]``; ``""`` for no box."""
+    parts = [format_box(box, ndigits) for box in boxes]
+    if len(parts) <= 1:
+        return "".join(parts)
+    return ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def as_box_array(boxes: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:  # (K, 4) float64
+    """Boxes as a float64 array of shape (K, 4); an empty sequence gives shape (0, 4)."""
+    arr = np.asarray(boxes, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 4), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape (K, 4), got {arr.shape}")
+    return arr
+
+
+def pairwise_iou(pred: Sequence[Sequence[float]] | np.ndarray,
+                 gt: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:  # (P, G) float64
+    """IoU of every predicted box with every ground-truth box; finite, in [0, 1], never NaN."""
+    p = _sanitise(as_box_array(pred))  # (P, 4), finite and clamped; bad rows NaN-free
+    g = _sanitise(as_box_array(gt))  # (G, 4)
+    lt = np.maximum(p[:, None, :2], g[None, :, :2])  # (P, G, 2) top-left of the intersection
+    rb = np.minimum(p[:, None, 2:], g[None, :, 2:])  # (P, G, 2) bottom-right
+    wh = np.maximum(rb - lt, 0.0)  # (P, G, 2)
+    inter = wh[..., 0] * wh[..., 1]  # (P, G)
+    wh_p = np.maximum(p[:, 2:] - p[:, :2], 0.0)  # (P, 2)
+    wh_g = np.maximum(g[:, 2:] - g[:, :2], 0.0)  # (G, 2)
+    union = (wh_p[:, 0] * wh_p[:, 1])[:, None] + (wh_g[:, 0] * wh_g[:, 1])[None, :] - inter  # (P, G)
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)  # (P, G)
+    return np.clip(iou, 0.0, 1.0, out=iou)
+
+
+def _sanitise(boxes: np.ndarray) -> np.ndarray:  # (K, 4)
+    """Clamp coordinates to +-_COORD_LIMIT; a row with a NaN or infinite value becomes an empty box at 0."""
+    if np.all(np.abs(boxes) <= _COORD_LIMIT):  # fast path; False for NaN and inf
+        return boxes
+    bad = ~np.isfinite(boxes).all(axis=1)  # (K,)
+    boxes = np.clip(boxes, -_COORD_LIMIT, _COORD_LIMIT)
+    boxes[bad] = 0.0  # [0, 0, 0, 0] has area 0 and intersects nothing: IoU 0 with every box
+    return boxes

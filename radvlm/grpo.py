@@ -1,0 +1,416 @@
+"""Pure GRPO math: group advantages, the clipped policy loss, the k3 KL term and loss aggregation.
+
+Every function here is a pure function of tensors (no model, no optimizer, no Lightning), so the step logic
+in ``lightning_modules/grpo.py`` stays thin and this file can be tested against hand-computed numbers.
+
+Algorithm (one GRPO step as the paper runs it, REFERENCE.md §2)
+----------------------------------------------------------------
+1. Sample ``B`` prompts and ``G`` rollouts per prompt (paper: B = 512, G = 8) with the current policy, which
+   at this moment is the "old" policy π_old. Rows are contiguous: rollouts of prompt i are rows
+   i·G … i·G+G−1.
+2. Score every rollout with the reward metric → ``rewards (B*G,)``; an unavailable reward is NaN.
+3. Advantage of rollout j of prompt i (:func:`group_advantages`, ``scale="group"``)::
+
+       A_ij = (r_ij − mean_j r_ij) / (std_j r_ij + 1e-6)          std unbiased (divides by n − 1)
+
+   The same scalar advantage is used for every token of the rollout. Groups whose rewards are all equal
+   have A = 0 and carry no gradient; :func:`group_reward_std` finds them (filter / logging).
+4. Record ``old_logp`` (π_old) and ``ref_logp`` (frozen reference policy) per response token.
+5. Split the B·G rollouts into mini-batches (paper: 128 prompts → 4 optimizer updates, 1 PPO epoch); each
+   mini-batch may be split again into micro-batches for gradient accumulation. For every token::
+
+       ratio   = exp(clamp(logp − old_logp, −20, 20))
+       L_clip  = max(−A·ratio, −A·clamp(ratio, 1 − ε_low, 1 + ε_high))     ε_low 0.20, ε_high 0.28
+       L_tok   = min(L_clip, −A·c)   if A < 0   (dual clip, c = 3.0)       else L_clip
+       k3      = exp(ref − logp) − (ref − logp) − 1, clamped to [−10, 10]
+
+   loss = aggregate(L_tok) + β·aggregate(k3), β = 0.01, aggregation "token-mean" over the mini-batch
+   (:func:`policy_loss`, :func:`kl_k3`, :func:`aggregate`). No KL in the reward, no entropy bonus.
+
+Aggregation modes (:func:`aggregate`; ``m`` is the 0/1 response mask, ``N'`` the number of rows with at
+least one response token)::
+
+    "token-mean"              Σ_i Σ_t m·x / Σ_i Σ_t m                 (paper, DAPO)
+    "seq-mean-token-mean"     (1/N') Σ_i [Σ_t m·x / Σ_t m]            (original GRPO)
+    "seq-mean-token-sum-norm" (1/N') Σ_i [Σ_t m·x / max_len]          (Dr. GRPO; max_len a constant)
+
+Gradient accumulation: pass ``denominator=aggregation_denominator(mini_batch_mask, agg)`` to every
+micro-batch call; the sum of the micro-batch results then equals the whole mini-batch result (up to float
+summation order), whatever the micro-batches' padding lengths.
+
+Deviations from the paper and from verl (whose ``core_algos`` the paper's settings are written for)
+-----------------------------------------------------------------------------------------------------
+- Unavailable (NaN) rewards: left out of their group's mean and std, advantage 0 (DESIGN.md). A group with
+  fewer than 2 valid rewards gets advantage 0 everywhere; verl gives a one-sample group mean 0 and std 1,
+  i.e. the raw reward as advantage. ±inf rewards are rejected with an error (they are bugs, not
+  "unavailable").
+- Group mean and std are computed in float64 after subtracting the group's first valid reward (a shift
+  that leaves both unchanged mathematically), so a group of identical rewards gets a std of exactly 0 and
+  advantages of exactly 0. A plain float32 mean of eight copies of 0.1 is off by one ulp, which the
+  1e-6 denominator turns into advantages of −0.0074 instead of 0.
+- ``scale="batch"`` divides by the unbiased std of all valid rewards in the batch; ``scale="none"`` is the
+  Dr. GRPO advantage (centred only). The paper uses ``"group"``.
+- The log-ratio clamp to ±20 (and hence zero gradient beyond it) is not in the paper; verl does the same.
+- Masked positions are replaced by 0 before any arithmetic, so NaN/inf log-probs at padding never reach the
+  loss or its gradient (verl multiplies by the mask, where a NaN at a padded position poisons the loss).
+- ``seq-mean-*`` modes average over rows that have at least one response token; verl averages over all
+  rows (and its "seq-mean-token-mean" divides 0 by 0 for an empty row). "seq-mean-token-sum-norm" here
+  divides by the constant ``max_len`` and takes the *mean* over sequences as Dr. GRPO writes it; verl sums
+  over sequences and divides by the padded length of the batch.
+- ``approx_kl`` in the stats is the k3 estimate of KL(π_old ‖ π_θ) on the sampled tokens,
+  mean of (ratio − 1 − log ratio) (≥ 0, unbiased because the tokens were sampled from π_old); verl's
+  ``ppo_kl`` is the k1 estimate mean(old − logp).
+- An all-zero mask gives a loss of exactly 0 (and zero gradient) instead of NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ADVANTAGE_SCALES",
+    "AGG_MODES",
+    "KL_CLAMP",
+    "LOG_RATIO_CLAMP",
+    "aggregate",
+    "aggregation_denominator",
+    "group_advantages",
+    "group_reward_std",
+    "kl_k3",
+    "masked_mean",
+    "policy_loss",
+]
+
+AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+AdvantageScale = Literal["group", "batch", "none"]
+
+AGG_MODES: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+ADVANTAGE_SCALES: tuple[str, ...] = ("group", "batch", "none")
+LOG_RATIO_CLAMP = 20.0  # |log π_θ − log π_old| and |log π_ref − log π_θ| are clamped to this before exp
+KL_CLAMP = 10.0  # the per-token k3 value is clamped to [−KL_CLAMP, KL_CLAMP] (verl "low_var_kl")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# advantages
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _grouped_rewards(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Validate ``rewards (B*G,)`` and return ``(values (B, G) float64, valid (B, G) bool)``."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__} {group_size!r}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group needs two rollouts to compare), got {group_size}")
+    if not isinstance(rewards, Tensor):
+        raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (B*G,), got shape {tuple(rewards.shape)}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(
+            f"rewards length {rewards.numel()} is not divisible by group_size {group_size}: "
+            "groups must be complete and contiguous (rows i*G … i*G+G-1)"
+        )
+    if rewards.is_complex():
+        raise TypeError(f"rewards must be real, got dtype {rewards.dtype}")
+    values = rewards.detach().to(torch.float64).view(-1, group_size)  # (B, G)
+    infinite = torch.isinf(values)  # (B, G)
+    if bool(infinite.any()):
+        rows = infinite.flatten().nonzero().flatten()[:8].tolist()
+        raise ValueError(
+            f"rewards contain ±inf at rows {rows} (first 8 shown); mark unavailable rewards with NaN instead"
+        )
+    valid = ~torch.isnan(values)  # (B, G)
+    return values, valid
+
+
+def _shifted_group_moments(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """NaN-aware group statistics of ``values (B, G)`` in float64.
+
+    Returns ``(centred (B, G), std (B,), count (B,))``: ``centred`` is r − mean of the group (0 where the
+    reward is invalid), ``std`` the unbiased std of the valid rewards (0 where count < 2), ``count`` the
+    number of valid rewards. Values are shifted by the group's first valid reward before summing (see the
+    module docstring) so identical rewards give exactly 0.
+    """
+    count = valid.sum(dim=1)  # (B,)
+    first = valid.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1) index of the first valid reward
+    filled = torch.where(valid, values, torch.zeros_like(values))  # (B, G) NaN → 0
+    shift = filled.gather(1, first)  # (B, 1) first valid reward (0 for an all-NaN group)
+    x = torch.where(valid, filled - shift, torch.zeros_like(values))  # (B, G) shifted, 0 where invalid
+    mean_x = x.sum(dim=1, keepdim=True) / count.clamp(min=1).unsqueeze(1)  # (B, 1)
+    centred = torch.where(valid, x - mean_x, torch.zeros_like(values))  # (B, G) r − mean
+    var = centred.square().sum(dim=1) / (count - 1).clamp(min=1)  # (B,) unbiased
+    std = torch.where(count >= 2, var.sqrt(), torch.zeros_like(var))  # (B,)
+    return centred, std, count
+
+
+def group_reward_std(rewards: Tensor, group_size: int) -> Tensor:
+    """Unbiased std of the valid (non-NaN) rewards of each group: ``(B*G,)`` → ``(B,)``.
+
+    NaN for a group with fewer than 2 valid rewards (the spread is undefined there), so ``std > 0`` selects
+    exactly the groups that carry a learning signal and ``torch.nanmean`` gives a loggable average. A group
+    of identical rewards has a std of exactly 0. Returned in the dtype of ``rewards`` (float32 for integer
+    rewards).
+    """
+    values, valid = _grouped_rewards(rewards, group_size)  # (B, G), (B, G)
+    _, std, count = _shifted_group_moments(values, valid)  # (B,), (B,)
+    std = torch.where(count >= 2, std, torch.full_like(std, float("nan")))  # (B,)
+    return std.to(_out_dtype(rewards))
+
+
+def group_advantages(
+    rewards: Tensor,
+    group_size: int,
+    scale: AdvantageScale = "group",
+    eps: float = 1e-6,
+) -> Tensor:
+    """GRPO advantages of contiguous groups: ``rewards (B*G,)`` → ``advantages (B*G,)``.
+
+    ``scale``: ``"group"`` (paper): (r − mean_g) / (std_g + eps), std unbiased; ``"batch"``:
+    (r − mean_g) / (std of all valid rewards of the batch + eps); ``"none"`` (Dr. GRPO): r − mean_g.
+    NaN rewards are left out of their group's mean and std and get advantage 0; a group with fewer than 2
+    valid rewards gets 0 everywhere. Returned in the dtype of ``rewards`` (float32 for integer rewards);
+    no gradient flows back to ``rewards``.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    values, valid = _grouped_rewards(rewards, group_size)  # (B, G), (B, G)
+    centred, std, count = _shifted_group_moments(values, valid)  # (B, G), (B,), (B,)
+    if scale == "group":
+        adv = centred / (std + eps).unsqueeze(1)  # (B, G)
+    elif scale == "batch":
+        flat_values, flat_valid = values.view(1, -1), valid.view(1, -1)  # (1, B*G)
+        _, batch_std, _ = _shifted_group_moments(flat_values, flat_valid)  # (1,) 0 if < 2 valid overall
+        adv = centred / (batch_std + eps)  # (B, G)
+    else:
+        adv = centred  # (B, G)
+    usable = valid & (count >= 2).unsqueeze(1)  # (B, G)
+    adv = torch.where(usable, adv, torch.zeros_like(adv))  # (B, G)
+    return adv.reshape(-1).to(_out_dtype(rewards))  # (B*G,)
+
+
+def _out_dtype(t: Tensor) -> torch.dtype:
+    return t.dtype if t.is_floating_point() else torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masks and aggregation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _bool_mask(mask: Tensor, shape: torch.Size, name: str = "mask") -> Tensor:
+    """Check ``mask`` against ``shape`` and return it as bool; a non-bool mask must hold only 0 and 1."""
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != shape:
+        raise ValueError(f"{name} shape {tuple(mask.shape)} does not match values shape {tuple(shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(f"{name} must hold only 0 and 1 (or be bool); got other values")
+    return mask != 0
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1; 0 (not NaN) where nothing is selected.
+
+    Masked-out entries may hold NaN or inf: they are replaced by 0 before summing and get zero gradient.
+    ``dim=None`` reduces everything to a 0-d tensor, otherwise that dimension.
+    """
+    m = _bool_mask(mask, x.shape)  # same shape as x
+    total = torch.where(m, x, torch.zeros_like(x)).sum(dim=dim)  # reduced
+    count = m.sum(dim=dim)  # reduced, integer
+    return total / count.clamp(min=1).to(total.dtype)
+
+
+def _check_agg(agg: str, max_len: int | None) -> None:
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+    if agg == "seq-mean-token-sum-norm":
+        if max_len is None:
+            raise ValueError(
+                "agg='seq-mean-token-sum-norm' needs max_len (the constant response-length budget)"
+            )
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
+            raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+
+
+def _check_2d(values: Tensor, name: str) -> None:
+    if not isinstance(values, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(values).__name__}")
+    if values.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (N, L), got shape {tuple(values.shape)}")
+
+
+def aggregation_denominator(mask: Tensor, agg: AggMode) -> Tensor:
+    """What :func:`aggregate` divides by for this ``mask (N, L)``: a 0-d float tensor.
+
+    ``"token-mean"``: the number of selected tokens; both ``seq-mean-*`` modes: the number of rows with at
+    least one selected token. Compute it once on a whole mini-batch and pass it as ``denominator`` to every
+    micro-batch so the micro-batch results sum to the mini-batch result.
+    """
+    _check_agg(agg, max_len=1)
+    _check_2d(mask, "mask")
+    m = _bool_mask(mask, mask.shape)  # (N, L)
+    if agg == "token-mean":
+        return m.sum().to(torch.float32)  # ()
+    return m.any(dim=1).sum().to(torch.float32)  # ()
+
+
+def aggregate(
+    values: Tensor,
+    mask: Tensor,
+    agg: AggMode,
+    max_len: int | None = None,
+    denominator: Tensor | float | None = None,
+) -> Tensor:
+    """Reduce per-token ``values (N, L)`` over the 0/1 ``mask (N, L)`` to a scalar (formulas: module doc).
+
+    ``max_len`` is used (and required) only by ``"seq-mean-token-sum-norm"``. ``denominator`` replaces the
+    count this call would divide by (see :func:`aggregation_denominator`); a denominator of 0 gives 0.
+    Masked entries never reach the result or its gradient, even when they are NaN or inf. An all-zero mask
+    gives exactly 0. The result is float32 for half-precision ``values``, else their dtype.
+    """
+    _check_agg(agg, max_len)
+    _check_2d(values, "values")
+    m = _bool_mask(mask, values.shape)  # (N, L)
+    dtype = torch.promote_types(values.dtype, torch.float32)  # bf16/fp16 sums and counts need float32
+    x = torch.where(m, values, torch.zeros_like(values)).to(dtype)  # (N, L) masked entries → 0
+    row_tokens = m.sum(dim=1)  # (N,)
+    if agg == "token-mean":
+        numerator = x.sum()  # ()
+        default_den = row_tokens.sum()  # ()
+    else:
+        if agg == "seq-mean-token-mean":
+            per_row = x.sum(dim=1) / row_tokens.clamp(min=1).to(x.dtype)  # (N,) empty rows → 0
+        else:
+            per_row = x.sum(dim=1) / float(max_len)  # (N,) Dr. GRPO constant normaliser
+        numerator = per_row.sum()  # ()
+        default_den = (row_tokens > 0).sum()  # () rows with ≥ 1 token
+    if denominator is None:
+        den = default_den.to(x.dtype)  # ()
+    else:
+        den = torch.as_tensor(denominator, dtype=x.dtype, device=x.device)  # ()
+        if den.dim() != 0:
+            raise ValueError(f"denominator must be a scalar, got shape {tuple(den.shape)}")
+        if not bool(den >= 0):
+            raise ValueError(f"denominator must be >= 0, got {den.item()}")
+    positive = den > 0  # ()
+    return numerator / torch.where(positive, den, torch.ones_like(den)) * positive  # ()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# KL and policy loss
+# ----------------------------------------------------------------------------------------------------------
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token k3 ("low_var_kl") estimate of KL(π_θ ‖ π_ref) on tokens sampled from π_θ.
+
+    ``d = clamp(ref_logp − logp, ±20)``; value ``exp(d) − d − 1`` clamped to [−10, 10] (it is ≥ 0, so only
+    the upper clamp can act, and there the gradient is 0). ``(N, L)`` in, ``(N, L)`` out (any equal shapes
+    work). ``ref_logp`` is detached (the reference policy never trains). With ``mask`` (same shape, 0/1)
+    masked positions are 0 with zero gradient even if non-finite. Computed (and returned) in at least
+    float32.
+    """
+    if not isinstance(logp, Tensor) or not isinstance(ref_logp, Tensor):
+        raise TypeError("logp and ref_logp must be torch.Tensor")
+    if logp.shape != ref_logp.shape:
+        raise ValueError(
+            f"logp shape {tuple(logp.shape)} does not match ref_logp shape {tuple(ref_logp.shape)}"
+        )
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    d = ref_logp.detach().to(dtype) - logp.to(dtype)  # (N, L) log π_ref − log π_θ
+    if mask is not None:
+        d = torch.where(_bool_mask(mask, logp.shape), d, torch.zeros_like(d))  # (N, L) masked → 0 → k3 = 0
+    d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (N, L)
+    return (torch.exp(d) - d - 1.0).clamp(-KL_CLAMP, KL_CLAMP)  # (N, L)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: float | None = 3.0,
+    agg: AggMode = "token-mean",
+    max_len: int | None = None,
+    denominator: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped (asymmetric, dual-clip) GRPO policy loss and its statistics.
+
+    Args:
+        logp: ``(N, L)`` log π_θ of the sampled response tokens (carries the gradient).
+        old_logp: ``(N, L)`` log π_old of the same tokens (detached here).
+        advantages: ``(N,)`` one advantage per rollout (detached here); must be finite.
+        mask: ``(N, L)`` 1 on response tokens, 0 on padding / prompt; rows or the whole mask may be 0.
+        eps_low, eps_high: the ratio is clipped to [1 − eps_low, 1 + eps_high].
+        dual_clip: for A < 0 the token loss is capped at −A·dual_clip (> 1); None disables it.
+        agg, max_len, denominator: see :func:`aggregate`.
+
+    Returns ``(loss, stats)``: ``loss`` a 0-d tensor with gradient; ``stats`` detached 0-d tensors, means
+    over this call's selected tokens (0 when there are none): ``clip_frac_high`` (A > 0 and
+    ratio > 1 + eps_high: gradient cut by the upper clip), ``clip_frac_low`` (A < 0 and ratio < 1 − eps_low),
+    ``clip_frac_dual`` (A < 0 and ratio > dual_clip), ``ratio_mean`` and ``approx_kl`` (k3 estimate of
+    KL(π_old ‖ π_θ): mean of ratio − 1 − log ratio). Computed in at least float32 (bf16 log-probs are
+    upcast, the gradient still reaches them).
+    """
+    _check_2d(logp, "logp")
+    _check_2d(old_logp, "old_logp")
+    if old_logp.shape != logp.shape:
+        raise ValueError(
+            f"old_logp shape {tuple(old_logp.shape)} does not match logp shape {tuple(logp.shape)}"
+        )
+    if not isinstance(advantages, Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(
+            f"advantages must have shape (N,) = ({logp.shape[0]},) (one per row of logp), "
+            f"got {tuple(advantages.shape)}"
+        )
+    if not bool(torch.isfinite(advantages).all()):
+        raise ValueError("advantages contain NaN or inf; group_advantages gives 0 for unavailable rewards")
+    if not 0.0 <= eps_low < 1.0:
+        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
+    if not eps_high >= 0.0:
+        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
+    if dual_clip is not None and not dual_clip > 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
+    _check_agg(agg, max_len)
+    m = _bool_mask(mask, logp.shape)  # (N, L)
+
+    dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 ratios would blur the clip boundaries
+    logp, old_logp = logp.to(dtype), old_logp.detach().to(dtype)  # (N, L), (N, L)
+    adv = advantages.detach().to(dtype).unsqueeze(1)  # (N, 1)
+    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))  # (N, L) padding → 0
+    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (N, L)
+    ratio = torch.exp(log_ratio)  # (N, L)
+    loss_unclipped = -adv * ratio  # (N, L)
+    loss_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # (N, L)
+    loss_tok = torch.maximum(loss_unclipped, loss_clipped)  # (N, L) pessimistic PPO bound
+    negative = (adv < 0).expand_as(loss_tok)  # (N, L)
+    if dual_clip is not None:
+        loss_cap = -adv * dual_clip  # (N, 1) > 0 where A < 0
+        dual_active = negative & (loss_tok > loss_cap)  # (N, L)
+        loss_tok = torch.where(negative, torch.minimum(loss_tok, loss_cap), loss_tok)  # (N, L)
+    else:
+        dual_active = torch.zeros_like(m)  # (N, L)
+    loss = aggregate(loss_tok, m, agg, max_len=max_len, denominator=denominator)  # ()
+
+    with torch.no_grad():
+        clip_active = loss_clipped > loss_unclipped  # (N, L) the clipped branch wins: zero gradient
+        positive = (adv > 0).expand_as(loss_tok)  # (N, L)
+        stats = {
+            "clip_frac_low": masked_mean((clip_active & negative).to(dtype), m),  # ()
+            "clip_frac_high": masked_mean((clip_active & positive).to(dtype), m),  # ()
+            "clip_frac_dual": masked_mean(dual_active.to(dtype), m),  # ()
+            "ratio_mean": masked_mean(ratio, m),  # ()
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m),  # () k3 of KL(π_old ‖ π_θ)
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
