@@ -1,0 +1,655 @@
+"""Synthesise ``<think>`` traces for RadVLM records with a teacher model (data for the thinking cold start).
+
+``python -m radvlm.synthesize_thinking IN.json OUT.jsonl --endpoint http://host:8000/v1 --model NAME`` (an
+OpenAI-compatible server, e.g. a 235B Qwen3-VL under vLLM) or ``--teacher-model PATH`` (any checkpoint
+``Policy.from_pretrained`` loads; batched ``generate``). A written record is the input record with ``" /think"``
+appended to its final user prompt and its final assistant turn = ``make_thinking_answer(trace, ORIGINAL
+answer)`` (``radvlm.chat``): it loads with ``load_records`` and trains with the ordinary SFT collator.
+
+Strategies (the paper's two): ``show_answer=True`` shows the ground-truth answer to the teacher, which writes
+the reasoning leading to it; hidden (``False``) lets the teacher answer alone and keeps the trace only when
+its answer agrees with the ground truth under ``accept``: ``any`` (format only; default when shown),
+``exact`` (equal after lower-casing, collapsing spaces, dropping a final period), ``iou`` (the ``[a, b, c, d]``
+boxes of both answers pair one-to-one with IoU >= ``iou_threshold``, equal counts; teacher boxes divided by
+``box_scale``, 1000 for Qwen3-VL's native 0-1000 grid), ``auto`` (``iou`` when the ground truth holds a
+box, else ``exact``; default when hidden). The IoU is a few local lines (REFERENCE.md §4: areas clamped at
+0, IoU 0 when the union is <= 0) because radvlm/ must not import metrics/.
+
+A response is rejected (counted, logged, not written) unless it is ``TRACE</think>ANSWER`` with a non-empty
+trace and answer and one think block (``split_thinking``), not cut at the token limit (default 4096, the
+paper's response budget for thinking models) and, when the answer was shown, without a phrase citing it
+(``LEAK_PHRASES``). The opening ``<think>`` may be missing (Qwen3 thinking templates put it in the prompt);
+a server's separate ``reasoning_content`` (vLLM reasoning parser) becomes the think block.
+
+Operation: batches of ``teacher.batch_size`` requests (1 for an endpoint) on ``workers`` threads (1 for a
+local model); a request that raises is retried ``retries`` times after ``backoff · 2^k`` s (at most 60)
+unless the error is a ``PermanentError`` (HTTP 4xx but 408/429, unreadable image). The output JSONL is
+appended and flushed record by record, in completion order; a rerun skips ids already written and retries
+the rest. ``OUT.failures.jsonl`` (``a.jsonl`` → ``a.failures.jsonl``) is rewritten by each run: its
+rejected and failed records (id, kind, reason, attempts). ``max_consecutive_failures`` failures in a row
+(a dead server) stop the run; what was written stays.
+
+Decisions beyond the brief: only the FINAL user prompt gets ``" /think"`` (earlier assistant turns carry no
+trace; a ``/think`` prompt answered without thinking would teach exactly that); records get a
+``thinking_source`` key; image paths are written relative to the output's folder. radvlm/ must not depend
+on datamodules/ (DESIGN.md), so it is imported lazily where unavoidable: ``main`` (``load_records``),
+``PolicyTeacher`` (``PromptCollator``) and ``image_data_url`` for images that are not 8-bit PNG/JPEG
+(``load_image`` rescales 16-bit radiographs); ``synthesize`` takes any Record-shaped objects. The local
+teacher ignores ``timeout`` (``generate`` cannot be interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import math
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from radvlm.chat import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    THINK_SUFFIX,
+    make_thinking_answer,
+    make_thinking_prompt,
+    split_thinking,
+)
+
+SHOW_ANSWER_TEMPLATE = (
+    "{prompt}\n\n"
+    "The correct answer is:\n{answer}\n\n"
+    "Write the reasoning a radiologist would follow, looking at this image, to arrive at exactly this answer. "
+    "Reason from what is visible in the image and do not mention that the answer was given to you. "
+    "Reply in this format:\n<think>\nyour step-by-step reasoning\n</think>\n\nthe answer above"
+)
+HIDDEN_TEMPLATE = (
+    "{prompt}\n\n"
+    "Think step by step about what is visible in the image before answering. Reply in this format:\n"
+    "<think>\nyour step-by-step reasoning\n</think>\n\nyour final answer"
+)
+#: with the answer shown, a trace that refers to it would teach the student to cite an answer it never sees
+LEAK_PHRASES = ("correct answer", "the answer above", "given answer", "provided answer", "answer was given",
+                "answer provided", "answer given")
+ACCEPT_MODES = ("any", "exact", "iou", "auto")
+MAX_BACKOFF_S = 60.0
+_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
+_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
+
+
+class PermanentError(RuntimeError):
+    """A request that retrying cannot fix (bad request, unreadable image); logged without retries."""
+
+
+class Truncated(str):
+    """A response cut at the token limit (``finish_reason == "length"``); rejected, never written."""
+
+
+class RecordLike(Protocol):
+    """What ``synthesize`` needs of a record (``datamodules.records.Record`` has it)."""
+
+    id: str
+    image: Path | None
+    conversations: list  # of objects with .role ("user" | "assistant") and .text
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TeacherRequest:
+    """One conversation for the teacher: earlier turns as they are, then the final instruction."""
+
+    id: str
+    image: Path | None  # opens the first user turn
+    turns: tuple[tuple[str, str], ...]  # (role, text); ends with the user instruction
+
+
+class Teacher(Protocol):
+    name: str
+    batch_size: int  # requests per ``complete`` call
+    max_workers: int | None  # threads that may call ``complete`` at once (None: any number)
+
+    def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
+        ...
+
+
+# ------------------------------------------------------------------------------------------ answer checks
+
+
+def parse_boxes(text: str, scale: float = 1.0) -> list[list[float]]:
+    """Every ``[a, b, c, d]`` of four numbers, divided by ``scale``; groups with a non-finite number are
+    skipped. ``"at [0.1, 0.2, 0.3, 0.4] and [1e-1, 0, .5, 1]"`` → ``[[0.1, 0.2, 0.3, 0.4], [0.1, 0, 0.5, 1]]``."""
+    boxes = []
+    for match in _BOX_RE.finditer(text):
+        values = [float(v) / scale for v in match.groups()]
+        if all(math.isfinite(v) for v in values):
+            boxes.append(values)
+    return boxes
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """IoU of two ``[x1, y1, x2, y2]`` boxes; areas clamped at 0, 0 when the union is <= 0."""
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    union = area_a + area_b - inter
+    return inter / union if union > 0 else 0.0
+
+
+def boxes_match(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]], threshold: float) -> bool:
+    """Equal counts and a one-to-one pairing with every pair's IoU >= ``threshold`` (augmenting paths)."""
+    if len(pred) != len(gt):
+        return False
+    ok = [[box_iou(p, g) >= threshold for g in gt] for p in pred]  # (P, G)
+    owner: list[int | None] = [None] * len(gt)  # gt j → pred index
+
+    def place(i: int, seen: set[int]) -> bool:
+        for j in range(len(gt)):
+            if ok[i][j] and j not in seen:
+                seen.add(j)
+                if owner[j] is None or place(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(place(i, set()) for i in range(len(pred)))
+
+
+def normalise_answer(text: str) -> str:
+    """``"  The Heart\\n is enlarged. "`` → ``"the heart is enlarged"``."""
+    return " ".join(text.lower().split()).rstrip(".").strip()
+
+
+def answers_agree(pred: str, gt: str, accept: str, iou_threshold: float = 0.5, box_scale: float = 1.0) -> bool:
+    """Whether the teacher's answer ``pred`` agrees with the ground truth ``gt`` (modes: module docstring)."""
+    if accept not in ACCEPT_MODES:
+        raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {accept!r}")
+    if accept == "any":
+        return True
+    gt_boxes = parse_boxes(gt)
+    if accept == "iou" or (accept == "auto" and gt_boxes):
+        return boxes_match(parse_boxes(pred, box_scale), gt_boxes, iou_threshold)
+    return normalise_answer(pred) == normalise_answer(gt)
+
+
+def check_response(text: str, gt: str, accept: str = "any", iou_threshold: float = 0.5,
+                   box_scale: float = 1.0, leak_phrases: Sequence[str] = ()) -> tuple[str | None, str]:
+    """``(trace, "")`` for a usable response, ``(None, reason)`` otherwise; ``leak_phrases`` (lower case)
+    must not occur in the trace."""
+    if isinstance(text, Truncated):
+        return None, "truncated at the token limit"
+    thoughts, answer, closed = split_thinking(text)
+    if not closed:
+        return None, f"no {THINK_CLOSE}"
+    if THINK_OPEN in thoughts or THINK_CLOSE in thoughts:
+        return None, "several think blocks"
+    if not thoughts:
+        return None, "empty trace"
+    if not answer:
+        return None, f"no answer after {THINK_CLOSE}"
+    if any(phrase in thoughts.lower() for phrase in leak_phrases):
+        return None, "trace mentions the shown answer"
+    if not answers_agree(answer, gt, accept, iou_threshold, box_scale):
+        return None, f"answer disagrees ({accept})"
+    return thoughts, ""
+
+
+# ------------------------------------------------------------------------------------- records ↔ requests
+
+
+def original_answer(record: RecordLike) -> str:
+    """The record's final answer, without a think block it may already carry."""
+    text = record.conversations[-1].text
+    return split_thinking(text)[1] if THINK_CLOSE in text else text
+
+
+def _strip_think_suffix(prompt: str) -> str:
+    stripped = prompt.rstrip()
+    return stripped[: -len(THINK_SUFFIX.strip())].rstrip() if stripped.endswith(THINK_SUFFIX.strip()) else prompt
+
+
+def build_request(record: RecordLike, show_answer: bool, template: str | None = None) -> TeacherRequest:
+    """The teacher's conversation: turns before the final exchange, then the final prompt (without
+    ``/think``) wrapped in ``template`` (``{prompt}``, and ``{answer}`` when the answer is shown)."""
+    turns = [(t.role, t.text) for t in record.conversations]
+    if len(turns) < 2 or turns[-1][0] != "assistant" or turns[-2][0] != "user":
+        raise ValueError(f"record {record.id!r}: the conversation must end with a user turn then an assistant turn")
+    template = template or (SHOW_ANSWER_TEMPLATE if show_answer else HIDDEN_TEMPLATE)
+    text = template.replace("{prompt}", _strip_think_suffix(turns[-2][1]))
+    if show_answer:
+        text = text.replace("{answer}", original_answer(record))
+    return TeacherRequest(str(record.id), record.image, tuple(turns[:-2]) + (("user", text),))
+
+
+def thinking_record(record: RecordLike, trace: str, out_dir: Path | None = None,
+                    source: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record as a RadVLM dict: final prompt + ``" /think"``, final answer = trace + original answer."""
+    out = record.to_dict()
+    conv = out["conversations"]
+    last_user = max(i for i, t in enumerate(conv) if t["from"] in ("human", "user"))
+    conv[last_user]["value"] = make_thinking_prompt(conv[last_user]["value"])
+    conv[-1]["value"] = make_thinking_answer(trace, original_answer(record))
+    if record.image is not None and out_dir is not None:
+        out["image"] = Path(os.path.relpath(Path(record.image).resolve(), out_dir.resolve())).as_posix()
+    if source is not None:
+        out["thinking_source"] = source
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ teachers
+
+
+def _load_8bit_image(path: Path):
+    from datamodules.records import load_image  # lazy: radvlm must not depend on datamodules at import
+
+    return load_image(path)
+
+
+def image_data_url(path: str | Path, loader: Callable[[Path], Any] | None = None) -> str:
+    """``data:image/png;base64,...``: 8-bit PNG/JPEG files as they are, anything else decoded by ``loader``
+    (default ``datamodules.records.load_image``, which rescales 16-bit images) and re-encoded as PNG."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            fmt, mode = im.format, im.mode
+        if fmt in ("PNG", "JPEG") and mode in ("L", "RGB", "RGBA", "LA", "P"):
+            data, mime = path.read_bytes(), f"image/{fmt.lower()}"
+        else:
+            buf = io.BytesIO()
+            (loader or _load_8bit_image)(path).save(buf, format="PNG")
+            data, mime = buf.getvalue(), "image/png"
+    except Exception as e:
+        raise PermanentError(f"image {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+class EndpointTeacher:
+    """An OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang, ...), through urllib.
+
+    The image goes as a base64 data-URL ``image_url`` part before the text of the first user turn. HTTP 408,
+    429 and 5xx, connection errors and timeouts are retried by ``synthesize``; other 4xx are permanent.
+    """
+
+    batch_size = 1
+    max_workers = None
+
+    def __init__(self, endpoint: str, model: str, api_key: str | None = None, max_tokens: int = 4096,
+                 temperature: float = 0.0, extra_body: dict[str, Any] | None = None,
+                 image_loader: Callable[[Path], Any] | None = None) -> None:
+        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.model, self.api_key = model, api_key
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.extra_body = dict(extra_body or {})
+        self.image_loader = image_loader
+        self.name = f"endpoint:{model}"
+
+    def payload(self, request: TeacherRequest) -> dict[str, Any]:
+        messages = []
+        image_pending = request.image is not None
+        for role, text in request.turns:
+            if role == "user" and image_pending:
+                url = image_data_url(request.image, self.image_loader)
+                content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+                image_pending = False
+            else:
+                content = text
+            messages.append({"role": role, "content": content})
+        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, **self.extra_body}
+
+    def complete_one(self, request: TeacherRequest, timeout: float | None = None) -> str:
+        body = json.dumps(self.payload(request)).encode("utf-8")
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                reply = json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:300].decode("utf-8", "replace")
+            error = RuntimeError if e.code in (408, 429) or e.code >= 500 else PermanentError
+            raise error(f"HTTP {e.code} from {self.url}: {detail}") from e
+        except urllib.error.URLError as e:
+            raise ConnectionError(f"{self.url}: {e.reason}") from e
+        return self.response_text(reply)
+
+    @staticmethod
+    def response_text(reply: dict[str, Any]) -> str:
+        """``choices[0].message.content``, with a separate ``reasoning_content`` put back as a think block;
+        ``Truncated`` when the server stopped at ``max_tokens``."""
+        try:
+            choice = reply["choices"][0]
+            message = choice["message"]
+        except (KeyError, IndexError, TypeError):
+            raise ValueError(f"malformed chat completion: {json.dumps(reply)[:300]}") from None
+        content = message.get("content") or ""
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+        if reasoning and THINK_CLOSE not in content:
+            content = f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content.strip()}"
+        return Truncated(content) if choice.get("finish_reason") == "length" else content
+
+    def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
+        out: list[str | Exception] = []
+        for request in requests:
+            try:
+                out.append(self.complete_one(request, timeout))
+            except Exception as e:  # every failure is reported per request; synthesize decides on retries
+                out.append(e)
+        return out
+
+
+class PolicyTeacher:
+    """A local checkpoint: ``PromptCollator`` batches → ``Policy.generate`` (greedy when temperature is 0)."""
+
+    max_workers = 1
+
+    def __init__(self, policy, batch_size: int = 8, max_new_tokens: int = 4096, temperature: float = 0.0,
+                 device: str | None = None, collator: Callable[[list], dict] | None = None,
+                 name: str = "policy") -> None:
+        self.policy, self.batch_size = policy, batch_size
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.device = device
+        if collator is None:
+            from datamodules.collate import PromptCollator  # lazy: see module docstring
+
+            collator = PromptCollator(policy.processor)
+        self.collator = collator
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str | None = None,
+                        **kwargs) -> PolicyTeacher:
+        from radvlm.policy import Policy
+
+        policy = Policy.from_pretrained(path, dtype=dtype)
+        if device is not None:
+            policy.to(device)
+        return cls(policy, device=device, name=f"policy:{Path(str(path)).name}", **kwargs)
+
+    def _records(self, requests: Sequence[TeacherRequest]) -> list:
+        from datamodules.records import Record, Turn  # lazy: see module docstring
+
+        # an empty assistant turn closes each conversation; the prompt collator drops it again
+        return [Record(id=r.id, image=r.image, conversations=[Turn(role, text) for role, text in r.turns]
+                       + [Turn("assistant", "")]) for r in requests]
+
+    def _generate(self, requests: Sequence[TeacherRequest]) -> list[str]:
+        import torch
+
+        batch = self.collator(self._records(requests))
+        if batch.get("empty") or list(batch["ids"]) != [r.id for r in requests]:
+            raise PermanentError(f"the prompt collator dropped {batch.get('n_dropped')} of {len(requests)} prompts")
+        if self.device is not None:
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        out = self.policy.generate(batch, num_return_sequences=1, max_new_tokens=self.max_new_tokens,
+                                   do_sample=self.temperature > 0, temperature=self.temperature or 1.0)
+        return [Truncated(t) if cut else t for t, cut in zip(out.texts, out.truncated.tolist())]
+
+    def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
+        try:
+            return list(self._generate(requests))
+        except Exception as e:
+            if len(requests) == 1:  # a bad record (ValueError: unreadable image ...) will not get better
+                return [PermanentError(f"{type(e).__name__}: {e}") if isinstance(e, ValueError) else e]
+        # one bad sample must not fail its whole batch: isolate it
+        return [r for request in requests for r in self.complete([request], timeout)]
+
+
+# ------------------------------------------------------------------------------------------- the driver
+
+
+def complete_with_retries(teacher: Teacher, requests: Sequence[TeacherRequest], retries: int,
+                          timeout: float | None, backoff: float,
+                          sleep: Callable[[float], None] = time.sleep) -> list[tuple[str | Exception, int]]:
+    """``(response or last error, attempts)`` per request; exceptions other than ``PermanentError`` are
+    retried after ``backoff · 2^(k-1)`` seconds (k = retry number, capped at ``MAX_BACKOFF_S``)."""
+    results: dict[int, tuple[str | Exception, int]] = {}
+    pending = list(range(len(requests)))
+    for attempt in range(retries + 1):
+        if attempt:
+            sleep(min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_S))
+        try:
+            out = teacher.complete([requests[i] for i in pending], timeout=timeout)
+            if len(out) != len(pending):
+                raise RuntimeError(f"teacher returned {len(out)} responses for {len(pending)} requests")
+        except Exception as e:
+            out = [e] * len(pending)
+        retry = []
+        for i, res in zip(pending, out):
+            results[i] = (res, attempt + 1)
+            if isinstance(res, Exception) and not isinstance(res, PermanentError):
+                retry.append(i)
+        pending = retry
+        if not pending:
+            break
+    return [results[i] for i in range(len(requests))]
+
+
+def _bounded_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """``fn(item)`` on ``workers`` threads, at most ``2·workers`` in flight, results in completion order."""
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="teacher")
+    items = iter(items)
+    inflight: set = set()
+    try:
+        while True:
+            for item in items:
+                inflight.add(pool.submit(fn, item))
+                if len(inflight) >= 2 * workers:
+                    break
+            if not inflight:
+                return
+            done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def failures_path(out_path: str | Path) -> Path:
+    """``thinking.jsonl`` → ``thinking.failures.jsonl``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.stem + ".failures.jsonl")
+
+
+def done_ids(out_path: str | Path) -> set[str]:
+    """Ids already in a partial JSONL output. Text after the last newline (a line cut short when the previous
+    run stopped) is removed from the file; a broken line elsewhere is an error naming the file and line."""
+    path = Path(out_path)
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    ids: set[str] = set()
+    for n, line in enumerate(data[:end].split(b"\n")[:-1], start=1):
+        if not line.strip():
+            continue
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: line {n} is not a record with an 'id' ({e}); fix or remove it") from e
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    return ids
+
+
+def synthesize(records: Sequence[RecordLike], teacher: Teacher, out_path: str | Path, show_answer: bool = True,
+               workers: int = 4, retries: int = 3, timeout: float = 60.0, backoff: float = 1.0,
+               accept: str | None = None, iou_threshold: float = 0.5, box_scale: float = 1.0,
+               template: str | None = None, reject_leaks: bool = True, max_consecutive_failures: int = 50,
+               progress: bool = True) -> dict[str, Any]:
+    """Write thinking versions of ``records`` to ``out_path`` (JSONL, appended; resumes); return counts
+    ``{"total", "skipped", "written", "rejected", "failed", "reasons"}`` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".jsonl":
+        raise ValueError(f"{out_path}: the output must be .jsonl (written incrementally, resumable)")
+    accept = accept or ("any" if show_answer else "auto")
+    if accept not in ACCEPT_MODES:
+        raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {accept!r}")
+    if template is not None and ("{prompt}" not in template or show_answer != ("{answer}" in template)):
+        raise ValueError("template must contain {prompt}, and {answer} exactly when the answer is shown")
+    seen: set[str] = set()
+    for r in records:
+        if str(r.id) in seen:
+            raise ValueError(f"duplicate record id {r.id!r}: ids identify records when resuming")
+        seen.add(str(r.id))
+
+    done = done_ids(out_path)
+    todo = [r for r in records if str(r.id) not in done]
+    by_id = {str(r.id): r for r in todo}
+    counts: dict[str, Any] = {"total": len(records), "skipped": len(records) - len(todo), "written": 0,
+                              "rejected": 0, "failed": 0}
+    reasons: Counter = Counter()
+    leak_phrases = LEAK_PHRASES if show_answer and reject_leaks else ()
+    source = {"teacher": teacher.name, "strategy": "show_answer" if show_answer else "hidden"}
+    size = max(1, int(teacher.batch_size))
+    threads = max(1, min(workers, teacher.max_workers or workers))
+    batches = (todo[i : i + size] for i in range(0, len(todo), size))
+
+    def run(batch: list) -> list[tuple[Any, str | Exception, int]]:
+        requests, results = [], []
+        for r in batch:
+            try:
+                requests.append(build_request(r, show_answer, template))
+            except ValueError as e:
+                results.append((r, PermanentError(str(e)), 0))
+        answered = complete_with_retries(teacher, requests, retries, timeout, backoff)
+        return results + [(by_id[q.id], res, n) for q, (res, n) in zip(requests, answered)]
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    streak = 0
+    with open(out_path, "a", encoding="utf-8") as out, \
+            open(failures_path(out_path), "w", encoding="utf-8") as log, \
+            closing(_bounded_map(run, batches, threads)) as stream, \
+            tqdm(total=len(todo), desc="thinking traces", disable=not progress) as bar:
+        for results in stream:
+            for record, res, attempts in results:
+                bar.update(1)
+                if isinstance(res, Exception):
+                    kind, reason, trace = "failed", f"{type(res).__name__}: {res}", None
+                else:
+                    trace, reason = check_response(res, original_answer(record), accept, iou_threshold, box_scale,
+                                                   leak_phrases)
+                    kind = "rejected"
+                if trace is not None:
+                    row = thinking_record(record, trace, out_path.parent, source)
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    out.flush()
+                    counts["written"] += 1
+                    streak = 0
+                    continue
+                counts[kind] += 1
+                reasons[reason if kind == "rejected" else type(res).__name__] += 1
+                entry = {"id": str(record.id), "kind": kind, "reason": reason, "attempts": attempts}
+                if kind == "rejected":
+                    entry["response"] = res[:1000]
+                log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                log.flush()
+                streak = streak + 1 if kind == "failed" else 0
+                if streak >= max_consecutive_failures:
+                    raise RuntimeError(f"{streak} records in a row failed (last: {reason}); stopping. "
+                                       f"{counts['written']} written to {out_path}; rerun to resume")
+            bar.set_postfix(written=counts["written"], rejected=counts["rejected"], failed=counts["failed"])
+    counts["reasons"] = dict(reasons)
+    return counts
+
+
+def format_summary(counts: dict[str, Any]) -> str:
+    line = ("total {total}: written {written}, rejected {rejected}, failed {failed}, "
+            "skipped (already written) {skipped}").format(**counts)
+    top = sorted(counts.get("reasons", {}).items(), key=lambda kv: -kv[1])[:5]
+    return line + "".join(f"\n  {n} × {reason}" for reason, n in top)
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m radvlm.synthesize_thinking",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("input", help="RadVLM records (.json list or .jsonl)")
+    p.add_argument("output", help="output .jsonl (appended; a rerun resumes)")
+    teacher = p.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher-model", help="checkpoint folder or hub id for Policy.from_pretrained")
+    teacher.add_argument("--endpoint", help="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    p.add_argument("--model", help="model name on the endpoint")
+    p.add_argument("--api-key-env", help="environment variable holding the endpoint's API key")
+    p.add_argument("--show-answer", action=argparse.BooleanOptionalAction, default=True,
+                   help="show the ground-truth answer to the teacher (default) or hide it (--no-show-answer)")
+    p.add_argument("--hidden", dest="show_answer", action="store_false", help="same as --no-show-answer")
+    p.add_argument("--accept", choices=ACCEPT_MODES, help="answer check (default: any if shown, auto if hidden)")
+    p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument("--box-scale", type=float, default=1.0, help="teacher box units per image side (1000: 0-1000)")
+    p.add_argument("--template-file", help="teacher instruction with {prompt} (and {answer} when shown)")
+    p.add_argument("--workers", type=int, default=8, help="concurrent endpoint requests")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (local model)")
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per endpoint request")
+    p.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds (doubles)")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="teacher response budget (paper: 4096)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--dtype", default=None, help="local model dtype (default bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default=None, help="local model device (default cuda when available)")
+    p.add_argument("--image-root", help="folder image paths are relative to (default: the input's folder)")
+    p.add_argument("--max-consecutive-failures", type=int, default=50)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def make_teacher(args: argparse.Namespace) -> Teacher:
+    if args.endpoint:
+        if not args.model:
+            raise SystemExit("--endpoint needs --model (the served model name)")
+        key = None
+        if args.api_key_env:
+            key = os.environ.get(args.api_key_env)
+            if not key:
+                raise SystemExit(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+        return EndpointTeacher(args.endpoint, args.model, api_key=key, max_tokens=args.max_new_tokens,
+                               temperature=args.temperature)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return PolicyTeacher.from_pretrained(args.teacher_model, dtype=dtype, device=device,
+                                         batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    from datamodules.records import load_records  # lazy: radvlm must not depend on datamodules at import
+
+    records = load_records(args.input, image_root=args.image_root)
+    template = Path(args.template_file).read_text(encoding="utf-8") if args.template_file else None
+    counts = synthesize(
+        records, make_teacher(args), args.output, show_answer=args.show_answer, workers=args.workers,
+        retries=args.retries, timeout=args.timeout, backoff=args.backoff, accept=args.accept,
+        iou_threshold=args.iou_threshold, box_scale=args.box_scale, template=template,
+        max_consecutive_failures=args.max_consecutive_failures, progress=not args.no_progress,
+    )
+    print(format_summary(counts))
+    print(f"output: {args.output}; failures: {failures_path(args.output)}")
+    return counts
+
+
+if __name__ == "__main__":
+    main()
