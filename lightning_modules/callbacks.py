@@ -1,4 +1,15 @@
-"""Callbacks: prediction JSONL writer (resumable), box pictures in TensorBoard, reward-hacking monitors."""
+"""Callbacks: prediction JSONL writer (resumable), box pictures in TensorBoard, reward-hacking monitors.
+
+- ``PredictionWriter``: one JSON line per predicted sample, appended batch by batch; a rerun skips ids
+  already written (also in the per-rank files ``<output>.rankN`` of a multi-GPU run) and first cuts off a line
+  torn by a crash, so an interrupted ``main.py predict`` continues where it stopped, without duplicates.
+- ``BoxPictures``: at the end of validation and test, a TensorBoard image grid of grounding samples with the
+  ground-truth boxes green, the predicted boxes red and the prompt phrase (left out when the module's
+  ``log_text_samples`` is off). The module collects the samples: at epoch start the callback sets
+  ``pl_module._val_pictures = []`` and ``pl_module._val_pictures_cap = num_images``, and the module's
+  validation step appends ``{"image", "answer", "gt_boxes", "prompt", "task"}`` of its greedy grounding
+  outputs until the cap (``GRPOModule`` does; a module that does not simply gets no pictures).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
+
+
+def repair_tail(path: str | Path) -> bool:
+    """Cut a last line without newline (a write torn by a crash) off the file; True if something was cut."""
+    p = Path(path)
+    if not p.is_file() or p.stat().st_size == 0:
+        return False
+    data = p.read_bytes()
+    if data.endswith(b"\n"):
+        return False
+    with p.open("r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
 
 
 def read_done_ids(path: str | Path) -> set[str]:
@@ -33,19 +58,36 @@ class PredictionWriter(BasePredictionWriter):
     ``python -m radvlm.evaluate``.
     """
 
-    def __init__(self, output: str, resume: bool = True) -> None:
+    def __init__(self, output: str, resume: bool = True, default_task: str | None = None) -> None:
+        """
+        Args:
+            output: the JSONL file (its folder is created).
+            resume: skip ids already in the file (else the file is started afresh).
+            default_task: task written for records that have none (RadVLM's test JSON files carry no task).
+        """
         super().__init__(write_interval="batch")
         self.output = Path(output)
         self.resume = resume
+        self.default_task = default_task
         self.skipped = 0
+
+    def _rank_files(self) -> list[Path]:
+        return sorted(self.output.parent.glob(self.output.name + ".rank*"))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
         self.output.parent.mkdir(parents=True, exist_ok=True)
-        if not self.resume and self.output.exists():
-            self.output.unlink()
-        done = read_done_ids(self.output) if self.resume else set()
+        files = [self.output, *self._rank_files()]
+        if not self.resume:
+            for f in files:
+                f.unlink(missing_ok=True)
+        done: set[str] = set()
+        if self.resume:
+            for f in files:
+                if trainer.is_global_zero:
+                    repair_tail(f)
+                done |= read_done_ids(f)  # a torn line never parses: the other ranks skip it too
         data = trainer.datamodule
         if done and data is not None and "predict" in getattr(data, "splits", {}):
             before = len(data.splits["predict"])
@@ -60,5 +102,70 @@ class PredictionWriter(BasePredictionWriter):
         path = self.output.with_name(self.output.name + suffix) if suffix else self.output
         with path.open("a") as f:
             for row in prediction:
+                if row.get("task") is None and self.default_task is not None:
+                    row = {**row, "task": self.default_task}
                 f.write(json.dumps(row) + "\n")
             f.flush()
+
+
+class BoxPictures(L.Callback):
+    """TensorBoard image grid of grounding samples after validation and test (see the module docstring)."""
+
+    def __init__(self, num_images: int = 8, columns: int = 4, size: int = 256, tag: str = "pictures") -> None:
+        """
+        Args:
+            num_images: samples per grid (the first grounding samples of the epoch, the same every time).
+            columns: pictures per grid row.
+            size: longer side of each picture in pixels.
+            tag: TensorBoard tag, logged as ``val/<tag>`` or ``test/<tag>``.
+        """
+        if num_images < 1 or columns < 1 or size < 16:
+            raise ValueError(f"BoxPictures needs num_images >= 1, columns >= 1, size >= 16; got "
+                             f"{num_images}, {columns}, {size}")
+        self.num_images = num_images
+        self.columns = columns
+        self.size = size
+        self.tag = tag
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        pl_module._val_pictures = []
+        pl_module._val_pictures_cap = self.num_images
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.log_grid(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.log_grid(trainer, pl_module, "test")
+
+    def grid(self, samples: list[dict[str, Any]], with_text: bool):
+        """The PIL grid of ``samples`` (None when no sample has a readable image)."""
+        from radvlm.draw import image_grid, sample_picture
+
+        pictures = []
+        for s in samples[: self.num_images]:
+            if not s.get("image") or not Path(s["image"]).is_file():
+                continue
+            caption = s.get("prompt", "") if with_text else None
+            gt = s.get("gt_boxes") or []
+            pictures.append(sample_picture(s["image"], s["answer"], gt, caption, self.size))
+        return image_grid(pictures, self.columns) if pictures else None
+
+    def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        samples = getattr(pl_module, "_val_pictures", None) or []
+        if not samples or not trainer.is_global_zero:
+            return
+        grid = self.grid(samples, with_text=bool(getattr(pl_module, "log_text_samples", True)))
+        if grid is None:
+            return
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if experiment is not None and hasattr(experiment, "add_image"):
+                experiment.add_image(f"{stage}/{self.tag}", np.asarray(grid), global_step=trainer.global_step,
+                                     dataformats="HWC")

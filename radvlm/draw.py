@@ -1,0 +1,156 @@
+"""Pictures of grounding outputs: ground-truth boxes in green, predicted boxes in red, the phrase underneath.
+
+Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (REFERENCE.md §4). For drawing
+only, each box is clipped to the image and its corners are ordered (an inverted box is drawn as the
+rectangle it spans); the metrics never see these adjusted boxes. Small images (the 128-pixel phantoms) are
+scaled up first so that lines and text stay legible.
+
+- ``draw_boxes(image, gt_boxes, pred_boxes, caption)``: one annotated picture (pure: no file access);
+- ``sample_picture(image_path, answer, gt_boxes, caption)``: the same from an image file and a model answer
+  (predicted boxes parsed from the answer by ``metrics.boxes.parse_boxes``, as the metrics parse them);
+- ``image_grid(pictures, columns)``: several pictures on one canvas (the TensorBoard image grid);
+- ``write_pictures(rows, out_dir)``: PNG files of prediction rows (``python -m radvlm.evaluate --draw``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from metrics.boxes import parse_boxes
+from metrics.grounding import soft_f1
+
+GT_COLOUR = (0, 255, 0)
+PRED_COLOUR = (255, 0, 0)
+LEGEND_GT_COLOUR = (0, 160, 0)  # darker green: pure green text is hard to read on white
+TEXT_COLOUR = (0, 0, 0)
+BAND_COLOUR = (255, 255, 255)
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)  # scalable default font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def pixel_box(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int] | None:
+    """A normalised box as pixel corners (left, top, right, bottom) inside the image; None if not drawable."""
+    if len(box) != 4:
+        raise ValueError(f"a box has 4 coordinates [x1, y1, x2, y2], got {len(box)}: {box!r}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None
+    left, right = sorted((_to_pixel(x1, width), _to_pixel(x2, width)))
+    top, bottom = sorted((_to_pixel(y1, height), _to_pixel(y2, height)))
+    return left, top, right, bottom
+
+
+def _to_pixel(v: float, n: int) -> int:
+    """A normalised coordinate clipped to [0, 1], as a pixel index in 0 .. n - 1."""
+    return min(round(min(max(v, 0.0), 1.0) * n), n - 1)
+
+
+def draw_boxes(
+    image: Image.Image,
+    gt_boxes: Sequence[Sequence[float]],
+    pred_boxes: Sequence[Sequence[float]],
+    caption: str | None = None,
+    size: int | None = 512,
+    line_width: int | None = None,
+) -> Image.Image:
+    """A new RGB picture: ``image`` (longer side scaled to ``size``; ``None`` keeps it), ground-truth boxes
+    green, predicted boxes red (drawn on top), and a white band below with a legend and ``caption``."""
+    picture = image.convert("RGB")
+    if size is not None:
+        scale = size / max(picture.size)
+        new = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+        picture = picture.resize(new, Image.Resampling.BILINEAR)
+    else:
+        picture = picture.copy()
+    w, h = picture.size
+    lw = line_width or max(1, round(min(w, h) / 160))
+    draw = ImageDraw.Draw(picture)
+    for boxes, colour in ((gt_boxes, GT_COLOUR), (pred_boxes, PRED_COLOUR)):
+        for box in boxes:
+            corners = pixel_box(box, w, h)
+            if corners is not None:
+                draw.rectangle(corners, outline=colour, width=lw)
+    if caption is None:
+        return picture
+    return _with_band(picture, caption)
+
+
+def _with_band(picture: Image.Image, caption: str) -> Image.Image:
+    """``picture`` above a white band: legend line (coloured words) and the wrapped caption."""
+    w, h = picture.size
+    font_size = max(10, round(w / 36))
+    font = _font(font_size)
+    chars_per_line = max(10, int(w / (0.55 * font_size)))
+    lines = textwrap.wrap(" ".join(caption.split()), chars_per_line)[:6]
+    line_h = round(font_size * 1.3)
+    band = line_h * (len(lines) + 1) + font_size // 2
+    out = Image.new("RGB", (w, h + band), BAND_COLOUR)
+    out.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(out)
+    x, y = font_size // 3, h + font_size // 4
+    for word, colour in (("ground truth", LEGEND_GT_COLOUR), ("  prediction", PRED_COLOUR)):
+        draw.text((x, y), word, fill=colour, font=font)
+        x += draw.textlength(word, font=font)
+    for i, line in enumerate(lines, start=1):
+        draw.text((font_size // 3, y + i * line_h), line, fill=TEXT_COLOUR, font=font)
+    return out
+
+
+def sample_picture(
+    image_path: str | Path,
+    answer: str,
+    gt_boxes: Sequence[Sequence[float]],
+    caption: str | None = None,
+    size: int | None = 512,
+) -> Image.Image:
+    """``draw_boxes`` of an image file, with the predicted boxes parsed from the model's ``answer``."""
+    path = Path(image_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image not found: {path}")
+    with Image.open(path) as img:
+        img.load()
+        return draw_boxes(img, gt_boxes, parse_boxes(answer), caption, size=size)
+
+
+def image_grid(pictures: Sequence[Image.Image], columns: int = 4, pad: int = 4) -> Image.Image:
+    """Pictures in rows of ``columns`` cells (cell = the largest picture), white padding; RGB."""
+    if not pictures:
+        raise ValueError("image_grid needs at least one picture")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    cols = min(columns, len(pictures))
+    rows = -(-len(pictures) // cols)
+    cw = max(p.width for p in pictures)
+    ch = max(p.height for p in pictures)
+    grid = Image.new("RGB", (cols * cw + (cols + 1) * pad, rows * ch + (rows + 1) * pad), BAND_COLOUR)
+    for i, p in enumerate(pictures):
+        r, c = divmod(i, cols)
+        grid.paste(p.convert("RGB"), (pad + c * (cw + pad), pad + r * (ch + pad)))
+    return grid
+
+
+def write_pictures(rows: Sequence[dict], out_dir: str | Path, size: int | None = 512) -> list[Path]:
+    """One PNG per prediction row (``image``, ``answer``, ``reference``, optional ``gt_boxes``, ``prompt``)
+    named after its id; the caption holds the prompt, the answer and its soft-F1. Returns the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for row in rows:
+        gt = row.get("gt_boxes") or parse_boxes(row["reference"])
+        score = soft_f1(parse_boxes(row["answer"]), parse_boxes(row["reference"]))
+        caption = f"{row.get('prompt', '')} | answer: {row['answer'][:200]} | soft-F1 {score:.2f}"
+        target = out_dir / (re.sub(r"[^A-Za-z0-9._-]", "_", str(row["id"])) + ".png")
+        sample_picture(row["image"], row["answer"], gt, caption, size).save(target)
+        written.append(target)
+    return written

@@ -1,0 +1,618 @@
+"""Paper-style evaluation of prediction files: per task the columns of the paper's tables with 95 % bootstrap
+confidence intervals, side-by-side comparison of several runs, per-sample scores and box pictures.
+
+    python -m radvlm.evaluate PRED.jsonl [more.jsonl ...] [--json OUT.json] [--draw N OUT_DIR]
+        [--bootstrap 2000] [--seed 0] [--metrics-config FILE] [--bertscore-model PATH --bertscore-layers N]
+        [--chexbert PATH] [--radgraph-dir PATH] ...
+
+Input: the JSONL of ``main.py predict`` (``PredictionWriter``), one object per line with at least ``id``,
+``task``, ``answer`` (the text after ``</think>``; empty for an unclosed thinking block, which then gets the
+metrics' low score, as in training) and ``reference``. Output: a Markdown table on stdout, a JSON file
+(``--json``, default ``<first input>.eval.json``) and next to each input ``<input>.scored.jsonl`` (its lines
+sorted by id, with a ``scores`` object of per-sample values; ``null`` = unavailable or undefined).
+
+Columns (REFERENCE.md §5, §6), from the metric classes used for training (``score`` per sample) and the same
+aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
+- ``report_generation``: ROUGE-L, BERTScore, CheXbert F1 micro/macro over 14 and 5 observations
+  (``metrics.chexbert.micro_macro_f1``), RadGraph-F1, GLEU, RadCliQ-v1 (lower is better), average characters;
+- tasks ending in ``_grounding``: mAP@0.5 (mean per-sample AP), mean IoU (sum of IoU over all predicted x
+  ground-truth pairs / number of pairs, as ``GroundingMAP``), soft-F1, average characters;
+- other tasks: ROUGE-L, GLEU, average characters.
+95 % CIs (``bootstrap_ci``): percentile bootstrap over a task's samples (2000 resamples, seed 0); every
+statistic is recomputed per resample from per-sample data (APs; (IoU sum, pair count) rows; label vectors).
+Samples are sorted by id first, so a resumed prediction file (other line order) gives the same intervals.
+
+Model-based metrics (``MetricSettings``: CLI flags or ``--metrics-config`` YAML/JSON with the same names):
+BERTScore distilbert-base-uncased layer 5 rescaled; RadCliQ-v1 = ``metrics.radcliq.RadCliQ`` (radgraph-xl,
+distilroberta-base BERTScore rescaled, CheXbert embeddings, BLEU-2); CheXbert ``chexbert.pth``; RadGraph
+from a folder or the radgraph package cache. Each is built once and probed with strict scoring of one pair:
+a model that cannot be loaded makes its columns ``unavailable: <reason>``, never numbers. With the Hugging
+Face hub unreachable (and no offline mode set), offline mode is switched on so missing weights fail at once.
+
+Choices: the RadGraph-F1 column uses the radgraph package's ``partial`` level (the usual "RadGraph F1" of
+RadEval / ReXrank; the paper does not name it; ``--radgraph-level``). A local BERTScore folder without a
+baseline table (``--bertscore-baseline``) is used unrescaled and the output says so (not comparable with the
+paper). Duplicate ids (a multi-GPU predict pads its last batch) keep their first line and are counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from metrics.boxes import pairwise_iou, parse_boxes
+from metrics.grounding import GroundingMAP, SoftF1
+from metrics.text import GLEU, ROUGEL
+from radvlm.draw import write_pictures
+
+NAN = float("nan")
+LENGTH_CHANGE_WARN = 0.20  # relative change of the average answer length flagged as a reward-hacking signal
+PROBE_PAIR = ("The heart size is normal. There is a small left pleural effusion.",
+              "Normal heart size. Small left pleural effusion, no pneumothorax.")
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def bootstrap_ci(values: Any, stat_fn: Callable[[np.ndarray], float], n: int = 2000, seed: int = 0,
+                 alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap CI of ``stat_fn(values)``: ``n`` resamples of the rows (axis 0) of ``values`` with
+    replacement (``numpy.random.default_rng(seed)``); the ``alpha/2`` and ``1 - alpha/2`` quantiles of the
+    finite resampled statistics, ``(nan, nan)`` when there are none or ``values`` is empty."""
+    if n < 1:
+        raise ValueError(f"bootstrap needs n >= 1 resamples, got {n}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    data = np.asarray(values)
+    m = data.shape[0] if data.ndim else 0
+    if m == 0:
+        return NAN, NAN
+    rng = np.random.default_rng(seed)
+    stats = np.array([stat_fn(data[rng.integers(0, m, size=m)]) for _ in range(n)])  # (n,) one per resample
+    finite = stats[np.isfinite(stats)]
+    if finite.size == 0:
+        return NAN, NAN
+    lo, hi = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
+    return float(lo), float(hi)
+
+
+def nan_mean(v: np.ndarray) -> float:  # (N,) -> mean of the finite values (PerSampleMetric.compute)
+    finite = v[np.isfinite(v)]
+    return float(finite.mean()) if finite.size else NAN
+
+
+def ratio_of_sums(v: np.ndarray) -> float:  # (N, 2) -> sum(col 0) / sum(col 1): GroundingMAP's mean IoU
+    den = float(v[:, 1].sum())
+    return float(v[:, 0].sum()) / den if den > 0 else NAN
+
+
+def chexbert_stat(subset: Sequence[int] | None, which: int) -> Callable[[np.ndarray], float]:
+    """(N, 2, 14) bool positives (prediction, reference) -> micro (which=0) or macro (1) F1 on ``subset``."""
+    from metrics.chexbert import micro_macro_f1
+
+    cols = list(subset) if subset is not None else slice(None)
+    return lambda v: float(micro_macro_f1(torch.from_numpy(v[:, 0][:, cols]),
+                                          torch.from_numpy(v[:, 1][:, cols]))[which])
+
+
+# -------------------------------------------------------------------------------------------------- columns
+@dataclass(frozen=True)
+class Column:
+    key: str
+    label: str
+    percent: bool = True  # shown x 100 with one decimal, as in the paper's tables
+    decimals: int = 1
+    lower_is_better: bool = False
+
+    def show(self, value: float | None) -> str:
+        if value is None or not math.isfinite(value):
+            return "—"
+        return f"{100 * value if self.percent else value:.{self.decimals}f}"
+
+
+CHARS = Column("chars", "avg. characters", percent=False)
+COLUMNS = {
+    "report": (Column("rouge_l", "ROUGE-L"), Column("bertscore", "BERTScore"),
+               *(Column(f"chexbert_{w}_{k}", f"CheXbert F1 {w}-{k}") for k in (14, 5)
+                 for w in ("micro", "macro")),
+               Column("radgraph_f1", "RadGraph-F1"), Column("gleu", "GLEU"),
+               Column("radcliq", "RadCliQ-v1 ↓", percent=False, decimals=2, lower_is_better=True), CHARS),
+    "grounding": (Column("map", "mAP@0.5"), Column("mean_iou", "mean IoU"), Column("soft_f1", "soft-F1"),
+                  CHARS),
+    "text": (Column("rouge_l", "ROUGE-L"), Column("gleu", "GLEU"), CHARS),
+}
+UNDEFINED = {"mean_iou": "no predicted × ground-truth box pair (no predicted box at all)"}
+
+
+def task_kind(task: str) -> str:
+    """``"grounding"`` (task ends in ``_grounding``), ``"report"`` (report_generation) or ``"text"``."""
+    if task.endswith("_grounding"):
+        return "grounding"
+    return "report" if task == "report_generation" else "text"
+
+
+# ------------------------------------------------------------------------------------------- model metrics
+@dataclass
+class MetricSettings:
+    """Which weights the model-based metrics use (defaults: the paper's models, from the hub or HF cache)."""
+
+    bertscore_model: str = "distilbert-base-uncased"  # hub id or local folder
+    bertscore_layers: int | None = 5
+    bertscore_baseline: str | None = None  # bert-score LAYER,P,R,F table (to rescale a local folder)
+    radcliq_bertscore_model: str = "distilroberta-base"
+    radcliq_bertscore_layers: int | None = None  # None: bert-score's default layer of a hub model
+    radcliq_bertscore_baseline: str | None = None
+    chexbert: str | None = None  # chexbert.pth; None: ~/.cache/radvlm/chexbert.pth, then the hub
+    chexbert_bert: str = "bert-base-uncased"  # config and tokenizer of CheXbert's encoder
+    radgraph_dir: str | None = None  # extracted radgraph model folder; None: the radgraph package cache
+    radgraph_model: str = "radgraph-xl"
+    radgraph_level: str = "partial"
+    device: str | None = None  # None: cuda when available
+    offline: bool | None = None  # None: offline when the hub is unreachable
+
+
+class Unavailable(Exception):
+    """A metric that cannot be computed: ``reason`` (one line, for tables) and ``detail`` (full message)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason, self.detail = reason, detail
+
+
+def describe(what: str, exc: BaseException) -> Unavailable:
+    root = exc.__cause__ or exc
+    first = (str(root).strip().splitlines() or [""])[0]
+    first = first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " …"
+    return Unavailable(f"{what} could not be loaded ({type(root).__name__}: {first})", str(exc))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def set_hub_mode(offline: bool | None) -> str | None:
+    """Switch the Hugging Face hub offline when asked or (``None``) when unreachable; returns a note."""
+    if offline is False or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+        return None
+    if offline is None and hub_reachable():
+        return None
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub.constants" in sys.modules:  # already imported: it read the variable at import
+        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
+    why = " (unreachable)" if offline is None else ""
+    return f"Hugging Face hub offline{why}: only local weights are used"
+
+
+def probe(metric: Any, what: str) -> Any:
+    """Score one report pair with ``strict`` on; ``Unavailable`` when loading fails or gives NaN."""
+    strict = getattr(metric, "strict", None)
+    if strict is not None:
+        metric.strict = True
+    try:
+        values = metric.score([PROBE_PAIR[0]], [PROBE_PAIR[1]])
+    except Exception as exc:
+        raise describe(what, exc) from exc
+    finally:
+        if strict is not None:
+            metric.strict = strict
+    if torch.isnan(torch.as_tensor(values, dtype=torch.float64)).all():
+        raise Unavailable(f"{what} gave NaN on a probe pair")
+    return metric
+
+
+class Scorers:
+    """The metric objects of an evaluation; model-based ones are built and probed once, on first use."""
+
+    def __init__(self, settings: MetricSettings | None = None) -> None:
+        self.settings = settings or MetricSettings()
+        self.rouge_l, self.gleu, self.soft_f1, self.grounding_map = ROUGEL(), GLEU(), SoftF1(), GroundingMAP()
+        self.notes: list[str] = []
+        self._built: dict[str, Any] = {}
+
+    def model_metric(self, name: str) -> Any:
+        """``bertscore``, ``chexbert``, ``radgraph`` or ``radcliq``; raises ``Unavailable``."""
+        if name not in self._built:
+            if not self._built and (note := set_hub_mode(self.settings.offline)):
+                self.notes.append(note)
+            try:
+                self._built[name] = self._build(name)
+            except Unavailable as exc:
+                self._built[name] = exc
+        if isinstance(self._built[name], Unavailable):
+            raise self._built[name]
+        return self._built[name]
+
+    def _bertscore(self, model: str, layers: int | None, baseline: str | None, label: str):
+        from metrics.bertscore import BERTScore
+
+        what = f"{label} model {model!r}"
+        local = os.path.exists(os.path.expanduser(model)) or model.startswith(("/", ".", "~"))
+        rescale = baseline is not None or not local  # bert-score ships baselines for its hub models only
+        try:
+            metric = BERTScore(model, num_layers=layers, rescale_with_baseline=rescale,
+                               baseline_path=baseline, device=self.settings.device)
+        except Exception as exc:
+            raise describe(what, exc) from exc
+        probe(metric, what)
+        if not rescale:
+            self.notes.append(f"{label}: local model {model} has no baseline table: values are not rescaled")
+        return metric
+
+    def _build(self, name: str) -> Any:
+        from metrics.chexbert import CheXbertF1, CheXbertSimilarity
+        from metrics.radgraph import RadGraphF1
+
+        s = self.settings
+        chexbert = {"checkpoint": s.chexbert, "bert_name_or_path": s.chexbert_bert, "device": s.device}
+        chexbert_what = f"CheXbert ({s.chexbert or 'default checkpoint'}, encoder {s.chexbert_bert!r})"
+        radgraph = {"model_type": s.radgraph_model, "model_dir": s.radgraph_dir, "device": s.device}
+        radgraph_what = f"RadGraph {s.radgraph_model!r} ({s.radgraph_dir or 'radgraph package cache'})"
+        if name == "bertscore":
+            return self._bertscore(s.bertscore_model, s.bertscore_layers, s.bertscore_baseline, "BERTScore")
+        if name == "chexbert":
+            return probe(CheXbertF1(**chexbert), chexbert_what)
+        if name == "radgraph":
+            return probe(RadGraphF1(reward_level=s.radgraph_level, **radgraph), radgraph_what)
+        if name != "radcliq":
+            raise KeyError(f"unknown model-based metric {name!r}")
+        from metrics.radcliq import RadCliQ
+        from metrics.text import BLEU
+
+        try:
+            return RadCliQ(radgraph=probe(RadGraphF1(reward_level="radcliq", **radgraph), radgraph_what),
+                           bertscore=self._bertscore(s.radcliq_bertscore_model, s.radcliq_bertscore_layers,
+                                                     s.radcliq_bertscore_baseline, "RadCliQ BERTScore"),
+                           semb=probe(CheXbertSimilarity(**chexbert), chexbert_what), bleu=BLEU(n=2))
+        except Unavailable as exc:
+            raise Unavailable(f"needs {exc.reason}", exc.detail) from exc
+
+
+# ------------------------------------------------------------------------------------------- scoring a task
+@dataclass
+class Scored:
+    """Per column: per-sample data and its statistic, or why it is unavailable; per-sample file values."""
+
+    data: dict[str, np.ndarray]
+    stats: dict[str, Callable[[np.ndarray], float]]
+    unavailable: dict[str, Unavailable]
+    per_sample: dict[str, np.ndarray]  # (N,) each, NaN written as null
+
+
+def _vector(values: Any) -> np.ndarray:  # (N,) float64
+    return torch.as_tensor(values, dtype=torch.float64).reshape(-1).cpu().numpy()
+
+
+def _mean_column(s: Scored, key: str, values: np.ndarray, sample_key: str | None = None) -> None:
+    s.data[key], s.per_sample[sample_key or key], s.stats[key] = values, values, nan_mean
+
+
+def _model_column(s: Scored, keys: Sequence[str], scorers: Scorers, name: str,
+                  run: Callable[[Any], Any]) -> Any:
+    """``run(metric)`` for model-based columns; None (columns marked unavailable) when it cannot be scored."""
+    try:
+        out = run(scorers.model_metric(name))
+        if out is None or (isinstance(out, np.ndarray) and out.size and np.isnan(out).all()):
+            raise Unavailable("no sample could be scored (see the warnings above)")
+        return out
+    except Unavailable as exc:
+        s.unavailable.update(dict.fromkeys(keys, exc))
+        return None
+
+
+def score_text(preds: list[str], refs: list[str], scorers: Scorers) -> Scored:
+    s = Scored({}, {}, {}, {})
+    _mean_column(s, "rouge_l", _vector(scorers.rouge_l.score(preds, refs)))
+    _mean_column(s, "gleu", _vector(scorers.gleu.score(preds, refs)))
+    _mean_column(s, "chars", np.array([len(p) for p in preds], dtype=np.float64))
+    return s
+
+
+def score_reports(preds: list[str], refs: list[str], scorers: Scorers) -> Scored:
+    from metrics.chexbert import SUBSET_5_INDEX, positive, sample_f1
+
+    s = score_text(preds, refs, scorers)
+    for key, name in (("bertscore", "bertscore"), ("radgraph_f1", "radgraph"), ("radcliq", "radcliq")):
+        values = _model_column(s, [key], scorers, name, lambda m: _vector(m.score(preds, refs)))
+        if values is not None:
+            _mean_column(s, key, values)
+    keys = [f"chexbert_{w}_{k}" for k in (14, 5) for w in ("micro", "macro")]
+    out = _model_column(s, keys, scorers, "chexbert", lambda m: m.outputs(preds, refs))
+    if out is not None:
+        pred_pos, ref_pos = positive(out[0].cpu()), positive(out[1].cpu())  # (N, 14) bool each
+        labels = torch.stack([pred_pos, ref_pos], dim=1).numpy()  # (N, 2, 14)
+        for key in keys:
+            s.data[key] = labels
+            s.stats[key] = chexbert_stat(SUBSET_5_INDEX if key.endswith("_5") else None, int("macro" in key))
+        s.per_sample["chexbert_f1"] = _vector(sample_f1(pred_pos, ref_pos))
+    return s
+
+
+def score_grounding(preds: list[str], refs: list[str], scorers: Scorers) -> Scored:
+    s = Scored({}, {}, {}, {})
+    _mean_column(s, "map", _vector(scorers.grounding_map.score(preds, refs)), sample_key="ap")
+    _mean_column(s, "soft_f1", _vector(scorers.soft_f1.score(preds, refs)))
+    _mean_column(s, "chars", np.array([len(p) for p in preds], dtype=np.float64))
+    pairs = np.zeros((len(preds), 2))  # (N, 2): IoU sum and number of predicted x ground-truth pairs
+    for i, (p, r) in enumerate(zip(preds, refs)):
+        iou = pairwise_iou(parse_boxes(p), parse_boxes(r))  # (P, G)
+        pairs[i] = iou.sum(), iou.size
+    s.data["mean_iou"], s.stats["mean_iou"] = pairs, ratio_of_sums
+    with np.errstate(invalid="ignore", divide="ignore"):
+        s.per_sample["iou"] = pairs[:, 0] / pairs[:, 1]  # NaN without pairs
+    return s
+
+
+SCORE_FNS = {"report": score_reports, "grounding": score_grounding, "text": score_text}
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def summarise(scored: Scored, columns: Sequence[Column], n_boot: int, seed: int,
+              alpha: float) -> dict[str, dict]:
+    """Per column: value, CI and number of scored samples, or the reason it is unavailable / undefined."""
+    out: dict[str, dict] = {}
+    for col in columns:
+        entry: dict[str, Any] = {"label": col.label, "lower_is_better": col.lower_is_better}
+        if col.key in scored.unavailable:
+            exc = scored.unavailable[col.key]
+            out[col.key] = {**entry, "value": None, "unavailable": exc.reason, "detail": exc.detail}
+            continue
+        data, stat = scored.data[col.key], scored.stats[col.key]
+        value, (lo, hi) = stat(data), bootstrap_ci(data, stat, n=n_boot, seed=seed, alpha=alpha)
+        n = int(np.isfinite(data).sum()) if data.ndim == 1 else int(data.shape[0])
+        out[col.key] = {**entry, "value": _num(value), "ci": [_num(lo), _num(hi)], "n": n}
+        if not math.isfinite(value):
+            out[col.key]["undefined"] = UNDEFINED.get(col.key, "no sample has a value")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ prediction files
+def read_predictions(path: str | Path, default_task: str | None = None) -> tuple[list[dict], int]:
+    """Rows of a predictions JSONL sorted by id, and the number of duplicate-id lines dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path}")
+    rows: dict[str, dict] = {}
+    duplicates = 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = " (an interrupted write: rerun predict to resume)" if lineno == len(lines) else ""
+            raise ValueError(f"{path}:{lineno}: not valid JSON{hint}: {exc}") from None
+        if not isinstance(row, dict):
+            raise TypeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        if row.get("task") is None and default_task is not None:
+            row["task"] = default_task
+        for key in ("id", "task", "answer", "reference"):
+            if row.get(key) is None:
+                hint = " (set PredictionWriter's default_task or --default-task)" if key == "task" else ""
+                raise ValueError(f"{path}:{lineno}: id {row.get('id')!r} has no {key!r}{hint}")
+            if key != "id" and not isinstance(row[key], str):
+                raise TypeError(f"{path}:{lineno}: {key!r} must be a string, got {type(row[key]).__name__}")
+        if str(row["id"]) in rows:
+            duplicates += 1
+        else:
+            rows[str(row["id"])] = row
+    return [rows[k] for k in sorted(rows)], duplicates
+
+
+def scored_path_for(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".scored.jsonl")
+
+
+def _info(rows: list[dict]) -> dict[str, float]:
+    info = {"truncated_frac": float(np.mean([bool(r.get("truncated")) for r in rows]))}
+    if any(r.get("thinking") for r in rows):
+        info["think_closed_frac"] = float(np.mean([bool(r.get("think_closed", True)) for r in rows]))
+    tokens = [r["completion_tokens"] for r in rows if isinstance(r.get("completion_tokens"), int)]
+    if tokens:
+        info["completion_tokens_mean"] = float(np.mean(tokens))
+    return info
+
+
+def evaluate_file(path: str | Path, metrics: Scorers | MetricSettings | None = None, n_boot: int = 2000,
+                  seed: int = 0, alpha: float = 0.05, default_task: str | None = None,
+                  write_scored: bool = True) -> dict[str, Any]:
+    """Evaluate one predictions file: ``{"file", "name", "n", "tasks": {task: {"kind", "n", "info",
+    "metrics": {key: {"label", "value", "ci", "n"} or {..., "unavailable", "detail"}}}}, "notes", ...}``;
+    writes ``<path>.scored.jsonl`` unless ``write_scored`` is False. Pass one ``Scorers`` for several files
+    so that each model is loaded once."""
+    scorers = metrics if isinstance(metrics, Scorers) else Scorers(metrics)
+    rows, duplicates = read_predictions(path, default_task)
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    result: dict[str, Any] = {"file": str(path), "name": Path(path).name.removesuffix(".jsonl"),
+                              "n": len(rows), "duplicates_dropped": duplicates, "tasks": {}}
+    scores: dict[str, dict[str, float | None]] = {}
+    for task, task_rows in sorted(by_task.items()):
+        kind = task_kind(task)
+        preds, refs = [r["answer"] for r in task_rows], [r["reference"] for r in task_rows]
+        scored = SCORE_FNS[kind](preds, refs, scorers)
+        result["tasks"][task] = {"kind": kind, "n": len(task_rows), "info": _info(task_rows),
+                                 "metrics": summarise(scored, COLUMNS[kind], n_boot, seed, alpha)}
+        for i, row in enumerate(task_rows):
+            scores[str(row["id"])] = {k: _num(float(v[i])) for k, v in scored.per_sample.items()}
+    notes = list(scorers.notes)
+    if duplicates:
+        notes.append(f"{result['name']}: {duplicates} lines with an id seen before were ignored")
+    result.update(notes=notes, settings=asdict(scorers.settings),
+                  bootstrap={"n": n_boot, "seed": seed, "alpha": alpha, "method": "percentile"})
+    if write_scored:
+        out = scored_path_for(path)
+        out.write_text("".join(json.dumps({**r, "scores": scores[str(r["id"])]}) + "\n" for r in rows),
+                       encoding="utf-8")
+        result["scored_file"] = str(out)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- tables
+def length_changes(runs: Sequence[dict]) -> dict[str, dict[str, float | None]]:
+    """Per task, each later run's relative change of average answer length vs the first run."""
+    out: dict[str, dict[str, float | None]] = {}
+    for task in runs[0]["tasks"]:
+        chars = [r["tasks"].get(task, {}).get("metrics", {}).get("chars", {}).get("value") for r in runs]
+        if chars[0] is not None and len(runs) > 1:
+            base = chars[0]
+            out[task] = {r["name"]: None if c is None else (c - base) / base if base > 0
+                         else (0.0 if c == base else math.inf) for r, c in zip(runs[1:], chars[1:])}
+    return out
+
+
+def _length_line(task: str, runs: Sequence[dict], changes: dict[str, float | None]) -> str:
+    chars = lambda r: r["tasks"][task]["metrics"]["chars"]["value"]  # noqa: E731
+    parts = [f"{runs[0]['name']} {chars(runs[0]):.1f}"]
+    parts += [f"{r['name']} {chars(r):.1f} ({changes[r['name']]:+.1%})" for r in runs[1:]
+              if changes.get(r["name"]) is not None]
+    flag = any(abs(c) > LENGTH_CHANGE_WARN for c in changes.values() if c is not None)
+    warn = (f" — ⚠ length changed by more than {LENGTH_CHANGE_WARN:.0%}: a reward-hacking signal (a "
+            "RadGraph-F1 reward alone shrank the paper's reports from 207 to 93 characters)") if flag else ""
+    return f"Average answer length (characters): {' → '.join(parts)}{warn}"
+
+
+def _cells(entry: dict | None, col: Column, footnotes: list[str]) -> list[str]:
+    """[value, CI] of one metric entry; unavailable / undefined become a numbered footnote."""
+    if entry is None:
+        return ["", ""]
+    for kind in ("unavailable", "undefined"):
+        if kind in entry:
+            note = f"{kind}: {entry[kind]}"
+            if note not in footnotes:
+                footnotes.append(note)
+            return [f"{kind} [{footnotes.index(note) + 1}]", ""]
+    lo, hi = entry["ci"]
+    return [col.show(entry["value"]), f"[{col.show(lo)}, {col.show(hi)}]" if None not in (lo, hi) else "—"]
+
+
+def format_table(results: dict | Sequence[dict]) -> str:
+    """Markdown: per task one table (rows = metrics, per run value and 95 % CI); several runs side by side
+    with the change vs the first run and the average answer length change (reward-hacking signal)."""
+    runs = [results] if isinstance(results, dict) else list(results)
+    if not runs:
+        raise ValueError("format_table needs at least one result")
+    changes = length_changes(runs)
+    out: list[str] = []
+    for task in sorted({t for r in runs for t in r["tasks"]}):
+        kind = next(r["tasks"][task]["kind"] for r in runs if task in r["tasks"])
+        sizes = ", ".join(f"{r['name']}: n = {r['tasks'][task]['n']}" for r in runs if task in r["tasks"])
+        head = ["metric"]
+        for i, r in enumerate(runs):
+            head += [r["name"], "95 % CI"] + [f"Δ {r['name']}"] * (i > 0)
+        out += [f"### {task} ({sizes})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        footnotes: list[str] = []
+        for col in COLUMNS[kind]:
+            entries = [r["tasks"].get(task, {}).get("metrics", {}).get(col.key) for r in runs]
+            values = [(e or {}).get("value") for e in entries]
+            cells = [col.label]
+            for i, entry in enumerate(entries):
+                cells += _cells(entry, col, footnotes) + [_delta(values[0], values[i], col)] * (i > 0)
+            out.append("| " + " | ".join(cells) + " |")
+        out += [""] + [f"[{i}] {note}" for i, note in enumerate(footnotes, start=1)]
+        if task in changes:
+            out.append(_length_line(task, runs, changes[task]))
+        out += [f"{r['name']}: thinking block closed in {r['tasks'][task]['info']['think_closed_frac']:.1%}"
+                for r in runs if "think_closed_frac" in r["tasks"].get(task, {}).get("info", {})] + [""]
+    out += [f"Note: {n}" for n in sorted({n for r in runs for n in r.get("notes", [])})]
+    boot = runs[0].get("bootstrap", {})
+    out.append(f"95 % CI: percentile bootstrap, {boot.get('n')} resamples, seed {boot.get('seed')}; "
+               "scores ×100 except RadCliQ-v1 and characters.")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _delta(base: float | None, value: float | None, col: Column) -> str:
+    if base is None or value is None:
+        return "—"
+    return f"{(value - base) * (100.0 if col.percent else 1.0):+.{col.decimals}f}"
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def load_settings(config: str | None, overrides: dict[str, Any]) -> MetricSettings:
+    """``MetricSettings`` from a YAML/JSON file (field names with ``-`` or ``_``) and non-None overrides."""
+    values: dict[str, Any] = {}
+    if config:
+        import yaml
+
+        loaded = yaml.safe_load(Path(config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{config}: expected a mapping of metric settings")
+        values = {k.replace("-", "_"): v for k, v in loaded.items()}
+    names = {f.name for f in fields(MetricSettings)}
+    if unknown := sorted(set(values) - names):
+        raise ValueError(f"{config}: unknown metric settings {unknown}; known: {sorted(names)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return MetricSettings(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m radvlm.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("predictions", nargs="+", help="JSONL files of main.py predict (several: comparison)")
+    p.add_argument("--json", help="output JSON (default: <first input>.eval.json)")
+    p.add_argument("--draw", nargs=2, metavar=("N", "OUT_DIR"), help="write N grounding pictures per file")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default 0.05)")
+    p.add_argument("--default-task", help="task of lines that have none")
+    p.add_argument("--no-scored", action="store_true", help="do not write <input>.scored.jsonl")
+    p.add_argument("--metrics-config", help="YAML/JSON with MetricSettings fields; flags override it")
+    for f in fields(MetricSettings):
+        if f.name != "offline":
+            p.add_argument("--" + f.name.replace("_", "-"), type=int if f.name.endswith("_layers") else str,
+                           default=None, help=f"default: {f.default}")
+    hub = p.add_mutually_exclusive_group()
+    hub.add_argument("--offline", dest="offline", action="store_const", const=True, default=None)
+    hub.add_argument("--online", dest="offline", action="store_const", const=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    flags = {f.name: getattr(args, f.name) for f in fields(MetricSettings)}
+    scorers = Scorers(load_settings(args.metrics_config, flags))
+    runs = [evaluate_file(p, scorers, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
+                          default_task=args.default_task, write_scored=not args.no_scored)
+            for p in args.predictions]
+    if len({r["name"] for r in runs}) < len(runs):  # the same file name in several folders: use the paths
+        for r in runs:
+            r["name"] = r["file"]
+    print(format_table(runs))
+    output = runs[0] if len(runs) == 1 else {"runs": runs, "length_change": length_changes(runs)}
+    first = Path(args.predictions[0])
+    target = Path(args.json or first.with_name(first.name.removesuffix(".jsonl") + ".eval.json"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(output, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"JSON: {target}")
+    if args.draw:
+        n, out_dir = int(args.draw[0]), Path(args.draw[1])
+        for p, r in zip(args.predictions, runs):
+            rows = [row for row in read_predictions(p, args.default_task)[0]
+                    if task_kind(row["task"]) == "grounding" and row.get("image")]
+            folder = out_dir / r["name"].replace(os.sep, "_") if len(runs) > 1 else out_dir
+            written = write_pictures(rows[:n], folder)
+            print(f"pictures: {len(written)} in {folder}")
+    return output
+
+
+if __name__ == "__main__":
+    main()

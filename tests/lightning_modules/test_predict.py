@@ -1,0 +1,129 @@
+import json
+from collections import Counter
+
+import lightning as L
+import numpy as np
+import pytest
+import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
+
+import main
+from datamodules.datamodule import RadVLMDataModule
+from lightning_modules.callbacks import BoxPictures, PredictionWriter, repair_tail
+from lightning_modules.grpo import GRPOModule
+from metrics.grounding import SoftF1
+from radvlm.draw import GT_COLOUR
+from radvlm.policy import PolicyConfig
+from radvlm.rollout import RewardTerm
+
+TASKS = ("report_generation", "abnormality_grounding")
+
+
+def predict(tiny_ckpt, phantom_dir, out, tmp_path, *extra):
+    main.main(args=[
+        "predict", "--config", "configs/demo/predict.yaml",
+        "--model.init_args.policy.name_or_path", str(tiny_ckpt),
+        "--model.init_args.max_new_tokens", "4",
+        "--data.init_args.phantom_dir", str(phantom_dir),
+        "--data.init_args.eval_batch_size", "2",
+        "--trainer.callbacks.init_args.output", str(out),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        *extra,
+    ])
+
+
+def ids_of(path):
+    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+
+def test_interrupted_predict_resumes_without_duplicates(tiny_ckpt, phantom_dir, tmp_path):
+    expected = {r["id"] for r in json.loads((phantom_dir / "test.json").read_text()) if r["task"] in TASKS}
+    assert len(expected) > 4
+    out = tmp_path / "preds" / "tiny.jsonl"
+    predict(tiny_ckpt, phantom_dir, out, tmp_path, "--trainer.limit_predict_batches", "2")  # "interrupted"
+    first = ids_of(out)
+    assert len(first) == 4 and set(first) <= expected  # 2 batches of 2
+    with out.open("a") as f:  # a crash in the middle of a write leaves a torn last line
+        f.write('{"id": "phantom-torn", "task": "repo')
+    predict(tiny_ckpt, phantom_dir, out, tmp_path)
+    ids = ids_of(out)  # every line parses: the torn one was cut off
+    assert ids[:4] == first
+    assert not [i for i, c in Counter(ids).items() if c > 1]
+    assert set(ids) == expected
+    row = json.loads(out.read_text().splitlines()[-1])
+    assert {"id", "task", "prompt", "completion", "answer", "reference", "gt_boxes", "completion_tokens",
+            "truncated"} <= set(row)
+    assert 1 <= row["completion_tokens"] <= 4
+    predict(tiny_ckpt, phantom_dir, out, tmp_path)  # nothing left: nothing written
+    assert ids_of(out) == ids
+
+
+def test_repair_tail_cuts_only_an_unterminated_last_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a"}\n{"id": "b"}\n')
+    assert not repair_tail(path) and path.read_text() == '{"id": "a"}\n{"id": "b"}\n'
+    path.write_text('{"id": "a"}\n{"id": "b')
+    assert repair_tail(path) and path.read_text() == '{"id": "a"}\n'
+
+
+def test_prediction_writer_fills_a_missing_task(tmp_path):
+    writer = PredictionWriter(str(tmp_path / "p.jsonl"), default_task="phrase_grounding")
+
+    class Trainer:
+        world_size, global_rank = 1, 0
+
+    writer.write_on_batch_end(Trainer(), None, [{"id": "a", "task": None}, {"id": "b", "task": "report_generation"}],
+                              None, None, 0)
+    rows = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["task"] for r in rows] == ["phrase_grounding", "report_generation"]
+
+
+@pytest.mark.parametrize("name", ["mimic_reports", "chest_imagenome", "vindr", "ms_cxr"])
+def test_eval_configs_parse_as_greedy_bf16_gpu_predictions_of_the_grpo_export(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main.main(args=["predict", "--config", f"configs/eval_{name}.yaml", "--print_config"])
+    assert stop.value.code == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["trainer"]["accelerator"] == "gpu" and cfg["trainer"]["precision"] == "bf16-true"
+    (writer,) = cfg["trainer"]["callbacks"]
+    assert writer["class_path"] == "lightning_modules.callbacks.PredictionWriter"
+    assert writer["init_args"]["resume"] is True and writer["init_args"]["default_task"]
+    policy = cfg["model"]["init_args"]["policy"]
+    assert policy["name_or_path"].startswith("runs/grpo_") and policy["name_or_path"].endswith("/hf_export")
+    assert policy["dtype"] == "bfloat16"
+    assert cfg["data"]["init_args"]["predict_files"]
+
+
+@pytest.fixture(scope="module")
+def grpo_validation(tiny_ckpt, phantom_dir):
+    def run(tmp_path, log_text_samples):
+        L.seed_everything(0)
+        module = GRPOModule(PolicyConfig(str(tiny_ckpt), dtype="float32"),
+                            rewards=[RewardTerm(SoftF1(), tasks=["abnormality_grounding"])],
+                            num_generations=2, max_new_tokens=4, log_text_samples=log_text_samples)
+        data = RadVLMDataModule(str(tiny_ckpt), val_files=[str(phantom_dir / "test.json")], collate="prompt",
+                                tasks=["abnormality_grounding", "report_generation"], eval_batch_size=4,
+                                max_val_samples=6)
+        logger = TensorBoardLogger(str(tmp_path), name="tb")
+        images = []
+        logger.experiment.add_image = lambda tag, img, global_step=None, dataformats="CHW": images.append(
+            (tag, img, dataformats))
+        trainer = L.Trainer(accelerator="cpu", logger=logger, callbacks=[BoxPictures(num_images=3, size=64)],
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+        trainer.validate(module, data)
+        return module, images
+
+    return run
+
+
+def test_box_pictures_logs_a_grid_of_grounding_samples(grpo_validation, tmp_path):
+    module, images = grpo_validation(tmp_path, log_text_samples=True)
+    assert len(module._val_pictures) == 3  # capped at num_images
+    assert all(p["task"] == "abnormality_grounding" for p in module._val_pictures)
+    (tag, grid, fmt), = images
+    assert tag == "val/pictures" and fmt == "HWC" and grid.dtype == np.uint8 and grid.shape[2] == 3
+    green = (grid == np.array(GT_COLOUR, dtype=np.uint8)).all(axis=-1)
+    assert green.sum() > 20  # ground-truth box edges
+    _, plain = grpo_validation(tmp_path / "no_text", log_text_samples=False)
+    assert plain[0][1].shape[0] < grid.shape[0]  # no caption band when text logging is off

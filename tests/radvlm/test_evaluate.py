@@ -1,0 +1,276 @@
+import json
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from metrics.grounding import GroundingMAP
+from radvlm.evaluate import (
+    MetricSettings,
+    Scorers,
+    bootstrap_ci,
+    evaluate_file,
+    format_table,
+    load_settings,
+    main,
+    nan_mean,
+    ratio_of_sums,
+    read_predictions,
+    scored_path_for,
+)
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_ci_of_a_bernoulli_mean_contains_p_and_has_the_normal_width():
+    values = np.array([1.0] * 120 + [0.0] * 280)  # p̂ = 0.3, n = 400
+    lo, hi = bootstrap_ci(values, nan_mean)
+    # normal approximation: half-width 1.96 · sqrt(0.3 · 0.7 / 400) = 1.96 · 0.022913 = 0.04491
+    assert lo < 0.3 < hi
+    assert hi - lo == pytest.approx(2 * 0.04491, rel=0.10)
+    assert (lo + hi) / 2 == pytest.approx(0.3, abs=0.01)
+
+
+def test_bootstrap_ci_of_a_normal_mean_has_the_normal_width():
+    values = np.array([NormalDist(5.0, 2.0).inv_cdf((i + 0.5) / 500) for i in range(500)])  # sd ≈ 2.0
+    lo, hi = bootstrap_ci(values, nan_mean, n=2000, seed=0)
+    # half-width 1.96 · 2 / sqrt(500) = 0.1753
+    assert lo < 5.0 < hi
+    assert hi - lo == pytest.approx(2 * 0.1753, rel=0.10)
+
+
+def test_bootstrap_ci_is_reproducible_for_a_seed():
+    values = np.arange(50, dtype=float) ** 2
+    assert bootstrap_ci(values, nan_mean, seed=3) == bootstrap_ci(values, nan_mean, seed=3)
+    assert bootstrap_ci(values, nan_mean, seed=3) != bootstrap_ci(values, nan_mean, seed=4)
+
+
+def test_bootstrap_ci_of_two_values_spans_them():
+    # resample means are 1 (p 1/4), 2 (p 1/2), 3 (p 1/4): the 2.5 % and 97.5 % quantiles are 1 and 3
+    assert bootstrap_ci(np.array([1.0, 3.0]), nan_mean) == (1.0, 3.0)
+
+
+def test_bootstrap_ci_resamples_whole_rows():
+    rows = np.array([[1.0, 2.0], [3.0, 6.0], [0.5, 1.0], [2.0, 4.0]])  # col 0 / col 1 = 0.5 in every row
+    assert bootstrap_ci(rows, ratio_of_sums) == pytest.approx((0.5, 0.5))
+
+
+def test_bootstrap_ci_is_nan_without_data_and_rejects_bad_arguments():
+    assert all(math.isnan(x) for x in bootstrap_ci(np.zeros(0), nan_mean))
+    assert all(math.isnan(x) for x in bootstrap_ci(np.full(5, np.nan), nan_mean))
+    with pytest.raises(ValueError, match="n >= 1"):
+        bootstrap_ci(np.ones(3), nan_mean, n=0)
+    with pytest.raises(ValueError, match="alpha"):
+        bootstrap_ci(np.ones(3), nan_mean, alpha=1.5)
+
+
+# ------------------------------------------------------------------------------------------ hand-made file
+ROWS = [
+    # ROUGE-L: LCS 4, P = 4/4, R = 4/8 → F = 2·1·0.5/1.5 = 0.6667; GLEU: 10 hyp n-grams all in ref,
+    # ref n-grams 8+7+6+5 = 26 → 10/26 = 0.3846; 19 characters
+    {"id": "r1", "task": "report_generation", "answer": "the heart is normal",
+     "reference": "the heart is normal and lungs are clear"},
+    # identical: ROUGE-L 1, GLEU 1; 20 characters
+    {"id": "r2", "task": "report_generation", "answer": "No pleural effusion.", "reference": "No pleural effusion."},
+    # same box: IoU 1, AP 1, soft-F1 2·1/(1+1) = 1
+    {"id": "g1", "task": "abnormality_grounding", "answer": "[0.1, 0.1, 0.3, 0.3]", "reference": "[0.1, 0.1, 0.3, 0.3]"},
+    # overlap 0.1·0.2 = 0.02, union 0.04+0.04−0.02 = 0.06 → IoU 1/3 < 0.5: AP 0; soft-F1 (2/3)/(4/3) = 0.5
+    {"id": "g2", "task": "abnormality_grounding", "answer": "[0.0, 0.0, 0.2, 0.2]", "reference": "[0.1, 0.0, 0.3, 0.2]"},
+    # no predicted box: AP 0, soft-F1 0, no pair for the mean IoU
+    {"id": "g3", "task": "abnormality_grounding",
+     "answer": "No abnormalities or lesions are detected on this Chest X-ray.", "reference": "[0.5, 0.5, 0.7, 0.7]"},
+]
+MISSING = MetricSettings(bertscore_model="/nonexistent/bert", bertscore_layers=2, chexbert="/nonexistent/chexbert.pth",
+                         chexbert_bert="/nonexistent/bert", radgraph_dir="/nonexistent/radgraph",
+                         radcliq_bertscore_model="/nonexistent/bert", radcliq_bertscore_layers=2, device="cpu")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hand_result(tmp_path_factory):
+    path = write_jsonl(tmp_path_factory.mktemp("ev") / "hand.jsonl", ROWS[::-1])  # order must not matter
+    return path, evaluate_file(path, MISSING)
+
+
+def test_report_columns_match_hand_computed_values(hand_result):
+    _, result = hand_result
+    task = result["tasks"]["report_generation"]
+    assert task["n"] == 2
+    m = task["metrics"]
+    assert m["rouge_l"]["value"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-6)  # 0.8333
+    assert m["rouge_l"]["ci"] == pytest.approx([2 / 3, 1.0], abs=1e-6)  # two samples: CI spans them
+    assert m["gleu"]["value"] == pytest.approx((10 / 26 + 1) / 2, abs=1e-6)  # 0.6923
+    assert m["chars"]["value"] == 19.5 and m["chars"]["ci"] == [19.0, 20.0]
+
+
+def test_grounding_columns_match_hand_computed_values_and_the_metric_class(hand_result):
+    _, result = hand_result
+    m = result["tasks"]["abnormality_grounding"]["metrics"]
+    assert m["map"]["value"] == pytest.approx(1 / 3)  # APs 1, 0, 0
+    assert m["mean_iou"]["value"] == pytest.approx((1 + 1 / 3) / 2)  # Σ IoU / Σ pairs = (4/3) / 2
+    assert m["soft_f1"]["value"] == pytest.approx(0.5)  # (1 + 0.5 + 0) / 3
+    for key in ("map", "mean_iou", "soft_f1"):
+        lo, hi = m[key]["ci"]
+        assert lo <= m[key]["value"] <= hi
+    reference = GroundingMAP()
+    reference.update([r["answer"] for r in ROWS[2:]], [r["reference"] for r in ROWS[2:]])
+    agg = reference.compute()
+    assert m["map"]["value"] == pytest.approx(float(agg["map"]))
+    assert m["mean_iou"]["value"] == pytest.approx(float(agg["mean_iou"]))
+
+
+def test_markdown_table_shows_values_cis_and_unavailable_reasons(hand_result):
+    _, result = hand_result
+    table = format_table(result)
+    assert "| ROUGE-L | 83.3 | [66.7, 100.0] |" in table
+    assert "| GLEU | 69.2 | [38.5, 100.0] |" in table
+    assert "| mAP@0.5 | 33.3 |" in table
+    assert "| mean IoU | 66.7 |" in table
+    assert "| soft-F1 | 50.0 |" in table
+    assert "| avg. characters | 19.5 | [19.0, 20.0] |" in table
+    assert "| BERTScore | unavailable [1] |" in table
+    assert "[1] unavailable: BERTScore model '/nonexistent/bert' could not be loaded" in table
+
+
+def test_model_metrics_without_weights_are_unavailable_never_numbers(hand_result):
+    path, result = hand_result
+    m = result["tasks"]["report_generation"]["metrics"]
+    for key in ("bertscore", "chexbert_micro_14", "chexbert_macro_14", "chexbert_micro_5", "chexbert_macro_5",
+                "radgraph_f1", "radcliq"):
+        assert m[key]["value"] is None and "ci" not in m[key]
+        assert "could not be loaded" in m[key]["unavailable"], key
+    assert "/nonexistent/chexbert.pth" in m["chexbert_micro_14"]["unavailable"]
+    assert "/nonexistent/radgraph" in m["radgraph_f1"]["unavailable"]
+    assert m["radcliq"]["unavailable"].startswith("needs ")
+    scored = {r["id"]: r["scores"] for r in map(json.loads, scored_path_for(path).read_text().splitlines())}
+    assert "bertscore" not in scored["r1"] and "radcliq" not in scored["r1"]
+
+
+def test_scored_file_holds_per_sample_values_sorted_by_id(hand_result):
+    path, _ = hand_result
+    lines = [json.loads(x) for x in scored_path_for(path).read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["g1", "g2", "g3", "r1", "r2"]
+    g2, g3, r1 = lines[1]["scores"], lines[2]["scores"], lines[3]["scores"]
+    assert g2["ap"] == 0.0 and g2["soft_f1"] == pytest.approx(0.5) and g2["iou"] == pytest.approx(1 / 3)
+    assert g3["iou"] is None  # no pair: undefined, not 0
+    assert r1["rouge_l"] == pytest.approx(2 / 3, abs=1e-6) and r1["chars"] == 19
+    assert lines[3]["answer"] == "the heart is normal"  # input fields kept
+
+
+def test_model_metrics_with_tiny_weights_equal_the_metric_classes(tmp_path):
+    from metrics.bertscore import BERTScore
+    from metrics.chexbert import CheXbertF1, CheXbertSimilarity
+    from metrics.radcliq import RadCliQ
+    from metrics.radgraph import RadGraphF1
+    from metrics.text import BLEU
+    from metrics.tiny import write_tiny_bert, write_tiny_chexbert, write_tiny_radgraph
+
+    bert = write_tiny_bert(tmp_path / "bert")
+    chexbert = write_tiny_chexbert(tmp_path / "chexbert.pth", bert)
+    radgraph = write_tiny_radgraph(tmp_path / "radgraph-xl", bert)
+    settings = MetricSettings(bertscore_model=bert, bertscore_layers=2, radcliq_bertscore_model=bert,
+                              radcliq_bertscore_layers=2, chexbert=chexbert, chexbert_bert=bert,
+                              radgraph_dir=radgraph, device="cpu")
+    rows = [{"id": f"r{i}", "task": "report_generation", "answer": a, "reference": b} for i, (a, b) in enumerate([
+        ("The heart size is normal.", "Heart size is normal. No pleural effusion."),
+        ("Small left pleural effusion.", "Moderate left pleural effusion with atelectasis."),
+        ("No acute process.", "Mild cardiomegaly. Lungs are clear."),
+    ])]
+    result = evaluate_file(write_jsonl(tmp_path / "p.jsonl", rows), settings, n_boot=200)
+    m = result["tasks"]["report_generation"]["metrics"]
+    preds, refs = [r["answer"] for r in rows], [r["reference"] for r in rows]
+    expected_bs = BERTScore(bert, num_layers=2, device="cpu").score(preds, refs).mean()
+    assert m["bertscore"]["value"] == pytest.approx(float(expected_bs), abs=1e-6)
+    chex = CheXbertF1(checkpoint=chexbert, bert_name_or_path=bert, device="cpu")
+    chex.update(preds, refs)
+    agg = chex.compute()
+    for key, name in (("chexbert_micro_14", "micro_f1_14"), ("chexbert_macro_14", "macro_f1_14"),
+                      ("chexbert_micro_5", "micro_f1_5"), ("chexbert_macro_5", "macro_f1_5")):
+        assert m[key]["value"] == pytest.approx(float(agg[name]), abs=1e-6), key
+    expected_rg = RadGraphF1(model_dir=radgraph, reward_level="partial", device="cpu").score(preds, refs).mean()
+    assert m["radgraph_f1"]["value"] == pytest.approx(float(expected_rg), abs=1e-6)
+    radcliq = RadCliQ(radgraph=RadGraphF1(model_dir=radgraph, reward_level="radcliq", device="cpu"),
+                      bertscore=BERTScore(bert, num_layers=2, device="cpu"),
+                      semb=CheXbertSimilarity(checkpoint=chexbert, bert_name_or_path=bert, device="cpu"), bleu=BLEU(n=2))
+    assert m["radcliq"]["value"] == pytest.approx(float(radcliq.score(preds, refs).mean()), abs=1e-5)
+    assert any("not rescaled" in note for note in result["notes"])
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+def test_comparison_shows_deltas_and_flags_a_length_change(tmp_path):
+    base = [{"id": f"r{i}", "task": "report_generation", "answer": "the heart is normal and lungs are clear",
+             "reference": "the heart is normal and lungs are clear"} for i in range(3)]
+    short = [{**r, "answer": "heart normal"} for r in base]
+    a = evaluate_file(write_jsonl(tmp_path / "sft.jsonl", base), MISSING, n_boot=100)
+    b = evaluate_file(write_jsonl(tmp_path / "rl.jsonl", short), MISSING, n_boot=100)
+    table = format_table([a, b])
+    assert "| metric | sft | 95 % CI | rl | 95 % CI | Δ rl |" in table
+    assert "| ROUGE-L | 100.0 | [100.0, 100.0] |" in table
+    # 39 → 12 characters: (12 − 39) / 39 = −69.2 %
+    assert "| avg. characters | 39.0 | [39.0, 39.0] | 12.0 | [12.0, 12.0] | -27.0 |" in table
+    assert "sft 39.0 → rl 12.0 (-69.2%)" in table and "reward-hacking signal" in table
+    same = format_table([a, evaluate_file(write_jsonl(tmp_path / "again.jsonl", base), MISSING, n_boot=100)])
+    assert "reward-hacking" not in same
+
+
+def test_cli_writes_json_scored_file_and_pictures(tmp_path, capsys):
+    image = tmp_path / "img.png"
+    Image.new("L", (64, 64), 90).save(image)
+    rows = [{**r, "image": str(image), "prompt": "Locate the mass."} for r in ROWS[2:]]
+    path = write_jsonl(tmp_path / "run.jsonl", rows)
+    out = main([str(path), "--json", str(tmp_path / "out.json"), "--draw", "2", str(tmp_path / "pics"),
+                "--bootstrap", "50", "--bertscore-model", "/nonexistent/bert", "--bertscore-layers", "2"])
+    printed = capsys.readouterr().out
+    assert "| soft-F1 | 50.0 |" in printed
+    assert json.loads((tmp_path / "out.json").read_text())["tasks"] == out["tasks"]
+    assert out["bootstrap"] == {"n": 50, "seed": 0, "alpha": 0.05, "method": "percentile"}
+    assert (tmp_path / "run.scored.jsonl").is_file()
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["g1.png", "g2.png"]  # first 2 by id
+
+
+# ----------------------------------------------------------------------------------------------- input checks
+def test_read_predictions_names_file_line_and_key(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"id": "a", "task": "report_generation", "reference": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: id 'a' has no 'answer'"):
+        read_predictions(path)
+    path.write_text(json.dumps({"id": "a", "answer": "y", "reference": "x"}) + "\n")
+    with pytest.raises(ValueError, match="default_task"):
+        read_predictions(path)
+    assert read_predictions(path, default_task="phrase_grounding")[0][0]["task"] == "phrase_grounding"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + '{"id": "r2", "ans')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON \(an interrupted write"):
+        read_predictions(path)
+
+
+def test_duplicate_ids_keep_the_first_line_and_are_counted(tmp_path):
+    path = write_jsonl(tmp_path / "dup.jsonl", [ROWS[0], {**ROWS[0], "answer": "other"}, ROWS[1]])
+    rows, dropped = read_predictions(path)
+    assert [r["id"] for r in rows] == ["r1", "r2"] and rows[0]["answer"] == ROWS[0]["answer"] and dropped == 1
+
+
+def test_metric_settings_from_a_file_are_overridden_by_flags(tmp_path):
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("bertscore-model: /models/bert\nbertscore_layers: 4\nradgraph_dir: /models/rg\n")
+    s = load_settings(str(cfg), {"bertscore_layers": 6, "chexbert": None})
+    assert (s.bertscore_model, s.bertscore_layers, s.radgraph_dir, s.chexbert) == ("/models/bert", 6, "/models/rg", None)
+    cfg.write_text("bertscore_model: x\nunknown_key: 1\n")
+    with pytest.raises(ValueError, match="unknown_key"):
+        load_settings(str(cfg), {})
+
+
+def test_each_model_metric_is_built_once_per_scorers(tmp_path, monkeypatch):
+    scorers = Scorers(MISSING)
+    calls = []
+    original = Scorers._build
+    monkeypatch.setattr(Scorers, "_build", lambda self, name: calls.append(name) or original(self, name))
+    results = [evaluate_file(write_jsonl(tmp_path / f"{i}.jsonl", ROWS[:2]), scorers, n_boot=10) for i in range(2)]
+    assert sorted(calls) == ["bertscore", "chexbert", "radcliq", "radgraph"]  # not again for the second file
+    reasons = [r["tasks"]["report_generation"]["metrics"]["bertscore"]["unavailable"] for r in results]
+    assert reasons[0] == reasons[1]
