@@ -1,0 +1,120 @@
+"""RadCliQ-v1 (Yu et al. 2023), the paper's report-generation reward (as −RadCliQ), lower is better.
+
+``radcliq_v1(radgraph, bertscore, semb, bleu)`` = Σ_k w_k · (x_k − mean_k) / scale_k + b with the fitted
+constants of REFERENCE.md §3 (features in that order; BLEU's weight is ≈ 0).
+
+``RadCliQ`` composes four injectable per-sample component metrics:
+- ``radgraph``: ``RadGraphF1(model_type="radgraph-xl", reward_level="radcliq")`` ((entity F1 + relation F1)/2);
+- ``bertscore``: ``BERTScore("distilroberta-base", rescale_with_baseline=True)`` (default layer 5, idf off);
+- ``semb``: ``CheXbertSimilarity()`` (cosine of CheXbert [CLS] embeddings);
+- ``bleu``: ``BLEU(n=2)`` of ``metrics.text`` (the original RadCliQ BLEU-2).
+Texts are lower-cased and cut to ``max_chars`` (2048) before scoring; a pair whose prediction or reference
+has ≤ ``min_chars`` (5) characters after stripping whitespace gets 3.0 (reward −3) without running the
+components. A NaN component makes the sample NaN (unavailable, not low). Each component scores the whole list
+in one batched call and loads its model once per process outside ``state_dict()``.
+
+Weights: the defaults need the distilroberta-base, radgraph-xl and CheXbert weights, which cannot be
+downloaded offline (REFERENCE.md §7b): offline, every value is NaN with a warning per missing model. Inject
+offline-capable components instead, e.g. ``BERTScore(model_type=metrics.bertscore.minilm_path(),
+num_layers=6)`` and RadGraph / CheXbert models written by ``metrics.tiny`` (random, for plumbing only; the
+fitted constants assume the real models, so such values are not RadCliQ numbers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from metrics.base import PerSampleMetric, check_pairs
+
+FEATURES = ("radgraph", "bertscore", "semb", "bleu")
+#: mean, scale, weight per feature, in FEATURES order (REFERENCE.md §3, full precision)
+RADCLIQ_V1_MEAN = (0.5379231241355762, 0.6175725628125001, 0.7647942121140658, 0.44738335396242174)
+RADCLIQ_V1_SCALE = (0.3028258411486429, 0.22430938459304575, 0.2539439110169773, 0.2989271671041838)
+RADCLIQ_V1_WEIGHT = (-0.37708368261038905, -0.37030009974480316, -0.25261621789593225, 4.315048405024756e-12)
+RADCLIQ_V1_INTERCEPT = 2.466552561323256e-10
+
+
+def radcliq_v1(radgraph: torch.Tensor, bertscore: torch.Tensor, semb: torch.Tensor,
+               bleu: torch.Tensor) -> torch.Tensor:  # each (N,) -> (N,) float64
+    """RadCliQ-v1 of per-sample feature values (NaN in any feature gives NaN)."""
+    x = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (radgraph, bertscore, semb, bleu)], -1)
+    mean = torch.tensor(RADCLIQ_V1_MEAN, dtype=torch.float64, device=x.device)
+    scale = torch.tensor(RADCLIQ_V1_SCALE, dtype=torch.float64, device=x.device)
+    weight = torch.tensor(RADCLIQ_V1_WEIGHT, dtype=torch.float64, device=x.device)
+    return ((x - mean) / scale * weight).sum(-1) + RADCLIQ_V1_INTERCEPT  # (N,)
+
+
+class RadCliQ(PerSampleMetric):
+    """Per-sample RadCliQ-v1 of composed component metrics (see the module docstring)."""
+
+    higher_is_better = False
+    worst_value = 3.0
+
+    def __init__(
+        self,
+        radgraph: PerSampleMetric | None = None,
+        bertscore: PerSampleMetric | None = None,
+        semb: PerSampleMetric | None = None,
+        bleu: PerSampleMetric | None = None,
+        max_chars: int = 2048,
+        min_chars: int = 5,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if radgraph is None:
+            from metrics.radgraph import RadGraphF1
+
+            radgraph = RadGraphF1(model_type="radgraph-xl", reward_level="radcliq")
+        if bertscore is None:
+            from metrics.bertscore import BERTScore
+
+            bertscore = BERTScore("distilroberta-base", rescale_with_baseline=True, lang="en")
+        if semb is None:
+            from metrics.chexbert import CheXbertSimilarity
+
+            semb = CheXbertSimilarity()
+        if bleu is None:
+            from metrics.text import BLEU
+
+            bleu = BLEU(n=2)
+        for name, metric in zip(FEATURES, (radgraph, bertscore, semb, bleu)):
+            if not hasattr(metric, "score"):
+                raise TypeError(f"RadCliQ: component {name!r} must be a metric with score(preds, targets)")
+        # children (their list states are not persistent; their models live in module-level caches)
+        self.radgraph, self.bertscore, self.semb, self.bleu = radgraph, bertscore, semb, bleu
+        self.max_chars = max_chars
+        self.min_chars = min_chars
+
+    def prepare(self, text: str) -> str:
+        return text.lower()[: self.max_chars]
+
+    def components(self, preds: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each feature (N,) float64 on prepared texts; NaN on pairs the short-text rule decides."""
+        check_pairs(preds, targets)
+        preds = [self.prepare(p) for p in preds]
+        targets = [self.prepare(t) for t in targets]
+        keep = [i for i, (p, t) in enumerate(zip(preds, targets))
+                if len(p.strip()) > self.min_chars and len(t.strip()) > self.min_chars]
+        sub_p, sub_t = [preds[i] for i in keep], [targets[i] for i in keep]
+        out = {}
+        for name in FEATURES:
+            column = torch.full((len(preds),), float("nan"), dtype=torch.float64)
+            if keep:
+                values = getattr(self, name).score(sub_p, sub_t)
+                column[torch.tensor(keep)] = values.detach().to("cpu", torch.float64).reshape(-1)
+            out[name] = column
+        return out
+
+    def short_mask(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,) bool
+        return torch.tensor([
+            len(self.prepare(p).strip()) <= self.min_chars or len(self.prepare(t).strip()) <= self.min_chars
+            for p, t in zip(preds, targets)
+        ], dtype=torch.bool)
+
+    def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
+        feats = self.components(preds, targets)
+        values = radcliq_v1(feats["radgraph"], feats["bertscore"], feats["semb"], feats["bleu"])
+        values = values.masked_fill(self.short_mask(preds, targets), self.worst_value)
+        return values.float()

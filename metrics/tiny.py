@@ -1,0 +1,147 @@
+"""Write tiny, randomly initialised scorer models offline, in the exact on-disk formats of the real ones.
+
+For tests, benchmarks and the CPU demo (the real CheXbert and RadGraph weights cannot be downloaded on this
+project's machines, REFERENCE.md §7b). Each writer produces what the real loading code reads, so the real
+loading and scoring paths run end to end:
+
+- ``write_tiny_bert(dir)``: a BERT (``BertModel``, bert-base-uncased architecture, 2 layers × 32 wide) with a
+  lower-casing WordPiece tokenizer over a radiology word list plus single characters, ``save_pretrained``;
+- ``write_tiny_chexbert(path, bert_dir)``: ``chexbert.pth`` as the public checkpoint stores it,
+  ``{"model_state_dict": {"module.bert.…", "module.linear_heads.N.…"}}``;
+- ``write_tiny_radgraph(dir, bert_dir)``: a radgraph model folder (``config.json`` in the DyGIE layout,
+  ``vocabulary/`` with the RadGraph entity and relation labels, ``weights.th``) built by the radgraph
+  package's own classes, with the tiny BERT as its encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+#: words given their own WordPiece entry (everything else splits into characters)
+RADIOLOGY_WORDS = (
+    "the there is are no of and with in to a an at on or not as be may seen",
+    "heart size normal mild moderate severe small large stable unchanged new left right bilateral",
+    "lung lungs lobe upper lower middle base bases apex pleural effusion effusions pneumothorax",
+    "edema consolidation opacity opacities atelectasis pneumonia cardiomegaly cardiac silhouette",
+    "mediastinal contours hilar clear acute process cardiopulmonary tube catheter line tip",
+    "findings impression chest radiograph frontal lateral view compared prior study evidence",
+    "fracture rib ribs spine osseous structures intact degenerative changes device pacemaker",
+    "vascular congestion enlarged enlargement focal patchy streaky retrocardiac subsegmental",
+)
+ENTITY_LABELS = ("ANAT-DP", "OBS-DP", "OBS-U", "OBS-DA")  # RadGraph entity types
+RELATION_LABELS = ("modify", "located_at", "suggestive_of")  # RadGraph relation types
+
+
+def tiny_vocab() -> dict[str, int]:
+    """WordPiece vocabulary: BERT special tokens, characters (word-initial and ``##``), radiology words."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    tokens += list(chars) + ["##" + c for c in chars]
+    for line in RADIOLOGY_WORDS:
+        tokens += [w for w in line.split() if w not in tokens]
+    return {tok: i for i, tok in enumerate(tokens)}
+
+
+def write_tiny_bert(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> str:
+    """A random BERT + WordPiece tokenizer folder loadable by ``AutoModel`` / ``AutoTokenizer``."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = tiny_vocab()
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=512)
+    tokenizer.save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    config = BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=512,
+        initializer_range=0.5,  # large random weights: outputs that vary with the input (0.02 gives near-constant)
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    return str(folder)
+
+
+def write_tiny_chexbert(path: str | Path, bert_dir: str | Path, seed: int = 0) -> str:
+    """A random CheXbert checkpoint (public ``chexbert.pth`` layout) on the BERT config of ``bert_dir``."""
+    from transformers import AutoConfig
+
+    from metrics.chexbert import CheXbertModel
+
+    torch.manual_seed(seed)
+    model = CheXbertModel(AutoConfig.from_pretrained(str(bert_dir)))
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}  # saved from DataParallel
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"epoch": 0, "model_state_dict": state}, path)
+    return str(path)
+
+
+def radgraph_config(bert_name: str, max_span_width: int = 8, hidden: int = 16, feature_size: int = 8) -> dict:
+    """A DyGIE ``config.json`` (NER + relation heads, as RadGraph's) with ``bert_name`` as encoder."""
+    bert = {"type": "pretrained_transformer_mismatched", "model_name": bert_name, "max_length": 512}
+    return {
+        "dataset_reader": {"type": "dygie", "max_span_width": max_span_width, "token_indexers": {"bert": bert}},
+        "model": {
+            "type": "dygie",
+            "embedder": {"token_embedders": {"bert": bert}},
+            "feature_size": feature_size,
+            "feedforward_params": {"dropout": 0.4, "hidden_dims": hidden, "num_layers": 2},
+            "initializer": {"regexes": [["_span_width_embedding.weight", {"type": "xavier_normal"}]]},
+            "loss_weights": {"coref": 0.0, "events": 0.0, "ner": 1.0, "relation": 1.0},
+            "max_span_width": max_span_width,
+            "module_initializer": {"regexes": [[".*weight", {"type": "xavier_normal"}]]},
+            "modules": {
+                "coref": {"coref_prop": 0, "max_antecedents": 100, "spans_per_word": 0.3},
+                "events": {
+                    "argument_spans_per_word": 0.8,
+                    "loss_weights": {"arguments": 1.0, "trigger": 0.2},
+                    "trigger_spans_per_word": 0.3,
+                },
+                "ner": {},
+                "relation": {"spans_per_word": 0.5},
+            },
+            "target_task": "relation",
+        },
+    }
+
+
+def write_tiny_radgraph(folder: str | Path, bert_dir: str | Path, model_type: str = "radgraph-xl",
+                        seed: int = 0) -> str:
+    """A random radgraph model folder (``config.json``, ``vocabulary/``, ``weights.th``) for ``model_type``."""
+    from dotmap import DotMap
+    from radgraph.allennlp.data import Vocabulary
+    from radgraph.allennlp.modules import text_field_embedders, token_embedders
+    from radgraph.dygie.models import dygie
+
+    from metrics import _compat
+
+    _compat.apply()
+    folder = Path(folder)
+    (folder / "vocabulary").mkdir(parents=True, exist_ok=True)
+    config = radgraph_config(str(Path(bert_dir).resolve()))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    vocab_dir = folder / "vocabulary"
+    (vocab_dir / "non_padded_namespaces.txt").write_text("*tags\n*labels\n")
+    # NER labels: the null label "" must be index 0; relation labels carry no null entry
+    (vocab_dir / f"{model_type}__ner_labels.txt").write_text("\n".join(("",) + ENTITY_LABELS) + "\n")
+    (vocab_dir / f"{model_type}__relation_labels.txt").write_text("\n".join(RELATION_LABELS) + "\n")
+
+    # the same construction as radgraph.RadGraph.__init__, then random weights saved as weights.th
+    cfg = DotMap(config)
+    vocab = Vocabulary.from_files(str(vocab_dir))
+    embedder = text_field_embedders.BasicTextFieldEmbedder({"bert": token_embedders.PretrainedTransformerMismatchedEmbedder(
+        model_name=cfg.model.embedder.token_embedders.bert.model_name,
+        max_length=cfg.model.embedder.token_embedders.bert.max_length,
+    )})
+    model_kwargs = cfg.model.toDict()
+    for name in ("type", "embedder", "initializer", "module_initializer"):
+        del model_kwargs[name]
+    torch.manual_seed(seed)
+    model = dygie.DyGIE(vocab=vocab, embedder=embedder, **model_kwargs)
+    torch.save(model.state_dict(), folder / "weights.th")
+    return str(folder)
