@@ -9,6 +9,10 @@ video processor is needed).
 Batches are the dictionaries produced by ``datamodules.collate``: ``input_ids``, ``attention_mask`` (N, T),
 ``mm_token_type_ids`` (N, T; 1 on image tokens), ``pixel_values`` (patches, D) and ``image_grid_thw``
 (images, 3). Prompts are left-padded so completions can be appended on the right.
+
+Rollouts: ``generate(..., shared_prefill=True)`` runs the vision tower and the prompt prefill once per prompt
+and copies the KV cache G times (``shared_prefill_generate``) instead of repeating the whole prompt G times;
+sampling is still Hugging Face's own loop on the same (N·G)-row batch, so the random draws are the same.
 """
 
 from __future__ import annotations
@@ -330,8 +334,13 @@ class Policy(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
+        shared_prefill: bool = False,
     ) -> GenerationOutput:
-        """Greedy or sampled completions, ``num_return_sequences`` per prompt, grouped contiguously."""
+        """Greedy or sampled completions, ``num_return_sequences`` per prompt, grouped contiguously.
+
+        ``shared_prefill``: encode each image and prefill each prompt once, then decode the G rollouts from
+        copies of its KV cache (``shared_prefill_generate``); same samples for the same seed, less compute.
+        """
         from transformers import GenerationConfig
 
         inputs = repeat_batch(self.model_inputs(batch), num_return_sequences)
@@ -349,7 +358,11 @@ class Policy(nn.Module):
         was_training = self.model.training
         self.model.eval()
         try:
-            sequences = self.hf_model.generate(**inputs, generation_config=config)  # (N*G, P+C)
+            if shared_prefill:
+                sequences = shared_prefill_generate(self.hf_model, self.model_inputs(batch), num_return_sequences,
+                                                    config)  # (N*G, P+C)
+            else:
+                sequences = self.hf_model.generate(**inputs, generation_config=config)  # (N*G, P+C)
         finally:
             self.model.train(was_training)
         prompt_len = inputs["input_ids"].shape[1]
@@ -365,6 +378,74 @@ class Policy(nn.Module):
             truncated=truncated,
             texts=texts,
         )
+
+
+def mrope_position_ids(hf_model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:  # (4, N, P)
+    """The position ids Hugging Face ``generate`` builds for a Qwen3-VL prompt batch.
+
+    Row 0: text positions (attention-mask cumsum − 1, 0 on left padding; used for the causal mask);
+    rows 1–3: the M-RoPE (temporal, height, width) positions of ``get_rope_index`` (image tokens get 2-D grid
+    positions; text after the image continues from the grid's largest position + 1). Without images all four
+    rows are the text positions.
+    """
+    mask = inputs["attention_mask"]  # (N, P)
+    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (N, P)
+    if inputs.get("image_grid_thw") is not None:
+        vision, _ = hf_model.model.get_rope_index(
+            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
+        )  # (3, N, P)
+    else:
+        vision = text.unsqueeze(0).expand(3, -1, -1)  # (3, N, P)
+    return torch.cat([text.unsqueeze(0), vision.to(text.dtype)], dim=0)  # (4, N, P)
+
+
+@torch.no_grad()
+def shared_prefill_generate(hf_model: nn.Module, inputs: dict[str, Any], num_return_sequences: int,
+                            generation_config: Any) -> torch.Tensor:  # (N*G, P+C)
+    """G continuations per prompt from one prefill: Hugging Face ``generate`` resumed from a copied cache.
+
+    1. The prompts but their last token, ``(N, P-1)``, go through the model once with their images (vision
+       tower over N images, not N·G) into a ``DynamicCache``, with the M-RoPE positions HF itself would use
+       (``mrope_position_ids``).
+    2. The cache is repeated ``G`` times along the batch (rows ``i·G … i·G+G−1`` copy prompt ``i``).
+    3. ``generate`` gets the full repeated prompts ``(N·G, P)``, their ``(4, N·G, P)`` positions and the
+       cache: it runs only the last prompt token, then decodes as usual, appending position ``last + 1`` on all
+       four rows each step (text tokens after an image have equal T/H/W positions, offset by the image's
+       rope delta: the same positions as the plain path). Logits processors (temperature, top-k, top-p,
+       suppressed tokens), stopping and the multinomial draws are HF's own, on an ``(N·G, V)`` batch at every
+       step, as in the plain path, so one seed gives the same samples up to floating-point rounding of the
+       logits (the prefill runs on N rows instead of N·G; bit-identical logits are not guaranteed).
+    """
+    import inspect
+
+    from transformers import DynamicCache
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (N, P)
+    if ids.shape[1] < 2:
+        raise ValueError(f"shared_prefill_generate needs prompts of at least 2 tokens, got width {ids.shape[1]}")
+    if not bool(mask[:, -1].all()):
+        raise ValueError("shared_prefill_generate needs left-padded prompts (every row must end with a token)")
+    g = int(num_return_sequences)
+    positions = mrope_position_ids(hf_model, inputs)  # (4, N, P)
+    cache_kw = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    cache = DynamicCache(config=hf_model.config.get_text_config(decoder=True))
+    images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
+    was_training = hf_model.training
+    hf_model.eval()  # gradient checkpointing (train mode only) would refuse to fill the cache
+    try:
+        hf_model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[..., :-1],
+                       use_cache=True, **{cache_kw: cache}, **images)  # fills the cache with P-1 positions
+        cache.batch_repeat_interleave(g)  # (N*G, heads, P-1, d) per layer
+        return hf_model.generate(
+            input_ids=ids.repeat_interleave(g, dim=0),  # (N*G, P)
+            attention_mask=mask.repeat_interleave(g, dim=0),  # (N*G, P)
+            position_ids=positions.repeat_interleave(g, dim=1),  # (4, N*G, P)
+            generation_config=generation_config,
+            **{cache_kw: cache},
+        )
+    finally:
+        hf_model.train(was_training)
 
 
 def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Speed and scale measurements (scripts, not tests): ``python -m benchmarks.run_all``; see RESULTS.md."""

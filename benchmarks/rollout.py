@@ -1,0 +1,326 @@
+"""Rollout throughput: completion tokens/s of ``Policy.generate`` for several batch sizes, plain vs shared prefill.
+
+``python -m benchmarks.rollout [--size small] [--batch-sizes 1 2 4] [--g 8] [--max-new-tokens 100]``
+
+Each row samples ``G`` completions for each of ``B`` report prompts with one image each (random noise images
+of ``--image-size``², about 441 visual tokens at 672² for Qwen3-VL's 16-pixel patches merged 2×2; prompts of
+about 20–30 text tokens) from a randomly initialised Qwen3-VL, twice with the same seed: the plain path
+(every prompt repeated G times, vision tower and prefill G times) and the shared-prefill path (vision tower
+and prefill once per prompt, KV cache copied G times). It checks that both gave the same token ids, and prints
+tokens/s (completion tokens incl. the stop token ÷ wall time of ``generate``). The decode memory-bandwidth
+bound is printed beside it: per decode step the language model's weights and the KV cache of all rows are
+read once, so ``tokens/s ≤ rows · bandwidth / (weight bytes + KV bytes at the mean context)``, with the
+bandwidth measured by a large device copy (bytes read + written ÷ time). It is the GPU bound that matters;
+on CPU it is printed for reference. Results go to ``benchmarks/results/rollout.json``.
+
+Model sizes (``--size``; ``--model PATH`` loads a checkpoint instead): ``tiny`` (the test checkpoint: text 128
+wide × 2 layers), ``small`` (text 512 × 4 layers, vision 256 × 4 blocks: a CPU-sized model where the
+prompt, not Python overhead, costs), ``2b`` and ``8b`` (the real Qwen3-VL shapes, random weights, for GPUs).
+All use the tokenizer and image processor of a freshly written tiny checkpoint (no network); with the real
+151 936-token vocabulary, ids the tiny tokenizer lacks are suppressed so completions decode to text, but
+the full-vocabulary head is still computed every step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: the repo root, not benchmarks/, must be importable
+    sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np
+import torch
+
+
+def _mrope(section: list[int]) -> dict[str, Any]:
+    return {"rope_type": "default", "rope_theta": 5_000_000.0, "mrope_section": section, "mrope_interleaved": True}
+
+
+def _text(hidden: int, mlp: int, layers: int, heads: int, kv: int, head_dim: int, section: list[int],
+          vocab: int | None = None) -> dict[str, Any]:
+    out = {"hidden_size": hidden, "intermediate_size": mlp, "num_hidden_layers": layers, "num_attention_heads": heads,
+           "num_key_value_heads": kv, "head_dim": head_dim, "rope_parameters": _mrope(section)}
+    if vocab is not None:
+        out.update(vocab_size=vocab, max_position_embeddings=262144)
+    return out
+
+
+def _vision(depth: int, hidden: int, mlp: int, heads: int, out: int, deepstack: list[int]) -> dict[str, Any]:
+    return {"depth": depth, "hidden_size": hidden, "intermediate_size": mlp, "num_heads": heads,
+            "out_hidden_size": out, "num_position_embeddings": 2304, "deepstack_visual_indexes": deepstack}
+
+
+#: model shapes; ``text``/``vision`` override the tiny checkpoint's config. 8B: hidden 4096, 36 layers, 32
+#: heads (8 KV), head_dim 128, MLP 12288, untied head; vision 27 blocks × 1152 (transformers' Qwen3-VL
+#: vision defaults), merged into 4096, deepstack after blocks 8/16/24. 2B: hidden 2048, 28 layers, 16 heads
+#: (8 KV), MLP 6144, tied head; vision 24 × 1024 into 2048, deepstack 5/11/17.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"text": {}, "vision": {}, "tie": False},
+    "small": {"text": _text(512, 1024, 4, 16, 4, 32, [6, 5, 5]),
+              "vision": _vision(4, 256, 512, 4, 512, [1, 2]), "tie": False},
+    "2b": {"text": _text(2048, 6144, 28, 16, 8, 128, [24, 20, 20], vocab=151936),
+           "vision": _vision(24, 1024, 4096, 16, 2048, [5, 11, 17]), "tie": True},
+    "8b": {"text": _text(4096, 12288, 36, 32, 8, 128, [24, 20, 20], vocab=151936),
+           "vision": _vision(27, 1152, 4304, 16, 4096, [8, 16, 24]), "tie": False},
+}
+
+PROMPTS = (
+    "Write a radiology report for this Chest X-ray.",
+    "Generate the findings section of the report for this chest radiograph.",
+    "Please write a detailed radiology report for this frontal Chest X-ray.",
+    "Describe the findings on this Chest X-ray as a radiologist would.",
+)
+REPORTS = (
+    "The heart size is normal. There is a small left pleural effusion. No pneumothorax.",
+    "Mild cardiomegaly. Patchy right lower lobe opacity may reflect pneumonia. No effusion.",
+    "The lungs are clear. No focal consolidation, pleural effusion or pneumothorax.",
+    "Moderate pulmonary edema with bilateral pleural effusions. Enlarged cardiac silhouette.",
+)
+
+
+def write_prompt_records(folder: str | Path, n: int, image_size: int, seed: int = 0,
+                         task: str = "report_generation") -> Path:
+    """``n`` RadVLM report records (random-noise PNGs of ``image_size``²) as ``folder/prompts.json``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        path = folder / "img" / f"{image_size}_{i}.png"
+        if not path.exists():
+            Image.fromarray((rng.random((image_size, image_size)) * 255).astype("uint8")).save(path)
+        records.append({"id": f"p{i}", "image": str(path.relative_to(folder)), "task": task, "conversations": [
+            {"from": "human", "value": "<image>\n" + PROMPTS[i % len(PROMPTS)]},
+            {"from": "gpt", "value": REPORTS[i % len(REPORTS)]},
+        ]})
+    out = folder / "prompts.json"
+    out.write_text(json.dumps(records))
+    return out
+
+
+def tiny_folder(work: Path) -> Path:
+    """The tiny checkpoint folder (tokenizer, image processor, tiny weights), written once under ``work``."""
+    from radvlm.tiny import write_tiny_checkpoint
+
+    folder = work / "tiny"
+    if not (folder / "config.json").exists():
+        write_tiny_checkpoint(folder, seed=0)
+    return folder
+
+
+def shaped_config(tiny_dir: Path, size: str):
+    """The tiny checkpoint's config (special-token ids of its tokenizer) with the text/vision shape of ``size``."""
+    from transformers import AutoConfig, Qwen3VLConfig
+
+    shape = SHAPES[size]
+    base = AutoConfig.from_pretrained(str(tiny_dir)).to_dict()
+    drop = ("layer_types", "architectures", "transformers_version", "_name_or_path", "dtype")
+    text = {k: v for k, v in base["text_config"].items() if k not in drop}
+    text.update(shape["text"], tie_word_embeddings=shape["tie"])
+    vision = {k: v for k, v in base["vision_config"].items() if k not in drop}
+    vision.update(shape["vision"])
+    ids = {k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=shape["tie"], **ids)
+    config.eos_token_id, config.pad_token_id = base.get("eos_token_id"), base.get("pad_token_id")
+    return config
+
+
+def build_policy(size: str = "tiny", device: str = "cpu", dtype: str = "float32", image_size: int = 672,
+                 model_path: str | None = None, work: str | Path | None = None, lora: Any = None,
+                 gradient_checkpointing: bool = False, seed: int = 0):
+    """A ``Policy`` of the given size (random weights, built on ``device``) or loaded from ``model_path``."""
+    from radvlm.policy import Policy, load_processor, resolve_dtype
+
+    pixels = {"min_pixels": 32 * 32, "max_pixels": image_size * image_size}
+    if model_path is not None:
+        policy = Policy.from_pretrained(model_path, dtype=dtype, lora=lora,
+                                        gradient_checkpointing=gradient_checkpointing, **pixels)
+        return policy.to(device)
+    from transformers import Qwen3VLForConditionalGeneration
+
+    tiny = tiny_folder(Path(work or tempfile.mkdtemp(prefix="radvlm-bench-")))
+    config = shaped_config(tiny, size)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=resolve_dtype(dtype),
+                                                             attn_implementation="sdpa")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora is not None:
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora.peft_config())
+    model.train()
+    policy = Policy(model, load_processor(tiny, **pixels))
+    known = len(policy.tokenizer)
+    vocab = config.text_config.vocab_size
+    if vocab > known:  # random weights over a vocabulary the tiny tokenizer cannot decode: keep its ids only
+        policy.suppress_token_ids = sorted(set(policy.suppress_token_ids) | set(range(known, vocab)))
+    return policy
+
+
+def prompt_batch(policy, records_file: Path, n: int, device: str) -> dict:
+    from datamodules.collate import PromptCollator
+    from datamodules.records import load_records
+
+    batch = PromptCollator(policy.processor)(load_records(records_file)[:n])
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool, seed: int, device: str,
+                  temperature: float = 1.0) -> tuple[dict, torch.Tensor]:
+    """One sampled ``generate`` call: wall and CPU seconds, completion tokens, tokens/s, peak memory (GPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    torch.manual_seed(seed)
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = policy.generate(batch, num_return_sequences=g, max_new_tokens=max_new_tokens, do_sample=True,
+                          temperature=temperature, shared_prefill=shared)
+    synchronize(device)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    tokens = int(out.completion_mask.sum())
+    rows = out.completion_mask.shape[0]
+    row = {"seconds": round(seconds, 4), "cpu_seconds": round(cpu_seconds, 4), "tokens": tokens,
+           "tokens_per_s": round(tokens / seconds, 2), "completion_len_mean": round(tokens / rows, 1)}
+    if device.startswith("cuda"):
+        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return row, out.completion_ids
+
+
+def copy_bandwidth(device: str, mib: int = 1024) -> float:
+    """Bytes per second of a large on-device copy, counting bytes read and written."""
+    n = mib * 2**20 // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize(device)
+    reps = 10 if device.startswith("cuda") else 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    synchronize(device)
+    return 2 * src.numel() * 4 * reps / (time.perf_counter() - t0)
+
+
+def decode_bytes_per_step(policy, rows: int, context: float) -> float:
+    """Bytes one decode step must read: language-model weights (+ head) and the KV cache of every row."""
+    hf = policy.hf_model
+    text = hf.model.language_model
+    cfg = text.config
+    elem = next(hf.parameters()).element_size()
+    weights = sum(p.numel() for n, p in text.named_parameters() if "embed_tokens" not in n) * elem
+    weights += hf.lm_head.weight.numel() * elem  # the head reads the whole (V, H) matrix; embedding: 1 row
+    kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem * context * rows
+    return weights + kv
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="small", choices=sorted(SHAPES))
+    parser.add_argument("--model", default=None, help="checkpoint folder instead of a random --size model")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--image-size", type=int, default=672)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4], help="prompts per call")
+    parser.add_argument("--g", type=int, default=8, help="rollouts per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=100)
+    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per row; the fastest is kept")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None, help="scratch folder (tiny checkpoint, images); default: temp")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout.json"))
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        return run(args)
+    finally:  # the thread count is process-wide: give it back
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    work = Path(args.work or tempfile.mkdtemp(prefix="radvlm-rollout-"))
+    t0 = time.perf_counter()
+    dtype = args.dtype
+    policy = build_policy(args.size, args.device, dtype, args.image_size, args.model, work)
+    build_s = time.perf_counter() - t0
+    records = write_prompt_records(work / "data", max(args.batch_sizes), args.image_size)
+    bandwidth = copy_bandwidth(args.device, 1024 if args.device.startswith("cuda") else 256)
+    params = sum(p.numel() for p in policy.parameters())
+    # warm-up (allocators, kernels, lazy imports), not timed
+    time_generate(policy, prompt_batch(policy, records, 1, args.device), 2, 4, True, args.seed, args.device)
+    rows = []
+    for b in args.batch_sizes:
+        batch = prompt_batch(policy, records, b, args.device)
+        prompt_len = int(batch["attention_mask"].sum(1).float().mean())
+        image_tokens = int(batch["mm_token_type_ids"].sum()) // b
+        ids, best = {}, {}
+        for _ in range(args.reps):  # modes alternate, so a busy machine slows both alike
+            for mode in args.modes:
+                row, ids[mode] = time_generate(policy, batch, args.g, args.max_new_tokens, mode == "shared",
+                                               args.seed, args.device)
+                if mode not in best or row["seconds"] < best[mode]["seconds"]:
+                    best[mode] = row
+        for mode in args.modes:
+            row = best[mode]
+            n_rows = b * args.g
+            context = prompt_len + row["completion_len_mean"] / 2  # mean context over the decode steps
+            bound = n_rows * bandwidth / decode_bytes_per_step(policy, n_rows, context)
+            rows.append({"mode": mode, "prompts": b, "g": args.g, "rows": n_rows, "prompt_tokens": prompt_len,
+                         "image_tokens": image_tokens, **row, "bandwidth_bound_tokens_per_s": round(bound, 1)})
+        if len(ids) == 2:  # same seed: the same token ids unless rounding (bf16) tipped a draw
+            plain, shared = ids["plain"].cpu(), ids["shared"].cpu()
+            same = plain.shape == shared.shape and bool(torch.equal(plain, shared))
+            for r in rows[-2:]:
+                r["identical_samples"] = same
+                if r["mode"] == "shared":
+                    r["speedup"] = round(best["plain"]["seconds"] / r["seconds"], 3)
+                    r["speedup_cpu_time"] = round(best["plain"]["cpu_seconds"] / r["cpu_seconds"], 3)
+
+    meta = {"date": date.today().isoformat(), "device": describe_device(args.device), "size": args.model or args.size,
+            "params_m": round(params / 1e6, 2), "dtype": dtype, "image_size": args.image_size,
+            "max_new_tokens": args.max_new_tokens, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+            "build_s": round(build_s, 2), "torch": torch.__version__}
+    print(f"rollout: {meta['device']}, model {meta['size']} ({meta['params_m']} M params, {dtype}), image "
+          f"{args.image_size}², G={args.g}, max_new_tokens={args.max_new_tokens}, copy bandwidth "
+          f"{meta['copy_bandwidth_gb_s']} GB/s")
+    print(f"{'mode':<7}{'prompts':>8}{'rows':>6}{'prompt tok':>11}{'seconds':>9}{'tokens':>8}{'tok/s':>9}"
+          f"{'bound tok/s':>12}{'speedup':>8}{'same ids':>9}{'peak GiB':>9}")
+    for r in rows:
+        print(f"{r['mode']:<7}{r['prompts']:>8}{r['rows']:>6}{r['prompt_tokens']:>11}{r['seconds']:>9.3f}"
+              f"{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['bandwidth_bound_tokens_per_s']:>12.0f}"
+              f"{r.get('speedup', ''):>8}{r.get('identical_samples', '')!s:>9}{r.get('peak_gib', ''):>9}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
