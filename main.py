@@ -4,6 +4,11 @@ A plain LightningCLI: the model (``SFTModule`` or ``GRPOModule``) and ``RadVLMDa
 config by ``class_path``; every init argument can be overridden with a flag (``--model.policy.lora.r 32``).
 TensorBoard is the default logger and the full config is saved next to the logs. The DataModule's
 ``processor_path`` follows the model's checkpoint unless set explicitly.
+
+Safe loading: a ``--ckpt_path`` checkpoint is loaded with ``weights_only=True`` (tensors and plain values
+only; our checkpoints hold nothing else) unless ``--weights_only false`` is passed for a trusted file; Hugging
+Face checkpoints never run remote code (``trust_remote_code`` is never set). Configuration is read only from
+the ``--config`` files and flags given (no default config files, no environment variables).
 """
 
 from __future__ import annotations
@@ -12,6 +17,19 @@ from lightning.pytorch.cli import LightningCLI
 
 
 class RadVLMCLI(LightningCLI):
+    def _safe_checkpoint_loading(self) -> None:
+        """``--ckpt_path`` is read with ``torch.load(weights_only=True)`` unless ``--weights_only false`` is
+        given (Lightning's default ``None`` leaves the choice to torch: unsafe before torch 2.6)."""
+        for config in (self.config, self.config_init):
+            sub = config[self.subcommand]
+            if sub.get("weights_only") is None:
+                sub["weights_only"] = True
+
+    def before_fit(self) -> None:
+        self._safe_checkpoint_loading()
+
+    before_validate = before_test = before_predict = before_fit
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.policy.name_or_path", "data.init_args.processor_path")
         parser.set_defaults(

@@ -2,9 +2,13 @@
 
 Each sample's image is loaded and run through the Qwen image processor; the chat text is rendered with as
 many ``<|image_pad|>`` tokens as the image has visual tokens (``radvlm.chat``), so the image-token count
-always equals the vision-feature count ("image features and image tokens do not match" cannot happen).
+always equals the vision-feature count ("image features and image tokens do not match" cannot happen); a
+record whose own text holds ``<|image_pad|>`` would break that count and raises ``RecordError`` instead.
 A sample longer than ``max_length`` is never truncated (that could cut through its image tokens): it is
 dropped and counted in ``batch["n_dropped"]``, or raises ``SampleTooLongError`` with ``overlong="error"``.
+
+An image that cannot be used (missing, undecodable, too small, aspect ratio over 200; reached here only when
+the DataModule did not check images at setup) raises ``ImageError`` naming its path and the record.
 
 SFT batches are right-padded; prompt batches are left-padded so completions can be appended.
 """
@@ -16,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from datamodules.records import Record, load_image
+from datamodules.records import ImageError, Record, RecordError, load_image
 from radvlm.chat import (
     IGNORE_INDEX,
     THINK_CLOSE,
@@ -128,8 +132,25 @@ class _Collator:
             )
         return False
 
+    def _encode(self, record: Record) -> EncodedSample:
+        try:
+            sample = self.encode(record)
+        except ImageError as e:  # images not checked at setup (check_images=False): name the record too
+            raise ImageError(f"{e.reason} (record {record.id!r}, {record.source}, index {record.index})",
+                             e.path) from e
+        grid = sample.image_grid_thw
+        merge = self.processor.image_processor.merge_size
+        expected = 0 if grid is None else image_token_count(grid[0], merge)
+        found = sample.input_ids.count(self.image_token_id)
+        if found != expected:  # the text itself holds "<|image_pad|>": the model would fail on the count
+            raise RecordError(
+                f"its text contains {found - expected} '<|image_pad|>' token(s) of its own (an image needs "
+                f"exactly {expected}); remove vision special tokens from the text",
+                record.source, record.index, record.id)
+        return sample
+
     def __call__(self, records: Sequence[Record]) -> dict:
-        kept = [(r, s) for r in records for s in [self.encode(r)] if self._keep(r, s)]
+        kept = [(r, s) for r in records for s in [self._encode(r)] if self._keep(r, s)]
         n_dropped = len(records) - len(kept)
         if not kept:
             return {"n_dropped": n_dropped, "empty": True}

@@ -5,9 +5,12 @@
 - Task filter and mixing: ``tasks`` keeps only those tasks; ``task_weights`` are per-task repeat factors
   applied to the training set once at setup (RadVLM's own mixture is written this way: VinDr ×3, MS-CXR ×3 …;
   2.0 repeats every record twice, 0.5 keeps a seeded half).
-- Images: with ``check_images`` every image is opened at setup; a bad one raises ``RecordError`` naming
-  file, index, id and path unless ``max_bad_fraction`` > 0, in which case bad records are skipped and counted
-  (``self.n_bad``) and setup fails only once the fraction passes the limit.
+- Images: with ``check_images`` every image of the kept records is decoded at setup; a bad one (missing,
+  undecodable or truncated, side < 28 px, aspect ratio > 200) raises ``RecordError`` naming file, index, id
+  and path unless ``max_bad_fraction`` > 0, in which case bad records are skipped and counted (``self.n_bad``)
+  and setup fails only once the fraction passes the limit. Without ``check_images`` a bad image surfaces when
+  its batch is collated, as an ``ImageError`` naming the path and the record. Malformed records (JSON, roles,
+  image tag, boxes) always raise ``RecordError`` naming file, index and id (``datamodules.records``).
 - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
   stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
 - ``collate`` picks the batch layout: ``"sft"`` (conversation + labels; validation batches also carry the
@@ -25,7 +28,13 @@ import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.collate import PromptCollator, SFTCollator
-from datamodules.records import Record, RecordError, check_image, load_records
+from datamodules.records import (
+    ImageError,
+    Record,
+    RecordError,
+    load_image,
+    load_records,
+)
 
 
 class RecordDataset:
@@ -123,33 +132,38 @@ class RadVLMDataModule(L.LightningDataModule):
         hp = self.hparams
         records: list[Record] = []
         for f in self._files(split):
-            strict = hp.check_images and hp.max_bad_fraction <= 0
-            records.extend(load_records(f, image_root=hp.image_root, check_images=strict))
+            records.extend(load_records(f, image_root=hp.image_root, check_images=False))
         if hp.tasks is not None:
             records = [r for r in records if r.task in set(hp.tasks)]
-        if hp.check_images and hp.max_bad_fraction > 0:
-            records = self._drop_bad_images(records, split)
+        if hp.check_images:
+            records = self._check_images(records, split)
         if split != "train" and hp.max_val_samples is not None:
             records = records[: hp.max_val_samples]
         if split == "train" and hp.task_weights:
             records = apply_task_weights(records, hp.task_weights, seed=hp.seed)
         return records
 
-    def _drop_bad_images(self, records: list[Record], split: str) -> list[Record]:
+    def _check_images(self, records: list[Record], split: str) -> list[Record]:
+        """Decode every image fully (PIL's ``verify`` misses truncated JPEGs); the first bad one raises, or
+        with ``max_bad_fraction`` > 0 bad ones are skipped and counted until their fraction passes the
+        limit."""
         good, bad = [], []
         for r in records:
             try:
                 if r.image is not None:
-                    check_image(r.image)
+                    load_image(r.image)
                 good.append(r)
-            except (RecordError, OSError, ValueError) as err:
+            except ImageError as err:
+                if self.hparams.max_bad_fraction <= 0:
+                    raise RecordError(err.reason, r.source, r.index, r.id, r.image) from err
                 bad.append(f"{r.source}[{r.index}] id={r.id!r}: {err}")
         self.n_bad += len(bad)
         if records and len(bad) / len(records) > self.hparams.max_bad_fraction:
             listing = "\n  ".join(bad[:10])
             raise RecordError(
                 f"{len(bad)} of {len(records)} {split} records have a bad image, more than "
-                f"max_bad_fraction={self.hparams.max_bad_fraction}:\n  {listing}"
+                f"max_bad_fraction={self.hparams.max_bad_fraction}:\n  {listing}",
+                ", ".join(self._files(split)),
             )
         return good
 

@@ -8,10 +8,20 @@
   not move since) and stops with ``NonFiniteError``. Lightning itself does not guard this: one NaN would
   otherwise reach every weight.
 - ``log_text_samples=False`` keeps every piece of report text out of logs and TensorBoard (it may be PHI).
+- Exact resume: every training batch seeds the global torch RNG (CPU and GPUs) from (run seed, number of
+  batches trained so far, rank) before it runs, so rollout sampling and dropout of a batch do not depend on
+  what drew random numbers before it (data loader iterators, validation, a restart). The run seed
+  (``torch.initial_seed()`` at the first fit, i.e. ``seed_everything``'s), the batch count and the counters
+  above are checkpointed; the data position is the ``StatefulDataLoader``'s, whose shuffling has its own
+  generator. Hyper-parameters are stored as plain values, so every checkpoint loads with
+  ``weights_only=True``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib
 import math
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,45 @@ def default_optimizer(params):
     return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
 
 
+def resolve_callable(value: Any) -> Any:
+    """A callable, or the import path of one: LightningCLI hands a function default (``default_optimizer``)
+    over as the string ``"lightning_modules.common.default_optimizer"``."""
+    if isinstance(value, str):
+        module, _, name = value.rpartition(".")
+        try:
+            value = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ValueError(f"cannot import the callable {value!r}: {e}") from e
+    if not callable(value):
+        raise TypeError(f"expected a callable (optimizer / scheduler factory), got {value!r}")
+    return value
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` with only what ``torch.load(weights_only=True)`` accepts: dataclasses become dicts of their
+    fields, paths strings, functions and classes their dotted name, other objects their ``repr`` (tensors
+    stay)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if hasattr(value, "__qualname__") and hasattr(value, "__module__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)
+
+
+def batch_seed(run_seed: int, batch: int, rank: int) -> int:
+    """A 63-bit seed for the ``batch``-th training batch of a run on ``rank``: a hash of the three numbers."""
+    digest = hashlib.sha256(f"{run_seed}:{batch}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class PolicyModule(L.LightningModule):
     def __init__(
         self,
@@ -44,8 +93,8 @@ class PolicyModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.policy_config = policy
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = lr_scheduler
+        self.optimizer_factory = resolve_callable(optimizer)
+        self.scheduler_factory = None if lr_scheduler is None else resolve_callable(lr_scheduler)
         self.grad_clip = grad_clip
         self.max_consecutive_skips = max_consecutive_skips
         self.log_text_samples = log_text_samples
@@ -54,6 +103,9 @@ class PolicyModule(L.LightningModule):
         self.automatic_optimization = False
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.dropped_samples = 0
+        self.run_seed: int | None = None  # set at the first fit, restored from checkpoints
+        self.batches_trained = 0  # training batches started, over all epochs and restarts
 
     # ------------------------------------------------------------------ model and optimizers
     def configure_model(self) -> None:
@@ -147,12 +199,38 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["radvlm"] = {"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+        checkpoint["radvlm"] = {
+            "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+            "dropped_samples": self.dropped_samples, "run_seed": self.run_seed,
+            "batches_trained": self.batches_trained,
+        }
+        # checkpoints load with torch.load(weights_only=True): keep only tensors and plain values in them
+        for key in ("hyper_parameters", "datamodule_hyper_parameters"):
+            if key in checkpoint:
+                checkpoint[key] = plain_value(checkpoint[key])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("radvlm", {})
         self.skipped_steps = state.get("skipped_steps", 0)
         self.consecutive_skips = state.get("consecutive_skips", 0)
+        self.dropped_samples = state.get("dropped_samples", 0)
+        self.run_seed = state.get("run_seed", self.run_seed)
+        self.batches_trained = state.get("batches_trained", 0)
+
+    def on_train_start(self) -> None:
+        if self.run_seed is None:
+            self.run_seed = torch.initial_seed()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Lightning keeps no RNG state in checkpoints, and between two batches data loader iterators and
+        # validation draw from the global RNG in ways a resumed run does not repeat exactly: seed each batch
+        torch.manual_seed(batch_seed(self.run_seed, self.batches_trained, self.global_rank))
+        self.batches_trained += 1
+
+    def count_dropped(self, batch: dict[str, Any]) -> None:
+        """Add the batch's over-long samples (dropped by the collator) to ``train/dropped_samples``."""
+        self.dropped_samples += int(batch.get("n_dropped", 0))
+        self.log("train/dropped_samples", float(self.dropped_samples), on_step=True, on_epoch=False)
 
     def on_fit_end(self) -> None:
         """Write the trained policy as a Hugging Face folder (the next stage's ``name_or_path``)."""

@@ -75,6 +75,7 @@ class GRPOModule(PolicyModule):
         num_logged_samples: int = 4,
         log_text_samples: bool = True,
         export_dir: str | None = None,
+        shared_prefill: bool = False,
     ) -> None:
         """
         Args:
@@ -98,6 +99,9 @@ class GRPOModule(PolicyModule):
             num_logged_samples: rollouts shown in the TensorBoard sample table per step.
             log_text_samples: ``False`` keeps all text out of the logs.
             export_dir: Hugging Face export of the policy when fit ends.
+            shared_prefill: rollouts encode each image and prefill each prompt once, then decode the G
+                completions from copies of its KV cache (``Policy.generate(shared_prefill=True)``): the same
+                samples for the same seed, without G-fold vision and prefill compute.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir)
@@ -113,7 +117,6 @@ class GRPOModule(PolicyModule):
             {term.name: copy.deepcopy(term.metric) for term in self.val_terms if isinstance(term.metric, nn.Module)}
         )
         self.reference_model: nn.Module | None = None
-        self.rollout_rng_state: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -175,13 +178,15 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------ training step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
+        self.count_dropped(batch)
         if batch.get("empty"):
             return None
         g = hp.num_generations
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         gen = self.policy.generate(batch, num_return_sequences=g, max_new_tokens=hp.max_new_tokens,
-                                   do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k)
+                                   do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
+                                   shared_prefill=hp.shared_prefill)
         times["generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -299,6 +304,9 @@ class GRPOModule(PolicyModule):
         total = sum(times.values())
         log("time/step_s", total)
         log("train/tokens_per_s", float(mask.sum()) / max(total, 1e-9))
+        if self.device.type == "cuda":  # peak of this step (reset for the next one)
+            log("memory/peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(self.device)
         if self.log_text_samples and self.hparams.num_logged_samples > 0:
             n = min(self.hparams.num_logged_samples, len(gen.texts))
             rows = [{"id": batch["ids"][i // g], "completion": gen.texts[i], "reward": f"{float(rewards[i]):.3f}"}
@@ -319,6 +327,12 @@ class GRPOModule(PolicyModule):
         gen = self.policy.generate(batch, max_new_tokens=budget)  # greedy
         answers = [answer_of(t, th)[0] for t, th in zip(gen.texts, batch["thinking"])]
         self._val_chars.extend(len(a) for a in answers)
+        pictures = getattr(self, "_val_pictures", None)  # a list only when the BoxPictures callback is used
+        if pictures is not None:
+            grounding = [i for i, task in enumerate(batch["tasks"]) if (task or "").endswith("_grounding")]
+            free = max(getattr(self, "_val_pictures_cap", 0) - len(pictures), 0)
+            pictures.extend({"image": batch["images"][i], "answer": answers[i], "gt_boxes": batch["gt_boxes"][i],
+                             "prompt": batch["prompts"][i], "task": batch["tasks"][i]} for i in grounding[:free])
         for term in self.val_terms:
             metric = self.val_metric_modules[term.name] if term.name in self.val_metric_modules else None
             rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
@@ -343,20 +357,6 @@ class GRPOModule(PolicyModule):
         if self._val_chars:
             self.log("val/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
         self.text_table("val/generations", self._val_rows)
-
-    # ------------------------------------------------------------------ resume
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["radvlm"]["torch_rng_state"] = torch.get_rng_state()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self.rollout_rng_state = checkpoint.get("radvlm", {}).get("torch_rng_state")
-
-    def on_train_start(self) -> None:
-        if self.rollout_rng_state is not None:  # continue the rollout sampling stream where it stopped
-            torch.set_rng_state(self.rollout_rng_state)
-            self.rollout_rng_state = None
 
 
 def gen_prompt_inputs(batch: dict[str, Any], g: int) -> dict[str, Any]:

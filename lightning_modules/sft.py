@@ -56,14 +56,12 @@ class SFTModule(PolicyModule):
         self.num_generation_samples = num_generation_samples
         self.max_new_tokens = max_new_tokens
         self._t_last = None
-        self._dropped = 0
         self._shown = 0
         self._gen_rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        self._dropped += int(batch.get("n_dropped", 0))
-        self.log("train/dropped_samples", float(self._dropped), on_step=True, on_epoch=False)
+        self.count_dropped(batch)
         if batch.get("empty"):
             return None
         start = self._t_last or time.perf_counter()
@@ -73,7 +71,8 @@ class SFTModule(PolicyModule):
         if finite:
             self.manual_backward(loss / self.accumulate)
         self._loss_finite = getattr(self, "_loss_finite", True) and finite
-        last_micro = (batch_idx + 1) % self.accumulate == 0
+        # an accumulation window never spans an epoch boundary (so checkpoints fall between windows)
+        last_micro = (batch_idx + 1) % self.accumulate == 0 or self.trainer.is_last_batch
         if last_micro:
             self.log_lr()
             self.guarded_step(loss_finite=self._loss_finite)

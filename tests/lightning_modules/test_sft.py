@@ -63,3 +63,21 @@ def test_non_finite_loss_skips_steps_then_stops_with_checkpoint(tiny_ckpt, data_
     for n, p in module.named_parameters():
         assert torch.isfinite(p).all() and torch.equal(before[n], p), n
     assert list(tmp_path.rglob("last-good.ckpt"))
+
+
+def test_cold_start_fit_on_thinking_phantom_data_lowers_loss(tiny_ckpt, phantom_dir, tmp_path):
+    L.seed_everything(0)
+    module = SFTModule(PolicyConfig(str(tiny_ckpt), dtype="float32", freeze_vision=True), optimizer=adamw(3e-3),
+                       num_generation_samples=1, max_new_tokens=8)
+    data = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), thinking=True,
+                            tasks=["abnormality_grounding"], batch_size=4, max_val_samples=4, max_length=1024)
+    data.setup("fit")
+    assert all(r.is_thinking for r in data.splits["train"])
+    trainer = L.Trainer(accelerator="cpu", max_steps=10, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        num_sanity_val_steps=0, limit_val_batches=1)
+    trainer.validate(module, data)
+    before = trainer.callback_metrics["val/loss"].item()
+    trainer.fit(module, data)
+    trainer.validate(module, data)
+    assert trainer.callback_metrics["val/loss"].item() < before - 1.0
