@@ -345,18 +345,31 @@ class GRPOModule(PolicyModule):
                                        "reference": batch["targets"][i]})
 
     def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    # ``main.py test``: the same greedy generation and metrics, logged under ``test/``
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, prefix: str) -> None:
         for name, metric in self.val_metric_modules.items():
             if not getattr(metric, "_update_count", 0):
                 continue
-            value = metric.compute()
+            value = metric.compute()  # synced across processes by torchmetrics
             if isinstance(value, dict):
                 for k, v in value.items():
-                    self.log(f"val/{name}/{k}", float(v), sync_dist=False)
+                    self.log(f"{prefix}/{name}/{k}", float(v), sync_dist=False)
             else:
-                self.log(f"val/{name}", float(value), sync_dist=False)
+                self.log(f"{prefix}/{name}", float(value), sync_dist=False)
         if self._val_chars:
-            self.log("val/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
-        self.text_table("val/generations", self._val_rows)
+            self.log(f"{prefix}/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
+        self.text_table(f"{prefix}/generations", self._val_rows)
 
 
 def gen_prompt_inputs(batch: dict[str, Any], g: int) -> dict[str, Any]:

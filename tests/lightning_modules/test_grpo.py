@@ -69,3 +69,10 @@ def test_validation_reports_reward_metric(tiny_ckpt, data_file, tmp_path):
     module, data, trainer = make(tiny_ckpt, data_file, tmp_path)
     trainer.validate(module, data)
     assert "val/gleu" in trainer.callback_metrics
+
+
+def test_test_stage_logs_the_same_metrics_under_test(tiny_ckpt, data_file, tmp_path):
+    module, data, trainer = make(tiny_ckpt, data_file, tmp_path)
+    data.hparams.test_files = [str(data_file)]
+    trainer.test(module, data)
+    assert "test/gleu" in trainer.callback_metrics and "test/answer_chars_mean" in trainer.callback_metrics
