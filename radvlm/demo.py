@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,7 +31,10 @@ def run(args: list[str], what: str) -> float:
     """Run a command from the repository root, streaming its output; return seconds taken."""
     print(f"\n==> {what}\n    $ {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    done = subprocess.run(args, cwd=ROOT)
+    env = dict(os.environ)
+    # tiny models: one intra-op thread per process is fastest (the data worker takes the other core)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    done = subprocess.run(args, cwd=ROOT, env=env)
     if done.returncode != 0:
         raise SystemExit(f"demo step failed ({what}): exit code {done.returncode}")
     return time.perf_counter() - start
