@@ -43,9 +43,9 @@ class RadVLMCLI(LightningCLI):
 
 
 def main(args=None) -> RadVLMCLI:
-    from lightning_modules.common import PolicyModule  # noqa: F401  (registers the subclasses below)
-    from lightning_modules import sft  # noqa: F401
     from datamodules.datamodule import RadVLMDataModule
+    from lightning_modules import sft  # noqa: F401
+    from lightning_modules.common import PolicyModule  # noqa: F401  (registers the subclasses below)
 
     try:  # the GRPO stage is optional at import time
         from lightning_modules import grpo  # noqa: F401

@@ -55,11 +55,16 @@ def prepare(out: Path) -> None:
 
 
 def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Per-model held-out metrics from prediction files (same samples for every model)."""
+    """Per-model held-out metrics from prediction files (same samples for every model), and the paired
+    GRPO − SFT soft-F1 difference with a 95 % bootstrap interval (2000 resamples of the images, seed 0)."""
+    import numpy as np
+
     from metrics.grounding import GroundingMAP, SoftF1
     from metrics.text import GLEU
+    from radvlm.evaluate import bootstrap_ci
 
     summary: dict[str, dict[str, float]] = {}
+    per_sample: dict[str, dict[str, float]] = {}
     for name, path in pred_files.items():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows.sort(key=lambda r: r["id"])
@@ -68,7 +73,9 @@ def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
         out: dict[str, float] = {}
         if grounding:
             preds, refs = [r["answer"] for r in grounding], [r["reference"] for r in grounding]
-            out["soft_f1"] = float(SoftF1().score(preds, refs).mean())
+            values = SoftF1().score(preds, refs)
+            per_sample[name] = {r["id"]: float(v) for r, v in zip(grounding, values)}
+            out["soft_f1"] = float(values.mean())
             m = GroundingMAP()
             m.update(preds, refs)
             agg = m.compute()
@@ -83,6 +90,11 @@ def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
         if any(r.get("thinking") for r in rows):
             out["think_closed"] = sum(bool(r.get("think_closed")) for r in rows) / len(rows)
         summary[name] = out
+    if {"sft", "grpo"} <= per_sample.keys():
+        ids = sorted(per_sample["sft"].keys() & per_sample["grpo"].keys())
+        diff = np.array([per_sample["grpo"][i] - per_sample["sft"][i] for i in ids])  # (n,) paired
+        lo, hi = bootstrap_ci(diff, np.mean, n=2000, seed=0)
+        summary["paired"] = {"soft_f1_delta": float(diff.mean()), "ci95_low": lo, "ci95_high": hi, "n": len(ids)}
     return summary
 
 
@@ -91,9 +103,15 @@ def format_summary(summary: dict[str, dict[str, float]], seconds: dict[str, floa
             if any(k in v for v in summary.values())]
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, values in summary.items():
+        if name == "paired":
+            continue
         cells = [f"{values[k]:.3f}" if k in values else "—" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
+    if "paired" in summary:
+        p = summary["paired"]
+        lines.append(f"soft-F1 GRPO − SFT on the same {p['n']} images: {p['soft_f1_delta']:+.3f} "
+                     f"(95 % bootstrap CI {p['ci95_low']:+.3f} … {p['ci95_high']:+.3f})")
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
     return "\n".join(lines)
 
