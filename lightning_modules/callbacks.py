@@ -9,6 +9,8 @@
   ``pl_module._val_pictures = []`` and ``pl_module._val_pictures_cap = num_images``, and the module's
   validation step appends ``{"image", "answer", "gt_boxes", "prompt", "task"}`` of its greedy grounding
   outputs until the cap (``GRPOModule`` does; a module that does not simply gets no pictures).
+- ``LengthDriftMonitor``: answer length relative to the first validation, with a warning when it drifts
+  (the paper's reward-hacking signal).
 """
 
 from __future__ import annotations
@@ -169,3 +171,44 @@ class BoxPictures(L.Callback):
             if experiment is not None and hasattr(experiment, "add_image"):
                 experiment.add_image(f"{stage}/{self.tag}", np.asarray(grid), global_step=trainer.global_step,
                                      dataformats="HWC")
+
+
+class LengthDriftMonitor(L.Callback):
+    """Reward-hacking monitor: answer length at each validation relative to the first one.
+
+    The paper's RadGraph-F1-only reward was hacked by shrinking reports from 207 to 93 characters on
+    average; a length ratio far from 1 is the cheapest early signal. Logs ``val/answer_chars_ratio`` and warns
+    (once per validation) when it leaves ``[min_ratio, max_ratio]``. Reads ``val/answer_chars_mean``, which
+    ``GRPOModule`` logs at validation. The reference length is checkpointed, so a resumed run compares with
+    the same start.
+    """
+
+    def __init__(self, min_ratio: float = 0.7, max_ratio: float = 1.5) -> None:
+        if not 0 < min_ratio < 1 < max_ratio:
+            raise ValueError(f"need 0 < min_ratio < 1 < max_ratio, got {min_ratio}, {max_ratio}")
+        self.min_ratio, self.max_ratio = min_ratio, max_ratio
+        self.reference: float | None = None
+        self.last_ratio: float | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get("val/answer_chars_mean")
+        if value is None or trainer.sanity_checking:
+            return
+        chars = float(value)
+        if self.reference is None:
+            self.reference = chars
+        self.last_ratio = chars / self.reference if self.reference > 0 else float("nan")
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/answer_chars_ratio": self.last_ratio}, step=trainer.global_step)
+        if not self.min_ratio <= self.last_ratio <= self.max_ratio:
+            import warnings
+
+            warnings.warn(f"answer length changed to {self.last_ratio:.2f}× its first validation value "
+                          f"({self.reference:.0f} → {chars:.0f} characters): a possible sign of reward hacking",
+                          stacklevel=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"reference": self.reference}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.reference = state_dict.get("reference")

@@ -76,3 +76,22 @@ def test_test_stage_logs_the_same_metrics_under_test(tiny_ckpt, data_file, tmp_p
     data.hparams.test_files = [str(data_file)]
     trainer.test(module, data)
     assert "test/gleu" in trainer.callback_metrics and "test/answer_chars_mean" in trainer.callback_metrics
+
+
+def test_length_drift_monitor_warns_when_answers_shrink():
+    from types import SimpleNamespace
+
+    from lightning_modules.callbacks import LengthDriftMonitor
+
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append(metrics))
+    trainer = SimpleNamespace(callback_metrics={"val/answer_chars_mean": torch.tensor(207.0)}, sanity_checking=False,
+                              loggers=[logger], global_step=0)
+    monitor = LengthDriftMonitor(min_ratio=0.7)
+    monitor.on_validation_end(trainer, None)
+    trainer.callback_metrics["val/answer_chars_mean"] = torch.tensor(93.0)  # the paper's hacked RadGraph run
+    with pytest.warns(UserWarning, match="reward hacking"):
+        monitor.on_validation_end(trainer, None)
+    assert logged[0]["val/answer_chars_ratio"] == 1.0
+    assert abs(logged[1]["val/answer_chars_ratio"] - 93 / 207) < 1e-9  # 0.449
+    assert LengthDriftMonitor().load_state_dict(monitor.state_dict()) is None
