@@ -22,17 +22,13 @@ aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
 statistic is recomputed per resample from per-sample data (APs; (IoU sum, pair count) rows; label vectors).
 Samples are sorted by id first, so a resumed prediction file (other line order) gives the same intervals.
 
-Model-based metrics (``MetricSettings``: CLI flags or ``--metrics-config`` YAML/JSON with the same names):
-BERTScore distilbert-base-uncased layer 5 rescaled; RadCliQ-v1 = ``metrics.radcliq.RadCliQ`` (radgraph-xl,
-distilroberta-base BERTScore rescaled, CheXbert embeddings, BLEU-2); CheXbert ``chexbert.pth``; RadGraph
-from a folder or the radgraph package cache. Each is built once and probed with strict scoring of one pair:
-a model that cannot be loaded makes its columns ``unavailable: <reason>``, never numbers. With the Hugging
-Face hub unreachable (and no offline mode set), offline mode is switched on so missing weights fail at once.
+Model-based metrics (BERTScore, CheXbert, RadGraph, RadCliQ-v1) come from ``radvlm.eval_metrics``
+(``MetricSettings``: CLI flags or ``--metrics-config`` YAML/JSON with the same names; ``Scorers``; its
+docstring states the models and choices, e.g. the RadGraph ``partial`` level): a model that cannot be loaded
+makes its columns ``unavailable: <reason>``, never numbers; ``MetricSettings``, ``Scorers``, ``Unavailable``
+and ``load_settings`` are re-exported here.
 
-Choices: the RadGraph-F1 column uses the radgraph package's ``partial`` level (the usual "RadGraph F1" of
-RadEval / ReXrank; the paper does not name it; ``--radgraph-level``). A local BERTScore folder without a
-baseline table (``--bertscore-baseline``) is used unrescaled and the output says so (not comparable with the
-paper). Duplicate ids (a multi-GPU predict pads its last batch) keep their first line and are counted.
+Choices: duplicate ids (a multi-GPU predict pads its last batch) keep their first line and are counted.
 """
 
 from __future__ import annotations
@@ -41,26 +37,25 @@ import argparse
 import json
 import math
 import os
-import socket
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from metrics.boxes import pairwise_iou, parse_boxes
-from metrics.grounding import GroundingMAP, SoftF1
-from metrics.text import GLEU, ROUGEL
 from radvlm.draw import write_pictures
+from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import Scorers`` keeps working
+    MetricSettings,
+    Scorers,
+    Unavailable,
+    load_settings,
+)
 
 NAN = float("nan")
 LENGTH_CHANGE_WARN = 0.20  # relative change of the average answer length flagged as a reward-hacking signal
-PROBE_PAIR = ("The heart size is normal. There is a small left pleural effusion.",
-              "Normal heart size. Small left pleural effusion, no pneumothorax.")
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
@@ -140,146 +135,6 @@ def task_kind(task: str) -> str:
         return "grounding"
     return "report" if task == "report_generation" else "text"
 
-
-# ------------------------------------------------------------------------------------------- model metrics
-@dataclass
-class MetricSettings:
-    """Which weights the model-based metrics use (defaults: the paper's models, from the hub or HF cache)."""
-
-    bertscore_model: str = "distilbert-base-uncased"  # hub id or local folder
-    bertscore_layers: int | None = 5
-    bertscore_baseline: str | None = None  # bert-score LAYER,P,R,F table (to rescale a local folder)
-    radcliq_bertscore_model: str = "distilroberta-base"
-    radcliq_bertscore_layers: int | None = None  # None: bert-score's default layer of a hub model
-    radcliq_bertscore_baseline: str | None = None
-    chexbert: str | None = None  # chexbert.pth; None: ~/.cache/radvlm/chexbert.pth, then the hub
-    chexbert_bert: str = "bert-base-uncased"  # config and tokenizer of CheXbert's encoder
-    radgraph_dir: str | None = None  # extracted radgraph model folder; None: the radgraph package cache
-    radgraph_model: str = "radgraph-xl"
-    radgraph_level: str = "partial"
-    device: str | None = None  # None: cuda when available
-    offline: bool | None = None  # None: offline when the hub is unreachable
-
-
-class Unavailable(Exception):
-    """A metric that cannot be computed: ``reason`` (one line, for tables) and ``detail`` (full message)."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.reason, self.detail = reason, detail
-
-
-def describe(what: str, exc: BaseException) -> Unavailable:
-    root = exc.__cause__ or exc
-    first = (str(root).strip().splitlines() or [""])[0]
-    first = first if len(first) <= 200 else first[:200].rsplit(" ", 1)[0] + " …"
-    return Unavailable(f"{what} could not be loaded ({type(root).__name__}: {first})", str(exc))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def set_hub_mode(offline: bool | None) -> str | None:
-    """Switch the Hugging Face hub offline when asked or (``None``) when unreachable; returns a note."""
-    if offline is False or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
-        return None
-    if offline is None and hub_reachable():
-        return None
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    if "huggingface_hub.constants" in sys.modules:  # already imported: it read the variable at import
-        sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    why = " (unreachable)" if offline is None else ""
-    return f"Hugging Face hub offline{why}: only local weights are used"
-
-
-def probe(metric: Any, what: str) -> Any:
-    """Score one report pair with ``strict`` on; ``Unavailable`` when loading fails or gives NaN."""
-    strict = getattr(metric, "strict", None)
-    if strict is not None:
-        metric.strict = True
-    try:
-        values = metric.score([PROBE_PAIR[0]], [PROBE_PAIR[1]])
-    except Exception as exc:
-        raise describe(what, exc) from exc
-    finally:
-        if strict is not None:
-            metric.strict = strict
-    if torch.isnan(torch.as_tensor(values, dtype=torch.float64)).all():
-        raise Unavailable(f"{what} gave NaN on a probe pair")
-    return metric
-
-
-class Scorers:
-    """The metric objects of an evaluation; model-based ones are built and probed once, on first use."""
-
-    def __init__(self, settings: MetricSettings | None = None) -> None:
-        self.settings = settings or MetricSettings()
-        self.rouge_l, self.gleu, self.soft_f1, self.grounding_map = ROUGEL(), GLEU(), SoftF1(), GroundingMAP()
-        self.notes: list[str] = []
-        self._built: dict[str, Any] = {}
-
-    def model_metric(self, name: str) -> Any:
-        """``bertscore``, ``chexbert``, ``radgraph`` or ``radcliq``; raises ``Unavailable``."""
-        if name not in self._built:
-            if not self._built and (note := set_hub_mode(self.settings.offline)):
-                self.notes.append(note)
-            try:
-                self._built[name] = self._build(name)
-            except Unavailable as exc:
-                self._built[name] = exc
-        if isinstance(self._built[name], Unavailable):
-            raise self._built[name]
-        return self._built[name]
-
-    def _bertscore(self, model: str, layers: int | None, baseline: str | None, label: str):
-        from metrics.bertscore import BERTScore
-
-        what = f"{label} model {model!r}"
-        local = os.path.exists(os.path.expanduser(model)) or model.startswith(("/", ".", "~"))
-        rescale = baseline is not None or not local  # bert-score ships baselines for its hub models only
-        try:
-            metric = BERTScore(model, num_layers=layers, rescale_with_baseline=rescale,
-                               baseline_path=baseline, device=self.settings.device)
-        except Exception as exc:
-            raise describe(what, exc) from exc
-        probe(metric, what)
-        if not rescale:
-            self.notes.append(f"{label}: local model {model} has no baseline table: values are not rescaled")
-        return metric
-
-    def _build(self, name: str) -> Any:
-        from metrics.chexbert import CheXbertF1, CheXbertSimilarity
-        from metrics.radgraph import RadGraphF1
-
-        s = self.settings
-        chexbert = {"checkpoint": s.chexbert, "bert_name_or_path": s.chexbert_bert, "device": s.device}
-        chexbert_what = f"CheXbert ({s.chexbert or 'default checkpoint'}, encoder {s.chexbert_bert!r})"
-        radgraph = {"model_type": s.radgraph_model, "model_dir": s.radgraph_dir, "device": s.device}
-        radgraph_what = f"RadGraph {s.radgraph_model!r} ({s.radgraph_dir or 'radgraph package cache'})"
-        if name == "bertscore":
-            return self._bertscore(s.bertscore_model, s.bertscore_layers, s.bertscore_baseline, "BERTScore")
-        if name == "chexbert":
-            return probe(CheXbertF1(**chexbert), chexbert_what)
-        if name == "radgraph":
-            return probe(RadGraphF1(reward_level=s.radgraph_level, **radgraph), radgraph_what)
-        if name != "radcliq":
-            raise KeyError(f"unknown model-based metric {name!r}")
-        from metrics.radcliq import RadCliQ
-        from metrics.text import BLEU
-
-        try:
-            return RadCliQ(radgraph=probe(RadGraphF1(reward_level="radcliq", **radgraph), radgraph_what),
-                           bertscore=self._bertscore(s.radcliq_bertscore_model, s.radcliq_bertscore_layers,
-                                                     s.radcliq_bertscore_baseline, "RadCliQ BERTScore"),
-                           semb=probe(CheXbertSimilarity(**chexbert), chexbert_what), bleu=BLEU(n=2))
-        except Unavailable as exc:
-            raise Unavailable(f"needs {exc.reason}", exc.detail) from exc
 
 
 # ------------------------------------------------------------------------------------------- scoring a task
@@ -548,23 +403,6 @@ def _delta(base: float | None, value: float | None, col: Column) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-def load_settings(config: str | None, overrides: dict[str, Any]) -> MetricSettings:
-    """``MetricSettings`` from a YAML/JSON file (field names with ``-`` or ``_``) and non-None overrides."""
-    values: dict[str, Any] = {}
-    if config:
-        import yaml
-
-        loaded = yaml.safe_load(Path(config).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{config}: expected a mapping of metric settings")
-        values = {k.replace("-", "_"): v for k, v in loaded.items()}
-    names = {f.name for f in fields(MetricSettings)}
-    if unknown := sorted(set(values) - names):
-        raise ValueError(f"{config}: unknown metric settings {unknown}; known: {sorted(names)}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return MetricSettings(**values)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m radvlm.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("predictions", nargs="+", help="JSONL files of main.py predict (several: comparison)")

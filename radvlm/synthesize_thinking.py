@@ -32,29 +32,23 @@ rejected and failed records (id, kind, reason, attempts). ``max_consecutive_fail
 Decisions beyond the brief: only the FINAL user prompt gets ``" /think"`` (earlier assistant turns carry no
 trace; a ``/think`` prompt answered without thinking would teach exactly that); records get a
 ``thinking_source`` key; image paths are written relative to the output's folder. radvlm/ must not depend
-on datamodules/ (DESIGN.md), so it is imported lazily where unavoidable: ``main`` (``load_records``),
-``PolicyTeacher`` (``PromptCollator``) and ``image_data_url`` for images that are not 8-bit PNG/JPEG
-(``load_image`` rescales 16-bit radiographs); ``synthesize`` takes any Record-shaped objects. The local
-teacher ignores ``timeout`` (``generate`` cannot be interrupted).
+on datamodules/ (DESIGN.md), so ``main`` imports ``load_records`` lazily and ``synthesize`` takes any
+Record-shaped objects. The teachers (``EndpointTeacher``, ``PolicyTeacher``, ``TeacherRequest``,
+``PermanentError``, ``Truncated``, ``image_data_url``) live in ``radvlm.teachers`` and are re-exported here.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import math
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -65,6 +59,15 @@ from radvlm.chat import (
     make_thinking_answer,
     make_thinking_prompt,
     split_thinking,
+)
+from radvlm.teachers import (  # re-exported: ``from radvlm.synthesize_thinking import EndpointTeacher`` works
+    EndpointTeacher,
+    PermanentError,
+    PolicyTeacher,
+    Teacher,
+    TeacherRequest,
+    Truncated,
+    image_data_url,  # noqa: F401 (re-exported)
 )
 
 SHOW_ANSWER_TEMPLATE = (
@@ -88,14 +91,6 @@ _NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 
 
-class PermanentError(RuntimeError):
-    """A request that retrying cannot fix (bad request, unreadable image); logged without retries."""
-
-
-class Truncated(str):
-    """A response cut at the token limit (``finish_reason == "length"``); rejected, never written."""
-
-
 class RecordLike(Protocol):
     """What ``synthesize`` needs of a record (``datamodules.records.Record`` has it)."""
 
@@ -104,24 +99,6 @@ class RecordLike(Protocol):
     conversations: list  # of objects with .role ("user" | "assistant") and .text
 
     def to_dict(self) -> dict[str, Any]: ...
-
-
-@dataclass(frozen=True)
-class TeacherRequest:
-    """One conversation for the teacher: earlier turns as they are, then the final instruction."""
-
-    id: str
-    image: Path | None  # opens the first user turn
-    turns: tuple[tuple[str, str], ...]  # (role, text); ends with the user instruction
-
-
-class Teacher(Protocol):
-    name: str
-    batch_size: int  # requests per ``complete`` call
-    max_workers: int | None  # threads that may call ``complete`` at once (None: any number)
-
-    def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
-        ...
 
 
 # ------------------------------------------------------------------------------------------ answer checks
@@ -248,167 +225,6 @@ def thinking_record(record: RecordLike, trace: str, out_dir: Path | None = None,
         out["thinking_source"] = source
     return out
 
-
-# ------------------------------------------------------------------------------------------------ teachers
-
-
-def _load_8bit_image(path: Path):
-    from datamodules.records import load_image  # lazy: radvlm must not depend on datamodules at import
-
-    return load_image(path)
-
-
-def image_data_url(path: str | Path, loader: Callable[[Path], Any] | None = None) -> str:
-    """``data:image/png;base64,...``: 8-bit PNG/JPEG files as they are, anything else decoded by ``loader``
-    (default ``datamodules.records.load_image``, which rescales 16-bit images) and re-encoded as PNG."""
-    from PIL import Image
-
-    path = Path(path)
-    try:
-        with Image.open(path) as im:
-            fmt, mode = im.format, im.mode
-        if fmt in ("PNG", "JPEG") and mode in ("L", "RGB", "RGBA", "LA", "P"):
-            data, mime = path.read_bytes(), f"image/{fmt.lower()}"
-        else:
-            buf = io.BytesIO()
-            (loader or _load_8bit_image)(path).save(buf, format="PNG")
-            data, mime = buf.getvalue(), "image/png"
-    except Exception as e:
-        raise PermanentError(f"image {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
-class EndpointTeacher:
-    """An OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang, ...), through urllib.
-
-    The image goes as a base64 data-URL ``image_url`` part before the text of the first user turn. HTTP 408,
-    429 and 5xx, connection errors and timeouts are retried by ``synthesize``; other 4xx are permanent.
-    """
-
-    batch_size = 1
-    max_workers = None
-
-    def __init__(self, endpoint: str, model: str, api_key: str | None = None, max_tokens: int = 4096,
-                 temperature: float = 0.0, extra_body: dict[str, Any] | None = None,
-                 image_loader: Callable[[Path], Any] | None = None) -> None:
-        self.url = endpoint.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
-        self.max_tokens, self.temperature = max_tokens, temperature
-        self.extra_body = dict(extra_body or {})
-        self.image_loader = image_loader
-        self.name = f"endpoint:{model}"
-
-    def payload(self, request: TeacherRequest) -> dict[str, Any]:
-        messages = []
-        image_pending = request.image is not None
-        for role, text in request.turns:
-            if role == "user" and image_pending:
-                url = image_data_url(request.image, self.image_loader)
-                content: Any = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
-                image_pending = False
-            else:
-                content = text
-            messages.append({"role": role, "content": content})
-        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, **self.extra_body}
-
-    def complete_one(self, request: TeacherRequest, timeout: float | None = None) -> str:
-        body = json.dumps(self.payload(request)).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                reply = json.loads(resp.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
-            error = RuntimeError if e.code in (408, 429) or e.code >= 500 else PermanentError
-            raise error(f"HTTP {e.code} from {self.url}: {detail}") from e
-        except urllib.error.URLError as e:
-            raise ConnectionError(f"{self.url}: {e.reason}") from e
-        return self.response_text(reply)
-
-    @staticmethod
-    def response_text(reply: dict[str, Any]) -> str:
-        """``choices[0].message.content``, with a separate ``reasoning_content`` put back as a think block;
-        ``Truncated`` when the server stopped at ``max_tokens``."""
-        try:
-            choice = reply["choices"][0]
-            message = choice["message"]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"malformed chat completion: {json.dumps(reply)[:300]}") from None
-        content = message.get("content") or ""
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-        if reasoning and THINK_CLOSE not in content:
-            content = f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content.strip()}"
-        return Truncated(content) if choice.get("finish_reason") == "length" else content
-
-    def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
-        out: list[str | Exception] = []
-        for request in requests:
-            try:
-                out.append(self.complete_one(request, timeout))
-            except Exception as e:  # every failure is reported per request; synthesize decides on retries
-                out.append(e)
-        return out
-
-
-class PolicyTeacher:
-    """A local checkpoint: ``PromptCollator`` batches → ``Policy.generate`` (greedy when temperature is 0)."""
-
-    max_workers = 1
-
-    def __init__(self, policy, batch_size: int = 8, max_new_tokens: int = 4096, temperature: float = 0.0,
-                 device: str | None = None, collator: Callable[[list], dict] | None = None,
-                 name: str = "policy") -> None:
-        self.policy, self.batch_size = policy, batch_size
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.device = device
-        if collator is None:
-            from datamodules.collate import PromptCollator  # lazy: see module docstring
-
-            collator = PromptCollator(policy.processor)
-        self.collator = collator
-        self.name = name
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: str = "float32", device: str | None = None,
-                        **kwargs) -> PolicyTeacher:
-        from radvlm.policy import Policy
-
-        policy = Policy.from_pretrained(path, dtype=dtype)
-        if device is not None:
-            policy.to(device)
-        return cls(policy, device=device, name=f"policy:{Path(str(path)).name}", **kwargs)
-
-    def _records(self, requests: Sequence[TeacherRequest]) -> list:
-        from datamodules.records import Record, Turn  # lazy: see module docstring
-
-        # an empty assistant turn closes each conversation; the prompt collator drops it again
-        return [Record(id=r.id, image=r.image, conversations=[Turn(role, text) for role, text in r.turns]
-                       + [Turn("assistant", "")]) for r in requests]
-
-    def _generate(self, requests: Sequence[TeacherRequest]) -> list[str]:
-        import torch
-
-        batch = self.collator(self._records(requests))
-        if batch.get("empty") or list(batch["ids"]) != [r.id for r in requests]:
-            raise PermanentError(f"the prompt collator dropped {batch.get('n_dropped')} of {len(requests)} prompts")
-        if self.device is not None:
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        out = self.policy.generate(batch, num_return_sequences=1, max_new_tokens=self.max_new_tokens,
-                                   do_sample=self.temperature > 0, temperature=self.temperature or 1.0)
-        return [Truncated(t) if cut else t for t, cut in zip(out.texts, out.truncated.tolist())]
-
-    def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
-        try:
-            return list(self._generate(requests))
-        except Exception as e:
-            if len(requests) == 1:  # a bad record (ValueError: unreadable image ...) will not get better
-                return [PermanentError(f"{type(e).__name__}: {e}") if isinstance(e, ValueError) else e]
-        # one bad sample must not fail its whole batch: isolate it
-        return [r for request in requests for r in self.complete([request], timeout)]
 
 
 # ------------------------------------------------------------------------------------------- the driver
