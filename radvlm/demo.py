@@ -81,6 +81,7 @@ def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
             agg = m.compute()
             out["map"] = float(agg["map"])
             out["mean_iou"] = float(agg["mean_iou"])
+            out["grounding_chars"] = sum(len(p) for p in preds) / len(preds)
             out["n_grounding"] = len(grounding)
         if reports:
             preds, refs = [r["answer"] for r in reports], [r["reference"] for r in reports]
@@ -99,7 +100,7 @@ def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
 
 
 def format_summary(summary: dict[str, dict[str, float]], seconds: dict[str, float]) -> str:
-    keys = [k for k in ("soft_f1", "map", "mean_iou", "gleu", "report_chars", "think_closed")
+    keys = [k for k in ("soft_f1", "map", "mean_iou", "grounding_chars", "gleu", "report_chars", "think_closed")
             if any(k in v for v in summary.values())]
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, values in summary.items():
