@@ -173,6 +173,15 @@ class PolicyModule(L.LightningModule):
         opt = getattr(opt, "optimizer", opt)
         self.log("train/lr", opt.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    @property
+    def synced_generation(self) -> bool:
+        """Generation must keep all processes stepping together when FSDP shards the weights."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return False
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return isinstance(self.trainer.strategy, FSDPStrategy)
+
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy generation on a prompt batch → one row per sample (written by ``PredictionWriter``)."""
@@ -180,7 +189,8 @@ class PolicyModule(L.LightningModule):
 
         if batch.get("empty"):
             return []
-        gen = self.policy.generate(batch, max_new_tokens=self.predict_max_new_tokens)
+        gen = self.policy.generate(batch, max_new_tokens=self.predict_max_new_tokens,
+                                   synced_gpus=self.synced_generation)
         rows = []
         for i, text in enumerate(gen.texts):
             thinking = bool(batch["thinking"][i])

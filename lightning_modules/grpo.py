@@ -19,7 +19,12 @@ Paper settings (configs/grpo_report.yaml): G = 8, 512 prompts per step, mini-bat
 lr 1e-6 constant, β = 0.01 k3 as a loss, ε 0.20/0.28, dual clip 3, token-mean, temperature 1.
 
 Deviations: in data-parallel runs ``ppo_mini_batch_size`` is divided by the world size and each rank
-aggregates over its own tokens (gradients are then averaged across ranks, as verl does per rank).
+aggregates over its own tokens (gradients are then averaged across ranks, as verl does per rank). With
+several processes, rows removed by ``filter_zero_std_groups`` (or fully masked) still run with a zero mask so
+every rank makes the same number of forward/backward passes; generation under FSDP uses ``synced_gpus``; a
+non-finite loss is still back-propagated (all ranks then skip the step together on the non-finite norm).
+An optimizer step happens only when a mini-batch has a trainable row, so a batch of only zero-variance groups
+under ``filter_zero_std_groups`` does not advance ``global_step``.
 """
 
 from __future__ import annotations
@@ -117,6 +122,7 @@ class GRPOModule(PolicyModule):
             {term.name: copy.deepcopy(term.metric) for term in self.val_terms if isinstance(term.metric, nn.Module)}
         )
         self.reference_model: nn.Module | None = None
+        self._keep_empty_rows = False
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -153,6 +159,9 @@ class GRPOModule(PolicyModule):
         finally:
             self.policy.model = saved
 
+    def _is_distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
     def _micro_batches(self, rows: list[int]) -> list[list[int]]:
         size = max(1, int(self.hparams.micro_batch_size))
         return [rows[i : i + size] for i in range(0, len(rows), size)]
@@ -186,7 +195,7 @@ class GRPOModule(PolicyModule):
         t0 = time.perf_counter()
         gen = self.policy.generate(batch, num_return_sequences=g, max_new_tokens=hp.max_new_tokens,
                                    do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
-                                   shared_prefill=hp.shared_prefill)
+                                   shared_prefill=hp.shared_prefill, synced_gpus=self.synced_generation)
         times["generate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -213,8 +222,16 @@ class GRPOModule(PolicyModule):
         rollout = build_rollout_batch(gen_prompt_inputs(batch, g), gen.completion_ids, gen.completion_mask)
         rollout = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in rollout.items()}
         all_rows = list(range(rewards.numel()))
+        # Several processes must run the same number of forward/backward passes (gradient all-reduce, FSDP
+        # all-gathers): there, filtered or fully masked rows stay in the micro-batches with a zero mask (no
+        # loss, not counted by the aggregation); a single process skips them.
+        distributed = self._is_distributed()
         if hp.filter_zero_std_groups:
-            all_rows = [r for r in all_rows if bool(keep_groups[r // g])]
+            if distributed:
+                mask = mask * keep_groups.repeat_interleave(g).unsqueeze(1).to(mask.dtype)  # (B*G, C)
+            else:
+                all_rows = [r for r in all_rows if bool(keep_groups[r // g])]
+        self._keep_empty_rows = distributed
 
         t0 = time.perf_counter()
         updates = self._mini_batches(len(batch["ids"]))
@@ -235,7 +252,7 @@ class GRPOModule(PolicyModule):
         count = 0
         for _ in range(hp.ppo_epochs):
             for rows in updates:
-                rows = [r for r in rows if r in allowed and bool(mask[r].any())]
+                rows = [r for r in rows if r in allowed and (self._keep_empty_rows or bool(mask[r].any()))]
                 if not rows:
                     continue
                 den = grpo.aggregation_denominator(mask[rows], hp.loss_agg)
@@ -253,10 +270,10 @@ class GRPOModule(PolicyModule):
                         loss = loss + hp.beta * kl_term
                         st["kl"] = grpo.masked_mean(kl.detach(), mask[mb])
                     st["entropy"] = grpo.masked_mean(entropy, mask[mb])
-                    if torch.isfinite(loss):
-                        self.manual_backward(loss)
-                    else:
-                        finite = False
+                    # backward even when non-finite: every process must join the gradient all-reduce; the
+                    # non-finite gradient norm then makes all of them skip the step together
+                    finite = finite and bool(torch.isfinite(loss))
+                    self.manual_backward(loss)
                     for k, v in st.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
@@ -324,7 +341,7 @@ class GRPOModule(PolicyModule):
         if batch.get("empty"):
             return
         budget = self.hparams.val_max_new_tokens or self.hparams.max_new_tokens
-        gen = self.policy.generate(batch, max_new_tokens=budget)  # greedy
+        gen = self.policy.generate(batch, max_new_tokens=budget, synced_gpus=self.synced_generation)  # greedy
         answers = [answer_of(t, th)[0] for t, th in zip(gen.texts, batch["thinking"])]
         self._val_chars.extend(len(a) for a in answers)
         pictures = getattr(self, "_val_pictures", None)  # a list only when the BoxPictures callback is used

@@ -68,8 +68,8 @@ class SFTModule(PolicyModule):
         loss_sum, n_tokens = self.policy.sft_loss(batch)
         loss = loss_sum / max(n_tokens, 1)
         finite = bool(torch.isfinite(loss))
-        if finite:
-            self.manual_backward(loss / self.accumulate)
+        # backward even when non-finite: every process must join the gradient all-reduce (the step is skipped)
+        self.manual_backward(loss / self.accumulate)
         self._loss_finite = getattr(self, "_loss_finite", True) and finite
         # an accumulation window never spans an epoch boundary (so checkpoints fall between windows)
         last_micro = (batch_idx + 1) % self.accumulate == 0 or self.trainer.is_last_batch
@@ -102,7 +102,8 @@ class SFTModule(PolicyModule):
         want = self.num_generation_samples - self._shown
         if want > 0 and "prompt" in batch and not batch["prompt"].get("empty"):
             prompt = _take(batch["prompt"], want)
-            out = self.policy.generate(prompt, max_new_tokens=self.max_new_tokens)
+            out = self.policy.generate(prompt, max_new_tokens=self.max_new_tokens,
+                                       synced_gpus=self.synced_generation)
             for i, text in enumerate(out.texts):
                 answer, _ = answer_of(text, prompt["thinking"][i])
                 self._gen_rows.append({"id": prompt["ids"][i], "task": prompt["tasks"][i],

@@ -335,8 +335,12 @@ class Policy(nn.Module):
         top_p: float = 1.0,
         top_k: int | None = None,
         shared_prefill: bool = False,
+        synced_gpus: bool = False,
     ) -> GenerationOutput:
         """Greedy or sampled completions, ``num_return_sequences`` per prompt, grouped contiguously.
+
+        ``synced_gpus``: keep stepping until every process has finished (needed when the weights are sharded
+        with FSDP: a process that stopped early would leave the others waiting in an all-gather).
 
         ``shared_prefill``: encode each image and prefill each prompt once, then decode the G rollouts from
         copies of its KV cache (``shared_prefill_generate``); same samples for the same seed, less compute.
@@ -360,9 +364,10 @@ class Policy(nn.Module):
         try:
             if shared_prefill:
                 sequences = shared_prefill_generate(self.hf_model, self.model_inputs(batch), num_return_sequences,
-                                                    config)  # (N*G, P+C)
+                                                    config, synced_gpus=synced_gpus)  # (N*G, P+C)
             else:
-                sequences = self.hf_model.generate(**inputs, generation_config=config)  # (N*G, P+C)
+                sequences = self.hf_model.generate(**inputs, generation_config=config,
+                                                   synced_gpus=synced_gpus)  # (N*G, P+C)
         finally:
             self.model.train(was_training)
         prompt_len = inputs["input_ids"].shape[1]
@@ -402,7 +407,7 @@ def mrope_position_ids(hf_model: nn.Module, inputs: dict[str, Any]) -> torch.Ten
 
 @torch.no_grad()
 def shared_prefill_generate(hf_model: nn.Module, inputs: dict[str, Any], num_return_sequences: int,
-                            generation_config: Any) -> torch.Tensor:  # (N*G, P+C)
+                            generation_config: Any, synced_gpus: bool = False) -> torch.Tensor:  # (N*G, P+C)
     """G continuations per prompt from one prefill: Hugging Face ``generate`` resumed from a copied cache.
 
     1. The prompts but their last token, ``(N, P-1)``, go through the model once with their images (vision
@@ -442,6 +447,7 @@ def shared_prefill_generate(hf_model: nn.Module, inputs: dict[str, Any], num_ret
             attention_mask=mask.repeat_interleave(g, dim=0),  # (N*G, P)
             position_ids=positions.repeat_interleave(g, dim=1),  # (4, N*G, P)
             generation_config=generation_config,
+            synced_gpus=synced_gpus,
             **{cache_kw: cache},
         )
     finally:

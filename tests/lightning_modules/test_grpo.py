@@ -95,3 +95,33 @@ def test_length_drift_monitor_warns_when_answers_shrink():
     assert logged[0]["val/answer_chars_ratio"] == 1.0
     assert abs(logged[1]["val/answer_chars_ratio"] - 93 / 207) < 1e-9  # 0.449
     assert LengthDriftMonitor().load_state_dict(monitor.state_dict()) is None
+
+
+def test_zero_std_filter_keeps_every_micro_batch_when_distributed(tiny_ckpt, data_file, tmp_path, monkeypatch):
+    """With several processes, filtered rows stay in the passes (zero mask) so every rank runs the same
+    number of backward calls; a single process skips them."""
+    calls = {}
+    for distributed in (False, True):
+        module, data, trainer = make(tiny_ckpt, data_file, tmp_path, max_steps=2, filter_zero_std_groups=True,
+                                     rewards=[RewardTerm(Constant())])
+        monkeypatch.setattr(GRPOModule, "_is_distributed", lambda self, d=distributed: d)
+        # no row may be trained at all, so bound the run by batches, not optimizer steps
+        trainer.fit_loop.epoch_loop.max_steps, trainer.fit_loop.max_epochs, trainer.limit_train_batches = -1, 1, 2
+        count = {"n": 0}
+        module.configure_model()
+        real = module.manual_backward
+        def counting_backward(loss, count=count, real=real):
+            count["n"] += 1
+            return real(loss)
+
+        monkeypatch.setattr(module, "manual_backward", counting_backward)
+        trainer.fit(module, data)
+        calls[distributed] = count["n"]
+        monkeypatch.undo()
+    # constant rewards: every group has std 0 → a single process skips every row, two processes do not
+    assert calls[False] == 0 and calls[True] > 0
+
+
+class Constant(GLEU):
+    def score(self, preds, targets):
+        return torch.full((len(preds),), 0.5)
