@@ -9,7 +9,8 @@ unusable answer receives (for example a thinking completion without ``</think>``
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections import OrderedDict
+from typing import Any, Iterable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -71,3 +72,46 @@ class PerSampleMetric(Metric):
         """``score`` signed so that higher is better (NaN stays NaN)."""
         values = self.score(list(preds), list(targets))
         return values if self.higher_is_better else -values
+
+
+class ReferenceCache:
+    """LRU cache of reference-side work (embeddings, annotations) keyed by the reference text.
+
+    GRPO scores the G rollouts of a prompt against the same reference: ``split`` hands back what is cached,
+    and which distinct references and predictions still need the model, so each reference is processed once.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.items: OrderedDict[str, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self.items
+
+    def split(self, targets: Iterable[str], preds: Iterable[str], known: dict[str, Any] | None = None
+              ) -> tuple[dict[str, Any], list[str], list[str]]:
+        """``(table of known/cached values, new distinct references, new distinct predictions)``."""
+        table: dict[str, Any] = dict(known or {})
+        new_refs: list[str] = []
+        for text in dict.fromkeys(targets):
+            if text in table:
+                continue
+            if text in self.items:
+                self.items.move_to_end(text)
+                table[text] = self.items[text]
+            else:
+                new_refs.append(text)
+        pending = set(new_refs)
+        new_preds = [t for t in dict.fromkeys(preds) if t not in table and t not in pending]
+        return table, new_refs, new_preds
+
+    def store(self, values: dict[str, Any], refs: Iterable[str]) -> None:
+        """Remember the (non-``None``) values of ``refs``, evicting the least recently used past ``size``."""
+        for text in refs:
+            if values.get(text) is not None:
+                self.items[text] = values[text]
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)

@@ -39,14 +39,14 @@ import csv
 import math
 import os
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, check_pairs
+from metrics.base import PerSampleMetric, ReferenceCache, check_pairs
 
 #: (model_type, num_layers, device) -> (tokenizer, model) or the exception raised while loading
 _ENGINES: dict[tuple[str, int, str], tuple | BaseException] = {}
@@ -215,7 +215,7 @@ class BERTScore(PerSampleMetric):
             # an unusable answer scores as an empty one: raw F1 0, rescaled (0 - b_F) / (1 - b_F)
             self.worst_value = float(-self.baseline[2] / (1 - self.baseline[2]))
         self.reference_cache_size = reference_cache_size
-        self.reference_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.reference_cache = ReferenceCache(reference_cache_size)
         self.stats = {"reference_encodings": 0, "candidate_encodings": 0, "pairs_matched": 0}
 
     # ------------------------------------------------------------------------------------------- loading
@@ -253,24 +253,12 @@ class BERTScore(PerSampleMetric):
 
     def _lookup(self, targets: Sequence[str], preds: Sequence[str], tokenizer, model) -> dict:
         """Embeddings of every distinct text; references come from / go to the LRU reference cache."""
-        table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        new_refs = []
-        for text in dict.fromkeys(targets):
-            if text in self.reference_cache:
-                self.reference_cache.move_to_end(text)
-                table[text] = self.reference_cache[text]
-            else:
-                new_refs.append(text)
-        new_ref_set = set(new_refs)
-        new_preds = [t for t in dict.fromkeys(preds) if t not in table and t not in new_ref_set]
+        table, new_refs, new_preds = self.reference_cache.split(targets, preds)
         encoded = self._encode(new_refs + new_preds, tokenizer, model)
         table.update(encoded)
         self.stats["reference_encodings"] += len(new_refs)
         self.stats["candidate_encodings"] += len(new_preds)
-        for text in new_refs:
-            self.reference_cache[text] = encoded[text]
-        while len(self.reference_cache) > self.reference_cache_size:
-            self.reference_cache.popitem(last=False)
+        self.reference_cache.store(encoded, new_refs)
         return table
 
     # ------------------------------------------------------------------------------------------- scoring

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from metrics.base import PerSampleMetric, check_pairs
+from metrics.base import PerSampleMetric, ReferenceCache, check_pairs
 from metrics.bertscore import default_device, warn_once
 
 CONDITIONS = (
@@ -206,7 +205,7 @@ class _CheXbertMetric(PerSampleMetric):
         self.batch_size = batch_size
         self.strict = strict
         self.reference_cache_size = reference_cache_size
-        self.reference_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.reference_cache = ReferenceCache(reference_cache_size)
         self.stats = {"reference_encodings": 0, "prediction_encodings": 0}
 
     def _model(self) -> CheXbert | None:
@@ -230,16 +229,7 @@ class _CheXbertMetric(PerSampleMetric):
         model = self._model()
         if model is None:
             return None
-        table: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        new_refs = []
-        for text in dict.fromkeys(targets):
-            if text in self.reference_cache:
-                self.reference_cache.move_to_end(text)
-                table[text] = self.reference_cache[text]
-            else:
-                new_refs.append(text)
-        new_ref_set = set(new_refs)
-        new_preds = [t for t in dict.fromkeys(preds) if t not in table and t not in new_ref_set]
+        table, new_refs, new_preds = self.reference_cache.split(targets, preds)
         texts = new_refs + new_preds
         if texts:
             try:
@@ -252,10 +242,7 @@ class _CheXbertMetric(PerSampleMetric):
             table.update({t: (labels[i].clone(), emb[i].clone()) for i, t in enumerate(texts)})
         self.stats["reference_encodings"] += len(new_refs)
         self.stats["prediction_encodings"] += len(new_preds)
-        for text in new_refs:
-            self.reference_cache[text] = table[text]
-        while len(self.reference_cache) > self.reference_cache_size:
-            self.reference_cache.popitem(last=False)
+        self.reference_cache.store(table, new_refs)
         hidden = model.model.bert.config.hidden_size
         stack = lambda col, side, shape: (
             torch.stack([table[t][col] for t in side]) if side else torch.zeros(shape)

@@ -29,14 +29,13 @@ import contextlib
 import io
 import os
 import tempfile
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, check_pairs
+from metrics.base import PerSampleMetric, ReferenceCache, check_pairs
 from metrics.bertscore import default_device, warn_once
 
 RADGRAPH_REPO = "StanfordAIMI/RRG_scorers"
@@ -156,7 +155,7 @@ class RadGraphF1(PerSampleMetric):
         self.model_device = device or default_device()
         self.strict = strict
         self.reference_cache_size = reference_cache_size
-        self.reference_cache: OrderedDict[str, Annotation] = OrderedDict()
+        self.reference_cache = ReferenceCache(reference_cache_size)
         self.stats = {"reference_annotations": 0, "prediction_annotations": 0}
 
     def _annotator(self):
@@ -193,26 +192,13 @@ class RadGraphF1(PerSampleMetric):
         annotator = self._annotator()
         if annotator is None:
             return None
-        table: dict[str, Annotation | None] = {"": EMPTY_ANNOTATION}
-        new_refs = []
-        for text in dict.fromkeys(t for t in targets if t.strip()):
-            if text in self.reference_cache:
-                self.reference_cache.move_to_end(text)
-                table[text] = self.reference_cache[text]
-            else:
-                new_refs.append(text)
-        new_ref_set = set(new_refs)
-        new_preds = [t for t in dict.fromkeys(p for p in preds if p.strip())
-                     if t not in table and t not in new_ref_set]
+        table, new_refs, new_preds = self.reference_cache.split(
+            (t for t in targets if t.strip()), (p for p in preds if p.strip()), known={"": EMPTY_ANNOTATION})
         found = self._run(annotator, new_refs + new_preds)
         table.update(found)
         self.stats["reference_annotations"] += len(new_refs)
         self.stats["prediction_annotations"] += len(new_preds)
-        for text in new_refs:
-            if found.get(text) is not None:
-                self.reference_cache[text] = found[text]
-        while len(self.reference_cache) > self.reference_cache_size:
-            self.reference_cache.popitem(last=False)
+        self.reference_cache.store(found, new_refs)
         return table
 
     def pair_value(self, pred: Annotation, ref: Annotation) -> float:

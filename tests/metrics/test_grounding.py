@@ -330,3 +330,4 @@ def test_soft_f1_of_fifty_duplicates_against_one_box():
     # 50 copies of A vs gt [A]: one match with IoU 1, FP = 49 -> P = 1/50, R = 1
     # -> F1 = 2 * (1/50) / (51/50) = 2/51
     assert SoftF1().score([answer([A] * 50)], [answer([A])]).item() == pytest.approx(2 / 51, abs=1e-7)
+
