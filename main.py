@@ -44,13 +44,9 @@ class RadVLMCLI(LightningCLI):
 
 def main(args=None) -> RadVLMCLI:
     from datamodules.datamodule import RadVLMDataModule
-    from lightning_modules import sft  # noqa: F401
-    from lightning_modules.common import PolicyModule  # noqa: F401  (registers the subclasses below)
+    from lightning_modules import grpo, sft  # noqa: F401  (imported so their classes resolve by class_path)
+    from lightning_modules.common import PolicyModule
 
-    try:  # the GRPO stage is optional at import time
-        from lightning_modules import grpo  # noqa: F401
-    except ImportError:
-        pass
     return RadVLMCLI(
         PolicyModule,
         RadVLMDataModule,
