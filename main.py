@@ -13,7 +13,16 @@ the ``--config`` files and flags given (no default config files, no environment 
 
 from __future__ import annotations
 
+import warnings
+
 from lightning.pytorch.cli import LightningCLI
+
+# Known, harmless library warnings that would otherwise bury the training output:
+# - our checkpoints are meant to hold the state after the optimizer step (manual optimization is on purpose);
+# - torchdata 0.11 and Lightning 2.6 call APIs that torch 2.13 deprecates.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class RadVLMCLI(LightningCLI):
