@@ -40,8 +40,10 @@ import torch
 
 from benchmarks.rollout import (
     SHAPES,
+    add_common_args,
     build_policy,
     describe_device,
+    run_with_threads,
     tiny_folder,
     write_prompt_records,
 )
@@ -173,18 +175,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on the language model (reference: adapters off)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default=None, help="scratch folder (tiny checkpoint, images); default: temp")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo_step.json"))
+    add_common_args(parser, "grpo_step.json")
     args = parser.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
-        return run(args)
-    finally:  # the thread count is process-wide: give it back
-        torch.set_num_threads(threads)
+    return run_with_threads(run, args)
 
 
 def quiet() -> None:

@@ -237,6 +237,24 @@ def describe_device(device: str) -> str:
         return torch.cuda.get_device_name()
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
+def add_common_args(parser, out_name: str) -> None:
+    """Options every benchmark takes: threads, seed, scratch folder, JSON output."""
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=None, help="scratch folder (tiny checkpoint, images); default: temp")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / out_name))
+
+
+def run_with_threads(run, args):
+    """``run(args)`` with ``args.threads`` torch threads, giving the process-wide count back afterwards."""
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -249,19 +267,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--g", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--reps", type=int, default=3, help="timed calls per row; the fastest is kept")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default=None, help="scratch folder (tiny checkpoint, images); default: temp")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout.json"))
+    add_common_args(parser, "rollout.json")
     args = parser.parse_args(argv)
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or threads)
-    try:
-        return run(args)
-    finally:  # the thread count is process-wide: give it back
-        torch.set_num_threads(threads)
+    return run_with_threads(run, args)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -324,3 +333,4 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+

@@ -15,6 +15,7 @@ SFT batches are right-padded; prompt batches are left-padded so completions can 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -105,7 +106,7 @@ def stack_samples(samples: Sequence[EncodedSample], pad_id: int, image_token_id:
     return batch
 
 
-class _Collator:
+class _Collator(ABC):
     left = False
 
     def __init__(self, processor, max_length: int | None = None, overlong: str = "drop") -> None:
@@ -118,8 +119,9 @@ class _Collator:
         self.pad_id = tok.pad_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
 
+    @abstractmethod
     def encode(self, record: Record) -> EncodedSample:
-        raise NotImplementedError
+        """One record → token ids, labels and image inputs."""
 
     def _keep(self, record: Record, sample: EncodedSample) -> bool:
         if self.max_length is None or len(sample.input_ids) <= self.max_length:
@@ -160,8 +162,8 @@ class _Collator:
         self.extend(batch, [r for r, _ in kept])
         return batch
 
-    def extend(self, batch: dict, records: list[Record]) -> None:
-        pass
+    def extend(self, batch: dict, records: list[Record]) -> None:  # noqa: B027  (optional hook)
+        """Add layout-specific fields to a collated batch (nothing by default)."""
 
 
 class SFTCollator(_Collator):

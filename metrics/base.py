@@ -9,8 +9,9 @@ unusable answer receives (for example a thinking completion without ``</think>``
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections import OrderedDict
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -44,8 +45,9 @@ class PerSampleMetric(Metric):
         super().__init__(**kwargs)
         self.add_state("values", default=[], dist_reduce_fx="cat")
 
+    @abstractmethod
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
-        raise NotImplementedError
+        """Per-sample values, NaN where a value could not be computed."""
 
     def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
         check_pairs(preds, targets)
@@ -115,3 +117,17 @@ class ReferenceCache:
                 self.items[text] = values[text]
         while len(self.items) > self.size:
             self.items.popitem(last=False)
+
+
+def load_once(cache: dict[Hashable, Any], key: Hashable, build: Callable[[], Any]) -> Any:
+    """``build()`` once per process and ``key`` (a model, an annotator); a failure is remembered and raised
+    again on every later call, so an offline run pays the slow failed download once, not at every step."""
+    if key not in cache:
+        try:
+            cache[key] = build()
+        except Exception as exc:  # noqa: BLE001  (remembered, re-raised below)
+            cache[key] = exc
+    value = cache[key]
+    if isinstance(value, BaseException):
+        raise value
+    return value

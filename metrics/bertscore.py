@@ -46,7 +46,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_pairs
+from metrics.base import PerSampleMetric, ReferenceCache, check_pairs, load_once
 
 #: (model_type, num_layers, device) -> (tokenizer, model) or the exception raised while loading
 _ENGINES: dict[tuple[str, int, str], tuple | BaseException] = {}
@@ -139,24 +139,18 @@ def greedy_match(
 
 def load_engine(model_type: str, num_layers: int, device: str) -> tuple:
     """(tokenizer, model) through bert-score's loaders, cached per process; raises what loading raised."""
-    key = (model_type, num_layers, device)
-    cached = _ENGINES.get(key)
-    if cached is None:
-        from bert_score.utils import get_model, get_tokenizer
+    return load_once(_ENGINES, (model_type, num_layers, device), lambda: _build_engine(model_type, num_layers, device))
 
-        _compat.apply()
-        try:
-            if (os.sep in model_type or model_type.startswith(".")) and not os.path.isdir(model_type):
-                raise FileNotFoundError(f"model folder {model_type} does not exist")
-            tokenizer = get_tokenizer(model_type, use_fast=False)
-            model = get_model(model_type, num_layers).to(device).eval()
-            cached = (tokenizer, model)
-        except Exception as exc:  # noqa: BLE001  (remembered: an offline run must not retry every step)
-            cached = exc
-        _ENGINES[key] = cached
-    if isinstance(cached, BaseException):
-        raise cached
-    return cached
+
+def _build_engine(model_type: str, num_layers: int, device: str) -> tuple:
+    from bert_score.utils import get_model, get_tokenizer
+
+    _compat.apply()
+    if (os.sep in model_type or model_type.startswith(".")) and not os.path.isdir(model_type):
+        raise FileNotFoundError(f"model folder {model_type} does not exist")
+    tokenizer = get_tokenizer(model_type, use_fast=False)
+    model = get_model(model_type, num_layers).to(device).eval()
+    return tokenizer, model
 
 
 class BERTScore(PerSampleMetric):

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metrics.base import PerSampleMetric, ReferenceCache, check_pairs
+from metrics.base import PerSampleMetric, ReferenceCache, check_pairs, load_once
 from metrics.bertscore import default_device, warn_once
 
 CONDITIONS = (
@@ -156,16 +156,7 @@ class CheXbert:
 def get_chexbert(checkpoint: str | None, bert_name_or_path: str, device: str, batch_size: int) -> CheXbert:
     """A process-wide shared ``CheXbert``; raises (every time) what loading raised the first time."""
     key = (os.path.abspath(checkpoint) if checkpoint else None, bert_name_or_path, device, batch_size)
-    cached = _ENGINES.get(key)
-    if cached is None:
-        try:
-            cached = CheXbert(checkpoint, bert_name_or_path, device, batch_size)
-        except Exception as exc:  # noqa: BLE001  (remembered: an offline run must not retry every step)
-            cached = exc
-        _ENGINES[key] = cached
-    if isinstance(cached, BaseException):
-        raise cached
-    return cached
+    return load_once(_ENGINES, key, lambda: CheXbert(checkpoint, bert_name_or_path, device, batch_size))
 
 
 def positive(labels: torch.Tensor) -> torch.Tensor:  # (N, 14) long -> (N, 14) bool

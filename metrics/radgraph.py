@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_pairs
+from metrics.base import PerSampleMetric, ReferenceCache, check_pairs, load_once
 from metrics.bertscore import default_device, warn_once
 
 RADGRAPH_REPO = "StanfordAIMI/RRG_scorers"
@@ -94,16 +94,7 @@ def missing_weights_message(model_type: str, model_dir: str | None, exc: BaseExc
 def load_annotator(model_type: str, model_dir: str | None, device: str):
     """A ``radgraph.RadGraph`` annotator, cached per process; raises what loading raised."""
     key = (model_type, os.path.abspath(model_dir) if model_dir else "", device)
-    cached = _ENGINES.get(key)
-    if cached is None:
-        try:
-            cached = _build_annotator(model_type, model_dir, device)
-        except Exception as exc:  # noqa: BLE001  (remembered: an offline run must not retry every step)
-            cached = exc
-        _ENGINES[key] = cached
-    if isinstance(cached, BaseException):
-        raise cached
-    return cached
+    return load_once(_ENGINES, key, lambda: _build_annotator(model_type, model_dir, device))
 
 
 def _build_annotator(model_type: str, model_dir: str | None, device: str):

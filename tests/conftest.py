@@ -13,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 # Tiny models: one intra-op thread is faster than two (thread hand-off costs more than the matmuls) and is
-# immune to oversubscription when the machine is busy.
+# immune to oversubscription when the machine is busy. Applies to every test.
 torch.set_num_threads(1)
 
 
@@ -37,3 +37,11 @@ def phantom_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("phantom")
     write_phantom(out, n=40, seed=0, size=128)
     return out
+
+
+@pytest.fixture(scope="session")
+def bert_dir(tmp_path_factory) -> Path:
+    """A tiny random BERT + WordPiece tokenizer folder (the format CheXbert, RadGraph and BERTScore load)."""
+    from metrics.tiny import write_tiny_bert
+
+    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "bert")

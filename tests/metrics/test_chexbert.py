@@ -18,7 +18,7 @@ from metrics.chexbert import (
     positive,
     sample_f1,
 )
-from metrics.tiny import write_tiny_bert, write_tiny_chexbert
+from metrics.tiny import write_tiny_chexbert
 
 REPORTS = [
     "No acute cardiopulmonary process.",
@@ -28,20 +28,6 @@ REPORTS = [
     "Small apical pneumothorax on the right.",
     "",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two thrash on a busy 2-core machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "bert")
 
 
 @pytest.fixture(scope="module")

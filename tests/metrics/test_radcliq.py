@@ -27,15 +27,6 @@ REPORTS = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two thrash on a busy 2-core machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Recorder(PerSampleMetric):
     """A fake component: returns ``value`` (or ``fn(pred, ref)``) per pair and records what it was given."""
 

@@ -8,7 +8,7 @@ import torch
 
 from metrics import _compat
 from metrics.radgraph import RadGraphF1, entity_relation_sets, radgraph_feature, set_f1
-from metrics.tiny import write_tiny_bert, write_tiny_radgraph
+from metrics.tiny import write_tiny_radgraph
 
 REPORTS = [
     "The heart size is normal. No pleural effusion.",
@@ -17,20 +17,6 @@ REPORTS = [
     "No acute cardiopulmonary process.",
     "Right lower lobe pneumonia.",
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (two thrash on a busy 2-core machine); restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory):
-    return write_tiny_bert(tmp_path_factory.mktemp("bert") / "bert")
 
 
 @pytest.fixture(scope="module")
