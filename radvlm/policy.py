@@ -347,7 +347,7 @@ class Policy(nn.Module):
         """
         from transformers import GenerationConfig
 
-        inputs = repeat_batch(self.model_inputs(batch), num_return_sequences)
+        prompt_inputs = self.model_inputs(batch)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -363,21 +363,21 @@ class Policy(nn.Module):
         self.model.eval()
         try:
             if shared_prefill:
-                sequences = shared_prefill_generate(self.hf_model, self.model_inputs(batch), num_return_sequences,
+                sequences = shared_prefill_generate(self.hf_model, prompt_inputs, num_return_sequences,
                                                     config, synced_gpus=synced_gpus)  # (N*G, P+C)
-            else:
-                sequences = self.hf_model.generate(**inputs, generation_config=config,
-                                                   synced_gpus=synced_gpus)  # (N*G, P+C)
+            else:  # every prompt (and its image patches) repeated G times
+                sequences = self.hf_model.generate(**repeat_batch(prompt_inputs, num_return_sequences),
+                                                   generation_config=config, synced_gpus=synced_gpus)  # (N*G, P+C)
         finally:
             self.model.train(was_training)
-        prompt_len = inputs["input_ids"].shape[1]
+        prompt_len = prompt_inputs["input_ids"].shape[1]
         completion = sequences[:, prompt_len:]  # (N*G, C)
         completion_mask, truncated = completion_mask_from_ids(completion, self.stop_token_ids)
         completion = completion.masked_fill(completion_mask == 0, self.pad_token_id)
         texts = self.tokenizer.batch_decode(completion, skip_special_tokens=True)
         return GenerationOutput(
-            prompt_ids=inputs["input_ids"],
-            prompt_mask=inputs["attention_mask"],
+            prompt_ids=prompt_inputs["input_ids"].repeat_interleave(num_return_sequences, dim=0),  # (N*G, P)
+            prompt_mask=prompt_inputs["attention_mask"].repeat_interleave(num_return_sequences, dim=0),
             completion_ids=completion,
             completion_mask=completion_mask,
             truncated=truncated,
