@@ -148,10 +148,19 @@ class RadVLMDataModule(L.LightningDataModule):
         with ``max_bad_fraction`` > 0 bad ones are skipped and counted until their fraction passes the
         limit."""
         good, bad = [], []
+        errors: dict[str, ImageError | None] = {}  # several records (tasks) share an image: decode it once
         for r in records:
             try:
                 if r.image is not None:
-                    load_image(r.image)
+                    key = str(r.image)
+                    if key not in errors:
+                        try:
+                            load_image(r.image)
+                            errors[key] = None
+                        except ImageError as err:
+                            errors[key] = err
+                    if errors[key] is not None:
+                        raise errors[key]
                 good.append(r)
             except ImageError as err:
                 if self.hparams.max_bad_fraction <= 0:
