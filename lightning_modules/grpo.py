@@ -203,7 +203,7 @@ class GRPOModule(PolicyModule):
         result = compute_rewards(self.rewards, gen.texts, rep(batch["targets"]), rep(batch["tasks"]),
                                  rep(batch["thinking"]), timeout=hp.reward_timeout)
         times["reward"] = time.perf_counter() - t0
-        rewards = result.total.to(self.device)  # (B*G,)
+        rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
         unavailable = float(result.unavailable.float().mean())
         self.log("train/reward_unavailable_frac", unavailable, on_step=True, on_epoch=False)
         if unavailable > hp.max_unavailable_fraction:

@@ -5,13 +5,21 @@ NaN where the value could not be computed (model missing, exception, timeout); `
 per-sample tensors (tensors, never strings, so DDP can gather them); ``compute`` aggregates, ignoring NaN.
 ``higher_is_better`` gives the sign when the value becomes a GRPO reward; ``worst_value`` is the value an
 unusable answer receives (for example a thinking completion without ``</think>``).
+
+Precision: every metric computes in float32 whatever the caller runs under. ``bf16-true`` training makes
+bfloat16 the default dtype (8 bits of mantissa: rewards of 0.8125 and 0.8140 are then the same number) and mixed
+precision enables autocast; ``PerSampleMetric`` subclasses run their ``__init__``, ``score``, ``update`` and
+``compute`` inside :func:`float32_math` and ``score`` always returns float32 (``__init_subclass__`` does this
+for every subclass, so a new metric cannot forget it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from abc import abstractmethod
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Iterable, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
 
 import torch
 from torchmetrics import Metric
@@ -29,6 +37,45 @@ def check_pairs(preds: Sequence[str], targets: Sequence[str]) -> None:
                 raise TypeError(f"{name}[{i}] is {type(text).__name__}, expected str")
 
 
+@contextlib.contextmanager
+def float32_math() -> Iterator[None]:
+    """Float32 default dtype and no autocast inside the block (restored after).
+
+    The default dtype is process-global in torch: it is changed (and restored) only when it is not float32
+    already, so a block entered in a worker thread while the caller already holds float32 (as
+    ``radvlm.rollout.compute_rewards`` does) touches nothing global.
+    """
+    previous = torch.get_default_dtype()
+    if previous != torch.float32:
+        torch.set_default_dtype(torch.float32)
+    try:
+        with contextlib.ExitStack() as stack:
+            for device in ("cpu", "cuda"):
+                if device == "cpu" or torch.cuda.is_available():
+                    stack.enter_context(torch.autocast(device, enabled=False))
+            yield
+    finally:
+        if previous != torch.float32:
+            torch.set_default_dtype(previous)
+
+
+def _in_float32(fn: Callable, cast_result: bool = False) -> Callable:
+    """``fn`` run inside :func:`float32_math`; with ``cast_result`` a floating tensor result becomes float32."""
+    if getattr(fn, "_float32_math", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with float32_math():
+            out = fn(*args, **kwargs)
+        if cast_result and isinstance(out, torch.Tensor) and out.is_floating_point():
+            out = out.to(torch.float32)
+        return out
+
+    wrapper._float32_math = True
+    return wrapper
+
+
 class PerSampleMetric(Metric):
     """A metric whose state is the list of per-sample values; ``compute`` is their NaN-ignoring mean.
 
@@ -41,14 +88,22 @@ class PerSampleMetric(Metric):
     #: value given to an answer that cannot be scored at all (e.g. unclosed thinking block)
     worst_value: float = 0.0
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("__init__", "score", "update", "compute"):  # float32 whatever the caller's precision
+            if name in cls.__dict__:
+                setattr(cls, name, _in_float32(cls.__dict__[name], cast_result=name == "score"))
+
     def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("values", default=[], dist_reduce_fx="cat")
+        with float32_math():
+            super().__init__(**kwargs)
+            self.add_state("values", default=[], dist_reduce_fx="cat")
 
     @abstractmethod
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         """Per-sample values, NaN where a value could not be computed."""
 
+    @_in_float32
     def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
         check_pairs(preds, targets)
         values = self.score(list(preds), list(targets)).detach().to(dtype=torch.float32)  # (N,)
@@ -60,19 +115,20 @@ class PerSampleMetric(Metric):
         if isinstance(vals, torch.Tensor):  # after a DDP sync torchmetrics concatenates list states
             return vals.reshape(-1)
         if not vals:
-            return torch.zeros(0, device=self.device)
+            return torch.zeros(0, dtype=torch.float32, device=self.device)
         return torch.cat([v.reshape(-1) for v in vals])
 
+    @_in_float32
     def compute(self) -> torch.Tensor:
         vals = self.per_sample()
         finite = vals[~torch.isnan(vals)]
         if finite.numel() == 0:
-            return torch.tensor(float("nan"), device=self.device)
+            return torch.tensor(float("nan"), dtype=torch.float32, device=self.device)
         return finite.mean()
 
     def reward(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         """``score`` signed so that higher is better (NaN stays NaN)."""
-        values = self.score(list(preds), list(targets))
+        values = self.score(list(preds), list(targets)).to(torch.float32)
         return values if self.higher_is_better else -values
 
 

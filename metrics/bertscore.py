@@ -261,7 +261,7 @@ class BERTScore(PerSampleMetric):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # each (N,), rescaled if configured
         check_pairs(preds, targets)
         n = len(preds)
-        nan = torch.full((n,), float("nan"))
+        nan = torch.full((n,), float("nan"), dtype=torch.float32)
         if n == 0:
             return nan, nan.clone(), nan.clone()
         engine = self._engine()

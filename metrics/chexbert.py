@@ -130,7 +130,7 @@ class CheXbert:
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
         labels = torch.zeros(len(ids), len(CONDITIONS), dtype=torch.long)
         hidden = self.model.bert.config.hidden_size
-        embeddings = torch.zeros(len(ids), hidden)
+        embeddings = torch.zeros(len(ids), hidden, dtype=torch.float32)
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
@@ -236,7 +236,7 @@ class _CheXbertMetric(PerSampleMetric):
         self.reference_cache.store(table, new_refs)
         hidden = model.model.bert.config.hidden_size
         stack = lambda col, side, shape: (
-            torch.stack([table[t][col] for t in side]) if side else torch.zeros(shape)
+            torch.stack([table[t][col] for t in side]) if side else torch.zeros(shape, dtype=torch.float32)
         )
         return (stack(0, preds, (0, 14)).long(), stack(0, targets, (0, 14)).long(),
                 stack(1, preds, (0, hidden)), stack(1, targets, (0, hidden)))
@@ -279,7 +279,7 @@ class CheXbertF1(_CheXbertMetric):
         keep = (pred >= 0).all(1) & (ref >= 0).all(1)
         pred, ref = positive(pred[keep]), positive(ref[keep])
         if pred.shape[0] == 0:
-            nan = torch.tensor(float("nan"), device=self.device)
+            nan = torch.tensor(float("nan"), dtype=torch.float32, device=self.device)
             return {k: nan for k in ("micro_f1_14", "macro_f1_14", "micro_f1_5", "macro_f1_5", "sample_f1")}
         micro14, macro14 = micro_macro_f1(pred, ref)
         idx = list(SUBSET_5_INDEX)
@@ -300,6 +300,6 @@ class CheXbertSimilarity(_CheXbertMetric):
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         out = self.outputs(list(preds), list(targets))
         if out is None:
-            return torch.full((len(preds),), float("nan"))
+            return torch.full((len(preds),), float("nan"), dtype=torch.float32)
         _, _, pred_emb, ref_emb = out
         return torch.nn.functional.cosine_similarity(pred_emb, ref_emb, dim=-1)

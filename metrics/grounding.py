@@ -192,7 +192,7 @@ class GroundingMAP(PerSampleMetric):
     def compute(self) -> dict[str, torch.Tensor]:
         vals = self.per_sample()
         finite = vals[~torch.isnan(vals)]
-        nan = torch.tensor(float("nan"), device=self.device)
+        nan = torch.tensor(float("nan"), dtype=torch.float32, device=self.device)
         mean_ap = finite.mean() if finite.numel() else nan
         mean_iou = (self.iou_sum / self.pair_count).float() if self.pair_count > 0 else nan
         return {"map": mean_ap, "mean_iou": mean_iou}

@@ -205,7 +205,7 @@ class RadGraphF1(PerSampleMetric):
         check_pairs(preds, targets)
         table = self.annotate(preds, targets) if preds else {}
         if table is None:
-            return torch.full((len(preds),), float("nan"))
+            return torch.full((len(preds),), float("nan"), dtype=torch.float32)
         out = []
         for pred, ref in zip(preds, targets):
             pa, ra = table.get(pred if pred.strip() else ""), table.get(ref if ref.strip() else "")

@@ -12,6 +12,9 @@ reward is the weighted sum of the signed values (``value`` if higher is better, 
 - A term that raises or exceeds ``timeout`` seconds yields NaN for the rows it had to score: the reward of
   those rows is NaN ("unavailable", DESIGN.md), masked out of the advantage by ``radvlm.grpo``, and counted.
 - A prompt whose task no term scores is a configuration error and raises.
+- Rewards are float32 whatever the caller's default dtype: under ``bf16-true`` training the default dtype is
+  bfloat16 (8 bits of mantissa), so every tensor here names its dtype and the scoring runs with a float32
+  default (:func:`float32_default`), which the metrics' own float32 guard then leaves untouched.
 
 This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls it.
 """
@@ -19,9 +22,10 @@ This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls 
 from __future__ import annotations
 
 import concurrent.futures as futures
+import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
@@ -95,6 +99,17 @@ def score_with_timeout(metric: ScoringMetric, preds: list[str], targets: list[st
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """Float32 as torch's (process-global) default dtype inside the block, restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def compute_rewards(
     terms: Sequence[RewardTerm],
     completions: Sequence[str],
@@ -103,7 +118,14 @@ def compute_rewards(
     thinking: Sequence[bool],
     timeout: float | None = None,
 ) -> RewardResult:
-    """Rewards of ``N`` completions (see module docstring). ``targets``/``tasks``/``thinking`` are per row."""
+    """Rewards of ``N`` completions (see module docstring). ``targets``/``tasks``/``thinking`` are per row.
+
+    Every tensor of the result is float32 (``closed`` bool), whatever the default dtype of the caller."""
+    with float32_default():
+        return _compute_rewards(terms, completions, targets, tasks, thinking, timeout)
+
+
+def _compute_rewards(terms, completions, targets, tasks, thinking, timeout) -> RewardResult:
     n = len(completions)
     if not (len(targets) == len(tasks) == len(thinking) == n):
         raise ValueError("completions, targets, tasks and thinking must have the same length")
@@ -116,7 +138,7 @@ def compute_rewards(
     seconds: dict[str, float] = {}
     for term in terms:
         rows = [i for i in range(n) if term.applies(tasks[i])]
-        value = torch.full((n,), float("nan"))  # (N,)
+        value = torch.full((n,), float("nan"), dtype=torch.float32)  # (N,)
         if not rows:
             values[term.name] = value
             continue
@@ -133,7 +155,7 @@ def compute_rewards(
                 if out.numel() != len(scored):
                     raise RewardError(f"{term.name} returned {out.numel()} values for {len(scored)} samples")
             except Exception:  # any failure of a reward is "unavailable", never a low score
-                out = torch.full((len(scored),), float("nan"))
+                out = torch.full((len(scored),), float("nan"), dtype=torch.float32)
             value[scored] = out
         seconds[term.name] = time.perf_counter() - start
         failed[term.name] = int(torch.isnan(value[rows]).sum())

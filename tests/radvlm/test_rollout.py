@@ -84,3 +84,24 @@ def test_select_rows_takes_matching_image_patches():
     sub = select_rows(batch, [2, 0])
     assert sub["input_ids"].tolist() == [[4, 5], [0, 1]]
     assert sub["pixel_values"].reshape(-1).tolist() == [8, 9, 10, 11, 0, 1, 2, 3]
+
+
+def test_rewards_are_float32_under_a_bf16_default_dtype():
+    """``bf16-true`` makes bfloat16 the default dtype around every step: rewards must still be float32 (this
+    crashed with "Index put requires the source and destination dtypes match" before)."""
+    from metrics.grounding import SoftF1
+
+    terms = [RewardTerm(SoftF1(), tasks=["abnormality_grounding"]), RewardTerm(GLEU(), tasks=["report_generation"])]
+    args = (["[0.1, 0.2, 0.3, 0.4]", "Heart is enlarged.", "no box"], ["[0.1, 0.2, 0.3, 0.41]", "Heart enlarged.",
+            "[0.5, 0.5, 0.6, 0.6]"], ["abnormality_grounding", "report_generation", "abnormality_grounding"],
+            [False, False, False])
+    expected = compute_rewards(terms, *args)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        result = compute_rewards(terms, *args, timeout=5.0)
+        assert torch.get_default_dtype() == torch.bfloat16
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert result.total.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in result.values.values())
+    torch.testing.assert_close(result.total, expected.total, rtol=0, atol=0)
