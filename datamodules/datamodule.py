@@ -2,9 +2,13 @@
 
 - Sources: lists of JSON/JSONL files per split, or ``phantom_dir`` (the folder written by
   ``datamodules.phantom``: ``train.json``/``val.json``/``test.json``, ``*_thinking.json`` with ``thinking``).
+- Tasks: a record's ``task`` key, else the task its RadVLM id prefix names (``radvlm.tasks``; RadVLM's
+  released records carry no task key). Records whose task is unknown are counted per split
+  (``self.untasked``) and reported at setup with example ids, never dropped silently.
 - Task filter and mixing: ``tasks`` keeps only those tasks; ``task_weights`` are per-task repeat factors
   applied to the training set once at setup (RadVLM's own mixture is written this way: VinDr ×3, MS-CXR ×3 …;
-  2.0 repeats every record twice, 0.5 keeps a seeded half).
+  2.0 repeats every record twice, 0.5 keeps a seeded half). Both take canonical task names or aliases. A
+  filter that keeps no record of a split that has records is an error naming the tasks found.
 - Images: with ``check_images`` every image of the kept records is decoded at setup; a bad one (missing,
   undecodable or truncated, side < 28 px, aspect ratio > 200) raises ``RecordError`` naming file, index, id
   and path unless ``max_bad_fraction`` > 0, in which case bad records are skipped and counted (``self.n_bad``)
@@ -19,8 +23,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +41,9 @@ from datamodules.records import (
     load_image,
     load_records,
 )
+from radvlm.tasks import canonical_task, canonical_tasks
+
+log = logging.getLogger(__name__)
 
 
 class RecordDataset:
@@ -112,8 +121,11 @@ class RadVLMDataModule(L.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        self.tasks = canonical_tasks(tasks)  # aliases → canonical names (unknown names raise here)
+        self.task_weights = {canonical_task(k): float(v) for k, v in (task_weights or {}).items()}
         self.processor = None
         self.n_bad = 0
+        self.untasked: dict[str, int] = {}  # split → records whose task is unknown (no key, unknown id prefix)
         self.splits: dict[str, list[Record]] = {}
 
     # ------------------------------------------------------------------ setup
@@ -133,15 +145,33 @@ class RadVLMDataModule(L.LightningDataModule):
         records: list[Record] = []
         for f in self._files(split):
             records.extend(load_records(f, image_root=hp.image_root, check_images=False))
-        if hp.tasks is not None:
-            records = [r for r in records if r.task in set(hp.tasks)]
+        records = self._filter_tasks(records, split)
         if hp.check_images:
             records = self._check_images(records, split)
         if split != "train" and hp.max_val_samples is not None:
             records = records[: hp.max_val_samples]
-        if split == "train" and hp.task_weights:
-            records = apply_task_weights(records, hp.task_weights, seed=hp.seed)
+        if split == "train" and self.task_weights:
+            records = apply_task_weights(records, self.task_weights, seed=hp.seed)
         return records
+
+    def _filter_tasks(self, records: list[Record], split: str) -> list[Record]:
+        """Count and report untasked records; keep the records of ``tasks`` (all when ``None``)."""
+        untasked = [r for r in records if r.task is None]
+        self.untasked[split] = len(untasked)
+        if untasked:
+            examples = ", ".join(repr(r.id) for r in untasked[:5])
+            fate = "kept (untasked)" if self.tasks is None else f"not kept by tasks={self.tasks}"
+            log.warning("%d of %d %s records have no task (no 'task' key and no known RadVLM id prefix, e.g. "
+                        "%s): %s. radvlm.tasks.ID_SOURCES lists the prefixes.", len(untasked), len(records),
+                        split, examples, fate)
+        if self.tasks is None:
+            return records
+        kept = [r for r in records if r.task in set(self.tasks)]
+        if records and not kept:
+            found = dict(Counter(str(r.task) for r in records))
+            raise RecordError(f"tasks={self.tasks} keeps none of the {len(records)} {split} records; their tasks: "
+                              f"{found}", ", ".join(self._files(split)))
+        return kept
 
     def _check_images(self, records: list[Record], split: str) -> list[Record]:
         """Decode every image fully (PIL's ``verify`` misses truncated JPEGs); the first bad one raises, or

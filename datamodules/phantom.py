@@ -3,7 +3,7 @@
 `python -m datamodules.phantom OUT_DIR --n 2000 --seed 0 --size 128` writes
 
     OUT_DIR/images/{image_id}.png            grayscale, size x size, radiograph-like
-    OUT_DIR/{train,val,test}.json            all six tasks (records.TASKS), split by image 80/10/10
+    OUT_DIR/{train,val,test}.json            the six tasks of PHANTOM_TASKS, split by image 80/10/10
     OUT_DIR/{train,val,test}_thinking.json   the same records with " /think" prompts and <think> answers
     OUT_DIR/meta.json                        seed, n, size, counts per task and split, finding frequencies
 
@@ -53,7 +53,11 @@ from datamodules.phantom_text import (
     make_thinking_prompt,
     phantom_text_corpus,
 )
-from datamodules.records import TASKS, save_records
+from datamodules.records import save_records
+
+#: the tasks of every phantom image (phrase grounding only when it has a finding); canonical names
+PHANTOM_TASKS = ("report_generation", "abnormality_grounding", "phrase_grounding", "region_grounding",
+                 "abnormality_classification", "conversation")
 
 __all__ = [
     "FINDINGS",
@@ -306,7 +310,7 @@ def write_phantom(out_dir: str | Path, n: int = 2000, seed: int = 0, size: int =
         faint += sum(f.alpha < 0.5 for f in findings if f.kind != "cardiomegaly")
         for f in findings:
             kind_counts[f.kind] += 1
-    count = lambda recs: {task: sum(r["task"] == task for r in recs) for task in TASKS}
+    count = lambda recs: {task: sum(r["task"] == task for r in recs) for task in PHANTOM_TASKS}
     meta = {
         "version": PHANTOM_VERSION, "seed": seed, "n": n, "size": size, "splits": dict(zip(SPLITS, splits)),
         "images": {s: split_of.count(s) for s in SPLITS},

@@ -276,12 +276,12 @@ def case_records(image_id: str, image: str, findings: list[Finding], boxes: list
                                             _trace(finding_observation(f), FAMILIES["t_phrase"][0]))],
                       {"boxes": [list(b)]}))
     region = REGIONS[int(rng.integers(len(REGIONS)))]
-    items.append(("anatomical_grounding", [(_say(rng, "p_anatomical_grounding", region=region),
+    items.append(("region_grounding", [(_say(rng, "p_anatomical_grounding", region=region),
                                             _say(rng, "a_region", region=region, boxes=format_box(regions[region])),
                                             _fill(FAMILIES["t_region"][0], region=region))],
                   {"boxes": [list(regions[region])]}))
     labels = [LABELS[f.kind] for f in findings] or [NO_FINDING]
-    items.append(("classification", [(_say(rng, "p_classification"), ", ".join(labels),
+    items.append(("abnormality_classification", [(_say(rng, "p_classification"), ", ".join(labels),
                                       _trace(review, obs, _fill(FAMILIES["t_end_classification"][0],
                                                                 list=", ".join(labels))))], {"labels": labels}))
     items.append(("conversation", *_conversation(rng, findings, by, obs)))

@@ -15,7 +15,9 @@ Decisions beyond the RadVLM format:
 - The image tag: a record with an image has exactly one `<image>` in all its turns, at the start of the first
   user turn (one newline after it is removed with it); a record without an image has none.
 - `id` may be a JSON string or integer (kept as str); ids are unique within a file.
-- `task`, when present, is one of `TASKS`; `boxes`, when present, is a list of `[x1, y1, x2, y2]` of finite
+- `task`: a task name of `radvlm.tasks` (aliases accepted, stored canonical); without a `task` key the task
+  comes from RadVLM's id prefix (`radvlm.tasks.task_from_id`: `vindr-cxr-mono-train1_17` → abnormality
+  grounding) and stays `None` for an unknown prefix; `boxes`, when present, is a list of `[x1, y1, x2, y2]` of finite
   numbers in [0, 1] (normalised, REFERENCE.md §4) with x1 <= x2 and y1 <= y2; `labels` is a list of strings.
 - Image checks (`check_image`): the file must open and pass PIL's `verify()`; sides of at least
   `MIN_IMAGE_SIDE` pixels and aspect ratio at most `MAX_ASPECT_RATIO`. `load_image` decodes fully.
@@ -34,16 +36,9 @@ import numpy as np
 from PIL import Image
 
 from radvlm.chat import THINK_OPEN, is_thinking_prompt
+from radvlm.tasks import BOX_TASKS, TASKS, canonical_task, task_from_id
 
-TASKS = (
-    "report_generation",
-    "abnormality_grounding",
-    "phrase_grounding",
-    "anatomical_grounding",
-    "classification",
-    "conversation",
-)
-GROUNDING_TASKS = ("abnormality_grounding", "phrase_grounding", "anatomical_grounding")
+GROUNDING_TASKS = BOX_TASKS  # tasks answered with boxes (radvlm.tasks is the one table)
 
 IMAGE_TAG = "<image>"
 
@@ -310,8 +305,12 @@ def _parse_record(obj: Any, root: Path) -> Record:
         raise _Invalid("missing 'conversations'")
     turns = _parse_turns(obj["conversations"], image is not None)
     task = obj.get("task")
-    if task is not None and task not in TASKS:
-        raise _Invalid(f"unknown task {task!r}; expected one of {TASKS}")
+    if task is not None and not isinstance(task, str):
+        raise _Invalid(f"'task' must be a string, got {task!r:.120}")
+    try:
+        task = canonical_task(task) if task is not None else task_from_id(str(rid))
+    except ValueError as e:
+        raise _Invalid(str(e)) from None
     boxes = _check_boxes(obj["boxes"]) if obj.get("boxes") is not None else None
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):

@@ -42,6 +42,7 @@ from radvlm import grpo
 from radvlm.chat import answer_of, split_thinking
 from radvlm.policy import Policy, PolicyConfig
 from radvlm.rollout import RewardTerm, build_rollout_batch, compute_rewards, select_rows
+from radvlm.tasks import is_box_task
 
 
 class RewardFailureError(RuntimeError):
@@ -346,7 +347,7 @@ class GRPOModule(PolicyModule):
         self._val_chars.extend(len(a) for a in answers)
         pictures = getattr(self, "_val_pictures", None)  # a list only when the BoxPictures callback is used
         if pictures is not None:
-            grounding = [i for i, task in enumerate(batch["tasks"]) if (task or "").endswith("_grounding")]
+            grounding = [i for i, task in enumerate(batch["tasks"]) if is_box_task(task)]
             free = max(getattr(self, "_val_pictures_cap", 0) - len(pictures), 0)
             pictures.extend({"image": batch["images"][i], "answer": answers[i], "gt_boxes": batch["gt_boxes"][i],
                              "prompt": batch["prompts"][i], "task": batch["tasks"][i]} for i in grounding[:free])

@@ -9,8 +9,10 @@ constants of REFERENCE.md §3 (features in that order; BLEU's weight is ≈ 0).
 - ``semb``: ``CheXbertSimilarity()`` (cosine of CheXbert [CLS] embeddings);
 - ``bleu``: ``BLEU(n=2)`` of ``metrics.text`` (the original RadCliQ BLEU-2).
 Texts are lower-cased and cut to ``max_chars`` (2048) before scoring; a pair whose prediction or reference
-has ≤ ``min_chars`` (5) characters after stripping whitespace gets 3.0 (reward −3) without running the
-components. A NaN component makes the sample NaN (unavailable, not low). Each component scores the whole list
+has ≤ ``min_chars`` (5) characters gets 3.0 (reward −3) without running the components. The characters are
+counted as given, whitespace included, as the authors' reward does for plain answers (``"  None.  "`` is
+scored, not floored); for thinking completions the caller passes the answer after ``</think>``, which the
+split strips (the authors' thinking path). A NaN component makes the sample NaN (unavailable, not low). Each component scores the whole list
 in one batched call and loads its model once per process outside ``state_dict()``.
 
 Weights: the defaults need the distilroberta-base, radgraph-xl and CheXbert weights, which cannot be
@@ -96,7 +98,7 @@ class RadCliQ(PerSampleMetric):
         preds = [self.prepare(p) for p in preds]
         targets = [self.prepare(t) for t in targets]
         keep = [i for i, (p, t) in enumerate(zip(preds, targets))
-                if len(p.strip()) > self.min_chars and len(t.strip()) > self.min_chars]
+                if not self._short(p, t)]
         sub_p, sub_t = [preds[i] for i in keep], [targets[i] for i in keep]
         out = {}
         for name in FEATURES:
@@ -107,11 +109,13 @@ class RadCliQ(PerSampleMetric):
             out[name] = column
         return out
 
+    def _short(self, pred: str, target: str) -> bool:
+        """The authors' guard on prepared texts: ≤ ``min_chars`` characters, whitespace counted."""
+        return len(pred) <= self.min_chars or len(target) <= self.min_chars
+
     def short_mask(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,) bool
-        return torch.tensor([
-            len(self.prepare(p).strip()) <= self.min_chars or len(self.prepare(t).strip()) <= self.min_chars
-            for p, t in zip(preds, targets)
-        ], dtype=torch.bool)
+        return torch.tensor([self._short(self.prepare(p), self.prepare(t)) for p, t in zip(preds, targets)],
+                            dtype=torch.bool)
 
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         feats = self.components(preds, targets)

@@ -62,13 +62,14 @@ def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
     from metrics.grounding import GroundingMAP, SoftF1
     from metrics.text import GLEU
     from radvlm.evaluate import bootstrap_ci
+    from radvlm.tasks import is_box_task
 
     summary: dict[str, dict[str, float]] = {}
     per_sample: dict[str, dict[str, float]] = {}
     for name, path in pred_files.items():
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         rows.sort(key=lambda r: r["id"])
-        grounding = [r for r in rows if r["task"].endswith("_grounding")]
+        grounding = [r for r in rows if is_box_task(r["task"])]
         reports = [r for r in rows if r["task"] == "report_generation"]
         out: dict[str, float] = {}
         if grounding:

@@ -15,8 +15,9 @@ Columns (REFERENCE.md §5, §6), from the metric classes used for training (``sc
 aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
 - ``report_generation``: ROUGE-L, BERTScore, CheXbert F1 micro/macro over 14 and 5 observations
   (``metrics.chexbert.micro_macro_f1``), RadGraph-F1, GLEU, RadCliQ-v1 (lower is better), average characters;
-- tasks ending in ``_grounding``: mAP@0.5 (mean per-sample AP), mean IoU (sum of IoU over all predicted x
-  ground-truth pairs / number of pairs, as ``GroundingMAP``), soft-F1, average characters;
+- box tasks (``radvlm.tasks``: abnormality, region and phrase grounding, abnormality detection): mAP@0.5
+  (mean per-sample AP), mean IoU (sum of IoU over all predicted x ground-truth pairs / number of pairs, as
+  ``GroundingMAP``), soft-F1, average characters;
 - other tasks: ROUGE-L, GLEU, average characters.
 95 % CIs (``bootstrap_ci``): percentile bootstrap over a task's samples (2000 resamples, seed 0); every
 statistic is recomputed per resample from per-sample data (APs; (IoU sum, pair count) rows; label vectors).
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from metrics.boxes import pairwise_iou, parse_boxes
+from radvlm import tasks
 from radvlm.draw import write_pictures
 from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import Scorers`` keeps working
     MetricSettings,
@@ -130,10 +132,10 @@ UNDEFINED = {"mean_iou": "no predicted × ground-truth box pair (no predicted bo
 
 
 def task_kind(task: str) -> str:
-    """``"grounding"`` (task ends in ``_grounding``), ``"report"`` (report_generation) or ``"text"``."""
-    if task.endswith("_grounding"):
-        return "grounding"
-    return "report" if task == "report_generation" else "text"
+    """``"grounding"`` (box tasks of ``radvlm.tasks``: grounding and detection), ``"report"`` or ``"text"``
+    (everything else)."""
+    kind = tasks.task_kind(task)
+    return kind if kind in ("grounding", "report") else "text"
 
 
 
@@ -257,8 +259,10 @@ def read_predictions(path: str | Path, default_task: str | None = None) -> tuple
             raise ValueError(f"{path}:{lineno}: not valid JSON{hint}: {exc}") from None
         if not isinstance(row, dict):
             raise TypeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        if row.get("task") is None and default_task is not None:
-            row["task"] = default_task
+        if row.get("task") is None:  # RadVLM ids name their task; else the caller's default
+            row["task"] = tasks.task_from_id(str(row.get("id"))) or default_task
+        elif isinstance(row["task"], str) and row["task"] in tasks.TASK_ALIASES:
+            row["task"] = tasks.TASK_ALIASES[row["task"]]
         for key in ("id", "task", "answer", "reference"):
             if row.get(key) is None:
                 hint = " (set PredictionWriter's default_task or --default-task)" if key == "task" else ""

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 
 from radvlm.chat import answer_of
+from radvlm.tasks import TASK_ALIASES, canonical_task
 
 
 class ScoringMetric(Protocol):
@@ -45,7 +46,7 @@ class RewardTerm:
     Args:
         metric: a ``metrics`` class instance (``SoftF1``, ``RadCliQ``, ``GLEU`` …).
         weight: multiplies the signed value.
-        tasks: tasks this term scores; ``None`` scores every task.
+        tasks: tasks this term scores (``radvlm.tasks`` names or their aliases); ``None`` scores every task.
         name: name in logs (default: the metric's class name in lower case).
     """
 
@@ -53,11 +54,11 @@ class RewardTerm:
                  name: str | None = None) -> None:
         self.metric = metric
         self.weight = float(weight)
-        self.tasks = None if tasks is None else list(tasks)
+        self.tasks = None if tasks is None else [canonical_task(t) for t in tasks]
         self.name = name or type(metric).__name__.lower()
 
     def applies(self, task: str | None) -> bool:
-        return self.tasks is None or task in self.tasks
+        return self.tasks is None or TASK_ALIASES.get(task, task) in self.tasks
 
     @property
     def sign(self) -> float:

@@ -24,7 +24,8 @@ from datamodules.phantom_text import (
     phantom_text_corpus,
     words,
 )
-from datamodules.records import TASKS, load_records
+from datamodules.phantom import PHANTOM_TASKS as TASKS
+from datamodules.records import load_records
 from metrics.boxes import format_boxes as metric_format_boxes
 from metrics.boxes import parse_boxes
 from radvlm.chat import split_thinking
@@ -153,7 +154,7 @@ def test_answer_boxes_parse_back_to_the_boxes_key_exactly(dataset):
             assert said == [tuple(b) for b in r["boxes"]], r["id"]
             n_checked += bool(said)
         else:
-            assert said == [] and r["task"] in ("report_generation", "classification", "conversation")
+            assert said == [] and r["task"] in ("report_generation", "abnormality_classification", "conversation")
         for x1, y1, x2, y2 in r.get("boxes", []):
             assert 0.0 <= x1 < x2 <= 1.0 and 0.0 <= y1 < y2 <= 1.0
             assert all(round(v, 2) == v for v in (x1, y1, x2, y2))
@@ -171,7 +172,7 @@ def test_task_answers_follow_radvlm_templates(dataset):
                 assert answer == NORMAL_GROUNDING
             else:
                 assert answer.count(" is located at the coordinates ") == len(r["boxes"])
-        elif r["task"] == "classification":
+        elif r["task"] == "abnormality_classification":
             assert answer == ", ".join(r["labels"])
         elif r["task"] == "phrase_grounding":
             assert answer.startswith("This phrase can be observed at [") and answer.endswith("] on the image.")

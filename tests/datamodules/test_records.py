@@ -139,8 +139,9 @@ def test_save_records_refuses_unknown_suffix(tmp_path: Path):
 
 
 def test_task_constants():
-    assert len(TASKS) == 6 and set(GROUNDING_TASKS) <= set(TASKS)
-    assert GROUNDING_TASKS == ("abnormality_grounding", "phrase_grounding", "anatomical_grounding")
+    assert set(GROUNDING_TASKS) <= set(TASKS)
+    assert GROUNDING_TASKS == ("abnormality_grounding", "abnormality_detection", "region_grounding",
+                               "phrase_grounding")
 
 
 # ------------------------------------------------------------------------------------------------- errors

@@ -83,15 +83,17 @@ def test_radcliq_v1_propagates_nan():
 def test_short_texts_get_three_without_running_components():
     parts = fakes()
     metric = RadCliQ(**parts)
-    preds = ["No acute findings.", "ok   ", "Normal chest.", "   heart  "]
-    refs = ["Normal chest radiograph.", "Normal chest radiograph.", "abc", "Cardiomegaly."]
+    preds = ["No acute findings.", "ok   ", "Normal chest.", "heart", "  None.  "]
+    refs = ["Normal chest radiograph.", "Normal chest radiograph.", "abc", "Cardiomegaly.", "Cardiomegaly."]
     values = metric.score(preds, refs)
-    # rows 1 ("ok") and 2 (ref "abc") are <= 5 characters after stripping; row 3 "heart" has exactly 5
+    # row 1 "ok   " has 5 characters, row 2's reference "abc" 3, row 3 "heart" exactly 5: all floored.
+    # Row 4 "  None.  " has 9 characters as given: the authors' plain-answer guard counts whitespace, so it
+    # is scored (a stripping guard would floor it: "none." has 5).
     assert values[1].item() == 3.0 and values[2].item() == 3.0 and values[3].item() == 3.0
-    assert values[0].item() != 3.0
+    assert values[0].item() != 3.0 and values[4].item() != 3.0
     assert metric.worst_value == 3.0 and metric.higher_is_better is False
-    for part in parts.values():  # only the one long pair reached the components
-        assert part.calls == [(["no acute findings."], ["normal chest radiograph."])]
+    for part in parts.values():  # only the two long pairs reached the components
+        assert part.calls == [(["no acute findings.", "  none.  "], ["normal chest radiograph.", "cardiomegaly."])]
     assert metric.reward(preds, refs)[1].item() == -3.0
 
 
