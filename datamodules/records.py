@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from radvlm.chat import THINK_OPEN, is_thinking_prompt
-from radvlm.tasks import BOX_TASKS, TASKS, canonical_task, task_from_id
+from radvlm.tasks import BOX_TASKS, TASKS, canonical_task, task_from_id  # noqa: F401  (TASKS re-exported)
 
 GROUNDING_TASKS = BOX_TASKS  # tasks answered with boxes (radvlm.tasks is the one table)
 

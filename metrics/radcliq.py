@@ -12,8 +12,9 @@ Texts are lower-cased and cut to ``max_chars`` (2048) before scoring; a pair who
 has ≤ ``min_chars`` (5) characters gets 3.0 (reward −3) without running the components. The characters are
 counted as given, whitespace included, as the authors' reward does for plain answers (``"  None.  "`` is
 scored, not floored); for thinking completions the caller passes the answer after ``</think>``, which the
-split strips (the authors' thinking path). A NaN component makes the sample NaN (unavailable, not low). Each component scores the whole list
-in one batched call and loads its model once per process outside ``state_dict()``.
+split strips (the authors' thinking path). A NaN component makes the sample NaN (unavailable, not low). Each
+component scores the whole list in one batched call and loads its model once per process outside
+``state_dict()``.
 
 Weights: the defaults need the distilroberta-base, radgraph-xl and CheXbert weights, which cannot be
 downloaded offline (REFERENCE.md §7b): offline, every value is NaN with a warning per missing model. Inject

@@ -17,6 +17,7 @@ from datamodules.phantom import (
     sample_case,
     write_phantom,
 )
+from datamodules.phantom import PHANTOM_TASKS as TASKS
 from datamodules.phantom_text import (
     NORMAL_GROUNDING,
     format_box,
@@ -24,7 +25,6 @@ from datamodules.phantom_text import (
     phantom_text_corpus,
     words,
 )
-from datamodules.phantom import PHANTOM_TASKS as TASKS
 from datamodules.records import load_records
 from metrics.boxes import format_boxes as metric_format_boxes
 from metrics.boxes import parse_boxes

@@ -95,7 +95,7 @@ PREFIXES = {
 
 def build(folder: Path, per_prefix: int = 2, name: str = "radvlm.json", absolute: bool = False) -> Path:
     records = []
-    for p, prefix in enumerate(PREFIXES):
+    for prefix in PREFIXES:
         for i in range(per_prefix):
             image = f"images/{prefix}/{i}.png"
             records.append(radvlm_record(prefix, i, str(folder / image) if absolute else image))
