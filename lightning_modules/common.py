@@ -243,37 +243,40 @@ class PolicyModule(L.LightningModule):
         self.log("train/dropped_samples", float(self.dropped_samples), on_step=True, on_epoch=False)
 
     def on_fit_end(self) -> None:
-        """Write the trained policy as a Hugging Face folder (the next stage's ``name_or_path``).
+        """Write the trained policy as a Hugging Face folder (the next stage's ``name_or_path``), whatever the
+        strategy; LoRA adapters are merged, so the folder is a plain checkpoint without lora keys.
 
-        Single process / DDP: rank 0 saves (LoRA adapters merged). FSDP (full fine-tune): every rank takes
-        part in gathering the full state dict (offloaded to CPU, kept on rank 0 only), rank 0 saves it. LoRA
-        under FSDP is not exported here: convert the last checkpoint instead (the error says so).
+        Single process / DDP: rank 0 saves its own weights. FSDP: every rank takes part in gathering the full
+        state dict once (offloaded to CPU, kept on rank 0 only), and rank 0 saves it. Both go through
+        ``Policy.save_pretrained(merge_lora=True, state_dict=...)``: ``merge_lora_state_dict`` folds the
+        adapters in (``W + s·B@A``), so the live model keeps its adapters in both cases.
         """
         if not self.export_dir or self.policy is None:
             return
-        strategy = self.trainer.strategy
-        wrapped = strategy.model
+        state = self._full_policy_state()
+        if self.trainer.is_global_zero:
+            self.policy.save_pretrained(self.export_dir, merge_lora=True, state_dict=state)
+        self.trainer.strategy.barrier("radvlm-export")
+
+    def _full_policy_state(self) -> dict[str, torch.Tensor] | None:
+        """The full state dict of ``self.policy.model`` (keys as its own ``state_dict()``): gathered from the
+        FSDP shards, a collective every rank must enter (``{}`` on ranks other than 0); ``None`` (the live
+        weights) when the model is not sharded."""
+        wrapped = self.trainer.strategy.model
         try:
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         except ImportError:  # pragma: no cover - torch without distributed
-            FSDP = None
-        if FSDP is not None and isinstance(wrapped, FSDP):
-            if self.policy.is_lora:
-                raise RuntimeError("export_dir with LoRA under FSDP is not supported: load the last checkpoint "
-                                   "in one process and call Policy.save_pretrained(merge_lora=True)")
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-
-            config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-            with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
-                full = wrapped.state_dict()  # collective: all ranks
-            if self.trainer.is_global_zero:
-                prefix = "policy.model."
-                weights = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-                self.policy.hf_model.save_pretrained(self.export_dir, state_dict=weights)
-                self.policy.processor.save_pretrained(self.export_dir)
-        elif self.trainer.is_global_zero:
-            self.policy.save_pretrained(self.export_dir, merge_lora=True)
-        strategy.barrier("radvlm-export")
+            return None
+        if not isinstance(wrapped, FSDP):
+            return None
+        # offload to CPU (one full copy on the accelerator would not fit); on CPU itself offloading would free the
+        # very storage the gathered tensors still point to (torch's FlatParamHandle.to_cpu; a segfault)
+        config = FullStateDictConfig(offload_to_cpu=wrapped.compute_device.type != "cpu", rank0_only=True)
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+            full = wrapped.state_dict()  # collective: all ranks; {} except on rank 0
+        prefix = "policy.model."
+        return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
     def text_table(self, tag: str, rows: list[dict[str, Any]]) -> None:
         """A Markdown table of text samples in TensorBoard (nothing at all when ``log_text_samples`` is off)."""

@@ -13,14 +13,19 @@ Batches are the dictionaries produced by ``datamodules.collate``: ``input_ids``,
 Rollouts: ``generate(..., shared_prefill=True)`` runs the vision tower and the prompt prefill once per prompt
 and copies the KV cache G times (``shared_prefill_generate``) instead of repeating the whole prompt G times;
 sampling is still Hugging Face's own loop on the same (N·G)-row batch, so the random draws are the same.
+
+Export: ``save_pretrained(merge_lora=True)`` folds the adapters into the base weights of a state dict
+(``merge_lora_state_dict``) instead of ``merge_and_unload``, so the live model keeps its adapters and a full
+state dict gathered from FSDP shards is merged by the very same code.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -182,6 +187,76 @@ def repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
     return out
 
 
+#: name segments that FSDP, activation checkpointing and torch.compile insert into module names
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+_LORA_KEY = re.compile(r"(^|\.)lora_")
+
+
+def lora_scalings(model: nn.Module, adapter: str = "default") -> dict[str, float]:
+    """The scaling ``s`` of every LoRA layer of a peft ``model``, by module name (as in its state-dict keys).
+
+    ``s`` is the layer's own ``scaling[adapter]``, which peft set from the config: ``lora_alpha / r`` (or
+    ``lora_alpha / sqrt(r)`` with rsLoRA, rank and alpha patterns included). Segments that wrappers insert into
+    module names (FSDP, activation checkpointing) are dropped, so the names match full-state-dict keys.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    scalings = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.scaling:
+            for segment in _WRAPPER_SEGMENTS:
+                name = name.replace(segment, "")
+            scalings[name] = float(module.scaling[adapter])
+    return scalings
+
+
+def merge_lora_state_dict(
+    state: Mapping[str, torch.Tensor],
+    scaling: float | Mapping[str, float],
+    adapter: str = "default",
+    prefix: str = "base_model.model.",
+) -> dict[str, torch.Tensor]:
+    """Fold the LoRA adapters of a peft state dict into their base weights, under plain Hugging Face names.
+
+    For every LoRA-wrapped linear ``m`` (keys ``m.base_layer.weight``, ``m.lora_A.<adapter>.weight``,
+    ``m.lora_B.<adapter>.weight``): ``W = W_base + s · (B @ A)``, with ``s = scaling[m]`` (or ``scaling`` for
+    all; peft: ``lora_alpha / r``), computed in float32 and cast back to ``W_base``'s dtype. The lora keys are
+    dropped, ``.base_layer`` leaves the names and so does ``prefix`` (peft's ``base_model.model.``); other
+    tensors are passed through, not copied. A LoRA key that cannot be merged this way (another adapter, DoRA
+    magnitudes, LoRA biases, embedding adapters, ``A`` without ``B``) is an error, never silently dropped.
+    """
+    a_end, b_end = f".lora_A.{adapter}.weight", f".lora_B.{adapter}.weight"
+    merged: dict[str, torch.Tensor] = {}
+    consumed: set[str] = set()
+    for a_key in [k for k in state if k.endswith(a_end)]:
+        module = a_key[: -len(a_end)]
+        base_key, b_key = f"{module}.base_layer.weight", module + b_end
+        if base_key not in state or b_key not in state:
+            raise ValueError(f"LoRA layer {module!r} lacks {base_key if base_key not in state else b_key!r}")
+        if isinstance(scaling, Mapping):
+            if module not in scaling:
+                raise ValueError(f"no LoRA scaling given for {module!r}")
+            s = float(scaling[module])
+        else:
+            s = float(scaling)
+        w = state[base_key]  # (out, in)
+        a = state[a_key].float()  # (r, in)
+        b = state[b_key].float()  # (out, r)
+        merged[base_key] = (w.float() + s * (b @ a)).to(w.dtype)  # (out, in)
+        consumed.update((a_key, b_key))
+    unmergeable = [k for k in state if k not in consumed and _LORA_KEY.search(k)]
+    if unmergeable:
+        raise ValueError(f"cannot merge LoRA keys {unmergeable[:3]} ({len(unmergeable)} in all): only plain LoRA "
+                         f"linears of adapter {adapter!r} are supported")
+    out = {}
+    for key, value in state.items():
+        if key in consumed:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        out[name.replace(".base_layer.", ".")] = merged.get(key, value)
+    return out
+
+
 class Policy(nn.Module):
     """A Qwen3-VL model and its processor. ``model`` may be a peft ``PeftModel`` (LoRA)."""
 
@@ -249,10 +324,20 @@ class Policy(nn.Module):
         with self.model.disable_adapter():
             yield
 
-    def save_pretrained(self, path: str | Path, merge_lora: bool = False) -> None:
-        """Save model (LoRA adapters, or merged weights with ``merge_lora``) and processor to ``path``."""
-        model = self.model.merge_and_unload() if (merge_lora and self.is_lora) else self.model
-        model.save_pretrained(str(path))
+    def save_pretrained(self, path: str | Path, merge_lora: bool = False,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save model and processor to ``path``: a full checkpoint, or with LoRA the adapters only, or with
+        ``merge_lora`` a plain checkpoint of merged weights (the live model keeps its adapters).
+
+        ``state_dict``: the full state dict of ``self.model`` to save instead of the live one (e.g. gathered
+        from FSDP shards).
+        """
+        if self.is_lora and merge_lora:
+            state = self.model.state_dict() if state_dict is None else state_dict
+            weights = merge_lora_state_dict(state, lora_scalings(self.model))
+            self.hf_model.save_pretrained(str(path), state_dict=weights)
+        else:
+            self.model.save_pretrained(str(path), state_dict=state_dict)
         self.processor.save_pretrained(str(path))
 
     # ------------------------------------------------------------------ forward passes
