@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from abc import abstractmethod
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
@@ -175,13 +176,59 @@ class ReferenceCache:
             self.items.popitem(last=False)
 
 
+#: set to 1 to let model-based metrics download weights from the Hugging Face hub
+DOWNLOAD_ENV = "RADVLM_ALLOW_DOWNLOADS"
+
+
+def downloads_allowed() -> bool:
+    """Whether the user opted in to hub downloads (``RADVLM_ALLOW_DOWNLOADS=1``)."""
+    return os.environ.get(DOWNLOAD_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+@contextlib.contextmanager
+def hub_access() -> Iterator[None]:
+    """Hugging Face hub access for the block: as configured when downloads are allowed, else offline (local
+    folders and the local HF cache only). Offline, a missing model fails at once instead of spending about
+    95 s in the hub client's retry back-off."""
+    if downloads_allowed():
+        yield
+        return
+    import huggingface_hub.constants as hub
+
+    saved, saved_env = hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
+    hub.HF_HUB_OFFLINE = True
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = saved
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+class ModelUnavailable(RuntimeError):
+    """A scorer model could not be loaded (the message says where to put its weights)."""
+
+
 def load_once(cache: dict[Hashable, Any], key: Hashable, build: Callable[[], Any]) -> Any:
     """``build()`` once per process and ``key`` (a model, an annotator); a failure is remembered and raised
-    again on every later call, so an offline run pays the slow failed download once, not at every step."""
+    again on every later call, so an offline run pays the failed load once, not at every step.
+
+    ``build`` runs under :func:`hub_access`: without ``RADVLM_ALLOW_DOWNLOADS=1`` only local weights (folders,
+    the HF cache) are read, and a failure says how to opt in to downloads."""
     if key not in cache:
         try:
-            cache[key] = build()
+            with hub_access():
+                cache[key] = build()
         except Exception as exc:  # noqa: BLE001  (remembered, re-raised below)
+            if not downloads_allowed():
+                hint = (f"{type(exc).__name__}: {exc} [hub downloads are off: put the weights where the metric "
+                        f"looks for them, or set {DOWNLOAD_ENV}=1 to allow downloads]")
+                wrapped = ModelUnavailable(hint)
+                wrapped.__cause__ = exc
+                exc = wrapped
             cache[key] = exc
     value = cache[key]
     if isinstance(value, BaseException):

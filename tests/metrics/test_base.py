@@ -92,3 +92,30 @@ def test_float32_math_leaves_a_float32_default_untouched_from_a_worker_thread():
     finally:
         torch.set_default_dtype = real
     assert calls == []
+
+
+# ------------------------------------------------------------------------------------- hub downloads opt-in
+
+def test_scorer_models_load_offline_unless_downloads_are_allowed(monkeypatch):
+    import huggingface_hub.constants as hub
+
+    from metrics.base import DOWNLOAD_ENV, ModelUnavailable, load_once
+
+    seen = []
+
+    def build():
+        seen.append(hub.HF_HUB_OFFLINE)
+        raise OSError("no such model on disk")
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv(DOWNLOAD_ENV, raising=False)
+    cache: dict = {}
+    with pytest.raises(ModelUnavailable, match=f"no such model on disk.*{DOWNLOAD_ENV}=1"):
+        load_once(cache, "m", build)
+    with pytest.raises(ModelUnavailable):  # remembered: not built again
+        load_once(cache, "m", build)
+    assert seen == [True] and hub.HF_HUB_OFFLINE is False  # offline while loading, restored after
+    monkeypatch.setenv(DOWNLOAD_ENV, "1")
+    with pytest.raises(OSError, match="no such model on disk"):
+        load_once({}, "m", build)
+    assert seen == [True, False]  # the user's hub setting is kept when downloads are allowed
