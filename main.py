@@ -13,8 +13,11 @@ the ``--config`` files and flags given (no default config files, no environment 
 
 from __future__ import annotations
 
+import argparse
 import warnings
+from pathlib import Path
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import LightningCLI
 
 # Known, harmless library warnings that would otherwise bury the training output:
@@ -23,6 +26,34 @@ from lightning.pytorch.cli import LightningCLI
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def _config_listing() -> str:
+    names = sorted(p.relative_to(CONFIG_DIR).as_posix() for p in CONFIG_DIR.rglob("*.yaml"))
+    return "\n".join(f"  configs/{n}" for n in names)
+
+
+DESCRIPTION = f"""radvlm: train and evaluate Qwen3-VL chest X-ray models (SFT, thinking cold start, GRPO with
+clinically grounded rewards) with PyTorch Lightning.
+
+  python main.py fit --config configs/sft.yaml          train (SFT / cold start / GRPO, by config)
+  python main.py predict --config configs/eval_vindr.yaml   greedy predictions to JSONL
+  python -m radvlm.evaluate PRED.jsonl                   paper-style tables
+
+Learning rate: --model.init_args.optimizer.init_args.lr (with OneCycleLR also set
+--model.init_args.lr_scheduler.init_args.max_lr, which is the peak it uses).
+
+Configs:
+{_config_listing()}
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the description's line breaks kept."""
 
 
 class RadVLMCLI(LightningCLI):
@@ -56,12 +87,18 @@ def main(args=None) -> RadVLMCLI:
     from lightning_modules import grpo, sft  # noqa: F401  (imported so their classes resolve by class_path)
     from lightning_modules.common import PolicyModule
 
+    # Refuse abbreviated flags (``--trainer.max_step`` silently meant ``max_steps``). Optimizers and schedulers
+    # are init arguments of the modules (``--model.init_args.optimizer...``), so LightningCLI's own
+    # ``--optimizer``/``--lr_scheduler`` flags (which would give an empty parameter list) are not offered.
+    parser_kwargs = {"description": DESCRIPTION, "allow_abbrev": False, "formatter_class": HelpFormatter}
     return RadVLMCLI(
         PolicyModule,
         RadVLMDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**parser_kwargs, **{cmd: dict(parser_kwargs) for cmd in SUBCOMMANDS}},
+        auto_configure_optimizers=False,
         args=args,
     )
 

@@ -9,12 +9,24 @@
   applied to the training set once at setup (RadVLM's own mixture is written this way: VinDr ×3, MS-CXR ×3 …;
   2.0 repeats every record twice, 0.5 keeps a seeded half). Both take canonical task names or aliases. A
   filter that keeps no record of a split that has records is an error naming the tasks found.
+- Bad records: with ``bad_records="error"`` (default) a malformed record (JSON line, roles, image tag, boxes,
+  id ...) raises ``RecordError`` naming file, index and id (``datamodules.records``); with ``"skip"`` it is
+  left out. ``normalize_conversations`` (default False, strict; recommended True for RadVLM's released data)
+  first applies LLaVA's preprocessing: a leading gpt turn and a trailing human turn are dropped and counted.
 - Images: with ``check_images`` every image of the kept records is decoded at setup; a bad one (missing,
   undecodable or truncated, side < 28 px, aspect ratio > 200) raises ``RecordError`` naming file, index, id
-  and path unless ``max_bad_fraction`` > 0, in which case bad records are skipped and counted (``self.n_bad``)
-  and setup fails only once the fraction passes the limit. Without ``check_images`` a bad image surfaces when
-  its batch is collated, as an ``ImageError`` naming the path and the record. Malformed records (JSON, roles,
-  image tag, boxes) always raise ``RecordError`` naming file, index and id (``datamodules.records``).
+  and path, or is skipped with ``bad_records="skip"`` or ``max_bad_fraction`` > 0 (the latter as before
+  ``bad_records`` existed). Without ``check_images`` a bad image surfaces when its batch is collated, as an
+  ``ImageError`` naming the path and the record.
+- One account per split (``self.load_reports[split]``, a ``LoadReport``) holds skipped records of both kinds
+  with their reason and the normalisation counts; it is logged (counts per reason, first records) and written
+  as JSONL, one line per skipped record with split, file, index, id, reason, message, image, to
+  ``bad_records_report`` (default ``bad_records.jsonl`` in the trainer's ``default_root_dir``, which Lightning
+  sets to the working directory unless given; none for a data module used without a trainer), rewritten after
+  each split by rank 0 whenever ``bad_records="skip"`` or anything was skipped. ``max_bad_fraction`` is the
+  one limit: once the split's lost fraction (``LoadReport.bad_fraction``: malformed of the records read,
+  combined with bad images of the records checked) passes it, setup fails listing counts per reason; it is
+  checked after reading (before any image is decoded) and after the image check. ``self.n_bad`` counts all.
 - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
   stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
 - ``collate`` picks the batch layout: ``"sft"`` (conversation + labels; validation batches also carry the
@@ -23,6 +35,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -35,7 +48,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.collate import PromptCollator, SFTCollator
 from datamodules.records import (
+    BadRecords,
     ImageError,
+    LoadReport,
     Record,
     RecordError,
     load_image,
@@ -88,6 +103,7 @@ class RadVLMDataModule(L.LightningDataModule):
         phantom_dir: str | None = None,
         image_root: str | None = None,
         thinking: bool = False,
+        thinking_mode: Literal["on", "off", "auto"] = "auto",
         tasks: list[str] | None = None,
         task_weights: dict[str, float] | None = None,
         collate: Literal["sft", "prompt"] = "sft",
@@ -98,6 +114,9 @@ class RadVLMDataModule(L.LightningDataModule):
         overlong: Literal["drop", "error"] = "drop",
         check_images: bool = True,
         max_bad_fraction: float = 0.0,
+        bad_records: BadRecords = "error",
+        normalize_conversations: bool = False,
+        bad_records_report: str | None = None,
         max_val_samples: int | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
@@ -111,20 +130,32 @@ class RadVLMDataModule(L.LightningDataModule):
             phantom_dir: a phantom dataset folder; fills the file lists that were not given.
             image_root: folder image paths are relative to (default: each file's folder).
             thinking: use the ``*_thinking.json`` files of ``phantom_dir``.
+            thinking_mode: which prompts are thinking prompts, i.e. have their answer after ``</think>`` scored
+                (``radvlm.chat.resolve_thinking``): ``"on"`` all (a Qwen3-VL Thinking checkpoint, whose prompts
+                carry no `` /think``), ``"off"`` none, ``"auto"`` those ending in `` /think``.
             tasks: keep only these tasks (``None`` = all).
             task_weights: per-task repeat factors for training.
             collate: ``"sft"`` or ``"prompt"`` (GRPO).
             max_length: samples with more tokens are dropped and counted, or raise (``overlong``).
             check_images: open every image at setup (clear error, or skip up to ``max_bad_fraction``).
+            max_bad_fraction: largest fraction of a split that may be skipped (malformed records, bad images).
+            bad_records: ``"error"`` (first malformed record raises) or ``"skip"`` (left out and reported;
+                set ``max_bad_fraction`` > 0 too, with 0 setup lists every bad record and then stops).
+            normalize_conversations: drop a leading gpt turn and a trailing human turn as LLaVA does.
+            bad_records_report: JSONL file listing the skipped records (default: ``bad_records.jsonl`` in the
+                trainer's ``default_root_dir``; without a trainer, no file).
             max_val_samples: cap on validation/test records (first N after the task filter).
             min_pixels, max_pixels: image pixel budget of the processor (Qwen3-VL: 1024 … 451584).
         """
         super().__init__()
         self.save_hyperparameters()
+        if bad_records not in ("error", "skip"):
+            raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
         self.tasks = canonical_tasks(tasks)  # aliases → canonical names (unknown names raise here)
         self.task_weights = {canonical_task(k): float(v) for k, v in (task_weights or {}).items()}
         self.processor = None
-        self.n_bad = 0
+        self.n_bad = 0  # records skipped in all splits (malformed or bad image)
+        self.load_reports: dict[str, LoadReport] = {}  # split → what was read, skipped and normalised
         self.untasked: dict[str, int] = {}  # split → records whose task is unknown (no key, unknown id prefix)
         self.splits: dict[str, list[Record]] = {}
 
@@ -142,12 +173,16 @@ class RadVLMDataModule(L.LightningDataModule):
 
     def _load(self, split: str) -> list[Record]:
         hp = self.hparams
+        report = self.load_reports[split] = LoadReport()
         records: list[Record] = []
         for f in self._files(split):
-            records.extend(load_records(f, image_root=hp.image_root, check_images=False))
+            records.extend(load_records(f, image_root=hp.image_root, check_images=False, bad_records=hp.bad_records,
+                                        normalize_conversations=hp.normalize_conversations, report=report))
+        self._account(split, final=False)  # past the limit already: stop before decoding any image
         records = self._filter_tasks(records, split)
         if hp.check_images:
             records = self._check_images(records, split)
+        self._account(split)
         if split != "train" and hp.max_val_samples is not None:
             records = records[: hp.max_val_samples]
         if split == "train" and self.task_weights:
@@ -174,37 +209,60 @@ class RadVLMDataModule(L.LightningDataModule):
         return kept
 
     def _check_images(self, records: list[Record], split: str) -> list[Record]:
-        """Decode every image fully (PIL's ``verify`` misses truncated JPEGs); the first bad one raises, or
-        with ``max_bad_fraction`` > 0 bad ones are skipped and counted until their fraction passes the
-        limit."""
-        good, bad = [], []
+        """Decode every image fully (PIL's ``verify`` misses truncated JPEGs); the first bad one raises, or,
+        with ``bad_records="skip"`` or ``max_bad_fraction`` > 0, bad ones go into the split's report."""
+        hp, report = self.hparams, self.load_reports[split]
+        skip = hp.bad_records == "skip" or hp.max_bad_fraction > 0
+        good = []
         errors: dict[str, ImageError | None] = {}  # several records (tasks) share an image: decode it once
         for r in records:
-            try:
-                if r.image is not None:
-                    key = str(r.image)
-                    if key not in errors:
-                        try:
-                            load_image(r.image)
-                            errors[key] = None
-                        except ImageError as err:
-                            errors[key] = err
-                    if errors[key] is not None:
-                        raise errors[key]
+            report.checked += 1
+            if r.image is not None and str(r.image) not in errors:
+                try:
+                    load_image(r.image)
+                    errors[str(r.image)] = None
+                except ImageError as err:
+                    errors[str(r.image)] = err
+            err = errors[str(r.image)] if r.image is not None else None
+            if err is None:
                 good.append(r)
-            except ImageError as err:
-                if self.hparams.max_bad_fraction <= 0:
-                    raise RecordError(err.reason, r.source, r.index, r.id, r.image) from err
-                bad.append(f"{r.source}[{r.index}] id={r.id!r}: {err}")
-        self.n_bad += len(bad)
-        if records and len(bad) / len(records) > self.hparams.max_bad_fraction:
-            listing = "\n  ".join(bad[:10])
-            raise RecordError(
-                f"{len(bad)} of {len(records)} {split} records have a bad image, more than "
-                f"max_bad_fraction={self.hparams.max_bad_fraction}:\n  {listing}",
-                ", ".join(self._files(split)),
-            )
+                continue
+            error = RecordError(err.reason, r.source, r.index, r.id, r.image)
+            if not skip:
+                raise error from err
+            report.skip(error, err.kind)
         return good
+
+    def _account(self, split: str, final: bool = True) -> None:
+        """Log the split's report and write the report file (at the end, or early when past the limit);
+        fail past ``max_bad_fraction`` with the counts per reason."""
+        report, limit = self.load_reports[split], self.hparams.max_bad_fraction
+        if not final and not report.exceeds(limit):
+            return
+        self.n_bad = sum(len(r.skipped) for r in self.load_reports.values())
+        path = self._write_report()
+        if report.skipped or report.normalised:
+            where = (f" (all listed in {path})" if path is not None else
+                     " (no report file: give bad_records_report or attach a trainer)") if report.skipped else ""
+            log.log(logging.WARNING if report.skipped else logging.INFO, "%s%s", report.summary(split), where)
+        report.check_limit(limit, split, ", ".join(self._files(split)), path)
+
+    def _write_report(self) -> Path | None:
+        """Write the skipped records of all splits loaded so far, one JSON object per line (rank 0 only)."""
+        rows = [row for split, r in self.load_reports.items() for row in r.rows(split=split)]
+        trainer = self.trainer
+        if not rows and self.hparams.bad_records != "skip":
+            return None
+        if self.hparams.bad_records_report:
+            path = Path(self.hparams.bad_records_report)
+        elif trainer is not None:  # Lightning's default_root_dir is the working directory unless set
+            path = Path(trainer.default_root_dir) / "bad_records.jsonl"
+        else:
+            return None  # no run to put it beside (a data module used alone): the log and load_reports remain
+        if trainer is None or trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        return path
 
     def setup(self, stage: str | None = None) -> None:
         from radvlm.policy import load_processor
@@ -221,8 +279,9 @@ class RadVLMDataModule(L.LightningDataModule):
     def _collator(self, train: bool):
         hp = self.hparams
         if hp.collate == "prompt":
-            return PromptCollator(self.processor, hp.max_length, hp.overlong)
-        return SFTCollator(self.processor, hp.max_length, hp.overlong, with_prompts=not train)
+            return PromptCollator(self.processor, hp.max_length, hp.overlong, hp.thinking_mode)
+        return SFTCollator(self.processor, hp.max_length, hp.overlong, with_prompts=not train,
+                           thinking_mode=hp.thinking_mode)
 
     def _loader(self, split: str, train: bool) -> StatefulDataLoader:
         if split not in self.splits:
@@ -252,4 +311,5 @@ class RadVLMDataModule(L.LightningDataModule):
         return StatefulDataLoader(RecordDataset(self.splits["predict"]),
                                   batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
                                   num_workers=hp.num_workers,
-                                  collate_fn=PromptCollator(self.processor, hp.max_length, hp.overlong))
+                                  collate_fn=PromptCollator(self.processor, hp.max_length, hp.overlong,
+                                                            hp.thinking_mode))

@@ -12,6 +12,14 @@ A record file is a JSON list or a JSONL file (one object per line) of
 Decisions beyond the RadVLM format:
 - Roles: "human"/"user" map to "user", "gpt"/"assistant" to "assistant"; other roles ("system") are refused.
   Turns must alternate user, assistant, ... starting with user and ending with assistant.
+- `normalize_conversations=True` (default False: strict) applies LLaVA's documented preprocessing first: a
+  leading assistant turn is dropped (LLaVA's `preprocess` drops it) and a trailing user turn is dropped (LLaVA
+  trains on it as masked context; it has no answer to learn). Each drop is counted per kind in
+  `LoadReport.normalised`. Anything else (two gpt turns in a row, an empty answer, a null id) stays malformed.
+- `bad_records="error"` (default) raises `RecordError` at the first malformed record; `"skip"` leaves it out and
+  records a `SkippedRecord` (file, index, id, reason kind, message) in the `LoadReport`, never silently. A
+  JSONL line that is not JSON is a skippable record; a .json file that does not parse is unreadable and raises.
+  The limit (`LoadReport.check_limit(max_bad_fraction)`) is the caller's: the data module applies it per split.
 - The image tag: a record with an image has exactly one `<image>` in all its turns, at the start of the first
   user turn (one newline after it is removed with it); a record without an image has none.
 - `id` may be a JSON string or integer (kept as str); ids are unique within a file.
@@ -26,11 +34,13 @@ Decisions beyond the RadVLM format:
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -38,7 +48,11 @@ from PIL import Image
 from radvlm.chat import THINK_OPEN, is_thinking_prompt
 from radvlm.tasks import BOX_TASKS, TASKS, canonical_task, task_from_id  # noqa: F401  (TASKS re-exported)
 
+log = logging.getLogger(__name__)
+
 GROUNDING_TASKS = BOX_TASKS  # tasks answered with boxes (radvlm.tasks is the one table)
+
+BadRecords = Literal["error", "skip"]
 
 IMAGE_TAG = "<image>"
 
@@ -66,6 +80,7 @@ class RecordError(ValueError):
         image: str | Path | None = None,
     ) -> None:
         self.file, self.index, self.record_id, self.image = str(file), index, record_id, image
+        self.problem = message  # the message without the file / index / id / image prefix
         where = str(file)
         if index is not None:
             where += f": record {index}"
@@ -77,15 +92,21 @@ class RecordError(ValueError):
 
 
 class ImageError(ValueError):
-    """A missing, undecodable or unusable image; the message names the path."""
+    """A missing, undecodable or unusable image; the message names the path. `kind` is the reason of the
+    bad-records report: image_missing, image_undecodable, image_too_small, image_aspect_ratio."""
 
-    def __init__(self, message: str, path: str | Path) -> None:
-        self.path, self.reason = str(path), message
+    def __init__(self, message: str, path: str | Path, kind: str = "image_bad") -> None:
+        self.path, self.reason, self.kind = str(path), message, kind
         super().__init__(f"image {self.path!r}: {message}")
 
 
 class _Invalid(ValueError):
-    """A problem inside one record; `load_records` re-raises it as RecordError with file, index and id."""
+    """A problem inside one record; `load_records` re-raises it as RecordError with file, index and id.
+    `kind` is the reason of the bad-records report (leading_assistant_turn, empty_answer, missing_id, ...)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,94 @@ class Record:
         return out
 
 
+# ----------------------------------------------------------------------------------- skipped records
+
+
+@dataclass(frozen=True)
+class SkippedRecord:
+    """A record left out under `bad_records="skip"`: one line of the bad-records report."""
+
+    file: str
+    index: int | None  # position in the file (JSONL: among its non-blank lines)
+    id: str | None  # None when the id itself is missing or malformed
+    reason: str  # the kind: leading_assistant_turn, empty_answer, invalid_json, image_missing, ...
+    message: str  # what is wrong, as a RecordError would say it
+    image: str | None = None  # the resolved image path, for image problems
+
+    @property
+    def is_image(self) -> bool:
+        return self.reason.startswith("image_")
+
+    def describe(self) -> str:
+        image = f", image {self.image!r}" if self.image is not None else ""
+        return f"{self.file}[{self.index}] id={self.id!r}{image} ({self.reason}): {self.message}"
+
+
+@dataclass
+class LoadReport:
+    """What reading (and the image check) saw, skipped and normalised. Pass one to `load_records` (several
+    calls accumulate: the data module keeps one per split) to receive the skipped records."""
+
+    records: int = 0  # records read: JSON list items or non-blank JSONL lines, bad ones included
+    checked: int = 0  # records that went through an image check
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    normalised: Counter[str] = field(default_factory=Counter)  # kind → conversations changed
+
+    def skip(self, error: RecordError, reason: str) -> None:
+        image = str(error.image) if error.image is not None else None
+        self.skipped.append(SkippedRecord(error.file, error.index, error.record_id, reason, error.problem, image))
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped records per reason, most frequent first."""
+        return dict(Counter(s.reason for s in self.skipped).most_common())
+
+    @property
+    def bad_fraction(self) -> float:
+        """Fraction of the records lost: f_read + f_image − f_read·f_image with f_read = malformed / records read
+        and f_image = bad images / records checked (without a task filter in between: skipped / read)."""
+        n_images = sum(s.is_image for s in self.skipped)
+        f_read = (len(self.skipped) - n_images) / self.records if self.records else 0.0
+        f_image = n_images / self.checked if self.checked else 0.0
+        return f_read + f_image - f_read * f_image
+
+    def exceeds(self, max_bad_fraction: float) -> bool:
+        return self.bad_fraction > max_bad_fraction + 1e-12  # float slack: exactly at the limit is allowed
+
+    def check_limit(self, max_bad_fraction: float, split: str = "", files: str | Path = "",
+                    report_path: str | Path | None = None) -> None:
+        """Raise `RecordError` with the counts per reason and the first records once `bad_fraction` passes
+        `max_bad_fraction`."""
+        if not self.exceeds(max_bad_fraction):
+            return
+        what = f"{split} records" if split else "records"
+        n_images = sum(s.is_image for s in self.skipped)
+        n_malformed = len(self.skipped) - n_images
+        parts = [f"{n_malformed} of {self.records} {what} are malformed"] if n_malformed else []
+        if n_images:
+            parts.append(f"{n_images} of {self.checked} {'checked' if parts else what} have a bad image")
+        listing = "\n  ".join(s.describe() for s in self.skipped[:10])
+        where = f"; all listed in {report_path}" if report_path is not None else ""
+        raise RecordError(
+            f"{' and '.join(parts)}, more than max_bad_fraction={max_bad_fraction} ({self.bad_fraction:.1%} lost); "
+            f"skipped per reason: {self.reasons()}{where}:\n  {listing}", files)
+
+    def summary(self, name: str = "", n_examples: int = 5) -> str:
+        """Counts per reason, the first skipped records and the normalisations; "" when there is nothing."""
+        lines = []
+        prefix = f"{name}: " if name else ""
+        if self.skipped:
+            lines.append(f"{prefix}skipped {len(self.skipped)} of {self.records} records ({self.bad_fraction:.2%}), "
+                         f"per reason: {self.reasons()}; first ones:")
+            lines += [f"  {s.describe()}" for s in self.skipped[:n_examples]]
+        if self.normalised:
+            lines.append(f"{prefix}normalised conversations (LLaVA preprocessing): {dict(self.normalised)}")
+        return "\n".join(lines)
+
+    def rows(self, **extra: Any) -> list[dict[str, Any]]:
+        """The skipped records as report rows (JSONL lines), each with `extra` keys (e.g. split) first."""
+        return [{**extra, **asdict(s)} for s in self.skipped]
+
+
 # ----------------------------------------------------------------------------------------------- images
 
 
@@ -155,13 +264,13 @@ def check_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: fl
     """Open the header and verify the file without a full decode; return (width, height) or raise ImageError."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError("file not found" if not path.exists() else "not a regular file", path)
+        raise ImageError("file not found" if not path.exists() else "not a regular file", path, "image_missing")
     try:
         with Image.open(path) as im:
             size = im.size
             im.verify()  # checks structure / PNG CRCs; does not catch every truncated JPEG (load_image does)
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
-        raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path) from e
+        raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path, "image_undecodable") from e
     check_image_size(size, path, min_side, max_aspect)
     return size
 
@@ -171,11 +280,11 @@ def check_image_size(size: tuple[int, int], path: str | Path, min_side: int = MI
     """Refuse sizes the Qwen image processor rejects (aspect ratio) or that cannot be a radiograph (tiny)."""
     w, h = size
     if min(w, h) < min_side:
-        raise ImageError(f"size {w}x{h} is below the minimum side of {min_side} px", path)
+        raise ImageError(f"size {w}x{h} is below the minimum side of {min_side} px", path, "image_too_small")
     if max(w, h) / min(w, h) > max_aspect:
         raise ImageError(
             f"aspect ratio {max(w, h) / min(w, h):.1f} of size {w}x{h} exceeds {max_aspect:g} "
-            "(the Qwen-VL image processor refuses it)", path)
+            "(the Qwen-VL image processor refuses it)", path, "image_aspect_ratio")
 
 
 def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = MAX_ASPECT_RATIO) -> Image.Image:
@@ -183,7 +292,7 @@ def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: flo
     (PIL's own conversion clips them at 255, which would turn most 16-bit radiographs white)."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError("file not found" if not path.exists() else "not a regular file", path)
+        raise ImageError("file not found" if not path.exists() else "not a regular file", path, "image_missing")
     try:
         with Image.open(path) as im:
             im.load()
@@ -197,7 +306,7 @@ def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: flo
     except ImageError:
         raise
     except Exception as e:
-        raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path) from e
+        raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path, "image_undecodable") from e
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -205,7 +314,8 @@ def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: flo
 
 def _read_objects(path: Path) -> list[tuple[int, Any, str]]:
     """Parse a .json list or .jsonl file into (index, object, location) triples; location (" (line N)" for
-    JSONL, "" for JSON) is appended to error messages."""
+    JSONL, "" for JSON) is appended to error messages. A JSONL line that is not JSON becomes an `_Invalid` object
+    (a bad record, skippable); a .json file that does not parse raises."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
@@ -219,10 +329,10 @@ def _read_objects(path: Path) -> list[tuple[int, Any, str]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                out.append((len(out), json.loads(line), f" (line {lineno})"))
             except json.JSONDecodeError as e:
-                raise RecordError(f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}", path, len(out)) from e
-            out.append((len(out), obj, f" (line {lineno})"))
+                out.append((len(out), _Invalid(f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}",
+                                               "invalid_json"), ""))
         return out
     if suffix == ".json":
         try:
@@ -240,81 +350,99 @@ def _read_objects(path: Path) -> list[tuple[int, Any, str]]:
 def _check_boxes(boxes: Any) -> list[list[float]]:
     """Validate a list of [x1, y1, x2, y2]; raise _Invalid describing the first bad box."""
     if not isinstance(boxes, list):
-        raise _Invalid(f"'boxes' must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}")
+        raise _Invalid(f"'boxes' must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}", "bad_boxes")
     out = []
     for j, box in enumerate(boxes):
         ok = isinstance(box, list) and len(box) == 4 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
         if not ok:
-            raise _Invalid(f"box {j} must be 4 finite numbers [x1, y1, x2, y2], got {box!r}")
+            raise _Invalid(f"box {j} must be 4 finite numbers [x1, y1, x2, y2], got {box!r}", "bad_boxes")
         x1, y1, x2, y2 = (float(v) for v in box)
         if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
-            raise _Invalid(f"box {j} {box!r} is not normalised to [0, 1]")
+            raise _Invalid(f"box {j} {box!r} is not normalised to [0, 1]", "bad_boxes")
         if x1 > x2 or y1 > y2:
-            raise _Invalid(f"box {j} {box!r} has x1 > x2 or y1 > y2")
+            raise _Invalid(f"box {j} {box!r} has x1 > x2 or y1 > y2", "bad_boxes")
         out.append([x1, y1, x2, y2])
     return out
 
 
-def _parse_turns(conv: Any, has_image: bool) -> list[Turn]:
-    """Validate the conversation list; raise _Invalid describing the first problem."""
+def _parse_turns(conv: Any, has_image: bool, normalize: bool = False) -> tuple[list[Turn], list[str]]:
+    """Validate the conversation list; raise _Invalid describing the first problem. With `normalize` a leading
+    assistant turn and then a trailing user turn are dropped first (LLaVA); the list names those drops.
+    Messages number turns as in the file."""
     if not isinstance(conv, list) or not conv:
-        raise _Invalid("'conversations' must be a non-empty list of {'from', 'value'} turns")
-    turns = []
+        raise _Invalid("'conversations' must be a non-empty list of {'from', 'value'} turns", "bad_conversations")
+    turns, names = [], []
     for j, t in enumerate(conv):
         if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
-            raise _Invalid(f"turn {j} must be an object with string 'from' and 'value', got {t!r:.120}")
+            raise _Invalid(f"turn {j} must be an object with string 'from' and 'value', got {t!r:.120}",
+                           "bad_conversations")
         role = ROLE_ALIASES.get(t["from"])
         if role is None:
-            raise _Invalid(f"turn {j} has role {t['from']!r}; expected one of {sorted(ROLE_ALIASES)}")
-        expected = USER if j % 2 == 0 else ASSISTANT
-        if role != expected:
-            raise _Invalid(f"turn {j} is from {t['from']!r} but turns must alternate human, gpt, human, gpt, ...")
+            raise _Invalid(f"turn {j} has role {t['from']!r}; expected one of {sorted(ROLE_ALIASES)}", "unknown_role")
         turns.append(Turn(role, t["value"]))
+        names.append(t["from"])
+    first, fixes = 0, []  # first: file position of turns[0]
+    if normalize and turns[0].role == ASSISTANT:
+        turns, names, first = turns[1:], names[1:], 1
+        fixes.append("dropped_leading_assistant_turn")
+    if normalize and turns and turns[-1].role == USER:
+        turns, names = turns[:-1], names[:-1]
+        fixes.append("dropped_trailing_user_turn")
+    if not turns:
+        raise _Invalid(f"no turn is left after LLaVA normalisation ({', '.join(fixes)})", "bad_conversations")
+    for k, t in enumerate(turns):
+        if t.role != (USER if k % 2 == 0 else ASSISTANT):  # alternation held so far: turn k repeats turn k-1's role
+            kind = ("leading_assistant_turn" if k == 0 else
+                    "consecutive_assistant_turns" if t.role == ASSISTANT else "consecutive_user_turns")
+            raise _Invalid(f"turn {first + k} is from {names[k]!r} but turns must alternate human, gpt, human, gpt, ...",
+                           kind)
     if turns[-1].role != ASSISTANT:
-        raise _Invalid("the conversation must end with a gpt (assistant) turn")
+        raise _Invalid("the conversation must end with a gpt (assistant) turn", "trailing_user_turn")
     n_tags = sum(t.text.count(IMAGE_TAG) for t in turns)
     if has_image:
         if n_tags != 1 or not turns[0].text.startswith(IMAGE_TAG):
             raise _Invalid(
                 f"a record with an image needs exactly one {IMAGE_TAG!r}, at the start of the first human turn "
-                f"(found {n_tags}{'' if turns[0].text.startswith(IMAGE_TAG) else ', not at the start'})")
-        first = turns[0].text[len(IMAGE_TAG):]
-        turns[0] = Turn(USER, first.removeprefix("\n"))
+                f"(found {n_tags}{'' if turns[0].text.startswith(IMAGE_TAG) else ', not at the start'})",
+                "bad_image_tag")
+        turns[0] = Turn(USER, turns[0].text[len(IMAGE_TAG):].removeprefix("\n"))
     elif n_tags:
-        raise _Invalid(f"a record without 'image' must not contain {IMAGE_TAG!r} (found {n_tags})")
-    for j, t in enumerate(turns):
-        if not t.text.strip() and not (j == 0 and has_image):
-            raise _Invalid(f"turn {j} ({t.role}) is empty")
-    return turns
+        raise _Invalid(f"a record without 'image' must not contain {IMAGE_TAG!r} (found {n_tags})", "bad_image_tag")
+    for k, t in enumerate(turns):
+        if not t.text.strip() and not (k == 0 and has_image):
+            raise _Invalid(f"turn {first + k} ({t.role}) is empty", "empty_answer" if t.role == ASSISTANT else "empty_prompt")
+    return turns, fixes
 
 
-def _parse_record(obj: Any, root: Path) -> Record:
-    """One JSON object → Record (source and index filled in by the caller); _Invalid on problems."""
+def _parse_record(obj: Any, root: Path, normalize: bool = False) -> tuple[Record, list[str]]:
+    """One JSON object → Record (source and index filled in by the caller) and the normalisations applied
+    (`_parse_turns`); _Invalid on problems."""
     if not isinstance(obj, dict):
-        raise _Invalid(f"a record must be a JSON object, got {type(obj).__name__}")
+        raise _Invalid(f"a record must be a JSON object, got {type(obj).__name__}", "not_an_object")
     if "id" not in obj:
-        raise _Invalid("missing 'id'")
+        raise _Invalid("missing 'id'", "missing_id")
     rid = obj["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
-        raise _Invalid(f"'id' must be a non-empty string or an integer, got {rid!r}")
+        raise _Invalid(f"'id' must be a non-empty string or an integer, got {rid!r}",
+                       "missing_id" if rid is None else "bad_id")
     image = obj.get("image")
     if image is not None and (not isinstance(image, str) or not image):
-        raise _Invalid(f"'image' must be one non-empty path string, got {image!r:.120}")
+        raise _Invalid(f"'image' must be one non-empty path string, got {image!r:.120}", "bad_image_field")
     if "conversations" not in obj:
-        raise _Invalid("missing 'conversations'")
-    turns = _parse_turns(obj["conversations"], image is not None)
+        raise _Invalid("missing 'conversations'", "bad_conversations")
+    turns, fixes = _parse_turns(obj["conversations"], image is not None, normalize)
     task = obj.get("task")
     if task is not None and not isinstance(task, str):
-        raise _Invalid(f"'task' must be a string, got {task!r:.120}")
+        raise _Invalid(f"'task' must be a string, got {task!r:.120}", "bad_task")
     try:
         task = canonical_task(task) if task is not None else task_from_id(str(rid))
     except ValueError as e:
-        raise _Invalid(str(e)) from None
+        raise _Invalid(str(e), "bad_task") from None
     boxes = _check_boxes(obj["boxes"]) if obj.get("boxes") is not None else None
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
-        raise _Invalid(f"'labels' must be a list of strings, got {labels!r:.120}")
+        raise _Invalid(f"'labels' must be a list of strings, got {labels!r:.120}", "bad_labels")
     extra = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations", "task", "boxes", "labels")}
     return Record(
         id=str(rid),
@@ -324,35 +452,67 @@ def _parse_record(obj: Any, root: Path) -> Record:
         boxes=boxes,
         labels=labels,
         extra=extra,
-    )
+    ), fixes
 
 
-def load_records(path: str | Path, image_root: str | Path | None = None, check_images: bool = True) -> list[Record]:
+def load_records(
+    path: str | Path,
+    image_root: str | Path | None = None,
+    check_images: bool = True,
+    *,
+    bad_records: BadRecords = "error",
+    normalize_conversations: bool = False,
+    report: LoadReport | None = None,
+) -> list[Record]:
     """Read and validate a RadVLM/LLaVA .json or .jsonl file.
 
     Image paths are resolved against `image_root` (default: the file's folder). With `check_images` every
     image must exist and decode (`check_image`); without it, paths are only resolved.
+
+    `bad_records="error"` raises `RecordError` (file, index, id) at the first bad record or image; `"skip"`
+    leaves it out and adds a `SkippedRecord` to `report` (no limit here: see `LoadReport.check_limit`).
+    `normalize_conversations` drops a leading assistant and a trailing user turn (LLaVA), counted in
+    `report.normalised`. Without a `report`, what was skipped or normalised is logged as a warning.
     """
+    if bad_records not in ("error", "skip"):
+        raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.resolve().parent
+    mine = LoadReport() if report is None else report
     records: list[Record] = []
     seen: dict[str, int] = {}
     for index, obj, location in _read_objects(path):
+        mine.records += 1
         rid = str(obj["id"]) if isinstance(obj, dict) and isinstance(obj.get("id"), (str, int)) else None
         try:
-            rec = _parse_record(obj, root)
+            if isinstance(obj, _Invalid):  # a JSONL line that is not JSON
+                raise obj
+            rec, fixes = _parse_record(obj, root, normalize_conversations)
+            if rec.id in seen:
+                raise _Invalid(f"duplicate id, first used by record {seen[rec.id]}", "duplicate_id")
         except _Invalid as e:
-            raise RecordError(f"{e}{location}", path, index, rid) from e
+            err = RecordError(f"{e}{location}", path, index, rid)
+            if bad_records == "error":
+                raise err from e
+            mine.skip(err, e.kind)
+            continue
         rec.source, rec.index = str(path), index
-        if rec.id in seen:
-            raise RecordError(f"duplicate id, first used by record {seen[rec.id]}", path, index, rec.id)
         seen[rec.id] = index
-        if check_images and rec.image is not None:
+        if check_images:
+            mine.checked += 1
             try:
-                check_image(rec.image)
+                if rec.image is not None:
+                    check_image(rec.image)
             except ImageError as e:
-                raise RecordError(e.reason, path, index, rec.id, rec.image) from e
+                err = RecordError(e.reason, path, index, rec.id, rec.image)
+                if bad_records == "error":
+                    raise err from e
+                mine.skip(err, e.kind)
+                continue
+        mine.normalised.update(fixes)
         records.append(rec)
+    if report is None and (mine.skipped or mine.normalised):
+        log.warning("%s", mine.summary(str(path)))
     return records
 
 
