@@ -11,10 +11,16 @@ An image that cannot be used (missing, undecodable, too small, aspect ratio over
 the DataModule did not check images at setup) raises ``ImageError`` naming its path and the record.
 
 SFT batches are right-padded; prompt batches are left-padded so completions can be appended.
+
+Text comes from the checkpoint's own chat template (``radvlm.chat.encode_conversation``). Prompt batches carry
+``thinking`` flags from the ``thinking_mode`` setting (``radvlm.chat.resolve_thinking``: ``"on"``, ``"off"``,
+or ``"auto"`` = prompts ending in `` /think``); with ``"auto"`` and a template that opens ``<think>`` itself
+(Qwen3-VL Thinking) a warning says to set ``"on"``.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -25,11 +31,15 @@ from datamodules.records import ImageError, Record, RecordError, load_image
 from radvlm.chat import (
     IGNORE_INDEX,
     THINK_CLOSE,
+    check_thinking_mode,
     encode_conversation,
     image_token_count,
-    is_thinking_prompt,
+    resolve_thinking,
     split_thinking,
+    template_opens_thinking,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SampleTooLongError(ValueError):
@@ -172,9 +182,9 @@ class SFTCollator(_Collator):
     generation at validation)."""
 
     def __init__(self, processor, max_length: int | None = None, overlong: str = "drop",
-                 with_prompts: bool = False) -> None:
+                 with_prompts: bool = False, thinking_mode: str = "auto") -> None:
         super().__init__(processor, max_length, overlong)
-        self.prompts = PromptCollator(processor, max_length, overlong) if with_prompts else None
+        self.prompts = PromptCollator(processor, max_length, overlong, thinking_mode) if with_prompts else None
 
     def encode(self, record: Record) -> EncodedSample:
         return encode_sft(record, self.processor)
@@ -186,9 +196,18 @@ class SFTCollator(_Collator):
 
 class PromptCollator(_Collator):
     """Left-padded generation prompts plus what rewards and metrics need: ``targets`` (the reference
-    answer), ``tasks``, ``thinking`` flags, ``prompts`` (text) and ``gt_boxes``."""
+    answer), ``tasks``, ``thinking`` flags (``thinking_mode``), ``prompts`` (text) and ``gt_boxes``."""
 
     left = True
+
+    def __init__(self, processor, max_length: int | None = None, overlong: str = "drop",
+                 thinking_mode: str = "auto") -> None:
+        super().__init__(processor, max_length, overlong)
+        self.thinking_mode = check_thinking_mode(thinking_mode)
+        if thinking_mode == "auto" and template_opens_thinking(processor.tokenizer):
+            log.warning("the chat template opens a <think> block in every generation prompt (a Thinking "
+                        "checkpoint) but thinking_mode='auto' treats only prompts ending in ' /think' as thinking; "
+                        "set thinking_mode='on' to score the answers after </think>")
 
     def encode(self, record: Record) -> EncodedSample:
         return encode_prompt(record, self.processor)
@@ -200,6 +219,6 @@ class PromptCollator(_Collator):
         # the reference is the final answer: a thinking trace in the record's answer is not scored
         batch["targets"] = [split_thinking(r.answer)[1] if THINK_CLOSE in r.answer else r.answer
                             for r in records]
-        batch["thinking"] = [is_thinking_prompt(p) for p in batch["prompts"]]
+        batch["thinking"] = [resolve_thinking(p, self.thinking_mode) for p in batch["prompts"]]
         batch["gt_boxes"] = [r.boxes or [] for r in records]
         batch["images"] = [str(r.image) if r.image else None for r in records]

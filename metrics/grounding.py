@@ -143,6 +143,7 @@ class SoftF1(PerSampleMetric):
 
     higher_is_better = True
     worst_value = 0.0
+    think_split = "first"  # thinking completions: the authors' grounding reward scores the text after the FIRST </think>
 
     def __init__(self, min_iou: float = 0.0, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -161,6 +162,7 @@ class GroundingMAP(PerSampleMetric):
 
     higher_is_better = True
     worst_value = 0.0
+    think_split = "first"  # thinking completions: the authors' grounding reward scores the text after the FIRST </think>
 
     def __init__(self, iou_threshold: float = 0.5, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -203,6 +205,7 @@ class BoxFormat(PerSampleMetric):
 
     higher_is_better = True
     worst_value = 0.0
+    think_split = "first"  # thinking completions: the authors' grounding reward scores the text after the FIRST </think>
 
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         check_pairs(preds, targets)

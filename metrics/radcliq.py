@@ -54,6 +54,7 @@ class RadCliQ(PerSampleMetric):
 
     higher_is_better = False
     worst_value = 3.0
+    think_split = "last"  # thinking completions: the authors' RadCliQ reward scores the text after the LAST </think>
 
     def __init__(
         self,

@@ -166,6 +166,7 @@ class GLEU(PerSampleMetric):
 
     higher_is_better = True
     worst_value = 0.0
+    think_split = "last"  # thinking completions: the text after the LAST </think> is scored (as for RadCliQ)
 
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         check_pairs(preds, targets)
@@ -177,6 +178,7 @@ class BLEU(PerSampleMetric):
 
     higher_is_better = True
     worst_value = 0.0
+    think_split = "last"  # thinking completions: the text after the LAST </think> is scored (as for RadCliQ)
 
     def __init__(self, n: int = 4, tokenizer: Literal["radcliq", "13a"] = "radcliq", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -197,6 +199,7 @@ class ROUGEL(PerSampleMetric):
 
     higher_is_better = True
     worst_value = 0.0
+    think_split = "last"  # thinking completions: the text after the LAST </think> is scored (as for RadCliQ)
 
     def __init__(self, use_stemmer: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)

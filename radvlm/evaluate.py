@@ -7,7 +7,9 @@ confidence intervals, side-by-side comparison of several runs, per-sample scores
 
 Input: the JSONL of ``main.py predict`` (``PredictionWriter``), one object per line with at least ``id``,
 ``task``, ``answer`` (the text after ``</think>``; empty for an unclosed thinking block, which then gets the
-metrics' low score, as in training) and ``reference``. Output: a Markdown table on stdout, a JSON file
+metrics' low score, as in training) and ``reference``. A thinking row (``thinking`` true) with its
+``completion`` is re-cut here where the task's rewards cut it (``radvlm.rollout.task_think_split``: after the
+first ``</think>`` for box tasks, the last otherwise; case-insensitive). Output: a Markdown table on stdout, a JSON file
 (``--json``, default ``<first input>.eval.json``) and next to each input ``<input>.scored.jsonl`` (its lines
 sorted by id, with a ``scores`` object of per-sample values; ``null`` = unavailable or undefined).
 
@@ -48,6 +50,7 @@ import torch
 
 from metrics.boxes import pairwise_iou, parse_boxes
 from radvlm import tasks
+from radvlm.chat import answer_of
 from radvlm.draw import write_pictures
 from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import Scorers`` keeps working
     MetricSettings,
@@ -55,6 +58,7 @@ from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import 
     Unavailable,
     load_settings,
 )
+from radvlm.rollout import task_think_split
 
 NAN = float("nan")
 LENGTH_CHANGE_WARN = 0.20  # relative change of the average answer length flagged as a reward-hacking signal
@@ -276,6 +280,14 @@ def read_predictions(path: str | Path, default_task: str | None = None) -> tuple
     return [rows[k] for k in sorted(rows)], duplicates
 
 
+def scored_answer(row: dict) -> str:
+    """The answer of a prediction row that is scored: a thinking completion cut where the rewards of its task
+    cut it (``task_think_split``), else the row's ``answer``."""
+    if row.get("thinking") and isinstance(row.get("completion"), str):
+        return answer_of(row["completion"], True, task_think_split(row["task"]))[0]
+    return row["answer"]
+
+
 def scored_path_for(path: str | Path) -> Path:
     path = Path(path)
     return path.with_name(path.name.removesuffix(".jsonl") + ".scored.jsonl")
@@ -308,7 +320,7 @@ def evaluate_file(path: str | Path, metrics: Scorers | MetricSettings | None = N
     scores: dict[str, dict[str, float | None]] = {}
     for task, task_rows in sorted(by_task.items()):
         kind = task_kind(task)
-        preds, refs = [r["answer"] for r in task_rows], [r["reference"] for r in task_rows]
+        preds, refs = [scored_answer(r) for r in task_rows], [r["reference"] for r in task_rows]
         scored = SCORE_FNS[kind](preds, refs, scorers)
         result["tasks"][task] = {"kind": kind, "n": len(task_rows), "info": _info(task_rows),
                                  "metrics": summarise(scored, COLUMNS[kind], n_boot, seed, alpha)}

@@ -106,7 +106,10 @@ class PolicyConfig:
 def load_processor(name_or_path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
     """Tokenizer + image processor of a Qwen3-VL checkpoint, without needing torchvision.
 
-    Returns a ``Qwen3VLProcessor`` whose ``video_processor`` may be ``None``. Prompts are left-padded.
+    Returns a ``Qwen3VLProcessor`` whose ``video_processor`` may be ``None``. Prompts are left-padded. The
+    checkpoint's chat template (``chat_template.jinja``, else ``chat_template.json``'s ``"chat_template"``, as
+    ``AutoProcessor`` reads them, else the tokenizer's own) is set on the processor and on the tokenizer, whose
+    ``apply_chat_template`` renders every conversation (``radvlm.chat``); ``None`` when there is none.
     """
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -118,12 +121,29 @@ def load_processor(name_or_path: str | Path, min_pixels: int | None = None, max_
     if max_pixels is not None:
         kwargs["max_pixels"] = int(max_pixels)
     image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), **kwargs)
-    template = getattr(tokenizer, "chat_template", None)
-    template_file = Path(str(name_or_path)) / "chat_template.jinja"
-    if template is None and template_file.is_file():
-        template = template_file.read_text()
+    template = _processor_chat_template(str(name_or_path)) or getattr(tokenizer, "chat_template", None)
+    tokenizer.chat_template = template or None
     return _processor_class()(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
                               chat_template=template)
+
+
+def _processor_chat_template(name_or_path: str) -> str | None:
+    """The processor chat template of a checkpoint (folder or hub id): ``chat_template.jinja``, else the
+    ``"chat_template"`` of ``chat_template.json``; ``None`` when it has neither."""
+    import json
+
+    from transformers.utils import cached_file
+
+    for name in ("chat_template.jinja", "chat_template.json"):
+        try:
+            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except OSError:
+            path = None
+        if path is not None:
+            text = Path(path).read_text(encoding="utf-8")
+            return text if name.endswith(".jinja") else json.loads(text).get("chat_template")
+    return None
 
 
 def _processor_class():

@@ -7,8 +7,12 @@ reward is the weighted sum of the signed values (``value`` if higher is better, 
 
     reward_i = Σ_terms w · sign · value_term(answer_i, reference_i)       over the terms of task_i
 
-- For thinking prompts the answer is the text after the last ``</think>``; a completion without
-  ``</think>`` gets the term's ``worst_value`` (RadCliQ: 3 → reward −3, as the authors did; soft-F1: 0).
+- For thinking prompts the answer is the text after the first or the last ``</think>`` (case-insensitive),
+  per term: ``RewardTerm(think_split=...)``, by default the metric class's ``think_split`` attribute, which
+  follows the authors' reward of that metric (grounding metrics: first; RadCliQ and text metrics: last;
+  ``"last"`` for a metric without one). A completion without ``</think>`` gets the term's ``worst_value``
+  (RadCliQ: 3 → reward −3, as the authors did; soft-F1: 0). Evaluation splits by task the same way
+  (:func:`task_think_split`).
 - A term that raises or exceeds ``timeout`` seconds yields NaN for the rows it had to score: the reward of
   those rows is NaN ("unavailable", DESIGN.md), masked out of the advantage by ``radvlm.grpo``, and counted.
 - A prompt whose task no term scores is a configuration error and raises.
@@ -29,8 +33,8 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 
-from radvlm.chat import answer_of
-from radvlm.tasks import TASK_ALIASES, canonical_task
+from radvlm.chat import answer_of, check_think_split
+from radvlm.tasks import TASK_ALIASES, canonical_task, is_box_task
 
 
 class ScoringMetric(Protocol):
@@ -48,14 +52,17 @@ class RewardTerm:
         weight: multiplies the signed value.
         tasks: tasks this term scores (``radvlm.tasks`` names or their aliases); ``None`` scores every task.
         name: name in logs (default: the metric's class name in lower case).
+        think_split: for thinking completions, score the text after the ``"first"`` or the ``"last"``
+            ``</think>`` (case-insensitive); default: the metric's ``think_split`` attribute, else ``"last"``.
     """
 
     def __init__(self, metric: Any, weight: float = 1.0, tasks: list[str] | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, think_split: str | None = None) -> None:
         self.metric = metric
         self.weight = float(weight)
         self.tasks = None if tasks is None else [canonical_task(t) for t in tasks]
         self.name = name or type(metric).__name__.lower()
+        self.think_split = check_think_split(think_split or getattr(metric, "think_split", "last"))
 
     def applies(self, task: str | None) -> bool:
         return self.tasks is None or TASK_ALIASES.get(task, task) in self.tasks
@@ -65,7 +72,17 @@ class RewardTerm:
         return 1.0 if getattr(self.metric, "higher_is_better", True) else -1.0
 
     def __repr__(self) -> str:
-        return f"RewardTerm({self.name}, weight={self.weight}, tasks={self.tasks})"
+        return f"RewardTerm({self.name}, weight={self.weight}, tasks={self.tasks}, think_split={self.think_split})"
+
+
+def task_think_split(task: str | None) -> str:
+    """Where evaluation and prediction cut the answer of a thinking completion of ``task``: as the reward
+    metrics of its answers do (box tasks: the grounding metrics' ``think_split``, ``"first"``; other tasks:
+    RadCliQ's and the text metrics', ``"last"``)."""
+    from metrics.grounding import SoftF1
+    from metrics.radcliq import RadCliQ
+
+    return SoftF1.think_split if is_box_task(task) else RadCliQ.think_split
 
 
 @dataclass
@@ -130,8 +147,12 @@ def _compute_rewards(terms, completions, targets, tasks, thinking, timeout) -> R
     n = len(completions)
     if not (len(targets) == len(tasks) == len(thinking) == n):
         raise ValueError("completions, targets, tasks and thinking must have the same length")
-    answers, closed = zip(*(answer_of(c, t) for c, t in zip(completions, thinking))) if n else ((), ())
-    closed_t = torch.tensor(list(closed), dtype=torch.bool)  # (N,)
+    answers: dict[str, list[str]] = {}  # think split → (N,) answers
+    closed: list[bool] = [True] * n  # closed or not is the same for either split
+    for split in sorted({term.think_split for term in terms}):
+        parts = [answer_of(c, t, split) for c, t in zip(completions, thinking)]
+        answers[split], closed = [a for a, _ in parts], [c for _, c in parts]
+    closed_t = torch.tensor(closed, dtype=torch.bool)  # (N,)
     total = torch.zeros(n, dtype=torch.float32)  # (N,)
     covered = torch.zeros(n, dtype=torch.bool)  # (N,)
     values: dict[str, torch.Tensor] = {}
@@ -150,8 +171,8 @@ def _compute_rewards(terms, completions, targets, tasks, thinking, timeout) -> R
         start = time.perf_counter()
         if scored:
             try:
-                out = score_with_timeout(term.metric, [answers[i] for i in scored], [targets[i] for i in scored],
-                                         timeout)
+                out = score_with_timeout(term.metric, [answers[term.think_split][i] for i in scored],
+                                         [targets[i] for i in scored], timeout)
                 out = torch.as_tensor(out, dtype=torch.float32).reshape(-1).cpu()
                 if out.numel() != len(scored):
                     raise RewardError(f"{term.name} returned {out.numel()} values for {len(scored)} samples")

@@ -9,7 +9,8 @@ in exactly the Hugging Face layout of a real Qwen3-VL checkpoint:
   prompt and report text (digits split one by one, as Qwen's pre-tokenizer does), carrying the Qwen special
   tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<think>`` …);
 - ``preprocessor_config.json``: the Qwen2-VL image processor (patch 16, merge 2, as Qwen3-VL uses);
-- ``chat_template.jinja``: a Qwen3-VL-style chat template (the same text layout ``radvlm.chat`` renders).
+- ``chat_template.jinja``: a compact chat template that renders our conversations exactly as the Qwen3-VL
+  Instruct template does (``CHAT_TEMPLATE``).
 
 Because it is a normal checkpoint folder, ``Policy.from_pretrained(OUT_DIR)`` loads it through the very
 same code path as ``Qwen/Qwen3-VL-8B-Instruct``. Everything is deterministic for a given seed and corpus.
@@ -50,17 +51,28 @@ QWEN_PRETOKENIZE_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# A Qwen3-VL-style chat template. User content may be a string or a list of {"type": "image"|"text"}
-# parts; images render as <|vision_start|><|image_pad|><|vision_end|> (the processor expands the pad).
+# A compact Qwen3-VL chat template: for conversations of system (first only), user and assistant messages it
+# renders exactly what the Qwen3-VL Instruct template (chat_template.json of Qwen/Qwen3-VL-8B-Instruct) renders
+# (tests/radvlm/test_chat_templates.py checks it); tools are left out. Content is a string or a list of
+# {"type": "image"|"video"|"text"} parts; an image renders as <|vision_start|><|image_pad|><|vision_end|> (one
+# pad, expanded to the image's visual tokens by radvlm.chat / the processor).
 CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
-    "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+    "{%- macro render(content) %}"
+    "{%- if content is string %}{{- content }}"
+    "{%- else %}{%- for part in content %}"
+    "{%- if part.type == 'image' or 'image' in part or 'image_url' in part %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part.type == 'video' or 'video' in part %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part %}{{- part.text }}{%- endif %}"
     "{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
+    "{%- endmacro %}"
+    "{%- if messages[0].role == 'system' %}"
+    "{{- '<|im_start|>system\\n' + render(messages[0].content) + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'user' or message.role == 'assistant' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + render(message.content) + '<|im_end|>\\n' }}"
+    "{%- endif %}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )

@@ -42,7 +42,8 @@ def test_render_matches_checkpoint_chat_template(tiny_ckpt):
     turns = [("user", "Is there an effusion?"), ("assistant", "Yes."), ("user", "Where?"), ("assistant", "Left.")]
     ours = "".join(p for p, _ in render_segments(turns, image_tokens=1))
     messages = [
-        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there an effusion?"}]},
+        # RadVLM's "<image>\nQuestion": the newline after the image is kept
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nIs there an effusion?"}]},
         {"role": "assistant", "content": "Yes."},
         {"role": "user", "content": "Where?"},
         {"role": "assistant", "content": "Left."},
