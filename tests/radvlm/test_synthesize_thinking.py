@@ -230,7 +230,9 @@ def test_synthesize_writes_thinking_records_that_load(records_file, tmp_path):
     assert [t.text for t in written["conv"].conversations[:3]] == [
         "Is there an effusion?", "Yes, on the left.", "How large is it? case conv /think"]
     assert written["conv"].answer.endswith("\n</think>\n\nIt is small.")
-    assert json.loads(out.read_text().splitlines()[0])["image"].startswith("../images/")
+    # two workers write in completion order, and "txt" has no image: look the line up by id
+    lines = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert lines["rep"]["image"].startswith("../images/") and "image" not in lines["txt"]
 
 
 def test_hidden_strategy_keeps_only_agreeing_answers_and_logs_the_rest(records_file, tmp_path):
