@@ -1,16 +1,24 @@
 """Where a GRPO step goes: seconds per phase (generate, reward, old/ref log-probs, update) and tokens/s.
 
-``python -m benchmarks.grpo_step [--size tiny] [--batch-size 4] [--g 8] [--max-new-tokens 64] [--steps 3]``
+``python -m benchmarks.grpo_step [--size tiny] [--batch-size 4] [--g 8] [--max-new-tokens 64] [--reps 2]``
 
 Runs ``GRPOModule`` under a real Lightning ``Trainer`` on ``B`` report prompts per step (noise images of
 ``--image-size``², ≈441 visual tokens at 672²), ``G`` rollouts each, and reads the phase timers the module
 logs (``time/generate_s``, ``time/reward_s``, ``time/logprobs_s`` = π_old + reference log-probs,
-``time/update_s``; ``memory/peak_gib`` on GPU). The first step is a warm-up (lazy imports, reward models
-loading, allocator) and is left out of the means. Each ``--modes`` entry is a separate run from the same
-seed and the same initial weights: ``plain`` (rollouts by repeating each prompt G times) and ``shared``
-(``shared_prefill=True``). ``--updates`` optimizer updates per rollout batch (2 by default, so π_old
-log-probs are computed as with the paper's 4 mini-batches); β = 0.01 (reference log-probs: a frozen copy for
-a full fine-tune, adapters off with ``--lora``).
+``time/update_s``; ``memory/peak_gib`` on GPU). ``--updates`` optimizer updates per rollout batch (2 by
+default, so π_old log-probs are computed as with the paper's 4 mini-batches); β = 0.01 (reference
+log-probs: a frozen copy for a full fine-tune, adapters off with ``--lora``).
+
+Timing method: one fit whose GRPO steps alternate the rollout path, ``plain`` (each prompt repeated G times)
+and ``shared`` (``shared_prefill=True``), step after step (plain, shared, plain, shared, …; a callback sets
+the module's ``shared_prefill`` before each step). The first ``--warmup`` steps of every mode are discarded
+(lazy imports, reward models loading, CUDA kernels and allocator), then ``--reps`` (≥ 2) steps per mode are
+timed and each figure is the median over them. ``step_s`` is wall clock: from the end of the previous step
+to the end of this one (data loading, optimizer steps and logging included); ``phase_sum_s``, the sum of the
+four phases the module times, is reported beside it; ``tokens_per_s`` is completion tokens ÷ ``step_s``.
+Consecutive steps see other prompts and slightly other weights, so the two modes do not sample the same
+rollouts here; whether shared prefill samples what the plain path samples is checked in
+``benchmarks/rollout.py`` (exactly in float32, by greedy arg-max consistency in bf16).
 
 Rewards (``--reward``): ``gleu`` (pure Python n-grams), or ``radcliq``: RadCliQ-v1 of RadGraph-F1 and
 CheXbert similarity (tiny random models in the real formats, ``metrics.tiny``), BERTScore (the real MiniLM-L6
@@ -25,8 +33,10 @@ import argparse
 import gc
 import json
 import logging
+import statistics
 import sys
 import tempfile
+import time
 import warnings
 from datetime import date
 from pathlib import Path
@@ -86,23 +96,59 @@ def reward_terms(kind: str, work: Path, device: str) -> tuple[list, str]:
     return [RewardTerm(metric, tasks=["report_generation"], name="radcliq")], what
 
 
-def phase_recorder():
-    """A Lightning callback that keeps the step metrics the module logged, one dict per training batch."""
+def phase_recorder(modes: list[str]):
+    """A Lightning callback that sets the rollout path of every step (``modes`` in turn) and keeps, per
+    training batch, the metrics the module logged plus the wall clock since the previous step ended."""
     import lightning as L
 
     class PhaseTimes(L.Callback):
         def __init__(self) -> None:
             self.steps: list[dict[str, float]] = []
+            self._last_end: float | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            pl_module.hparams.shared_prefill = modes[len(self.steps) % len(modes)] == "shared"
+            if self._last_end is None:
+                self._last_end = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            now = time.perf_counter()
             keep = ("time/", "memory/", "train/tokens_per_s", "train/completion_len_mean")
-            self.steps.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(keep)})
+            step = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(keep)}
+            step["mode"] = modes[len(self.steps) % len(modes)]
+            step["wall_s"] = now - self._last_end
+            self._last_end = now
+            self.steps.append(step)
 
     return PhaseTimes()
 
 
-def run_mode(args, mode: str, work: Path, data_file: Path, terms: list) -> dict:
-    """One GRPO fit of ``args.steps`` steps; mean phase times over the steps after the first."""
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def summarize_mode(mode: str, steps: list[dict], rollouts: int, gpu: bool) -> dict:
+    """One row from the timed steps of a mode: medians of the phases, of their sum and of the wall clock."""
+    get = lambda key: [s.get(key, float("nan")) for s in steps]  # noqa: E731
+    row = {"mode": mode, "steps_timed": len(steps)}
+    for phase in PHASES:
+        row[f"{phase}_s"] = round(median(get(f"time/{phase}_s")), 4)
+    row["phase_sum_s"] = round(median([sum(s[f"time/{p}_s"] for p in PHASES) for s in steps]), 4)
+    row["step_s"] = round(median(get("wall_s")), 4)
+    row["rep_step_s"] = [round(v, 4) for v in get("wall_s")]
+    row["reward_fraction"] = round(row["reward_s"] / row["step_s"], 4)
+    row["completion_len_mean"] = round(sum(get("train/completion_len_mean")) / len(steps), 1)
+    row["completion_len_per_step"] = get("train/completion_len_mean")
+    row["tokens_per_s"] = round(median([rollouts * s["train/completion_len_mean"] / s["wall_s"] for s in steps]), 2)
+    row["generate_tokens_per_s"] = round(median([rollouts * s["train/completion_len_mean"] / s["time/generate_s"]
+                                                 for s in steps]), 2)
+    if gpu:
+        row["peak_gib"] = round(max(get("memory/peak_gib")), 2)
+    return row
+
+
+def run_fit(args, work: Path, data_file: Path, terms: list) -> list[dict]:
+    """One GRPO fit of ``len(modes) × (warmup + reps)`` steps, modes alternating; one row per mode."""
     import lightning as L
 
     from datamodules.datamodule import RadVLMDataModule
@@ -120,41 +166,33 @@ def run_mode(args, mode: str, work: Path, data_file: Path, terms: list) -> dict:
         optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01),
         num_generations=args.g, max_new_tokens=args.max_new_tokens, temperature=1.0, beta=0.01,
         ppo_mini_batch_size=per_update, micro_batch_size=args.micro_batch_size, log_text_samples=False,
-        num_logged_samples=0, shared_prefill=mode == "shared",
+        num_logged_samples=0, shared_prefill=args.modes[0] == "shared",
     )
     module.policy = policy  # built above (random weights of --size); configure_model keeps it
     pixels = {"min_pixels": 32 * 32, "max_pixels": args.image_size**2}
     data = RadVLMDataModule(str(tiny), train_files=[str(data_file)], collate="prompt", batch_size=args.batch_size,
                             max_length=None, **pixels)
-    recorder = phase_recorder()
+    recorder = phase_recorder(args.modes)
     gpu = args.device.startswith("cuda")
+    steps = len(args.modes) * (args.warmup + args.reps)
     trainer = L.Trainer(
         accelerator="gpu" if gpu else "cpu", devices=1,
         precision="bf16-true" if args.dtype == "bfloat16" else "32-true",
-        max_steps=args.steps * len(range(0, args.batch_size, per_update)), limit_val_batches=0, logger=False,
+        max_steps=steps * len(range(0, args.batch_size, per_update)), limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, default_root_dir=str(work / "trainer"), callbacks=[recorder],
     )
     trainer.fit(module, data)
-    steps = recorder.steps[1:] or recorder.steps  # the first step is a warm-up
-    mean = lambda key: sum(s.get(key, float("nan")) for s in steps) / len(steps)
-    row = {"mode": mode, "steps_timed": len(steps)}
-    for phase in PHASES:
-        row[f"{phase}_s"] = round(mean(f"time/{phase}_s"), 4)
-    row["step_s"] = round(mean("time/step_s"), 4)
-    row["reward_fraction"] = round(row["reward_s"] / row["step_s"], 4)
-    row["completion_len_mean"] = round(mean("train/completion_len_mean"), 1)
-    row["completion_len_per_step"] = [s.get("train/completion_len_mean") for s in recorder.steps]
-    rollouts = args.batch_size * args.g
-    row["tokens_per_s"] = round(mean("train/tokens_per_s"), 2)
-    row["generate_tokens_per_s"] = round(rollouts * row["completion_len_mean"] / row["generate_s"], 2)
-    if gpu:
-        row["peak_gib"] = round(max(s.get("memory/peak_gib", float("nan")) for s in steps), 2)
+    if len(recorder.steps) != steps:
+        raise RuntimeError(f"expected {steps} GRPO steps, the fit ran {len(recorder.steps)}")
+    timed = recorder.steps[len(args.modes) * args.warmup:]  # the warm-up repetition of every mode is dropped
+    rows = [summarize_mode(mode, [s for s in timed if s["mode"] == mode], args.batch_size * args.g, gpu)
+            for mode in args.modes]
     del trainer, module, policy
     gc.collect()
     if gpu:
         torch.cuda.empty_cache()
-    return row
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -167,7 +205,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-size", type=int, default=4, help="prompts per step")
     parser.add_argument("--g", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=3, help="GRPO steps per mode (the first is a warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded GRPO steps per mode")
+    parser.add_argument("--reps", type=int, default=2, help="timed GRPO steps per mode (median kept)")
     parser.add_argument("--updates", type=int, default=2, help="optimizer updates per rollout batch")
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--reward", default="gleu", choices=["gleu", "radcliq"])
@@ -183,38 +222,41 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def quiet() -> None:
     """Keep Lightning's banners and known deprecation chatter out of the benchmark's table."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    for pattern in (".*set_vital.*", ".*LeafSpec.*", ".*modules? in eval mode.*", ".*cannot be pickled.*",
+    for pattern in (".*set_vital.*", ".*LeafSpec.*", ".*module.* in eval mode.*", ".*cannot be pickled.*",
                     ".*litlogger.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.reps < 1 or args.warmup < 0:
+        raise ValueError("--reps must be >= 1 and --warmup >= 0")
     quiet()
     work = Path(args.work or tempfile.mkdtemp(prefix="radvlm-grpo-step-"))
-    data_file = write_prompt_records(work / "data", args.batch_size * args.steps, args.image_size)
+    steps = len(args.modes) * (args.warmup + args.reps)
+    data_file = write_prompt_records(work / "data", args.batch_size * steps, args.image_size)
     terms, reward_desc = reward_terms(args.reward, work, args.reward_device or args.device)
-    rows = [run_mode(args, mode, work, data_file, terms) for mode in args.modes]
+    rows = run_fit(args, work, data_file, terms)
     if len(rows) == 2:
         rows[1]["speedup_step"] = round(rows[0]["step_s"] / rows[1]["step_s"], 3)
-        rows[1]["speedup_generate"] = round(rows[0]["generate_s"] / rows[1]["generate_s"], 3)
-        # same seed, same weights: equal lengths at every step (warm-up included) mean the same rollouts
-        rows[1]["same_lengths"] = rows[0]["completion_len_per_step"] == rows[1]["completion_len_per_step"]
+        rows[1]["speedup_generate"] = round(rows[1]["generate_tokens_per_s"] / rows[0]["generate_tokens_per_s"], 3)
 
     meta = {"date": date.today().isoformat(), "device": describe_device(args.device), "size": args.model or args.size,
             "dtype": args.dtype, "image_size": args.image_size, "prompts": args.batch_size, "g": args.g,
             "max_new_tokens": args.max_new_tokens, "updates": args.updates, "lora": args.lora,
+            "warmup": args.warmup, "reps": args.reps, "statistic": "median", "modes_alternate": True,
             "gradient_checkpointing": args.gradient_checkpointing, "reward": reward_desc,
             "reward_device": args.reward_device or args.device, "torch": torch.__version__}
     print(f"grpo_step: {meta['device']}, model {meta['size']} ({args.dtype}{', LoRA' if args.lora else ''}), "
           f"{args.batch_size} prompts × G={args.g}, image {args.image_size}², max_new_tokens={args.max_new_tokens}, "
-          f"{args.updates} updates/step, reward {reward_desc}")
-    print(f"{'mode':<7}{'generate s':>11}{'reward s':>9}{'logprobs s':>11}{'update s':>9}{'step s':>8}"
-          f"{'reward %':>9}{'tok/s':>8}{'gen tok/s':>10}{'len':>6}{'speedup':>8}{'same':>6}{'peak GiB':>9}")
+          f"{args.updates} updates/step, reward {reward_desc}; modes alternate, median of {args.reps} steps "
+          f"after {args.warmup} discarded")
+    print(f"{'mode':<7}{'generate s':>11}{'reward s':>9}{'logprobs s':>11}{'update s':>9}{'phases s':>9}"
+          f"{'step s':>8}{'reward %':>9}{'tok/s':>8}{'gen tok/s':>10}{'len':>6}{'speedup':>8}{'peak GiB':>9}")
     for r in rows:
         print(f"{r['mode']:<7}{r['generate_s']:>11.3f}{r['reward_s']:>9.3f}{r['logprobs_s']:>11.3f}"
-              f"{r['update_s']:>9.3f}{r['step_s']:>8.3f}{100 * r['reward_fraction']:>8.1f}%{r['tokens_per_s']:>8.1f}"
-              f"{r['generate_tokens_per_s']:>10.1f}{r['completion_len_mean']:>6.0f}{r.get('speedup_step', ''):>8}"
-              f"{r.get('same_lengths', '')!s:>6}{r.get('peak_gib', ''):>9}")
+              f"{r['update_s']:>9.3f}{r['phase_sum_s']:>9.3f}{r['step_s']:>8.3f}{100 * r['reward_fraction']:>8.1f}%"
+              f"{r['tokens_per_s']:>8.1f}{r['generate_tokens_per_s']:>10.1f}{r['completion_len_mean']:>6.0f}"
+              f"{r.get('speedup_step', ''):>8}{r.get('peak_gib', ''):>9}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

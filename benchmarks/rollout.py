@@ -4,14 +4,34 @@
 
 Each row samples ``G`` completions for each of ``B`` report prompts with one image each (random noise images
 of ``--image-size``², about 441 visual tokens at 672² for Qwen3-VL's 16-pixel patches merged 2×2; prompts of
-about 20–30 text tokens) from a randomly initialised Qwen3-VL, twice with the same seed: the plain path
+about 20–30 text tokens) from a randomly initialised Qwen3-VL, with the same seed in two ways: the plain path
 (every prompt repeated G times, vision tower and prefill G times) and the shared-prefill path (vision tower
-and prefill once per prompt, KV cache copied G times). It checks that both gave the same token ids, and prints
-tokens/s (completion tokens incl. the stop token ÷ wall time of ``generate``). The decode memory-bandwidth
-bound is printed beside it: per decode step the language model's weights and the KV cache of all rows are
-read once, so ``tokens/s ≤ rows · bandwidth / (weight bytes + KV bytes at the mean context)``, with the
-bandwidth measured by a large device copy (bytes read + written ÷ time). It is the GPU bound that matters;
-on CPU it is printed for reference. Results go to ``benchmarks/results/rollout.json``.
+and prefill once per prompt, KV cache copied G times). It prints tokens/s (completion tokens incl. the stop
+token ÷ wall time of ``generate``). The decode memory-bandwidth bound is printed beside it: per decode step
+the language model's weights and the KV cache of all rows are read once, so ``tokens/s ≤ rows · bandwidth /
+(weight bytes + KV bytes at the mean context)``, with the bandwidth measured by a large device copy (bytes
+read + written ÷ time). It is the GPU bound that matters; on CPU it is printed for reference. Results go to
+``benchmarks/results/rollout.json``.
+
+Timing method (so that neither mode pays a warm-up): for each batch size, ``--warmup`` repetitions of every
+mode run first and are discarded (CUDA context, kernels and allocator for that shape, lazy imports), then
+``--reps`` (≥ 2) repetitions alternate the modes (plain, shared, plain, shared, …), every call from the same
+seed; each row reports the median over the repetitions (seconds, CPU seconds, tokens/s) and the speed-up is
+the ratio of the median tokens/s. With a single repetition the first mode measured pays the warm-up: on an
+H200 that made shared prefill look ×2.5–2.8 faster where the honest figure is ×1.05–1.35.
+
+"Same samples", two checks:
+
+- ``identical_samples``: the sampled token ids of both paths are equal at every row and position in every
+  repetition. An exact float32 property (checked on CPU); in bf16 the prefill of N rows instead of N·G rounds
+  differently, a near-tie draw tips, and the rows part (observed on an H200: not token-identical).
+- ``greedy_consistent`` (holds in bf16): both paths decode the same fixed-shape batch greedily
+  (``--greedy-tokens``); one forward pass without KV cache over prompt + completion then gives the logits
+  at every completion position, and each greedy token must be the arg-max there up to a near-tie:
+  ``max logit − logit(token) ≤ GREEDY_TIE_TOLERANCE × std(logits)`` (suppressed ids excluded). A broken cache
+  (wrong rows, positions or prompt) puts tokens several standard deviations below the maximum; bf16
+  rounding only tips near-ties. ``greedy_equal_frac`` (share of positions where the two greedy outputs
+  agree) and the largest gap of each path are reported beside it.
 
 Model sizes (``--size``; ``--model PATH`` loads a checkpoint instead): ``tiny`` (the test checkpoint: text 128
 wide × 2 layers), ``small`` (text 512 × 4 layers, vision 256 × 4 blocks: a CPU-sized model where the
@@ -26,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -205,6 +226,62 @@ def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool
     return row, out.completion_ids
 
 
+#: a greedy token within this many standard deviations of the position's largest logit counts as an arg-max
+GREEDY_TIE_TOLERANCE = 0.1
+
+
+@torch.no_grad()
+def greedy_gap(policy, prompt_inputs: dict, out, suppress: torch.Tensor, rows_per_pass: int = 8) -> float:
+    """Largest ``(max logit − logit of the greedy token) / std(logits)`` over the completion positions of ``out``,
+    from one forward pass without KV cache over prompt + completion (suppressed ids excluded)."""
+    from radvlm.rollout import build_rollout_batch, select_rows
+
+    full = build_rollout_batch(prompt_inputs, out.completion_ids, out.completion_mask)
+    ids, mask = out.completion_ids, out.completion_mask.bool()  # (N, C)
+    n, c = ids.shape
+    worst = 0.0
+    for start in range(0, n, rows_per_pass):
+        rows = list(range(start, min(n, start + rows_per_pass)))
+        h = policy.hidden_states(select_rows(full, rows))[:, -c - 1 : -1]  # (n, C, H): state before each token
+        logits = policy.hf_model.lm_head(h).float()  # (n, C, V)
+        logits[..., suppress] = float("nan")  # excluded from max, mean and std alike
+        top = logits.nan_to_num(float("-inf")).amax(-1)  # (n, C)
+        mean = logits.nanmean(-1, keepdim=True)  # (n, C, 1)
+        std = ((logits - mean) ** 2).nanmean(-1).sqrt()  # (n, C)
+        chosen = logits.gather(-1, ids[rows].unsqueeze(-1)).squeeze(-1)  # (n, C); NaN if a suppressed id
+        gap = ((top - chosen) / std).nan_to_num(float("inf"))[mask[rows]]  # (kept positions,)
+        if gap.numel():
+            worst = max(worst, float(gap.max()))
+    return worst
+
+
+def greedy_check(policy, batch: dict, g: int, tokens: int) -> dict:
+    """Greedy decoding of the same fixed-shape batch by both paths, checked against a cache-free forward pass
+    (see the module docstring): ``greedy_consistent``, ``greedy_equal_frac`` and the largest gap per path."""
+    from radvlm.policy import Policy, repeat_batch
+
+    was_training = policy.training
+    policy.eval()
+    try:
+        outs = {mode: policy.generate(batch, num_return_sequences=g, max_new_tokens=tokens, do_sample=False,
+                                      shared_prefill=mode == "shared") for mode in ("plain", "shared")}
+        prompt = repeat_batch(Policy.model_inputs(batch), g)
+        suppress = torch.as_tensor(policy.suppress_token_ids, dtype=torch.long, device=batch["input_ids"].device)
+        gaps = {mode: greedy_gap(policy, prompt, out, suppress) for mode, out in outs.items()}
+    finally:
+        policy.train(was_training)
+    a, b = (outs[m].completion_ids.cpu() for m in ("plain", "shared"))
+    ma, mb = (outs[m].completion_mask.cpu().bool() for m in ("plain", "shared"))
+    width = max(a.shape[1], b.shape[1])  # generation stops early when every row has stopped: pad to one width
+    pad = lambda t, fill: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill)  # noqa: E731
+    a, b, ma, mb = pad(a, -1), pad(b, -2), pad(ma, False), pad(mb, False)
+    either = ma | mb  # (N*G, C) positions that either path generated
+    equal = float(((a == b) & either).sum()) / max(int(either.sum()), 1)
+    return {"greedy_tokens": tokens, "greedy_equal_frac": round(equal, 4),
+            "greedy_gap_plain": round(gaps["plain"], 4), "greedy_gap_shared": round(gaps["shared"], 4),
+            "greedy_consistent": max(gaps.values()) <= GREEDY_TIE_TOLERANCE}
+
+
 def copy_bandwidth(device: str, mib: int = 1024) -> float:
     """Bytes per second of a large on-device copy, counting bytes read and written."""
     n = mib * 2**20 // 4
@@ -256,6 +333,10 @@ def run_with_threads(run, args):
         torch.set_num_threads(threads)
 
 
+def median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="small", choices=sorted(SHAPES))
@@ -267,13 +348,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--g", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
-    parser.add_argument("--reps", type=int, default=3, help="timed calls per row; the fastest is kept")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded repetitions (every mode) per batch size")
+    parser.add_argument("--reps", type=int, default=2, help="timed repetitions, modes alternating; median kept")
+    parser.add_argument("--greedy-tokens", type=int, default=32,
+                        help="greedy tokens of the bf16-proof same-samples check (0: skip it)")
     add_common_args(parser, "rollout.json")
     args = parser.parse_args(argv)
     return run_with_threads(run, args)
 
 
+def summarize_mode(calls: list[dict], device: str) -> dict:
+    """One row from the timed calls of a mode: medians over the repetitions, and each repetition's figures."""
+    cpu_rate = [c["tokens"] / max(c["cpu_seconds"], 1e-9) for c in calls]
+    row = {"seconds": round(median([c["seconds"] for c in calls]), 4),
+           "cpu_seconds": round(median([c["cpu_seconds"] for c in calls]), 4),
+           "tokens": int(round(median([c["tokens"] for c in calls]))),
+           "tokens_per_s": round(median([c["tokens_per_s"] for c in calls]), 2),
+           "cpu_tokens_per_s": round(median(cpu_rate), 2),
+           "completion_len_mean": round(sum(c["completion_len_mean"] for c in calls) / len(calls), 1),
+           "reps": len(calls), "rep_seconds": [c["seconds"] for c in calls],
+           "rep_tokens_per_s": [c["tokens_per_s"] for c in calls]}
+    if device.startswith("cuda"):
+        row["peak_gib"] = max(c["peak_gib"] for c in calls)
+    return row
+
+
 def run(args: argparse.Namespace) -> list[dict]:
+    if args.reps < 1 or args.warmup < 0:
+        raise ValueError("--reps must be >= 1 and --warmup >= 0")
     work = Path(args.work or tempfile.mkdtemp(prefix="radvlm-rollout-"))
     t0 = time.perf_counter()
     dtype = args.dtype
@@ -282,49 +384,55 @@ def run(args: argparse.Namespace) -> list[dict]:
     records = write_prompt_records(work / "data", max(args.batch_sizes), args.image_size)
     bandwidth = copy_bandwidth(args.device, 1024 if args.device.startswith("cuda") else 256)
     params = sum(p.numel() for p in policy.parameters())
-    # warm-up (allocators, kernels, lazy imports), not timed
-    time_generate(policy, prompt_batch(policy, records, 1, args.device), 2, 4, True, args.seed, args.device)
     rows = []
     for b in args.batch_sizes:
         batch = prompt_batch(policy, records, b, args.device)
         prompt_len = int(batch["attention_mask"].sum(1).float().mean())
         image_tokens = int(batch["mm_token_type_ids"].sum()) // b
-        ids, best = {}, {}
-        for _ in range(args.reps):  # modes alternate, so a busy machine slows both alike
+        calls: dict[str, list[dict]] = {m: [] for m in args.modes}
+        ids: dict[str, list[torch.Tensor]] = {m: [] for m in args.modes}
+        for rep in range(args.warmup + args.reps):  # modes alternate, so a busy machine slows both alike
             for mode in args.modes:
-                row, ids[mode] = time_generate(policy, batch, args.g, args.max_new_tokens, mode == "shared",
-                                               args.seed, args.device)
-                if mode not in best or row["seconds"] < best[mode]["seconds"]:
-                    best[mode] = row
+                call, completion = time_generate(policy, batch, args.g, args.max_new_tokens, mode == "shared",
+                                                 args.seed, args.device)
+                if rep >= args.warmup:  # the warm-up repetitions are discarded
+                    calls[mode].append(call)
+                    ids[mode].append(completion.cpu())
+        best = {mode: summarize_mode(calls[mode], args.device) for mode in args.modes}
         for mode in args.modes:
             row = best[mode]
             n_rows = b * args.g
             context = prompt_len + row["completion_len_mean"] / 2  # mean context over the decode steps
             bound = n_rows * bandwidth / decode_bytes_per_step(policy, n_rows, context)
             rows.append({"mode": mode, "prompts": b, "g": args.g, "rows": n_rows, "prompt_tokens": prompt_len,
-                         "image_tokens": image_tokens, **row, "bandwidth_bound_tokens_per_s": round(bound, 1)})
-        if len(ids) == 2:  # same seed: the same token ids unless rounding (bf16) tipped a draw
-            plain, shared = ids["plain"].cpu(), ids["shared"].cpu()
-            same = plain.shape == shared.shape and bool(torch.equal(plain, shared))
+                         "image_tokens": image_tokens, "warmup": args.warmup, **row,
+                         "bandwidth_bound_tokens_per_s": round(bound, 1)})
+        if len(args.modes) == 2:  # same seed: the same token ids unless rounding (bf16) tipped a draw
+            same = all(p.shape == s.shape and bool(torch.equal(p, s)) for p, s in zip(ids["plain"], ids["shared"]))
+            check = greedy_check(policy, batch, args.g, args.greedy_tokens) if args.greedy_tokens > 0 else {}
             for r in rows[-2:]:
                 r["identical_samples"] = same
+                r.update(check)
                 if r["mode"] == "shared":
-                    r["speedup"] = round(best["plain"]["seconds"] / r["seconds"], 3)
-                    r["speedup_cpu_time"] = round(best["plain"]["cpu_seconds"] / r["cpu_seconds"], 3)
+                    r["speedup"] = round(r["tokens_per_s"] / best["plain"]["tokens_per_s"], 3)
+                    r["speedup_cpu_time"] = round(r["cpu_tokens_per_s"] / best["plain"]["cpu_tokens_per_s"], 3)
 
     meta = {"date": date.today().isoformat(), "device": describe_device(args.device), "size": args.model or args.size,
             "params_m": round(params / 1e6, 2), "dtype": dtype, "image_size": args.image_size,
             "max_new_tokens": args.max_new_tokens, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
-            "build_s": round(build_s, 2), "torch": torch.__version__}
+            "warmup": args.warmup, "reps": args.reps, "statistic": "median", "greedy_tokens": args.greedy_tokens,
+            "greedy_tie_tolerance": GREEDY_TIE_TOLERANCE, "build_s": round(build_s, 2), "torch": torch.__version__}
     print(f"rollout: {meta['device']}, model {meta['size']} ({meta['params_m']} M params, {dtype}), image "
           f"{args.image_size}², G={args.g}, max_new_tokens={args.max_new_tokens}, copy bandwidth "
-          f"{meta['copy_bandwidth_gb_s']} GB/s")
+          f"{meta['copy_bandwidth_gb_s']} GB/s; median of {args.reps} alternating repetitions after "
+          f"{args.warmup} discarded")
     print(f"{'mode':<7}{'prompts':>8}{'rows':>6}{'prompt tok':>11}{'seconds':>9}{'tokens':>8}{'tok/s':>9}"
-          f"{'bound tok/s':>12}{'speedup':>8}{'same ids':>9}{'peak GiB':>9}")
+          f"{'bound tok/s':>12}{'speedup':>8}{'same ids':>9}{'greedy ok':>10}{'peak GiB':>9}")
     for r in rows:
         print(f"{r['mode']:<7}{r['prompts']:>8}{r['rows']:>6}{r['prompt_tokens']:>11}{r['seconds']:>9.3f}"
               f"{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['bandwidth_bound_tokens_per_s']:>12.0f}"
-              f"{r.get('speedup', ''):>8}{r.get('identical_samples', '')!s:>9}{r.get('peak_gib', ''):>9}")
+              f"{r.get('speedup', ''):>8}{r.get('identical_samples', '')!s:>9}{r.get('greedy_consistent', '')!s:>10}"
+              f"{r.get('peak_gib', ''):>9}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -333,4 +441,3 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 if __name__ == "__main__":
     main()
-

@@ -10,6 +10,9 @@ Presets (each benchmark's own arguments; see their docstrings):
   a shared machine disturbs the numbers least;
 - ``gpu-8b`` / ``gpu-2b``: the real Qwen3-VL shapes with random weights in bf16 (``benchmarks/gpu_check.sh``).
 
+Every preset times the same way (see ``benchmarks/rollout.py`` and ``benchmarks/grpo_step.py``): one
+discarded warm-up repetition of each mode, plain and shared alternating, the median of 2 timed repetitions.
+
 Each benchmark writes its JSON to ``--results`` (default ``benchmarks/results/``); ``summary.json`` collects
 them. ``benchmarks/metrics.py`` is included when it exists. ``--only NAME`` runs one benchmark
 (``gpu_check.sh`` runs each in its own process under a time limit); ``--summary-only`` reprints the summary
@@ -35,30 +38,32 @@ if __package__ in (None, ""):  # run as a script: the repo root, not benchmarks/
 PRESETS: dict[str, dict[str, list[str]]] = {
     "quick": {
         "rollout": ["--size", "tiny", "--image-size", "128", "--batch-sizes", "1", "2", "--g", "2",
-                    "--max-new-tokens", "4", "--reps", "1", "--threads", "1"],
+                    "--max-new-tokens", "4", "--warmup", "1", "--reps", "2", "--greedy-tokens", "4", "--threads", "1"],
         "grpo_step": ["--size", "tiny", "--image-size", "128", "--batch-size", "2", "--g", "2",
-                      "--max-new-tokens", "4", "--steps", "2", "--threads", "1"],
+                      "--max-new-tokens", "4", "--warmup", "1", "--reps", "2", "--threads", "1"],
         "metrics": ["--n", "8"],
     },
     "cpu": {
         "rollout": ["--size", "small", "--image-size", "672", "--batch-sizes", "1", "2", "4", "--g", "8",
-                    "--max-new-tokens", "100", "--reps", "2", "--threads", "1"],
+                    "--max-new-tokens", "100", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32",
+                    "--threads", "1"],
         "grpo_step": ["--size", "tiny", "--image-size", "672", "--batch-size", "4", "--g", "8",
-                      "--max-new-tokens", "100", "--steps", "3", "--reward", "radcliq", "--threads", "1"],
+                      "--max-new-tokens", "100", "--warmup", "1", "--reps", "2", "--reward", "radcliq",
+                      "--threads", "1"],
         "metrics": ["--n", "64"],
     },
     "gpu-8b": {
-        "rollout": ["--size", "8b", "--device", "cuda", "--batch-sizes", "1", "4", "16", "--g", "8",
-                    "--max-new-tokens", "128", "--reps", "1"],
+        "rollout": ["--size", "8b", "--device", "cuda", "--batch-sizes", "4", "16", "--g", "8",
+                    "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32"],
         "grpo_step": ["--size", "8b", "--device", "cuda", "--lora", "--gradient-checkpointing", "--batch-size", "4",
-                      "--g", "8", "--max-new-tokens", "128", "--steps", "3", "--reward", "radcliq"],
+                      "--g", "8", "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--reward", "radcliq"],
         "metrics": ["--n", "256", "--device", "cuda"],
     },
     "gpu-2b": {
-        "rollout": ["--size", "2b", "--device", "cuda", "--batch-sizes", "1", "4", "16", "--g", "8",
-                    "--max-new-tokens", "128", "--reps", "1"],
+        "rollout": ["--size", "2b", "--device", "cuda", "--batch-sizes", "4", "16", "--g", "8",
+                    "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32"],
         "grpo_step": ["--size", "2b", "--device", "cuda", "--gradient-checkpointing", "--batch-size", "8",
-                      "--g", "8", "--max-new-tokens", "128", "--steps", "3", "--reward", "radcliq"],
+                      "--g", "8", "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--reward", "radcliq"],
         "metrics": ["--n", "256", "--device", "cuda"],
     },
 }
@@ -86,6 +91,9 @@ def summarize(results: dict[str, Any]) -> list[str]:
             if plain and shared:
                 parts.append(f"speed-up ×{shared.get('speedup', float('nan')):.2f}, "
                              f"same samples {shared.get('identical_samples')}")
+                if "greedy_consistent" in shared:
+                    parts.append(f"greedy consistent {shared['greedy_consistent']} "
+                                 f"({100 * shared['greedy_equal_frac']:.0f}% equal)")
             parts.append(f"(bandwidth bound {(plain or shared)['bandwidth_bound_tokens_per_s']:.0f} tok/s)")
             lines.append(" ".join(parts))
     step = results.get("grpo_step")
@@ -97,9 +105,11 @@ def summarize(results: dict[str, Any]) -> list[str]:
             total = r["step_s"]
             share = ", ".join(f"{p} {100 * r[f'{p}_s'] / total:.0f}%" for p in ("generate", "reward", "logprobs",
                                                                                  "update"))
+            phases = f"; phases {r['phase_sum_s']:.2f} s" if "phase_sum_s" in r else ""
             extra = f", step speed-up ×{r['speedup_step']:.2f}" if "speedup_step" in r else ""
             peak = f", peak {r['peak_gib']} GiB" if "peak_gib" in r else ""
-            lines.append(f"  {r['mode']:<6} step {total:.2f} s ({share}), {r['tokens_per_s']:.1f} tok/s{extra}{peak}")
+            lines.append(f"  {r['mode']:<6} step {total:.2f} s ({share}{phases}), {r['tokens_per_s']:.1f} tok/s"
+                         f"{extra}{peak}")
     met = results.get("metrics")
     if met:
         lines.append(f"metrics — device {met.get('meta', {}).get('device', '?')}")
