@@ -1,6 +1,6 @@
 """Wiring shared by the SFT and GRPO LightningModules: policy construction, optimizers, guarded steps.
 
-- The policy is built in ``configure_model`` (so FSDP can wrap it on setup) from a ``PolicyConfig``.
+- The policy is built in ``configure_model`` from a ``PolicyConfig`` and, under ``FSDP2Strategy``, sharded there.
 - Optimizers and schedulers are injected (``OptimizerCallable`` / ``LRSchedulerCallable``).
 - Both stages use manual optimization so a step can be refused: a non-finite loss or gradient norm zeroes
   the gradients and skips ``optimizer.step()`` (counted in ``train/skipped_steps``); after
@@ -80,6 +80,18 @@ def batch_seed(run_seed: int, batch: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def set_peak_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> None:
+    """Make ``lr`` the peak of a scheduler that keeps its own (``OneCycleLR``'s ``max_lr``): the schedule's
+    start, peak and end rates are scaled together. Schedulers that start from the optimizer's rate
+    (``LambdaLR``, ``CosineAnnealingLR``, linear warm-up …) already follow ``lr``: nothing to do."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+        return
+    for group in optimizer.param_groups:
+        ratio = lr / group["max_lr"]
+        for key in ("max_lr", "initial_lr", "min_lr", "lr"):
+            group[key] *= ratio
+
+
 class PolicyModule(L.LightningModule):
     def __init__(
         self,
@@ -90,9 +102,13 @@ class PolicyModule(L.LightningModule):
         max_consecutive_skips: int = 10,
         log_text_samples: bool = True,
         export_dir: str | None = None,
+        lr: float | None = None,
+        overwrite_export: bool = False,
     ) -> None:
         super().__init__()
         self.policy_config = policy
+        self.lr = lr
+        self.overwrite_export = overwrite_export
         self.optimizer_factory = resolve_callable(optimizer)
         self.scheduler_factory = None if lr_scheduler is None else resolve_callable(lr_scheduler)
         self.grad_clip = grad_clip
@@ -109,15 +125,35 @@ class PolicyModule(L.LightningModule):
 
     # ------------------------------------------------------------------ model and optimizers
     def configure_model(self) -> None:
+        """Build the policy; under ``FSDP2Strategy`` (a device mesh is set) shard every ``Policy`` of this
+        module (the policy, and GRPO's frozen reference copy) with ``strategies.shard_policy``."""
         if self.policy is None:
             self.policy = self.policy_config.build()
+        mesh = self._data_parallel_mesh()
+        if mesh is not None:
+            from lightning_modules.strategies import shard_policy
+
+            for module in [m for m in self.modules() if isinstance(m, Policy)]:
+                shard_policy(module, mesh)
+
+    def _data_parallel_mesh(self):
+        """The data-parallel device mesh of ``ModelParallelStrategy`` / ``FSDP2Strategy``; ``None`` otherwise."""
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is None:
+            return None
+        return mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
+        if self.lr is not None:  # the one learning-rate knob: before the scheduler reads the groups
+            for group in optimizer.param_groups:
+                group["lr"] = self.lr
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if self.lr is not None:
+            set_peak_lr(optimizer, scheduler, self.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ guarded optimizer step
@@ -130,7 +166,9 @@ class PolicyModule(L.LightningModule):
         params = [p for p in self.parameters() if p.grad is not None]
         if not params:
             return torch.zeros(())
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # FSDP2: the gradients are DTensor shards and so is the norm (partial sums): reduce it over the ranks
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def guarded_step(self, loss_finite: bool = True) -> tuple[bool, float]:
         """Step the optimizer (and scheduler) unless the loss or gradient norm is non-finite.
@@ -178,14 +216,15 @@ class PolicyModule(L.LightningModule):
         """Generation must keep all processes stepping together when FSDP shards the weights."""
         if self._trainer is None or self.trainer.world_size <= 1:
             return False
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        return isinstance(self.trainer.strategy, FSDPStrategy)
+        return isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         """Greedy generation on a prompt batch → one row per sample (written by ``PredictionWriter``)."""
         from radvlm.chat import split_thinking
+        from radvlm.tasks import task_think_split
 
         if batch.get("empty"):
             return []
@@ -194,7 +233,10 @@ class PolicyModule(L.LightningModule):
         rows = []
         for i, text in enumerate(gen.texts):
             thinking = bool(batch["thinking"][i])
-            thoughts, answer, closed = split_thinking(text) if thinking else ("", text.strip(), True)
+            # a thinking completion's answer is cut where the rewards of its task cut it (first </think> for
+            # box tasks, last otherwise; radvlm.evaluate re-cuts ``completion`` the same way)
+            split = task_think_split(batch["tasks"][i])
+            thoughts, answer, closed = split_thinking(text, split) if thinking else ("", text.strip(), True)
             rows.append({
                 "id": batch["ids"][i], "task": batch["tasks"][i], "image": batch["images"][i],
                 "prompt": batch["prompts"][i], "completion": text, "answer": answer, "thinking": thinking,
@@ -227,6 +269,14 @@ class PolicyModule(L.LightningModule):
         self.run_seed = state.get("run_seed", self.run_seed)
         self.batches_trained = state.get("batches_trained", 0)
 
+    def on_fit_start(self) -> None:
+        """Refuse, before any training, to overwrite an existing export (another run's model, or the input)."""
+        folder = Path(self.export_dir) if self.export_dir else None
+        if folder is not None and folder.exists() and any(folder.iterdir()) and not self.overwrite_export:
+            raise FileExistsError(
+                f"export_dir {str(folder)!r} already holds files (another run's model?); choose another "
+                f"export_dir, delete it, or pass --model.init_args.overwrite_export true")
+
     def on_train_start(self) -> None:
         if self.run_seed is None:
             self.run_seed = torch.initial_seed()
@@ -246,9 +296,9 @@ class PolicyModule(L.LightningModule):
         """Write the trained policy as a Hugging Face folder (the next stage's ``name_or_path``), whatever the
         strategy; LoRA adapters are merged, so the folder is a plain checkpoint without lora keys.
 
-        Single process / DDP: rank 0 saves its own weights. FSDP: every rank takes part in gathering the full
-        state dict once (offloaded to CPU, kept on rank 0 only), and rank 0 saves it. Both go through
-        ``Policy.save_pretrained(merge_lora=True, state_dict=...)``: ``merge_lora_state_dict`` folds the
+        Single process / DDP: rank 0 saves its own weights. FSDP (FSDP2 or FSDP1): every rank takes part in
+        gathering the full state dict once (offloaded to CPU, kept on rank 0 only), and rank 0 saves it. Both go
+        through ``Policy.save_pretrained(merge_lora=True, state_dict=...)``: ``merge_lora_state_dict`` folds the
         adapters in (``W + s·B@A``), so the live model keeps its adapters in both cases.
         """
         if not self.export_dir or self.policy is None:
@@ -262,6 +312,10 @@ class PolicyModule(L.LightningModule):
         """The full state dict of ``self.policy.model`` (keys as its own ``state_dict()``): gathered from the
         FSDP shards, a collective every rank must enter (``{}`` on ranks other than 0); ``None`` (the live
         weights) when the model is not sharded."""
+        from lightning_modules.strategies import full_state_dict, is_sharded
+
+        if is_sharded(self.policy):  # FSDP2 (FSDP2Strategy): DTensor shards, gathered to CPU on rank 0
+            return full_state_dict(self.policy.model)
         wrapped = self.trainer.strategy.model
         try:
             from torch.distributed.fsdp import FullStateDictConfig, StateDictType

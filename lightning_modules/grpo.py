@@ -10,7 +10,7 @@ One training step on a batch of ``B`` prompts:
    masking of truncated completions;
 4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
    π_old = π_θ and the detached current log-probs are used) and, with ``beta > 0``, under the reference
-   (LoRA: adapters disabled; full fine-tune: a frozen copy made at setup);
+   (LoRA: adapters disabled; full fine-tune: a frozen copy of the policy made at setup, sharded alike);
 5. ``ppo_epochs`` × (B / ``ppo_mini_batch_size``) optimizer updates, each accumulating micro-batches of
    ``micro_batch_size`` rollouts: ``policy_loss + beta · k3`` aggregated over the whole mini-batch, gradient
    clipping, and a skipped step on a non-finite loss or gradient norm.
@@ -30,7 +30,9 @@ under ``filter_zero_std_groups`` does not advance ``global_step``.
 from __future__ import annotations
 
 import copy
+import math
 import time
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -42,7 +44,7 @@ from radvlm import grpo
 from radvlm.chat import answer_of, split_thinking
 from radvlm.policy import Policy, PolicyConfig
 from radvlm.rollout import RewardTerm, build_rollout_batch, compute_rewards, select_rows
-from radvlm.tasks import is_box_task
+from radvlm.tasks import is_box_task, task_think_split
 
 
 class RewardFailureError(RuntimeError):
@@ -82,6 +84,8 @@ class GRPOModule(PolicyModule):
         log_text_samples: bool = True,
         export_dir: str | None = None,
         shared_prefill: bool = False,
+        lr: float | None = None,
+        overwrite_export: bool = False,
     ) -> None:
         """
         Args:
@@ -104,13 +108,15 @@ class GRPOModule(PolicyModule):
             val_max_new_tokens: generation budget at validation (default ``max_new_tokens``).
             num_logged_samples: rollouts shown in the TensorBoard sample table per step.
             log_text_samples: ``False`` keeps all text out of the logs.
-            export_dir: Hugging Face export of the policy when fit ends.
+            export_dir: Hugging Face export of the policy when fit ends (an existing, non-empty folder is
+                refused at the start of fit unless ``overwrite_export``).
+            lr: the learning rate (replaces the optimizer's; for ``OneCycleLR`` also its peak ``max_lr``).
             shared_prefill: rollouts encode each image and prefill each prompt once, then decode the G
                 completions from copies of its KV cache (``Policy.generate(shared_prefill=True)``): the same
                 samples for the same seed, without G-fold vision and prefill compute.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
-                         export_dir)
+                         export_dir, lr=lr, overwrite_export=overwrite_export)
         if num_generations < 2:
             raise ValueError(f"num_generations must be ≥ 2 for group advantages, got {num_generations}")
         if not rewards:
@@ -127,12 +133,23 @@ class GRPOModule(PolicyModule):
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
-        super().configure_model()
+        if self.policy is None:
+            self.policy = self.policy_config.build()
         if self.hparams.beta > 0 and not self.policy.is_lora and self.reference_model is None:
-            ref = copy.deepcopy(self.policy.hf_model)
+            # a frozen Policy of its own, copied before sharding; PolicyModule.configure_model then shards it
+            # like the policy (FSDP2Strategy), so it is never a full copy per process
+            ref = Policy(copy.deepcopy(self.policy.hf_model), self.policy.processor)
             ref.requires_grad_(False)
             ref.eval()
             self.reference_model = ref
+        super().configure_model()
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        data = getattr(self.trainer, "datamodule", None)
+        per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if per_rank is not None:
+            check_mini_batch(int(per_rank), self.trainer.world_size, self.hparams.ppo_mini_batch_size)
 
     def state_dict(self, *args, **kwargs):
         # the frozen reference copy and the metric modules are rebuilt at setup: never checkpointed
@@ -153,12 +170,7 @@ class GRPOModule(PolicyModule):
         if self.policy.is_lora:
             with self.policy.reference():
                 return self._logprobs(batch, mask)
-        saved = self.policy.model
-        self.policy.model = self.reference_model  # same code path, frozen weights
-        try:
-            return self._logprobs(batch, mask)
-        finally:
-            self.policy.model = saved
+        return self.reference_model.token_logprobs(batch, mask, temperature=self.hparams.temperature)
 
     def _is_distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
@@ -343,7 +355,11 @@ class GRPOModule(PolicyModule):
             return
         budget = self.hparams.val_max_new_tokens or self.hparams.max_new_tokens
         gen = self.policy.generate(batch, max_new_tokens=budget, synced_gpus=self.synced_generation)  # greedy
-        answers = [answer_of(t, th)[0] for t, th in zip(gen.texts, batch["thinking"])]
+        # the answer of a thinking completion is cut where each metric's reward cuts it (RewardTerm.think_split);
+        # pictures, lengths and logged rows use the split of the sample's task (task_think_split)
+        by_split = {split: [answer_of(t, th, split)[0] for t, th in zip(gen.texts, batch["thinking"])]
+                    for split in ("first", "last")}
+        answers = [by_split[task_think_split(task)][i] for i, task in enumerate(batch["tasks"])]
         self._val_chars.extend(len(a) for a in answers)
         pictures = getattr(self, "_val_pictures", None)  # a list only when the BoxPictures callback is used
         if pictures is not None:
@@ -356,7 +372,7 @@ class GRPOModule(PolicyModule):
             rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
             if metric is None or not rows:
                 continue
-            metric.update([answers[i] for i in rows], [batch["targets"][i] for i in rows])
+            metric.update([by_split[term.think_split][i] for i in rows], [batch["targets"][i] for i in rows])
         if len(self._val_rows) < self.hparams.num_logged_samples:
             for i in range(min(len(answers), self.hparams.num_logged_samples - len(self._val_rows))):
                 self._val_rows.append({"id": batch["ids"][i], "task": batch["tasks"][i], "generated": answers[i],
@@ -388,6 +404,25 @@ class GRPOModule(PolicyModule):
         if self._val_chars:
             self.log(f"{prefix}/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
         self.text_table(f"{prefix}/generations", self._val_rows)
+
+
+def check_mini_batch(per_rank: int, world_size: int, ppo_mini_batch_size: int | None) -> int:
+    """Optimizer updates per rollout batch; warns when ``ppo_mini_batch_size`` does not divide the global
+    rollout batch (prompts per step over all processes), naming the numbers: a config scaled down from the
+    paper's 512 prompts / 128 per update would otherwise silently do one update per step."""
+    global_prompts = per_rank * world_size
+    if ppo_mini_batch_size is None:
+        return 1
+    if ppo_mini_batch_size > global_prompts or global_prompts % ppo_mini_batch_size:
+        updates = math.ceil(global_prompts / min(ppo_mini_batch_size, global_prompts))
+        warnings.warn(
+            f"ppo_mini_batch_size={ppo_mini_batch_size} does not divide the global rollout batch of "
+            f"{global_prompts} prompts (data batch_size {per_rank} × {world_size} processes): each step "
+            f"makes {updates} optimizer update(s) of unequal or clipped size instead of "
+            f"{global_prompts / ppo_mini_batch_size:g}. Set ppo_mini_batch_size to a divisor of {global_prompts} "
+            f"(the paper: 512 prompts, 128 per update, 4 updates).", UserWarning, stacklevel=2)
+        return updates
+    return global_prompts // ppo_mini_batch_size
 
 
 def gen_prompt_inputs(batch: dict[str, Any], g: int) -> dict[str, Any]:

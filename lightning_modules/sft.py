@@ -36,6 +36,8 @@ class SFTModule(PolicyModule):
         max_new_tokens: int = 256,
         log_text_samples: bool = True,
         export_dir: str | None = None,
+        lr: float | None = None,
+        overwrite_export: bool = False,
     ) -> None:
         """
         Args:
@@ -48,9 +50,12 @@ class SFTModule(PolicyModule):
             max_new_tokens: generation budget of those samples.
             log_text_samples: ``False`` keeps all text out of the logs.
             export_dir: write the trained policy here as a Hugging Face folder when fit ends.
+            lr: the learning rate: replaces the optimizer's ``lr`` and, for ``OneCycleLR``, its ``max_lr``
+                (the peak); ``None`` keeps the optimizer's and scheduler's own settings.
+            overwrite_export: an existing, non-empty ``export_dir`` is refused at the start of fit unless set.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
-                         export_dir)
+                         export_dir, lr=lr, overwrite_export=overwrite_export)
         self.save_hyperparameters()
         self.accumulate = max(1, int(accumulate_grad_batches))
         self.num_generation_samples = num_generation_samples

@@ -8,7 +8,7 @@ confidence intervals, side-by-side comparison of several runs, per-sample scores
 Input: the JSONL of ``main.py predict`` (``PredictionWriter``), one object per line with at least ``id``,
 ``task``, ``answer`` (the text after ``</think>``; empty for an unclosed thinking block, which then gets the
 metrics' low score, as in training) and ``reference``. A thinking row (``thinking`` true) with its
-``completion`` is re-cut here where the task's rewards cut it (``radvlm.rollout.task_think_split``: after the
+``completion`` is re-cut here where the task's rewards cut it (``radvlm.tasks.task_think_split``: after the
 first ``</think>`` for box tasks, the last otherwise; case-insensitive). Output: a Markdown table on stdout, a JSON file
 (``--json``, default ``<first input>.eval.json``) and next to each input ``<input>.scored.jsonl`` (its lines
 sorted by id, with a ``scores`` object of per-sample values; ``null`` = unavailable or undefined).
@@ -58,7 +58,7 @@ from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import 
     Unavailable,
     load_settings,
 )
-from radvlm.rollout import task_think_split
+from radvlm.tasks import task_think_split
 
 NAN = float("nan")
 LENGTH_CHANGE_WARN = 0.20  # relative change of the average answer length flagged as a reward-hacking signal

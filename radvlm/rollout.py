@@ -12,7 +12,7 @@ reward is the weighted sum of the signed values (``value`` if higher is better, 
   follows the authors' reward of that metric (grounding metrics: first; RadCliQ and text metrics: last;
   ``"last"`` for a metric without one). A completion without ``</think>`` gets the term's ``worst_value``
   (RadCliQ: 3 → reward −3, as the authors did; soft-F1: 0). Evaluation splits by task the same way
-  (:func:`task_think_split`).
+  (``radvlm.tasks.task_think_split``).
 - A term that raises or exceeds ``timeout`` seconds yields NaN for the rows it had to score: the reward of
   those rows is NaN ("unavailable", DESIGN.md), masked out of the advantage by ``radvlm.grpo``, and counted.
 - A prompt whose task no term scores is a configuration error and raises.
@@ -34,7 +34,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 
 from radvlm.chat import answer_of, check_think_split
-from radvlm.tasks import TASK_ALIASES, canonical_task, is_box_task
+from radvlm.tasks import TASK_ALIASES, canonical_task
 
 
 class ScoringMetric(Protocol):
@@ -73,16 +73,6 @@ class RewardTerm:
 
     def __repr__(self) -> str:
         return f"RewardTerm({self.name}, weight={self.weight}, tasks={self.tasks}, think_split={self.think_split})"
-
-
-def task_think_split(task: str | None) -> str:
-    """Where evaluation and prediction cut the answer of a thinking completion of ``task``: as the reward
-    metrics of its answers do (box tasks: the grounding metrics' ``think_split``, ``"first"``; other tasks:
-    RadCliQ's and the text metrics', ``"last"``)."""
-    from metrics.grounding import SoftF1
-    from metrics.radcliq import RadCliQ
-
-    return SoftF1.think_split if is_box_task(task) else RadCliQ.think_split
 
 
 @dataclass

@@ -108,6 +108,13 @@ def task_kind(task: str | None) -> TaskKind | None:
     return TASK_KINDS.get(task)
 
 
+def task_think_split(task: str | None) -> str:
+    """Where evaluation and prediction cut the answer of a thinking completion of ``task``: where the rewards
+    of its answers cut it (the authors' choice, also the ``think_split`` attribute of the metric classes):
+    box tasks after the ``"first"`` ``</think>``, every other task after the ``"last"``."""
+    return "first" if is_box_task(task) else "last"
+
+
 def is_box_task(task: str | None) -> bool:
     """Answers are boxes (every grounding task and abnormality detection)."""
     return task_kind(task) == "grounding"

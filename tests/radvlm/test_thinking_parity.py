@@ -18,7 +18,8 @@ from metrics.text import BLEU, GLEU, ROUGEL
 from radvlm.chat import answer_of, resolve_thinking, split_thinking
 from radvlm.evaluate import scored_answer
 from radvlm.policy import load_processor
-from radvlm.rollout import RewardTerm, compute_rewards, task_think_split
+from radvlm.rollout import RewardTerm, compute_rewards
+from radvlm.tasks import task_think_split
 from tests.helpers import report_record, write_records
 
 BOX = "[0.1, 0.2, 0.3, 0.4]"
