@@ -69,3 +69,23 @@ def test_an_existing_export_is_not_overwritten(tiny_ckpt, phantom_dir, tmp_path)
     cli = main.main(args=[*args, "--model.init_args.overwrite_export", "true", "--model.init_args.lr", "1e-4"])
     assert cli.trainer.global_step == 1 and (export / "config.json").is_file()
     assert cli.model.optimizers().param_groups[0]["max_lr"] == pytest.approx(1e-4)
+    # the export loads with plain transformers (model) and with load_processor (no torchvision needed)
+    from transformers import AutoModelForImageTextToText
+
+    from radvlm.policy import load_processor
+
+    assert AutoModelForImageTextToText.from_pretrained(str(export)).config.model_type == "qwen3_vl"
+    assert load_processor(str(export)).tokenizer is not None
+
+
+@pytest.mark.parametrize("line", [
+    "fit --config configs/sft.yaml --trainer.devices 4 --trainer.num_nodes 1",
+    "fit --config configs/grpo_report.yaml --trainer.num_nodes 8 --trainer.devices 4 --ckpt_path last",
+    "fit --config configs/grpo_grounding.yaml --model.init_args.lr 1e-6",
+])
+def test_the_documented_launch_lines_parse(line, capsys):
+    """The README's torchrun/srun lines and docs/slurm_grpo.sbatch's command (arguments after main.py)."""
+    with pytest.raises(SystemExit) as done:
+        main.main(args=[*line.split(), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "trainer:" in capsys.readouterr().out
