@@ -196,7 +196,9 @@ class SFTCollator(_Collator):
 
 class PromptCollator(_Collator):
     """Left-padded generation prompts plus what rewards and metrics need: ``targets`` (the reference
-    answer), ``tasks``, ``thinking`` flags (``thinking_mode``), ``prompts`` (text) and ``gt_boxes``."""
+    answer), ``tasks``, ``thinking`` flags (``thinking_mode``), ``prompts`` (text), ``gt_boxes`` and the
+    record's ``labels`` and ``pathologies`` (classification truth and label set; ``None`` when absent). The
+    token ``labels`` of the base collator are dropped (prompts have no targets), so ``labels`` is the record's."""
 
     left = True
 
@@ -221,4 +223,6 @@ class PromptCollator(_Collator):
                             for r in records]
         batch["thinking"] = [resolve_thinking(p, self.thinking_mode) for p in batch["prompts"]]
         batch["gt_boxes"] = [r.boxes or [] for r in records]
+        batch["labels"] = [r.labels for r in records]  # classification truth (None when the record has none)
+        batch["pathologies"] = [r.extra.get("pathologies") for r in records]  # the record's label set
         batch["images"] = [str(r.image) if r.image else None for r in records]

@@ -231,6 +231,9 @@ class PolicyModule(L.LightningModule):
         gen = self.policy.generate(batch, max_new_tokens=self.predict_max_new_tokens,
                                    synced_gpus=self.synced_generation)
         rows = []
+        # the record's classification truth and label set (PromptCollator; None where a batch has none)
+        extra = {k: batch[k] if isinstance(batch.get(k), list) else [None] * len(gen.texts)
+                 for k in ("labels", "pathologies")}
         for i, text in enumerate(gen.texts):
             thinking = bool(batch["thinking"][i])
             # a thinking completion's answer is cut where the rewards of its task cut it (first </think> for
@@ -241,6 +244,7 @@ class PolicyModule(L.LightningModule):
                 "id": batch["ids"][i], "task": batch["tasks"][i], "image": batch["images"][i],
                 "prompt": batch["prompts"][i], "completion": text, "answer": answer, "thinking": thinking,
                 "think_closed": closed, "reference": batch["targets"][i], "gt_boxes": batch["gt_boxes"][i],
+                "labels": extra["labels"][i], "pathologies": extra["pathologies"][i],  # classification scoring
                 "completion_tokens": int(gen.completion_mask[i].sum()), "truncated": bool(gen.truncated[i]),
             })
         return rows

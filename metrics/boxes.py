@@ -2,11 +2,20 @@
 
 Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (REFERENCE.md §4, §8).
 
-- ``parse_boxes`` finds every bracket group of exactly four numbers (sign, decimals and exponent allowed) and
-  returns them in text order. A group holding a number that is not finite once read (``1e999``) is skipped;
-  anything that is not a plain decimal number (``nan``, ``inf``, ``0x1``, ``1_0``) does not form a group at
-  all. Coordinates are returned as written: no clipping, no reordering (IoU handles inverted boxes). It never
-  raises on a string, whatever its content or length.
+- ``parse_boxes(text, style="reward")`` finds every bracket group of exactly four numbers (sign, decimals and
+  exponent allowed) and returns them in text order: the grounding reward's parser (REFERENCE.md §4). A group
+  holding a number that is not finite once read (``1e999``) is skipped; anything that is not a plain decimal
+  number (``nan``, ``inf``, ``0x1``, ``1_0``) does not form a group at all. Coordinates are returned as
+  written: no clipping, no reordering (IoU handles inverted boxes). It never raises on a string, whatever its
+  content or length.
+- ``parse_boxes(text, style="radvlm_eval")`` is RadVLM's evaluation parser (REFERENCE.md §5, §8b: its
+  ``extract_bounding_boxes``: ``RADVLM_EVAL_PATTERN``, its regex character for character, each number read
+  with ``float``): numbers of digits and dots only, so no sign and no exponent (``[-0.01, 0.2, 0.3, 0.4]`` is no box,
+  nor is ``[1e-3, ...]``), no space after ``[`` or before ``,`` and ``]``. Deviation, to stay total: RadVLM's
+  ``float`` raises on a matched number such as ``1.2.3`` or ``.`` and ends the evaluation; here that group is
+  skipped. A group whose number overflows (300+ digits) is kept, as RadVLM keeps it: ``pairwise_iou`` gives it
+  IoU 0 with every box, so it counts as a false positive (RadVLM's own arithmetic gives 0 too, or NaN when two
+  infinities are subtracted).
 - ``format_boxes`` writes boxes the way the RadVLM answers do: each coordinate is ``round(x, ndigits)``
   printed by Python's ``repr`` of that float, so trailing zeros are dropped (``0.3``, not ``0.30``) and an
   integral value keeps one decimal (``1.0``, ``0.0``), exactly as ``str([round(x, 2) ...])`` prints;
@@ -14,7 +23,9 @@ Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (R
 - ``pairwise_iou`` is the vectorised IoU of REFERENCE.md §4 (areas clamped at 0, IoU 0 when the union is
   <= 0) in float64. Deviation needed to keep it total: coordinates are clamped to +-1e150 so that no product
   overflows (a normalised box never comes near), and a box with a NaN or infinite coordinate has IoU 0 with
-  every box. The result is always finite and in [0, 1].
+  every box. The result is always finite and in [0, 1]. RadVLM's evaluation IoU does not clamp areas; it
+  agrees with this one on every pair it does not divide by zero on (a box inverted on an axis has no
+  intersection, so its IoU is 0 either way).
 """
 
 from __future__ import annotations
@@ -22,10 +33,14 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
 Box = tuple[float, float, float, float]
+#: ``"reward"``: the soft-F1 reward's parser; ``"radvlm_eval"``: RadVLM's evaluation regex (module docstring)
+BoxStyle = Literal["reward", "radvlm_eval"]
+BOX_STYLES: tuple[str, ...] = ("reward", "radvlm_eval")
 
 # One number: optional sign, digits with optional fraction (or a bare fraction), optional exponent. The
 # alternatives cannot match the same text in two ways, which keeps the regex linear on long digit runs.
@@ -33,19 +48,46 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 BOX_PATTERN = re.compile(
     r"\[\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\]"
 )
+#: RadVLM's evaluation regex, character for character (``extract_bounding_boxes``): no sign, no exponent
+RADVLM_EVAL_PATTERN = re.compile(r"\[([\d\.]+),\s*([\d\.]+),\s*([\d\.]+),\s*([\d\.]+)\]")
 #: coordinates are clamped to this magnitude before IoU so that areas cannot overflow float64
 _COORD_LIMIT = 1e150
 
 
-def parse_boxes(text: str) -> list[Box]:
-    """All ``[a, b, c, d]`` groups of ``text`` as float tuples, in order; non-finite groups are skipped."""
+def check_box_style(style: str) -> str:
+    """``style`` if it is one of ``BOX_STYLES``, else a ``ValueError`` naming them."""
+    if style not in BOX_STYLES:
+        raise ValueError(f"unknown box style {style!r}; expected one of {BOX_STYLES}")
+    return style
+
+
+def parse_boxes(text: str, style: BoxStyle = "reward") -> list[Box]:
+    """All ``[a, b, c, d]`` groups of ``text`` as float tuples, in order.
+
+    ``style="reward"`` (default, the soft-F1 reward): sign and exponent allowed, non-finite groups skipped.
+    ``style="radvlm_eval"``: RadVLM's evaluation regex (no sign, no exponent); a group ``float`` cannot read
+    (``1.2.3``) is skipped where RadVLM would crash. Never raises on a string.
+    """
     if not isinstance(text, str):
         raise TypeError(f"parse_boxes expects a str, got {type(text).__name__}")
+    if check_box_style(style) == "radvlm_eval":
+        return _parse_radvlm_eval(text)
     boxes: list[Box] = []
     for match in BOX_PATTERN.finditer(text):
         values = tuple(float(g) for g in match.groups())  # the regex only admits float() syntax
         if all(math.isfinite(v) for v in values):
             boxes.append(values)  # type: ignore[arg-type]
+    return boxes
+
+
+def _parse_radvlm_eval(text: str) -> list[Box]:
+    boxes: list[Box] = []
+    for match in RADVLM_EVAL_PATTERN.finditer(text):  # the matches of RadVLM's re.findall, in order
+        try:
+            values = tuple(float(g) for g in match.groups())
+        except ValueError:  # "1.2.3", ".", "1..": RadVLM raises here; the group is not a box
+            continue
+        boxes.append(values)  # type: ignore[arg-type]  # an overflow (inf) stays: IoU 0, a false positive
     return boxes
 
 

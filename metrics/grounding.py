@@ -1,7 +1,12 @@
 """Grounding metrics: the authors' Hungarian soft-F1 reward, RadVLM's per-sample mAP@0.5, a box-format reward.
 
 Inputs are answer texts (the part after ``</think>`` for thinking models: splitting it off is the caller's
-job, and a completion without ``</think>`` receives ``worst_value``). Boxes come from ``parse_boxes``.
+job, and a completion without ``</think>`` receives ``worst_value``). Boxes come from ``parse_boxes`` with the
+metric's ``box_style``: ``"reward"`` (sign and exponent allowed) for ``SoftF1`` and ``BoxFormat``,
+``"radvlm_eval"`` (RadVLM's evaluation regex: a negative coordinate makes no box) for ``GroundingMAP``.
+Ground truth: the boxes of the target text, or, per sample, the record's unrounded ``boxes`` passed as
+``gt_boxes`` to ``score`` / ``update`` (RadVLM's evaluation compares with the dataset's boxes, not with the
+two-decimal text); an empty or ``None`` entry falls back to the target text.
 
 **soft-F1** (REFERENCE.md §4, the authors' released reward): Hungarian matching of predicted to ground-truth
 boxes with cost ``1 - IoU`` (``scipy.optimize.linear_sum_assignment``); matched pairs with IoU > ``min_iou``
@@ -37,7 +42,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from metrics.base import PerSampleMetric, check_pairs
-from metrics.boxes import box_spans, pairwise_iou, parse_boxes
+from metrics.boxes import Box, BoxStyle, box_spans, check_box_style, pairwise_iou, parse_boxes
+
+#: per sample, the ground-truth boxes to use instead of the target text's (``None`` / ``[]``: the text's)
+GtBoxes = Sequence[Sequence[Sequence[float]] | None]
 
 #: the RadVLM answer of a grounding / detection sample without findings (REFERENCE.md §8)
 NEGATIVE_ANSWER = "No abnormalities or lesions are detected on this Chest X-ray."
@@ -138,53 +146,90 @@ def _style_group_ok(group: str) -> bool:
     return match is not None and all(_STYLE_NUMBER.fullmatch(n) for n in match.groups())
 
 
+def ground_truth(targets: Sequence[str], gt_boxes: GtBoxes | None, style: BoxStyle) -> list[list[Box]]:
+    """Per sample the given ``gt_boxes`` entry when non-empty, else the boxes parsed from the target text."""
+    if gt_boxes is None:
+        return [parse_boxes(t, style) for t in targets]
+    if len(gt_boxes) != len(targets):
+        raise ValueError(f"got {len(gt_boxes)} gt_boxes entries for {len(targets)} targets")
+    return [[tuple(float(v) for v in b) for b in g] if g else parse_boxes(t, style)  # type: ignore[misc]
+            for t, g in zip(targets, gt_boxes)]
+
+
 class SoftF1(PerSampleMetric):
-    """Hungarian IoU soft-F1 between the boxes of each prediction and of its target text (the GRPO reward)."""
+    """Hungarian IoU soft-F1 between the boxes of each prediction and of its target text (the GRPO reward), or
+    of its ``gt_boxes`` entry when one is given."""
 
     higher_is_better = True
     worst_value = 0.0
     think_split = "first"  # thinking completions: the authors' grounding reward scores the text after the FIRST </think>
 
-    def __init__(self, min_iou: float = 0.0, **kwargs) -> None:
+    def __init__(self, min_iou: float = 0.0, box_style: BoxStyle = "reward", **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 <= min_iou < 1.0:
             raise ValueError(f"min_iou must lie in [0, 1), got {min_iou}")
         self.min_iou = float(min_iou)
+        self.box_style = check_box_style(box_style)
 
-    def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
+    def score(self, preds: Sequence[str], targets: Sequence[str],
+              gt_boxes: GtBoxes | None = None) -> torch.Tensor:  # (N,)
         check_pairs(preds, targets)
-        values = [soft_f1(parse_boxes(p), parse_boxes(t), self.min_iou) for p, t in zip(preds, targets)]
+        truth = ground_truth(targets, gt_boxes, self.box_style)
+        values = [soft_f1(parse_boxes(p, self.box_style), g, self.min_iou) for p, g in zip(preds, truth)]
         return torch.tensor(values, dtype=torch.float32)
+
+    def update(self, preds: Sequence[str], targets: Sequence[str], gt_boxes: GtBoxes | None = None) -> None:
+        values = self.score(list(preds), list(targets), gt_boxes)  # (N,)
+        self.values.append(values.to(self.device))
 
 
 class GroundingMAP(PerSampleMetric):
-    """RadVLM mAP: per-sample AP (``score``); ``compute`` gives ``{"map": ..., "mean_iou": ...}``."""
+    """RadVLM mAP: per-sample AP (``score``); ``compute`` gives ``{"map": ..., "mean_iou": ...}``.
+
+    ``box_style="radvlm_eval"`` (default) parses boxes as RadVLM's evaluation does; ``"reward"`` as the reward.
+    ``gt_boxes`` (optional, per sample) replaces the boxes of the target text by the record's unrounded boxes.
+    """
 
     higher_is_better = True
     worst_value = 0.0
     think_split = "first"  # thinking completions: the authors' grounding reward scores the text after the FIRST </think>
 
-    def __init__(self, iou_threshold: float = 0.5, **kwargs) -> None:
+    def __init__(self, iou_threshold: float = 0.5, box_style: BoxStyle = "radvlm_eval", **kwargs) -> None:
         super().__init__(**kwargs)
         if not 0.0 < iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold must lie in (0, 1], got {iou_threshold}")
         self.iou_threshold = float(iou_threshold)
+        self.box_style = check_box_style(box_style)
         self.add_state("iou_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("pair_count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
+    def score(self, preds: Sequence[str], targets: Sequence[str],
+              gt_boxes: GtBoxes | None = None) -> torch.Tensor:  # (N,)
         check_pairs(preds, targets)
-        values = [average_precision(parse_boxes(p), parse_boxes(t), self.iou_threshold)
-                  for p, t in zip(preds, targets)]
+        truth = ground_truth(targets, gt_boxes, self.box_style)
+        values = [average_precision(parse_boxes(p, self.box_style), g, self.iou_threshold)
+                  for p, g in zip(preds, truth)]
         return torch.tensor(values, dtype=torch.float32)
 
-    def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
+    def iou_pairs(self, preds: Sequence[str], targets: Sequence[str],
+                  gt_boxes: GtBoxes | None = None) -> list[tuple[float, int]]:
+        """Per sample (sum of IoU over its predicted x ground-truth pairs, number of pairs): ``mean_iou``."""
         check_pairs(preds, targets)
+        truth = ground_truth(targets, gt_boxes, self.box_style)
+        out = []
+        for p, g in zip(preds, truth):
+            iou = pairwise_iou(parse_boxes(p, self.box_style), g)  # (P, G)
+            out.append((float(iou.sum()), int(iou.size)))
+        return out
+
+    def update(self, preds: Sequence[str], targets: Sequence[str], gt_boxes: GtBoxes | None = None) -> None:
+        check_pairs(preds, targets)
+        truth = ground_truth(targets, gt_boxes, self.box_style)
         values, iou_sum, pairs = [], 0.0, 0
-        for p, t in zip(preds, targets):
-            pred_boxes, gt_boxes = parse_boxes(p), parse_boxes(t)
-            values.append(average_precision(pred_boxes, gt_boxes, self.iou_threshold))
-            iou = pairwise_iou(pred_boxes, gt_boxes)  # (P, G)
+        for p, gt in zip(preds, truth):
+            pred_boxes = parse_boxes(p, self.box_style)
+            values.append(average_precision(pred_boxes, gt, self.iou_threshold))
+            iou = pairwise_iou(pred_boxes, gt)  # (P, G)
             iou_sum += float(iou.sum())
             pairs += iou.size
         self.values.append(torch.tensor(values, dtype=torch.float32, device=self.device))

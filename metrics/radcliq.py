@@ -3,20 +3,28 @@
 ``radcliq_v1(radgraph, bertscore, semb, bleu)`` = Σ_k w_k · (x_k − mean_k) / scale_k + b with the fitted
 constants of REFERENCE.md §3 (features in that order; BLEU's weight is ≈ 0).
 
-``RadCliQ`` composes four injectable per-sample component metrics:
-- ``radgraph``: ``RadGraphF1(model_type="radgraph-xl", reward_level="radcliq")`` ((entity F1 + relation F1)/2);
-- ``bertscore``: ``BERTScore("distilroberta-base", rescale_with_baseline=True)`` (default layer 5, idf off);
+``RadCliQ`` composes four injectable per-sample component metrics; each default is the paper's setting (the
+original RadCliQ code, rajpurkarlab/CXR-Report-Metric) and switchable by an init argument:
+- ``radgraph``: ``RadGraphF1(model_type=radgraph_model, reward_level="radcliq")`` ((entity F1 + relation
+  F1)/2), ``radgraph_model="radgraph"``: the model the original RadCliQ was fitted with and RadEval's RadCliQ
+  uses (``"radgraph-xl"`` is the newer model; RadEval's stand-alone RadGraph-F1 uses it);
+- ``bertscore``: ``BERTScore(bertscore_model, rescale_with_baseline=True, idf=bertscore_idf)`` with
+  ``bertscore_model="distilroberta-base"`` (bert-score's default layer 5) and ``bertscore_idf=False`` (as
+  fitted; RadEval turned idf on, over the references of the call, in 0.1.8);
 - ``semb``: ``CheXbertSimilarity()`` (cosine of CheXbert [CLS] embeddings);
-- ``bleu``: ``BLEU(n=2)`` of ``metrics.text`` (the original RadCliQ BLEU-2).
-Texts are lower-cased and cut to ``max_chars`` (2048) before scoring; a pair whose prediction or reference
-has ≤ ``min_chars`` (5) characters gets 3.0 (reward −3) without running the components. The characters are
-counted as given, whitespace included, as the authors' reward does for plain answers (``"  None.  "`` is
-scored, not floored); for thinking completions the caller passes the answer after ``</think>``, which the
-split strips (the authors' thinking path). A NaN component makes the sample NaN (unavailable, not low). Each
-component scores the whole list in one batched call and loads its model once per process outside
-``state_dict()``.
+- ``bleu``: ``BLEU(n=bleu_n)`` of ``metrics.text`` with ``bleu_n=2``: the original RadCliQ's BLEU term is
+  BLEU-2 (its weight is 4e-12, so the choice hardly matters).
+Texts are lower-cased (``lowercase``) and cut to ``max_chars`` (2048) before scoring; a pair whose prediction
+or reference has ≤ ``min_chars`` (5) characters gets 3.0 (reward −3) without running the components (the
+authors' reward wrapper; ``lowercase=False, max_chars=None, min_chars=None`` scores the texts as RadEval's
+RadCliQ does). The characters are counted as given, whitespace included, as the authors' reward does for
+plain answers (``"  None.  "`` is scored, not floored); for thinking completions the caller passes the
+answer after ``</think>``, which the split strips (the authors' thinking path). A NaN component makes the
+sample NaN (unavailable, not low). Each component scores the whole list in one batched call and loads its
+model once per process outside ``state_dict()``. ``compute`` is the mean of the per-sample values (RadEval
+reports 1 / that mean as its aggregate; ``radvlm.evaluate --radeval-variant`` shows it, labelled).
 
-Weights: the defaults need the distilroberta-base, radgraph-xl and CheXbert weights, which cannot be
+Weights: the defaults need the distilroberta-base, radgraph and CheXbert weights, which cannot be
 downloaded offline (REFERENCE.md §7b): offline, every value is NaN with a warning per missing model. Inject
 offline-capable components instead, e.g. ``BERTScore(model_type=metrics.bertscore.minilm_path(),
 num_layers=6)`` and RadGraph / CheXbert models written by ``metrics.tiny`` (random, for plumbing only; the
@@ -62,19 +70,24 @@ class RadCliQ(PerSampleMetric):
         bertscore: PerSampleMetric | None = None,
         semb: PerSampleMetric | None = None,
         bleu: PerSampleMetric | None = None,
-        max_chars: int = 2048,
-        min_chars: int = 5,
+        radgraph_model: str = "radgraph",
+        bertscore_model: str = "distilroberta-base",
+        bertscore_idf: bool = False,
+        bleu_n: int = 2,
+        lowercase: bool = True,
+        max_chars: int | None = 2048,
+        min_chars: int | None = 5,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if radgraph is None:
             from metrics.radgraph import RadGraphF1
 
-            radgraph = RadGraphF1(model_type="radgraph-xl", reward_level="radcliq")
+            radgraph = RadGraphF1(model_type=radgraph_model, reward_level="radcliq")
         if bertscore is None:
             from metrics.bertscore import BERTScore
 
-            bertscore = BERTScore("distilroberta-base", rescale_with_baseline=True, lang="en")
+            bertscore = BERTScore(bertscore_model, rescale_with_baseline=True, idf=bertscore_idf, lang="en")
         if semb is None:
             from metrics.chexbert import CheXbertSimilarity
 
@@ -82,17 +95,18 @@ class RadCliQ(PerSampleMetric):
         if bleu is None:
             from metrics.text import BLEU
 
-            bleu = BLEU(n=2)
+            bleu = BLEU(n=bleu_n)
         for name, metric in zip(FEATURES, (radgraph, bertscore, semb, bleu)):
             if not hasattr(metric, "score"):
                 raise TypeError(f"RadCliQ: component {name!r} must be a metric with score(preds, targets)")
         # children (their list states are not persistent; their models live in module-level caches)
         self.radgraph, self.bertscore, self.semb, self.bleu = radgraph, bertscore, semb, bleu
+        self.lowercase = lowercase
         self.max_chars = max_chars
         self.min_chars = min_chars
 
     def prepare(self, text: str) -> str:
-        return text.lower()[: self.max_chars]
+        return (text.lower() if self.lowercase else text)[: self.max_chars]
 
     def components(self, preds: Sequence[str], targets: Sequence[str]) -> dict[str, torch.Tensor]:
         """Each feature (N,) float64 on prepared texts; NaN on pairs the short-text rule decides."""
@@ -112,8 +126,8 @@ class RadCliQ(PerSampleMetric):
         return out
 
     def _short(self, pred: str, target: str) -> bool:
-        """The authors' guard on prepared texts: ≤ ``min_chars`` characters, whitespace counted."""
-        return len(pred) <= self.min_chars or len(target) <= self.min_chars
+        """The authors' guard on prepared texts: ≤ ``min_chars`` characters, whitespace counted (None: off)."""
+        return self.min_chars is not None and (len(pred) <= self.min_chars or len(target) <= self.min_chars)
 
     def short_mask(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,) bool
         return torch.tensor([self._short(self.prepare(p), self.prepare(t)) for p, t in zip(preds, targets)],

@@ -10,9 +10,10 @@ the tests cross-check every value against the reference package.
   code (rajpurkarlab/CXR-Report-Metric): text lower-cased, ``"."`` replaced by ``" ."``, split on single
   spaces, empty tokens dropped, then ``fast_bleu.BLEU`` with its default smoothing 1, which is NLTK's
   ``SmoothingFunction().method1``: a zero n-gram count becomes 0.1 / (number of hypothesis n-grams), and the
-  score is 0 when no unigram matches. RadCliQ uses BLEU-2 (``BLEU(n=2)``). ``tokenizer="13a"`` uses
-  sacrebleu 13a tokens with case kept instead. Deviation: RadEval's RadCliQ copy uses BLEU-4 of the
-  pycocoevalcap scorer (another smoothing); we do not reproduce it (its RadCliQ weight is 4e-12).
+  score is 0 when no unigram matches. RadCliQ's BLEU term is BLEU-2 (``BLEU(n=2)``). ``tokenizer="13a"``
+  uses sacrebleu 13a tokens with case kept instead. Deviation: RadEval's RadCliQ copy takes BLEU-2 from the
+  pycocoevalcap scorer (BLEU-4 before RadEval 0.1.8; other tokens and smoothing); we do not reproduce it (its
+  RadCliQ weight is 4e-12).
 - **ROUGE-L** F-measure, equal to ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)``
   (RadEval's setting; the paper does not state its own, we assume RadEval): lower case, runs of characters
   outside ``[a-z0-9]`` become spaces, Porter stemming (NLTK, as rouge_score) of tokens longer than 3

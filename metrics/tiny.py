@@ -10,7 +10,11 @@ loading and scoring paths run end to end:
   ``{"model_state_dict": {"module.bert.…", "module.linear_heads.N.…"}}``;
 - ``write_tiny_radgraph(dir, bert_dir)``: a radgraph model folder (``config.json`` in the DyGIE layout,
   ``vocabulary/`` with the RadGraph entity and relation labels, ``weights.th``) built by the radgraph
-  package's own classes, with the tiny BERT as its encoder.
+  package's own classes, with the tiny BERT as its encoder;
+- ``write_tiny_causal_lm(dir)``: a judge-shaped causal LM (``LlamaForCausalLM``, the architecture of GREEN's
+  ``StanfordAIMI/GREEN-radllama2-7b``, 2 layers × 32 wide) with a byte-level BPE tokenizer trained here on
+  the radiology word list and ``<s>``/``</s>``/``<unk>`` special tokens, ``save_pretrained``; its greedy
+  output is random text (for plumbing tests of ``metrics.green``).
 """
 
 from __future__ import annotations
@@ -144,4 +148,34 @@ def write_tiny_radgraph(folder: str | Path, bert_dir: str | Path, model_type: st
     torch.manual_seed(seed)
     model = dygie.DyGIE(vocab=vocab, embedder=embedder, **model_kwargs)
     torch.save(model.state_dict(), folder / "weights.th")
+    return str(folder)
+
+
+def write_tiny_causal_lm(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, vocab_size: int = 512,
+                         seed: int = 0) -> str:
+    """A random ``LlamaForCausalLM`` + byte-level BPE tokenizer folder loadable by ``AutoModelForCausalLM`` /
+    ``AutoTokenizer`` (2048 positions, as GREEN's judge budget)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["<unk>", "<s>", "</s>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = [line for line in RADIOLOGY_WORDS] + [string.ascii_letters + string.digits + string.punctuation]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        model_max_length=2048)
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(folder)
     return str(folder)

@@ -2,12 +2,24 @@
 ``load_settings``), and ``Scorers``, which builds each model-based metric once and probes it.
 
 Model-based metrics (``MetricSettings``: CLI flags or ``--metrics-config`` YAML/JSON with the same names):
-BERTScore distilbert-base-uncased layer 5 rescaled; RadCliQ-v1 = ``metrics.radcliq.RadCliQ`` (radgraph-xl,
-distilroberta-base BERTScore rescaled, CheXbert embeddings, BLEU-2); CheXbert ``chexbert.pth``; RadGraph
-from a folder or the radgraph package cache. Each is built once and probed with strict scoring of one pair
-(``probe``): a model that cannot be loaded raises ``Unavailable`` and its columns become ``unavailable:
-<reason>``, never numbers. With the Hugging Face hub unreachable (and no offline mode set), offline mode is
-switched on so missing weights fail at once (``set_hub_mode``).
+BERTScore distilbert-base-uncased layer 5 rescaled; RadCliQ-v1 = ``metrics.radcliq.RadCliQ`` (its RadGraph
+term with the ``radgraph`` model (``radcliq_radgraph_model``, folder ``radcliq_radgraph_dir``), as the
+original RadCliQ and RadEval; distilroberta-base BERTScore rescaled, no idf; CheXbert embeddings; BLEU-2);
+CheXbert ``chexbert.pth``; RadGraph-F1 (``radgraph_model``, default ``radgraph-xl``) from a folder or the
+radgraph package cache; GREEN (``metrics.green.GREEN``) only with a judge: ``green_model`` (a local folder or
+hub id of a causal LM, e.g. ``StanfordAIMI/GREEN-radllama2-7b``) or ``green_endpoint`` (an OpenAI-compatible
+server serving ``green_model``, default that id; its key from the environment variable ``green_api_key_env``);
+without one GREEN is ``unavailable: no GREEN judge configured``. Each is built once and probed with strict
+scoring of one pair (``probe``; GREEN: its local judge is loaded, an endpoint is not called): a model that
+cannot be loaded raises ``Unavailable`` and its columns become ``unavailable: <reason>``, never numbers.
+With the Hugging Face hub unreachable (and no offline mode set), offline mode is switched on so missing
+weights fail at once (``set_hub_mode``).
+
+``radeval_variant`` (``--radeval-variant``) adds ``radcliq_radeval``: RadCliQ-v1 as RadEval 2.x defines it
+where it differs from the paper's setting: BERTScore with idf weights over the references of the call (all
+report pairs of the task), no lower-casing, no 2048-character cut, no short-answer floor, and the aggregate
+reported as 1 / mean of the per-sample values. Its BLEU-2 term stays ours (RadEval takes pycocoevalcap's;
+weight 4e-12).
 
 Choices: the RadGraph-F1 column uses the radgraph package's ``partial`` level (the usual "RadGraph F1" of
 RadEval / ReXrank; the paper does not name it; ``radgraph_level``). A local BERTScore folder without a
@@ -46,8 +58,14 @@ class MetricSettings:
     chexbert: str | None = None  # chexbert.pth; None: ~/.cache/radvlm/chexbert.pth, then the hub
     chexbert_bert: str = "bert-base-uncased"  # config and tokenizer of CheXbert's encoder
     radgraph_dir: str | None = None  # extracted radgraph model folder; None: the radgraph package cache
-    radgraph_model: str = "radgraph-xl"
+    radgraph_model: str = "radgraph-xl"  # the RadGraph-F1 column
     radgraph_level: str = "partial"
+    radcliq_radgraph_model: str = "radgraph"  # RadCliQ's RadGraph term (the original RadCliQ's and RadEval's)
+    radcliq_radgraph_dir: str | None = None  # its extracted model folder; None: the radgraph package cache
+    green_model: str | None = None  # GREEN judge: local folder / hub id, or the model name at green_endpoint
+    green_endpoint: str | None = None  # OpenAI-compatible base URL (http://host:8000/v1)
+    green_api_key_env: str | None = None  # name of the environment variable holding the endpoint's key
+    radeval_variant: bool = False  # also report RadCliQ-v1 as RadEval defines it (``radcliq_radeval``)
     device: str | None = None  # None: cuda when available
     offline: bool | None = None  # None: offline when the hub is unreachable
 
@@ -116,7 +134,8 @@ class Scorers:
         self._built: dict[str, Any] = {}
 
     def model_metric(self, name: str) -> Any:
-        """``bertscore``, ``chexbert``, ``radgraph`` or ``radcliq``; raises ``Unavailable``."""
+        """``bertscore``, ``chexbert``, ``radgraph``, ``radcliq``, ``radcliq_radeval`` or ``green``; raises
+        ``Unavailable``."""
         if name not in self._built:
             if not self._built and (note := set_hub_mode(self.settings.offline)):
                 self.notes.append(note)
@@ -128,7 +147,7 @@ class Scorers:
             raise self._built[name]
         return self._built[name]
 
-    def _bertscore(self, model: str, layers: int | None, baseline: str | None, label: str):
+    def _bertscore(self, model: str, layers: int | None, baseline: str | None, label: str, idf: bool = False):
         from metrics.bertscore import BERTScore
 
         what = f"{label} model {model!r}"
@@ -136,7 +155,7 @@ class Scorers:
         rescale = baseline is not None or not local  # bert-score ships baselines for its hub models only
         try:
             metric = BERTScore(model, num_layers=layers, rescale_with_baseline=rescale,
-                               baseline_path=baseline, device=self.settings.device)
+                               baseline_path=baseline, idf=idf, device=self.settings.device)
         except Exception as exc:
             raise describe(what, exc) from exc
         probe(metric, what)
@@ -159,18 +178,52 @@ class Scorers:
             return probe(CheXbertF1(**chexbert), chexbert_what)
         if name == "radgraph":
             return probe(RadGraphF1(reward_level=s.radgraph_level, **radgraph), radgraph_what)
-        if name != "radcliq":
+        if name == "green":
+            return self._green()
+        if name not in ("radcliq", "radcliq_radeval"):
             raise KeyError(f"unknown model-based metric {name!r}")
         from metrics.radcliq import RadCliQ
         from metrics.text import BLEU
 
+        if name == "radcliq_radeval":  # the paper's components, but idf BERTScore and RadEval's text handling
+            paper = self.model_metric("radcliq")
+            try:
+                idf = self._bertscore(s.radcliq_bertscore_model, s.radcliq_bertscore_layers,
+                                      s.radcliq_bertscore_baseline, "RadCliQ BERTScore (idf)", idf=True)
+            except Unavailable as exc:
+                raise Unavailable(f"needs {exc.reason}", exc.detail) from exc
+            return RadCliQ(radgraph=paper.radgraph, bertscore=idf, semb=paper.semb, bleu=paper.bleu,
+                           lowercase=False, max_chars=None, min_chars=None)
+        rg = {"model_type": s.radcliq_radgraph_model, "model_dir": s.radcliq_radgraph_dir, "device": s.device}
+        rg_what = f"RadGraph {s.radcliq_radgraph_model!r} ({s.radcliq_radgraph_dir or 'radgraph package cache'})"
         try:
-            return RadCliQ(radgraph=probe(RadGraphF1(reward_level="radcliq", **radgraph), radgraph_what),
+            return RadCliQ(radgraph=probe(RadGraphF1(reward_level="radcliq", **rg), rg_what),
                            bertscore=self._bertscore(s.radcliq_bertscore_model, s.radcliq_bertscore_layers,
                                                      s.radcliq_bertscore_baseline, "RadCliQ BERTScore"),
                            semb=probe(CheXbertSimilarity(**chexbert), chexbert_what), bleu=BLEU(n=2))
         except Unavailable as exc:
             raise Unavailable(f"needs {exc.reason}", exc.detail) from exc
+
+    def _green(self) -> Any:
+        s = self.settings
+        if not s.green_model and not s.green_endpoint:
+            raise Unavailable("no GREEN judge configured (--green-model FOLDER_OR_HUB_ID, e.g. "
+                              "StanfordAIMI/GREEN-radllama2-7b, or --green-endpoint URL of an OpenAI-compatible server)")
+        from metrics.green import DEFAULT_JUDGE, GREEN
+
+        api_key = None
+        if s.green_api_key_env:
+            api_key = os.environ.get(s.green_api_key_env)
+            if not api_key:
+                raise Unavailable(f"the GREEN endpoint key variable {s.green_api_key_env} is not set")
+        metric = GREEN(model=s.green_model or DEFAULT_JUDGE, endpoint=s.green_endpoint, api_key=api_key,
+                       device=s.device)
+        if hasattr(metric.judge, "load"):  # a local judge: load it now (an endpoint is only called to score)
+            try:
+                metric.judge.load()
+            except Exception as exc:
+                raise describe(f"GREEN judge {s.green_model!r}", exc) from exc
+        return metric
 
 
 def load_settings(config: str | None, overrides: dict[str, Any]) -> MetricSettings:

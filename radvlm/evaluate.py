@@ -1,31 +1,46 @@
 """Paper-style evaluation of prediction files: per task the columns of the paper's tables with 95 % bootstrap
 confidence intervals, side-by-side comparison of several runs, per-sample scores and box pictures.
 
-    python -m radvlm.evaluate PRED.jsonl [more.jsonl ...] [--json OUT.json] [--draw N OUT_DIR]
-        [--bootstrap 2000] [--seed 0] [--metrics-config FILE] [--bertscore-model PATH --bertscore-layers N]
-        [--chexbert PATH] [--radgraph-dir PATH] ...
+    python -m radvlm.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--task TASK]
+        [--format auto|jsonl|radvlm|radvlm-jsonl] [--keys answer=output,reference=txt,...] [--json OUT.json]
+        [--draw N OUT_DIR] [--bootstrap 2000] [--seed 0] [--metrics-config FILE] [--bertscore-model PATH
+        --bertscore-layers N] [--chexbert PATH] [--radgraph-dir PATH] [--green-model PATH_OR_ID |
+        --green-endpoint URL] [--radeval-variant] ...
 
 Input: the JSONL of ``main.py predict`` (``PredictionWriter``), one object per line with at least ``id``,
 ``task``, ``answer`` (the text after ``</think>``; empty for an unclosed thinking block, which then gets the
 metrics' low score, as in training) and ``reference``. A thinking row (``thinking`` true) with its
 ``completion`` is re-cut here where the task's rewards cut it (``radvlm.tasks.task_think_split``: after the
-first ``</think>`` for box tasks, the last otherwise; case-insensitive). Output: a Markdown table on stdout, a JSON file
-(``--json``, default ``<first input>.eval.json``) and next to each input ``<input>.scored.jsonl`` (its lines
-sorted by id, with a ``scores`` object of per-sample values; ``null`` = unavailable or undefined).
+first ``</think>`` for box tasks, the last otherwise; case-insensitive). RadVLM's own evaluation outputs
+(``{model}_{task}_output.json``: a JSON list without ids, the ground truth under ``txt`` / ``answer`` /
+``boxes`` / ``labels``) are read too, so a published run and ours appear side by side in one table:
+``radvlm.prediction_files`` (``--format``, default ``auto``: detected per file; ``--keys`` to remap keys;
+``--task`` for a file whose name names no task; its docstring has the key mapping and the stable ids).
+Output: a Markdown table on stdout, a JSON file (``--json``, default ``<first input>.eval.json``) and next to
+each input ``<input>.scored.jsonl`` (its rows, in our shape, sorted by id, with a ``scores`` object of
+per-sample values; ``null`` = unavailable or undefined).
 
-Columns (REFERENCE.md §5, §6), from the metric classes used for training (``score`` per sample) and the same
-aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
+Columns (REFERENCE.md §5, §6, §8b) in the paper's order, then ours, from the metric classes used for training
+(``score`` per sample) and the same aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
 - ``report_generation``: ROUGE-L, BERTScore, CheXbert F1 micro/macro over 14 and 5 observations
-  (``metrics.chexbert.micro_macro_f1``), RadGraph-F1, GLEU, RadCliQ-v1 (lower is better), average characters;
+  (``metrics.chexbert.micro_macro_f1``), RadGraph-F1, GREEN (``metrics.green``; unavailable, with the
+  reason, without a judge), RadCliQ-v1 (lower is better; with ``--radeval-variant`` also RadEval's variant,
+  labelled: idf BERTScore, aggregate 1 / mean), then GLEU and average characters;
 - box tasks (``radvlm.tasks``: abnormality, region and phrase grounding, abnormality detection): mAP@0.5
   (mean per-sample AP), mean IoU (sum of IoU over all predicted x ground-truth pairs / number of pairs, as
-  ``GroundingMAP``), soft-F1, average characters;
+  ``GroundingMAP``), soft-F1, average characters. The ground truth is the row's ``gt_boxes`` (the record's
+  unrounded ``boxes``) when non-empty, else the boxes of the reference text; mAP and mean IoU parse the answer
+  with RadVLM's evaluation regex (``parse_boxes(style="radvlm_eval")``: no sign, no exponent), soft-F1 with the
+  reward's parser (it is the reward's value);
+- ``abnormality_classification``: micro and macro precision, recall, F1 of RadVLM's label matching
+  (``metrics.classification``: a label is predicted when its name occurs in the answer, case-insensitive;
+  truth = the row's ``labels``; label set = the rows' ``pathologies``), average characters;
 - other tasks: ROUGE-L, GLEU, average characters.
 95 % CIs (``bootstrap_ci``): percentile bootstrap over a task's samples (2000 resamples, seed 0); every
 statistic is recomputed per resample from per-sample data (APs; (IoU sum, pair count) rows; label vectors).
 Samples are sorted by id first, so a resumed prediction file (other line order) gives the same intervals.
 
-Model-based metrics (BERTScore, CheXbert, RadGraph, RadCliQ-v1) come from ``radvlm.eval_metrics``
+Model-based metrics (BERTScore, CheXbert, RadGraph, RadCliQ-v1, GREEN) come from ``radvlm.eval_metrics``
 (``MetricSettings``: CLI flags or ``--metrics-config`` YAML/JSON with the same names; ``Scorers``; its
 docstring states the models and choices, e.g. the RadGraph ``partial`` level): a model that cannot be loaded
 makes its columns ``unavailable: <reason>``, never numbers; ``MetricSettings``, ``Scorers``, ``Unavailable``
@@ -48,7 +63,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from metrics.boxes import pairwise_iou, parse_boxes
 from radvlm import tasks
 from radvlm.chat import answer_of
 from radvlm.draw import write_pictures
@@ -58,6 +72,7 @@ from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import 
     Unavailable,
     load_settings,
 )
+from radvlm.prediction_files import read_prediction_file
 from radvlm.tasks import task_think_split
 
 NAN = float("nan")
@@ -92,6 +107,11 @@ def nan_mean(v: np.ndarray) -> float:  # (N,) -> mean of the finite values (PerS
     return float(finite.mean()) if finite.size else NAN
 
 
+def inverse_mean(v: np.ndarray) -> float:  # (N,) -> 1 / mean of the finite values: RadEval's RadCliQ aggregate
+    mean = nan_mean(v)
+    return 1.0 / mean if mean != 0 else math.nan
+
+
 def ratio_of_sums(v: np.ndarray) -> float:  # (N, 2) -> sum(col 0) / sum(col 1): GroundingMAP's mean IoU
     den = float(v[:, 1].sum())
     return float(v[:, 0].sum()) / den if den > 0 else NAN
@@ -122,24 +142,32 @@ class Column:
 
 
 CHARS = Column("chars", "avg. characters", percent=False)
+#: per kind of task, the rows of its table in the paper's column order (REFERENCE.md §5, §6), then ours (GLEU,
+#: length); a column a scoring function does not produce (GREEN without its judge) is left out of the table
 COLUMNS = {
     "report": (Column("rouge_l", "ROUGE-L"), Column("bertscore", "BERTScore"),
                *(Column(f"chexbert_{w}_{k}", f"CheXbert F1 {w}-{k}") for k in (14, 5)
                  for w in ("micro", "macro")),
-               Column("radgraph_f1", "RadGraph-F1"), Column("gleu", "GLEU"),
-               Column("radcliq", "RadCliQ-v1 ↓", percent=False, decimals=2, lower_is_better=True), CHARS),
+               Column("radgraph_f1", "RadGraph-F1"), Column("green", "GREEN"),
+               Column("radcliq", "RadCliQ-v1 ↓", percent=False, decimals=2, lower_is_better=True),
+               Column("radcliq_radeval", "RadCliQ-v1, RadEval variant (idf BERTScore; 1 / mean)", percent=False,
+                      decimals=2),
+               Column("gleu", "GLEU"), CHARS),
     "grounding": (Column("map", "mAP@0.5"), Column("mean_iou", "mean IoU"), Column("soft_f1", "soft-F1"),
                   CHARS),
+    "classification": (*(Column(f"{avg}_{name}", f"{avg} {label}") for avg in ("micro", "macro")
+                         for name, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))),
+                       CHARS),
     "text": (Column("rouge_l", "ROUGE-L"), Column("gleu", "GLEU"), CHARS),
 }
 UNDEFINED = {"mean_iou": "no predicted × ground-truth box pair (no predicted box at all)"}
 
 
 def task_kind(task: str) -> str:
-    """``"grounding"`` (box tasks of ``radvlm.tasks``: grounding and detection), ``"report"`` or ``"text"``
-    (everything else)."""
+    """``"grounding"`` (box tasks of ``radvlm.tasks``: grounding and detection), ``"report"``,
+    ``"classification"`` or ``"text"`` (everything else)."""
     kind = tasks.task_kind(task)
-    return kind if kind in ("grounding", "report") else "text"
+    return kind if kind in ("grounding", "report", "classification") else "text"
 
 
 
@@ -200,25 +228,84 @@ def score_reports(preds: list[str], refs: list[str], scorers: Scorers) -> Scored
             s.data[key] = labels
             s.stats[key] = chexbert_stat(SUBSET_5_INDEX if key.endswith("_5") else None, int("macro" in key))
         s.per_sample["chexbert_f1"] = _vector(sample_f1(pred_pos, ref_pos))
+    _judged_columns(s, preds, refs, scorers)
     return s
 
 
-def score_grounding(preds: list[str], refs: list[str], scorers: Scorers) -> Scored:
+def _judged_columns(s: Scored, preds: list[str], refs: list[str], scorers: Scorers) -> None:
+    """GREEN (NaN = unparsable or failed judge output, counted in a note) and, on request, RadEval's RadCliQ."""
+    def green(m: Any) -> np.ndarray:
+        before = dict(m.stats)
+        values = _vector(m.score(preds, refs))
+        bad = {k: m.stats[k] - before.get(k, 0) for k in ("unparsable", "failed")}
+        if any(bad.values()):
+            scorers.notes.append(f"GREEN ({m.judge_name()}): of {len(preds)} report pairs, {bad['unparsable']} judge "
+                                 f"outputs could not be parsed and {bad['failed']} judge calls failed (NaN, left out)")
+        return values
+
+    if (values := _model_column(s, ["green"], scorers, "green", green)) is not None:
+        _mean_column(s, "green", values)
+    if scorers.settings.radeval_variant:
+        values = _model_column(s, ["radcliq_radeval"], scorers, "radcliq_radeval",
+                               lambda m: _vector(m.score(preds, refs)))
+        if values is not None:
+            s.data["radcliq_radeval"], s.per_sample["radcliq_radeval"] = values, values
+            s.stats["radcliq_radeval"] = inverse_mean
+
+
+def score_grounding(preds: list[str], refs: list[str], scorers: Scorers,
+                    rows: Sequence[dict] | None = None) -> Scored:
+    """mAP@0.5 and mean IoU (``GroundingMAP``: RadVLM's evaluation box parsing) and soft-F1 (``SoftF1``: the
+    reward's parsing) against each row's unrounded ``gt_boxes`` (the record's ``boxes``, written by
+    ``main.py predict``) when non-empty, else against the boxes of the reference text."""
+    gt = [r.get("gt_boxes") or None for r in rows] if rows is not None else None  # per sample, None: the text's
     s = Scored({}, {}, {}, {})
-    _mean_column(s, "map", _vector(scorers.grounding_map.score(preds, refs)), sample_key="ap")
-    _mean_column(s, "soft_f1", _vector(scorers.soft_f1.score(preds, refs)))
+    _mean_column(s, "map", _vector(scorers.grounding_map.score(preds, refs, gt)), sample_key="ap")
+    _mean_column(s, "soft_f1", _vector(scorers.soft_f1.score(preds, refs, gt)))
     _mean_column(s, "chars", np.array([len(p) for p in preds], dtype=np.float64))
-    pairs = np.zeros((len(preds), 2))  # (N, 2): IoU sum and number of predicted x ground-truth pairs
-    for i, (p, r) in enumerate(zip(preds, refs)):
-        iou = pairwise_iou(parse_boxes(p), parse_boxes(r))  # (P, G)
-        pairs[i] = iou.sum(), iou.size
+    # (N, 2): IoU sum and number of predicted x ground-truth pairs of each sample
+    pairs = np.array(scorers.grounding_map.iou_pairs(preds, refs, gt), dtype=np.float64).reshape(-1, 2)
     s.data["mean_iou"], s.stats["mean_iou"] = pairs, ratio_of_sums
     with np.errstate(invalid="ignore", divide="ignore"):
         s.per_sample["iou"] = pairs[:, 0] / pairs[:, 1]  # NaN without pairs
     return s
 
 
-SCORE_FNS = {"report": score_reports, "grounding": score_grounding, "text": score_text}
+def classification_stat(key: str) -> Callable[[np.ndarray], float]:
+    """(N, 2, L) bool labels (prediction, truth) -> ``key`` of ``metrics.classification.precision_recall_f1``
+    (``micro_f1``, ``macro_precision`` ...)."""
+    from metrics.classification import counts, precision_recall_f1
+
+    return lambda v: float(precision_recall_f1(*counts(torch.from_numpy(v[:, 0]), torch.from_numpy(v[:, 1])))[key])
+
+
+def score_classification(preds: list[str], refs: list[str], scorers: Scorers,
+                         rows: Sequence[dict] | None = None) -> Scored:
+    """Micro and macro precision, recall and F1 of RadVLM's abnormality classification: truth = each row's
+    ``labels``, label set = the rows' ``pathologies`` (``metrics.classification.record_indicators``; the values
+    ``AbnormalityClassification`` computes)."""
+    from metrics.classification import record_indicators, sample_f1
+
+    rows = list(rows) if rows is not None else [{} for _ in preds]
+    _, pred, true = record_indicators(preds, refs, [r.get("labels") for r in rows],
+                                      [r.get("pathologies") for r in rows])
+    labels = torch.stack([pred, true], dim=1).numpy()  # (N, 2, L)
+    s = Scored({}, {}, {}, {})
+    for avg in ("micro", "macro"):
+        for name in ("precision", "recall", "f1"):
+            s.data[f"{avg}_{name}"], s.stats[f"{avg}_{name}"] = labels, classification_stat(f"{avg}_{name}")
+    s.per_sample["label_f1"] = _vector(sample_f1(torch.from_numpy(labels[:, 0]), torch.from_numpy(labels[:, 1])))
+    _mean_column(s, "chars", np.array([len(p) for p in preds], dtype=np.float64))
+    return s
+
+
+#: kind of task -> scoring function ``(preds, refs, scorers, rows)``; ``rows`` are the task's prediction rows
+SCORE_FNS: dict[str, Callable[[list[str], list[str], Scorers, Sequence[dict]], Scored]] = {
+    "report": lambda preds, refs, scorers, rows: score_reports(preds, refs, scorers),
+    "grounding": score_grounding,
+    "classification": score_classification,
+    "text": lambda preds, refs, scorers, rows: score_text(preds, refs, scorers),
+}
 
 
 def _num(x: float) -> float | None:
@@ -235,6 +322,8 @@ def summarise(scored: Scored, columns: Sequence[Column], n_boot: int, seed: int,
             exc = scored.unavailable[col.key]
             out[col.key] = {**entry, "value": None, "unavailable": exc.reason, "detail": exc.detail}
             continue
+        if col.key not in scored.data:  # a column this scoring function does not produce: no row
+            continue
         data, stat = scored.data[col.key], scored.stats[col.key]
         value, (lo, hi) = stat(data), bootstrap_ci(data, stat, n=n_boot, seed=seed, alpha=alpha)
         n = int(np.isfinite(data).sum()) if data.ndim == 1 else int(data.shape[0])
@@ -245,39 +334,12 @@ def summarise(scored: Scored, columns: Sequence[Column], n_boot: int, seed: int,
 
 
 # ------------------------------------------------------------------------------------------ prediction files
-def read_predictions(path: str | Path, default_task: str | None = None) -> tuple[list[dict], int]:
-    """Rows of a predictions JSONL sorted by id, and the number of duplicate-id lines dropped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"predictions file not found: {path}")
-    rows: dict[str, dict] = {}
-    duplicates = 0
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            hint = " (an interrupted write: rerun predict to resume)" if lineno == len(lines) else ""
-            raise ValueError(f"{path}:{lineno}: not valid JSON{hint}: {exc}") from None
-        if not isinstance(row, dict):
-            raise TypeError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        if row.get("task") is None:  # RadVLM ids name their task; else the caller's default
-            row["task"] = tasks.task_from_id(str(row.get("id"))) or default_task
-        elif isinstance(row["task"], str) and row["task"] in tasks.TASK_ALIASES:
-            row["task"] = tasks.TASK_ALIASES[row["task"]]
-        for key in ("id", "task", "answer", "reference"):
-            if row.get(key) is None:
-                hint = " (set PredictionWriter's default_task or --default-task)" if key == "task" else ""
-                raise ValueError(f"{path}:{lineno}: id {row.get('id')!r} has no {key!r}{hint}")
-            if key != "id" and not isinstance(row[key], str):
-                raise TypeError(f"{path}:{lineno}: {key!r} must be a string, got {type(row[key]).__name__}")
-        if str(row["id"]) in rows:
-            duplicates += 1
-        else:
-            rows[str(row["id"])] = row
-    return [rows[k] for k in sorted(rows)], duplicates
+def read_predictions(path: str | Path, default_task: str | None = None, fmt: str = "auto",
+                     keys: str | dict[str, str] | None = None) -> tuple[list[dict], int]:
+    """Rows of a prediction file (ours or RadVLM's, ``radvlm.prediction_files``) sorted by id, and the number of
+    duplicate-id rows dropped."""
+    read = read_prediction_file(path, default_task, fmt, keys)
+    return read.rows, read.duplicates
 
 
 def scored_answer(row: dict) -> str:
@@ -288,9 +350,13 @@ def scored_answer(row: dict) -> str:
     return row["answer"]
 
 
+def file_stem(path: str | Path) -> str:
+    """The file name without ``.jsonl`` / ``.json``."""
+    return Path(path).name.removesuffix(".jsonl").removesuffix(".json")
+
+
 def scored_path_for(path: str | Path) -> Path:
-    path = Path(path)
-    return path.with_name(path.name.removesuffix(".jsonl") + ".scored.jsonl")
+    return Path(path).with_name(file_stem(path) + ".scored.jsonl")
 
 
 def _info(rows: list[dict]) -> dict[str, float]:
@@ -305,28 +371,30 @@ def _info(rows: list[dict]) -> dict[str, float]:
 
 def evaluate_file(path: str | Path, metrics: Scorers | MetricSettings | None = None, n_boot: int = 2000,
                   seed: int = 0, alpha: float = 0.05, default_task: str | None = None,
-                  write_scored: bool = True) -> dict[str, Any]:
+                  write_scored: bool = True, fmt: str = "auto", keys: str | dict[str, str] | None = None
+                  ) -> dict[str, Any]:
     """Evaluate one predictions file: ``{"file", "name", "n", "tasks": {task: {"kind", "n", "info",
     "metrics": {key: {"label", "value", "ci", "n"} or {..., "unavailable", "detail"}}}}, "notes", ...}``;
     writes ``<path>.scored.jsonl`` unless ``write_scored`` is False. Pass one ``Scorers`` for several files
-    so that each model is loaded once."""
+    so that each model is loaded once. ``fmt``, ``keys``, ``default_task``: ``radvlm.prediction_files``."""
     scorers = metrics if isinstance(metrics, Scorers) else Scorers(metrics)
-    rows, duplicates = read_predictions(path, default_task)
+    read = read_prediction_file(path, default_task, fmt, keys)
+    rows, duplicates = read.rows, read.duplicates
     by_task: dict[str, list[dict]] = {}
     for row in rows:
         by_task.setdefault(row["task"], []).append(row)
-    result: dict[str, Any] = {"file": str(path), "name": Path(path).name.removesuffix(".jsonl"),
+    result: dict[str, Any] = {"file": str(path), "name": file_stem(path), "format": read.format,
                               "n": len(rows), "duplicates_dropped": duplicates, "tasks": {}}
     scores: dict[str, dict[str, float | None]] = {}
     for task, task_rows in sorted(by_task.items()):
         kind = task_kind(task)
         preds, refs = [scored_answer(r) for r in task_rows], [r["reference"] for r in task_rows]
-        scored = SCORE_FNS[kind](preds, refs, scorers)
+        scored = SCORE_FNS[kind](preds, refs, scorers, task_rows)
         result["tasks"][task] = {"kind": kind, "n": len(task_rows), "info": _info(task_rows),
                                  "metrics": summarise(scored, COLUMNS[kind], n_boot, seed, alpha)}
         for i, row in enumerate(task_rows):
             scores[str(row["id"])] = {k: _num(float(v[i])) for k, v in scored.per_sample.items()}
-    notes = list(scorers.notes)
+    notes = list(scorers.notes) + ([read.describe()] if read.format != "jsonl" else [])
     if duplicates:
         notes.append(f"{result['name']}: {duplicates} lines with an id seen before were ignored")
     result.update(notes=notes, settings=asdict(scorers.settings),
@@ -395,6 +463,8 @@ def format_table(results: dict | Sequence[dict]) -> str:
         footnotes: list[str] = []
         for col in COLUMNS[kind]:
             entries = [r["tasks"].get(task, {}).get("metrics", {}).get(col.key) for r in runs]
+            if all(e is None for e in entries):  # no run has this column (e.g. GREEN not computed)
+                continue
             values = [(e or {}).get("value") for e in entries]
             cells = [col.label]
             for i, entry in enumerate(entries):
@@ -421,17 +491,25 @@ def _delta(base: float | None, value: float | None, col: Column) -> str:
 # ------------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m radvlm.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("predictions", nargs="+", help="JSONL files of main.py predict (several: comparison)")
+    p.add_argument("predictions", nargs="+", help="prediction files: JSONL of main.py predict or RadVLM's "
+                   "*_output.json (several: comparison)")
     p.add_argument("--json", help="output JSON (default: <first input>.eval.json)")
     p.add_argument("--draw", nargs=2, metavar=("N", "OUT_DIR"), help="write N grounding pictures per file")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default 0.05)")
-    p.add_argument("--default-task", help="task of lines that have none")
+    p.add_argument("--task", "--default-task", dest="default_task",
+                   help="task of rows that name none (every row of a RadVLM output whose file name names none)")
+    p.add_argument("--format", dest="fmt", default="auto", choices=("auto", "jsonl", "radvlm", "radvlm-jsonl"),
+                   help="input format of every file (default auto: detected per file)")
+    p.add_argument("--keys", help="RadVLM key mapping OURS=THEIRS,... (default answer=output, reference=txt for "
+                   "reports / answer otherwise, gt_boxes=boxes, labels=labels, image=img_path, prompt=instr)")
+    p.add_argument("--radeval-variant", action="store_true", default=None,
+                   help="also report RadCliQ-v1 as RadEval defines it (idf BERTScore, 1 / mean), labelled")
     p.add_argument("--no-scored", action="store_true", help="do not write <input>.scored.jsonl")
     p.add_argument("--metrics-config", help="YAML/JSON with MetricSettings fields; flags override it")
     for f in fields(MetricSettings):
-        if f.name != "offline":
+        if f.name not in ("offline", "radeval_variant"):  # flags of their own
             p.add_argument("--" + f.name.replace("_", "-"), type=int if f.name.endswith("_layers") else str,
                            default=None, help=f"default: {f.default}")
     hub = p.add_mutually_exclusive_group()
@@ -445,7 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flags = {f.name: getattr(args, f.name) for f in fields(MetricSettings)}
     scorers = Scorers(load_settings(args.metrics_config, flags))
     runs = [evaluate_file(p, scorers, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
-                          default_task=args.default_task, write_scored=not args.no_scored)
+                          default_task=args.default_task, write_scored=not args.no_scored, fmt=args.fmt,
+                          keys=args.keys)
             for p in args.predictions]
     if len({r["name"] for r in runs}) < len(runs):  # the same file name in several folders: use the paths
         for r in runs:
@@ -453,14 +532,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_table(runs))
     output = runs[0] if len(runs) == 1 else {"runs": runs, "length_change": length_changes(runs)}
     first = Path(args.predictions[0])
-    target = Path(args.json or first.with_name(first.name.removesuffix(".jsonl") + ".eval.json"))
+    target = Path(args.json or first.with_name(file_stem(first) + ".eval.json"))
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(output, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     print(f"JSON: {target}")
     if args.draw:
         n, out_dir = int(args.draw[0]), Path(args.draw[1])
         for p, r in zip(args.predictions, runs):
-            rows = [row for row in read_predictions(p, args.default_task)[0]
+            rows = [row for row in read_predictions(p, args.default_task, args.fmt, args.keys)[0]
                     if task_kind(row["task"]) == "grounding" and row.get("image")]
             folder = out_dir / r["name"].replace(os.sep, "_") if len(runs) > 1 else out_dir
             written = write_pictures(rows[:n], folder)

@@ -1,7 +1,8 @@
 """Teachers for ``radvlm.synthesize_thinking``: what answers a ``TeacherRequest`` with a ``<think>`` response.
 
 - ``EndpointTeacher``: an OpenAI-compatible ``/v1/chat/completions`` server (e.g. a 235B Qwen3-VL under vLLM)
-  through urllib, one request per call; the image goes as a base64 data URL (``image_data_url``); a server's
+  through ``metrics.judge.ChatClient`` (the project's one such client, shared with the GREEN judge), one
+  request per call; the image goes as a base64 data URL (``image_data_url``); a server's
   separate ``reasoning_content`` (vLLM reasoning parser) becomes the think block.
 - ``PolicyTeacher``: any checkpoint ``Policy.from_pretrained`` loads, batched ``generate`` (greedy when the
   temperature is 0); it ignores ``timeout`` (``generate`` cannot be interrupted).
@@ -19,23 +20,18 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from metrics.judge import (  # the project's one OpenAI-compatible client; the error types are re-exported here
+    ChatClient,
+    PermanentError,
+    Truncated,
+    first_choice,
+)
 from radvlm.chat import THINK_CLOSE, THINK_OPEN
-
-
-class PermanentError(RuntimeError):
-    """A request that retrying cannot fix (bad request, unreadable image); logged without retries."""
-
-
-class Truncated(str):
-    """A response cut at the token limit (``finish_reason == "length"``); rejected, never written."""
 
 
 @dataclass(frozen=True)
@@ -83,7 +79,7 @@ def image_data_url(path: str | Path, loader: Callable[[Path], Any] | None = None
 
 
 class EndpointTeacher:
-    """An OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang, ...), through urllib.
+    """An OpenAI-compatible ``/v1/chat/completions`` server (vLLM, SGLang, ...), through ``metrics.judge.ChatClient``.
 
     The image goes as a base64 data-URL ``image_url`` part before the text of the first user turn. HTTP 408,
     429 and 5xx, connection errors and timeouts are retried by ``synthesize``; other 4xx are permanent.
@@ -95,10 +91,12 @@ class EndpointTeacher:
     def __init__(self, endpoint: str, model: str, api_key: str | None = None, max_tokens: int = 4096,
                  temperature: float = 0.0, extra_body: dict[str, Any] | None = None,
                  image_loader: Callable[[Path], Any] | None = None) -> None:
-        self.url = endpoint.rstrip("/") + "/chat/completions"
-        self.model, self.api_key = model, api_key
+        # retries=0: ``synthesize`` retries (and logs) failed requests itself
+        self.client = ChatClient(endpoint, model, api_key=api_key, max_tokens=max_tokens, temperature=temperature,
+                                 extra_body=extra_body, timeout=None, retries=0)
+        self.url, self.model, self.api_key = self.client.url, model, api_key
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.extra_body = dict(extra_body or {})
+        self.extra_body = self.client.extra_body
         self.image_loader = image_loader
         self.name = f"endpoint:{model}"
 
@@ -113,40 +111,21 @@ class EndpointTeacher:
             else:
                 content = text
             messages.append({"role": role, "content": content})
-        return {"model": self.model, "messages": messages, "max_tokens": self.max_tokens,
-                "temperature": self.temperature, **self.extra_body}
+        return self.client.payload(messages)
 
     def complete_one(self, request: TeacherRequest, timeout: float | None = None) -> str:
-        body = json.dumps(self.payload(request)).encode("utf-8")
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                reply = json.loads(resp.read().decode("utf-8"))
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:300].decode("utf-8", "replace")
-            error = RuntimeError if e.code in (408, 429) or e.code >= 500 else PermanentError
-            raise error(f"HTTP {e.code} from {self.url}: {detail}") from e
-        except urllib.error.URLError as e:
-            raise ConnectionError(f"{self.url}: {e.reason}") from e
-        return self.response_text(reply)
+        return self.response_text(self.client.post(self.payload(request), timeout))
 
     @staticmethod
     def response_text(reply: dict[str, Any]) -> str:
         """``choices[0].message.content``, with a separate ``reasoning_content`` put back as a think block;
         ``Truncated`` when the server stopped at ``max_tokens``."""
-        try:
-            choice = reply["choices"][0]
-            message = choice["message"]
-        except (KeyError, IndexError, TypeError):
-            raise ValueError(f"malformed chat completion: {json.dumps(reply)[:300]}") from None
+        message, finish_reason = first_choice(reply)
         content = message.get("content") or ""
         reasoning = message.get("reasoning_content") or message.get("reasoning")
         if reasoning and THINK_CLOSE not in content:
             content = f"{THINK_OPEN}\n{reasoning.strip()}\n{THINK_CLOSE}\n\n{content.strip()}"
-        return Truncated(content) if choice.get("finish_reason") == "length" else content
+        return Truncated(content) if finish_reason == "length" else content
 
     def complete(self, requests: Sequence[TeacherRequest], timeout: float | None = None) -> list[str | Exception]:
         out: list[str | Exception] = []

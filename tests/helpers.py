@@ -33,3 +33,47 @@ def report_record(i: int, answer: str = "The heart is normal. No pleural effusio
             {"from": "gpt", "value": answer},
         ],
     }
+
+
+class FakeChatServer:
+    """A stand-in OpenAI-compatible ``/v1/chat/completions`` server on 127.0.0.1 (a thread; use ``with``).
+
+    ``respond(payload) -> str | int``: the assistant text to return, or an HTTP error code to answer with.
+    ``seen`` records ``(headers, payload)`` of every request; ``url`` is the base URL (``…/v1``)."""
+
+    def __init__(self, respond):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.seen.append((dict(self.headers), payload))
+                out = server.respond(payload)
+                code, body = (out, {"error": f"scripted {out}"}) if isinstance(out, int) else (200, {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out},
+                                 "finish_reason": "stop"}]})
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.respond, self.seen = respond, []
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def __enter__(self) -> FakeChatServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

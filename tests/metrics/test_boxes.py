@@ -62,6 +62,75 @@ def test_parse_boxes_never_raises_on_random_text():
         assert all(len(b) == 4 and all(math.isfinite(v) for v in b) for b in boxes)
 
 
+# ------------------------------------------------------------------------- RadVLM's evaluation parser
+def test_radvlm_eval_style_reads_a_radvlm_answer_like_the_reward_style():
+    text = ("The nodule is located at the coordinates [0.12, 0.3, 0.5, 0.71] and [0.6, 0.1, 0.9, 0.4] "
+            "on the image.")
+    assert parse_boxes(text, style="radvlm_eval") == parse_boxes(text) == [(0.12, 0.3, 0.5, 0.71),
+                                                                         (0.6, 0.1, 0.9, 0.4)]
+
+
+def test_radvlm_eval_style_makes_no_box_of_a_negative_coordinate():
+    # RadVLM's number pattern is digits and dots: "-0.01" does not match, so the group is no box at all
+    text = "[-0.01, 0.2, 0.3, 0.4] and [0.5, 0.5, 0.7, 0.7]"
+    assert parse_boxes(text, style="radvlm_eval") == [(0.5, 0.5, 0.7, 0.7)]
+    assert parse_boxes(text) == [(-0.01, 0.2, 0.3, 0.4), (0.5, 0.5, 0.7, 0.7)]  # the reward keeps it
+
+
+@pytest.mark.parametrize("text", [
+    "[1e-1, 0.2, 0.3, 0.4]",  # exponent
+    "[+0.1, 0.2, 0.3, 0.4]",  # sign
+    "[ 0.1, 0.2, 0.3, 0.4]",  # space after [
+    "[0.1 , 0.2, 0.3, 0.4]",  # space before a comma
+    "[0.1, 0.2, 0.3, 0.4 ]",  # space before ]
+])
+def test_radvlm_eval_style_takes_no_sign_exponent_or_inner_spaces(text):
+    assert parse_boxes(text, style="radvlm_eval") == []
+    assert len(parse_boxes(text)) == 1  # the reward's parser reads each of them
+
+
+def test_radvlm_eval_style_skips_a_group_float_cannot_read_where_radvlm_crashes():
+    # "1.2.3" and "." match RadVLM's [\d.]+ and make its float() raise; here only that group is dropped
+    text = "[1.2.3, 0.1, 0.2, 0.3] [., 0, 1, 1] [0.1,0.2,0.3,0.4] [1..2, 0, 1, 1]"
+    assert parse_boxes(text, style="radvlm_eval") == [(0.1, 0.2, 0.3, 0.4)]
+
+
+def test_radvlm_eval_style_keeps_an_overflowing_group_as_a_box_with_iou_zero():
+    # 400 nines read as inf by float(), as in RadVLM: a predicted box that overlaps nothing (a false positive)
+    text = "[" + "9" * 400 + ", 0.1, 0.2, 0.3]"
+    boxes = parse_boxes(text, style="radvlm_eval")
+    assert len(boxes) == 1 and boxes[0][0] == math.inf
+    assert pairwise_iou(boxes, [[0.0, 0.0, 1.0, 1.0]]).tolist() == [[0.0]]
+    assert parse_boxes(text) == []  # the reward's parser skips it
+
+
+def test_parse_boxes_rejects_an_unknown_style():
+    with pytest.raises(ValueError, match="radvlm_eval"):
+        parse_boxes("[0.1, 0.2, 0.3, 0.4]", style="radvlm")
+
+
+@pytest.mark.parametrize("text", [
+    "[" + "1" * 10_000,
+    "[1" * 5_000,
+    "[1, 1, 1, 1" * 1_000,
+    "[1," + " " * 10_000 + "x",
+    "[1.1.1.1" * 1_250,
+])
+def test_radvlm_eval_style_is_fast_on_adversarial_10k_strings(text):
+    start = time.perf_counter()
+    assert parse_boxes(text, style="radvlm_eval") == []
+    assert time.perf_counter() - start < 0.1
+
+
+def test_radvlm_eval_style_never_raises_on_random_text():
+    rng = random.Random(1)
+    alphabet = "[]0123456789..,,-+e \n"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10_000)))
+        boxes = parse_boxes(text, style="radvlm_eval")
+        assert all(len(b) == 4 and all(v >= 0 for v in b) for b in boxes)
+
+
 # ------------------------------------------------------------------------------------------------ writing
 def test_format_boxes_joins_like_radvlm():
     a, b, c = [0.12, 0.3, 0.5, 0.71], [0, 0, 1, 1], [0.2, 0.25, 0.4, 0.6]

@@ -222,6 +222,71 @@ def test_grounding_map_without_pairs_reports_nan_mean_iou():
     assert out["map"].item() == 0.0 and math.isnan(out["mean_iou"].item())
 
 
+# --------------------------------------------------------------- RadVLM evaluation: unrounded boxes, parsing
+HALF = "[0.0, 0.0, 0.5, 1.0]"  # left half of the image
+WHOLE_TEXT = "[0.0, 0.0, 1.0, 1.0]"  # the two-decimal text of the unrounded box below
+WHOLE_UNROUNDED = [[0.004, 0.0, 1.0, 1.0]]
+
+
+def test_grounding_map_uses_the_unrounded_ground_truth_boxes_when_given():
+    # text: IoU(HALF, [0, 0, 1, 1]) = .5 / 1 = .5 >= .5 -> TP, AP 1, mean IoU .5
+    # unrounded: intersection [.004, .5] x [0, 1] = .496, union .5 + .996 - .496 = 1 -> IoU .496 < .5 -> FP, AP 0
+    metric = GroundingMAP()
+    assert metric.score([HALF], [WHOLE_TEXT]).tolist() == [1.0]
+    assert metric.score([HALF], [WHOLE_TEXT], gt_boxes=[WHOLE_UNROUNDED]).tolist() == [0.0]
+    metric.update([HALF, HALF], [WHOLE_TEXT, WHOLE_TEXT], gt_boxes=[WHOLE_UNROUNDED, None])  # None: the text's
+    out = metric.compute()
+    torch.testing.assert_close(out["map"], torch.tensor(0.5))  # (0 + 1) / 2
+    torch.testing.assert_close(out["mean_iou"], torch.tensor(0.498))  # (.496 + .5) / 2 pairs
+    assert metric.iou_pairs([HALF], [WHOLE_TEXT], [WHOLE_UNROUNDED]) == [(pytest.approx(0.496), 1)]
+
+
+def test_soft_f1_uses_the_unrounded_ground_truth_boxes_when_given():
+    # one box each: 2 IoU / (1 + IoU): text 2 * .5 / 1.5 = 2/3; unrounded 2 * .496 / 1.496 = .663102
+    metric = SoftF1()
+    torch.testing.assert_close(metric.score([HALF], [WHOLE_TEXT]), torch.tensor([2 / 3]))
+    torch.testing.assert_close(metric.score([HALF], [WHOLE_TEXT], [WHOLE_UNROUNDED]), torch.tensor([0.992 / 1.496]))
+    metric.update([HALF], [WHOLE_TEXT], gt_boxes=[WHOLE_UNROUNDED])
+    torch.testing.assert_close(metric.compute(), torch.tensor(0.992 / 1.496))
+
+
+def test_an_empty_ground_truth_entry_falls_back_to_the_target_text():
+    metric = GroundingMAP()
+    assert metric.score([HALF], [WHOLE_TEXT], gt_boxes=[[]]).tolist() == [1.0]
+    with pytest.raises(ValueError, match="2 gt_boxes entries for 1 targets"):
+        metric.score([HALF], [WHOLE_TEXT], gt_boxes=[None, None])
+
+
+def test_grounding_map_makes_no_box_of_a_negative_coordinate_as_radvlm_does():
+    # "[-0.01, 0.2, 0.3, 0.4]" is no box for RadVLM's regex: no predicted box -> AP 0, no pair for the mean IoU.
+    # The reward's parser reads it: intersection .3 x .2 = .06, union .31 x .2 = .062 -> IoU .9677 -> AP 1.
+    pred, gt = "[-0.01, 0.2, 0.3, 0.4]", [[0.0, 0.2, 0.3, 0.4]]
+    radvlm, reward = GroundingMAP(), GroundingMAP(box_style="reward")
+    assert radvlm.score([pred], [""], gt_boxes=[gt]).tolist() == [0.0]
+    assert reward.score([pred], [""], gt_boxes=[gt]).tolist() == [1.0]
+    radvlm.update([pred], [""], gt_boxes=[gt])
+    out = radvlm.compute()
+    assert out["map"].item() == 0.0 and math.isnan(out["mean_iou"].item())
+
+
+def test_grounding_map_ap_when_one_of_two_boxes_has_a_negative_coordinate():
+    # pred "[-0.01, 0, .5, 1] and [0, 0, .5, 1]" vs gt [0, 0, 1, 1]
+    # radvlm_eval: only the second box: IoU .5 -> TP -> AP 1; mean IoU .5 / 1 pair
+    # reward: first box IoU .5 / 1.01 = .495 -> FP, second TP: cumTP 0 1, cumFP 1 1 -> recall 0 1, precision 0 .5;
+    #   mrec 0 0 1 1, mpre 0 0 .5 0 -> monotone .5 .5 .5 0: AP = (1 - 0) * .5 = .5
+    pred = "[-0.01, 0.0, 0.5, 1.0] and [0.0, 0.0, 0.5, 1.0]"
+    assert GroundingMAP().score([pred], [WHOLE_TEXT]).tolist() == [1.0]
+    assert GroundingMAP(box_style="reward").score([pred], [WHOLE_TEXT]).tolist() == [0.5]
+    assert GroundingMAP().iou_pairs([pred], [WHOLE_TEXT]) == [(0.5, 1)]
+
+
+def test_grounding_metrics_reject_an_unknown_box_style():
+    with pytest.raises(ValueError, match="box style"):
+        GroundingMAP(box_style="radvlm")
+    with pytest.raises(ValueError, match="box style"):
+        SoftF1(box_style="eval")
+
+
 def _random_answers(n, seed):
     rng = random.Random(seed)
 

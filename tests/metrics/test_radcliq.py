@@ -183,3 +183,21 @@ def test_each_reference_is_processed_once_per_distinct_reference(tiny_models):
     assert metric.radgraph.stats["reference_annotations"] == 8
     assert metric.bertscore.stats["reference_encodings"] == 8
     assert metric.semb.stats["reference_encodings"] == 8
+
+
+def test_defaults_are_the_papers_setting_and_each_is_switchable():
+    metric = RadCliQ()  # nothing is loaded before the first score
+    assert metric.radgraph.model_type == "radgraph" and metric.radgraph.reward_level == "radcliq"
+    assert metric.bertscore.model_type == "distilroberta-base" and metric.bertscore.idf is False
+    assert metric.bleu.n == 2
+    assert (metric.lowercase, metric.max_chars, metric.min_chars) == (True, 2048, 5)
+    other = RadCliQ(radgraph_model="radgraph-xl", bertscore_idf=True, bleu_n=4)
+    assert (other.radgraph.model_type, other.bertscore.idf, other.bleu.n) == ("radgraph-xl", True, 4)
+
+
+def test_radeval_text_handling_keeps_case_length_and_short_answers():
+    parts = fakes()
+    metric = RadCliQ(**parts, lowercase=False, max_chars=None, min_chars=None)
+    values = metric.score(["A" * 3000, "ok"], ["Pleural EFFUSION.", "Normal."])
+    assert parts["bleu"].calls[0] == (["A" * 3000, "ok"], ["Pleural EFFUSION.", "Normal."])
+    assert torch.isfinite(values).all() and values[1].item() != 3.0  # no short-answer floor

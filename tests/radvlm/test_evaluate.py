@@ -174,9 +174,10 @@ def test_model_metrics_with_tiny_weights_equal_the_metric_classes(tmp_path):
     bert = write_tiny_bert(tmp_path / "bert")
     chexbert = write_tiny_chexbert(tmp_path / "chexbert.pth", bert)
     radgraph = write_tiny_radgraph(tmp_path / "radgraph-xl", bert)
+    radgraph_rc = write_tiny_radgraph(tmp_path / "radgraph", bert, model_type="radgraph")  # RadCliQ's model
     settings = MetricSettings(bertscore_model=bert, bertscore_layers=2, radcliq_bertscore_model=bert,
                               radcliq_bertscore_layers=2, chexbert=chexbert, chexbert_bert=bert,
-                              radgraph_dir=radgraph, device="cpu")
+                              radgraph_dir=radgraph, radcliq_radgraph_dir=radgraph_rc, device="cpu")
     rows = [{"id": f"r{i}", "task": "report_generation", "answer": a, "reference": b} for i, (a, b) in enumerate([
         ("The heart size is normal.", "Heart size is normal. No pleural effusion."),
         ("Small left pleural effusion.", "Moderate left pleural effusion with atelectasis."),
@@ -195,7 +196,7 @@ def test_model_metrics_with_tiny_weights_equal_the_metric_classes(tmp_path):
         assert m[key]["value"] == pytest.approx(float(agg[name]), abs=1e-6), key
     expected_rg = RadGraphF1(model_dir=radgraph, reward_level="partial", device="cpu").score(preds, refs).mean()
     assert m["radgraph_f1"]["value"] == pytest.approx(float(expected_rg), abs=1e-6)
-    radcliq = RadCliQ(radgraph=RadGraphF1(model_dir=radgraph, reward_level="radcliq", device="cpu"),
+    radcliq = RadCliQ(radgraph=RadGraphF1("radgraph", model_dir=radgraph_rc, reward_level="radcliq", device="cpu"),
                       bertscore=BERTScore(bert, num_layers=2, device="cpu"),
                       semb=CheXbertSimilarity(checkpoint=chexbert, bert_name_or_path=bert, device="cpu"), bleu=BLEU(n=2))
     assert m["radcliq"]["value"] == pytest.approx(float(radcliq.score(preds, refs).mean()), abs=1e-5)
@@ -271,6 +272,6 @@ def test_each_model_metric_is_built_once_per_scorers(tmp_path, monkeypatch):
     original = Scorers._build
     monkeypatch.setattr(Scorers, "_build", lambda self, name: calls.append(name) or original(self, name))
     results = [evaluate_file(write_jsonl(tmp_path / f"{i}.jsonl", ROWS[:2]), scorers, n_boot=10) for i in range(2)]
-    assert sorted(calls) == ["bertscore", "chexbert", "radcliq", "radgraph"]  # not again for the second file
+    assert sorted(calls) == ["bertscore", "chexbert", "green", "radcliq", "radgraph"]  # not again for file 2
     reasons = [r["tasks"]["report_generation"]["metrics"]["bertscore"]["unavailable"] for r in results]
     assert reasons[0] == reasons[1]
