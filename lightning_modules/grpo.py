@@ -372,7 +372,11 @@ class GRPOModule(PolicyModule):
             rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
             if metric is None or not rows:
                 continue
-            metric.update([by_split[term.think_split][i] for i in rows], [batch["targets"][i] for i in rows])
+            preds, targets = [by_split[term.think_split][i] for i in rows], [batch["targets"][i] for i in rows]
+            if takes_gt_boxes(metric):  # box metrics score against the record's unrounded boxes, as evaluation
+                metric.update(preds, targets, gt_boxes=[batch["gt_boxes"][i] for i in rows])
+            else:
+                metric.update(preds, targets)
         if len(self._val_rows) < self.hparams.num_logged_samples:
             for i in range(min(len(answers), self.hparams.num_logged_samples - len(self._val_rows))):
                 self._val_rows.append({"id": batch["ids"][i], "task": batch["tasks"][i], "generated": answers[i],
@@ -404,6 +408,13 @@ class GRPOModule(PolicyModule):
         if self._val_chars:
             self.log(f"{prefix}/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
         self.text_table(f"{prefix}/generations", self._val_rows)
+
+
+def takes_gt_boxes(metric: Any) -> bool:
+    """Whether ``metric.update`` accepts the records' ground-truth boxes (``gt_boxes=``)."""
+    import inspect
+
+    return "gt_boxes" in inspect.signature(metric.update).parameters
 
 
 def check_mini_batch(per_rank: int, world_size: int, ppo_mini_batch_size: int | None) -> int:

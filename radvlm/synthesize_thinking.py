@@ -12,8 +12,7 @@ its answer agrees with the ground truth under ``accept``: ``any`` (format only; 
 ``exact`` (equal after lower-casing, collapsing spaces, dropping a final period), ``iou`` (the ``[a, b, c, d]``
 boxes of both answers pair one-to-one with IoU >= ``iou_threshold``, equal counts; teacher boxes divided by
 ``box_scale``, 1000 for Qwen3-VL's native 0-1000 grid), ``auto`` (``iou`` when the ground truth holds a
-box, else ``exact``; default when hidden). The IoU is a few local lines (REFERENCE.md §4: areas clamped at
-0, IoU 0 when the union is <= 0) because radvlm/ must not import metrics/.
+box, else ``exact``; default when hidden). Boxes and IoU are the metrics' own (``metrics.boxes``).
 
 A response is rejected (counted, logged, not written) unless it is ``TRACE</think>ANSWER`` with a non-empty
 trace and answer and one think block (``split_thinking``), not cut at the token limit (default 4096, the
@@ -41,9 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -52,6 +49,8 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
+from metrics.boxes import pairwise_iou
+from metrics.boxes import parse_boxes as metric_boxes
 from radvlm.chat import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -87,8 +86,6 @@ LEAK_PHRASES = ("correct answer", "the answer above", "given answer", "provided 
                 "answer provided", "answer given")
 ACCEPT_MODES = ("any", "exact", "iou", "auto")
 MAX_BACKOFF_S = 60.0
-_NUM = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
-_BOX_RE = re.compile(rf"\[\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*,\s*({_NUM})\s*\]")
 
 
 class RecordLike(Protocol):
@@ -105,25 +102,14 @@ class RecordLike(Protocol):
 
 
 def parse_boxes(text: str, scale: float = 1.0) -> list[list[float]]:
-    """Every ``[a, b, c, d]`` of four numbers, divided by ``scale``; groups with a non-finite number are
-    skipped. ``"at [0.1, 0.2, 0.3, 0.4] and [1e-1, 0, .5, 1]"`` → ``[[0.1, 0.2, 0.3, 0.4], [0.1, 0, 0.5, 1]]``."""
-    boxes = []
-    for match in _BOX_RE.finditer(text):
-        values = [float(v) / scale for v in match.groups()]
-        if all(math.isfinite(v) for v in values):
-            boxes.append(values)
-    return boxes
+    """Every ``[a, b, c, d]`` of four numbers (``metrics.boxes.parse_boxes``, the reward's parser), divided
+    by ``scale``. ``"at [0.1, 0.2, 0.3, 0.4] and [1e-1, 0, .5, 1]"`` → ``[[0.1, 0.2, 0.3, 0.4], [0.1, 0, 0.5, 1]]``."""
+    return [[float(v) / scale for v in box] for box in metric_boxes(text)]
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """IoU of two ``[x1, y1, x2, y2]`` boxes; areas clamped at 0, 0 when the union is <= 0."""
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
-    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-    union = area_a + area_b - inter
-    return inter / union if union > 0 else 0.0
+    """IoU of two ``[x1, y1, x2, y2]`` boxes (``metrics.boxes.pairwise_iou``)."""
+    return float(pairwise_iou([a], [b])[0, 0])
 
 
 def boxes_match(pred: Sequence[Sequence[float]], gt: Sequence[Sequence[float]], threshold: float) -> bool:

@@ -125,3 +125,15 @@ def test_zero_std_filter_keeps_every_micro_batch_when_distributed(tiny_ckpt, dat
 class Constant(GLEU):
     def score(self, preds, targets):
         return torch.full((len(preds),), 0.5)
+
+
+def test_validation_gives_box_metrics_the_records_unrounded_boxes():
+    from metrics.grounding import GroundingMAP, SoftF1
+
+    from lightning_modules.grpo import takes_gt_boxes
+
+    assert takes_gt_boxes(GroundingMAP()) and takes_gt_boxes(SoftF1()) and not takes_gt_boxes(GLEU())
+    metric = GroundingMAP()
+    # the answer matches the 2-decimal text box but not the record's unrounded box (IoU .496 < .5): AP 0
+    metric.update(["[0, 0, 0.5, 1]"], ["[0.0, 0.0, 1.0, 1.0]"], gt_boxes=[[[0.004, 0.0, 1.0, 1.0]]])
+    assert float(metric.compute()["map"]) == 0.0
