@@ -128,9 +128,8 @@ class Constant(GLEU):
 
 
 def test_validation_gives_box_metrics_the_records_unrounded_boxes():
-    from metrics.grounding import GroundingMAP, SoftF1
-
     from lightning_modules.grpo import takes_gt_boxes
+    from metrics.grounding import GroundingMAP, SoftF1
 
     assert takes_gt_boxes(GroundingMAP()) and takes_gt_boxes(SoftF1()) and not takes_gt_boxes(GLEU())
     metric = GroundingMAP()
