@@ -3,7 +3,7 @@
 Used by `datamodules/phantom.py` (see its docstring for the dataset). Every sentence comes from a template
 family in `FAMILIES`, filled from the case (`Finding.slots()`); `phantom_text_corpus()` expands every template
 with every slot value in `SLOT_VALUES`, a superset of the words the dataset can produce. Boxes are written as
-`metrics/boxes.py` and REFERENCE.md §8 write them: `repr(round(x, 2))`, ", " and " and " between boxes.
+`metrics/boxes.py` and docs/paper.md §8 write them: `repr(round(x, 2))`, ", " and " and " between boxes.
 The thinking format comes from `radvlm.chat`; in a conversation every user turn gets " /think" and every
 assistant turn its own trace.
 """

@@ -3,7 +3,7 @@
 Every function here is a pure function of tensors (no model, no optimizer, no Lightning), so the step logic
 in ``lightning_modules/grpo.py`` stays thin and this file can be tested against hand-computed numbers.
 
-Algorithm (one GRPO step as the paper runs it, REFERENCE.md §2)
+Algorithm (one GRPO step as the paper runs it, docs/paper.md §2)
 ----------------------------------------------------------------
 1. Sample ``B`` prompts and ``G`` rollouts per prompt (paper: B = 512, G = 8) with the current policy, which
    at this moment is the "old" policy π_old. Rows are contiguous: rollouts of prompt i are rows

@@ -121,7 +121,7 @@ def test_classification_without_labels_uses_the_reference_text_and_chexperts_lab
 
 
 # ------------------------------------------------------------------------------------------------- columns
-# the paper's report columns (REFERENCE.md §6), then ours; other variants may sit between RadCliQ-v1 and GLEU
+# the paper's report columns (docs/paper.md §6), then ours; other variants may sit between RadCliQ-v1 and GLEU
 REPORT_ORDER = ["ROUGE-L", "BERTScore", "CheXbert F1 micro-14", "CheXbert F1 macro-14", "CheXbert F1 micro-5",
                 "CheXbert F1 macro-5", "RadGraph-F1", "GREEN", "RadCliQ-v1 ↓", "GLEU", "avg. characters"]
 
