@@ -11,7 +11,7 @@ log-probs: a frozen copy for a full fine-tune, adapters off with ``--lora``).
 
 Timing method: one fit whose GRPO steps alternate the rollout path, ``plain`` (each prompt repeated G times)
 and ``shared`` (``shared_prefill=True``), step after step (plain, shared, plain, shared, …; a callback sets
-the module's ``shared_prefill`` before each step). The first ``--warmup`` steps of every mode are discarded
+the engine's ``shared_prefill`` before each step). The first ``--warmup`` steps of every mode are discarded
 (lazy imports, reward models loading, CUDA kernels and allocator), then ``--reps`` (≥ 2) steps per mode are
 timed and each figure is the median over them. ``step_s`` is wall clock: from the end of the previous step
 to the end of this one (data loading, optimizer steps and logging included); ``phase_sum_s``, the sum of the
@@ -107,7 +107,7 @@ def phase_recorder(modes: list[str]):
             self._last_end: float | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            pl_module.hparams.shared_prefill = modes[len(self.steps) % len(modes)] == "shared"
+            pl_module.engine.shared_prefill = modes[len(self.steps) % len(modes)] == "shared"
             if self._last_end is None:
                 self._last_end = time.perf_counter()
 

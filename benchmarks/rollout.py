@@ -1,6 +1,15 @@
-"""Rollout throughput: completion tokens/s of ``Policy.generate`` for several batch sizes, plain vs shared prefill.
+"""Rollout throughput: completion tokens/s of the rollout engines for several batch sizes (plain, shared, fast, vLLM).
 
-``python -m benchmarks.rollout [--size small] [--batch-sizes 1 2 4] [--g 8] [--max-new-tokens 100]``
+``python -m benchmarks.rollout [--size small] [--batch-sizes 1 2 4] [--g 8] [--max-new-tokens 100]
+[--modes plain shared fast] [--lora 16]``
+
+Modes are rollout engines (``radvlm.rollout``): ``plain`` = ``HFEngine()``, ``shared`` =
+``HFEngine(shared_prefill=True)``, ``fast`` = ``FastHFEngine()`` (shared prefill + LoRA merged for the rollout,
+restored after; its merge/restore cost is inside its time), ``vllm`` = ``VLLMEngine()`` (needs vLLM and a GPU).
+``--lora R`` puts rank-R LoRA adapters (non-zero B) on every linear layer of the language model, as a LoRA
+GRPO run has them. ``speedup`` is each mode's median tokens/s over the first mode's, in the same run;
+``identical_samples`` compares each mode's sampled ids with the first mode's (merged LoRA rounds differently,
+so ``fast`` with ``--lora`` need not be identical).
 
 Each row samples ``G`` completions for each of ``B`` report prompts with one image each (random noise images
 of ``--image-size``², about 441 visual tokens at 672² for Qwen3-VL's 16-pixel patches merged 2×2; prompts of
@@ -205,16 +214,34 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool, seed: int, device: str,
-                  temperature: float = 1.0) -> tuple[dict, torch.Tensor]:
-    """One sampled ``generate`` call: wall and CPU seconds, completion tokens, tokens/s, peak memory (GPU)."""
+def make_engine(mode: str):
+    """The rollout engine a benchmark mode names."""
+    from radvlm.fast_engine import FastHFEngine
+    from radvlm.rollout import HFEngine
+
+    if mode == "vllm":
+        from radvlm.vllm_engine import VLLMEngine
+
+        return VLLMEngine()
+    return {"plain": lambda: HFEngine(), "shared": lambda: HFEngine(shared_prefill=True),
+            "fast": lambda: FastHFEngine()}[mode]()
+
+
+def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool | str, seed: int, device: str,
+                  temperature: float = 1.0, engine=None) -> tuple[dict, torch.Tensor]:
+    """One sampled rollout (``engine``, else ``HFEngine(shared_prefill=shared)``): wall and CPU seconds,
+    completion tokens, tokens/s, peak memory (GPU)."""
+    from radvlm.rollout import HFEngine, Sampling
+
+    engine = engine or HFEngine(shared_prefill=bool(shared))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     synchronize(device)
     torch.manual_seed(seed)
     t0, c0 = time.perf_counter(), time.process_time()
-    out = policy.generate(batch, num_return_sequences=g, max_new_tokens=max_new_tokens, do_sample=True,
-                          temperature=temperature, shared_prefill=shared)
+    engine.sync_weights(policy)
+    out = engine.generate(policy, batch, Sampling(num_generations=g, max_new_tokens=max_new_tokens,
+                                                  temperature=temperature))
     synchronize(device)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     tokens = int(out.completion_mask.sum())
@@ -347,7 +374,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4], help="prompts per call")
     parser.add_argument("--g", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
+    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "fast", "vllm"],
+                        help="rollout engines; the first is the baseline of speedup and identical_samples")
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on the language model (0: none)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded repetitions (every mode) per batch size")
     parser.add_argument("--reps", type=int, default=2, help="timed repetitions, modes alternating; median kept")
     parser.add_argument("--greedy-tokens", type=int, default=32,
@@ -379,7 +408,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     work = Path(args.work or tempfile.mkdtemp(prefix="radvlm-rollout-"))
     t0 = time.perf_counter()
     dtype = args.dtype
-    policy = build_policy(args.size, args.device, dtype, args.image_size, args.model, work)
+    lora = None
+    if args.lora:
+        from radvlm.lora import LoRASettings
+
+        lora = LoRASettings(r=args.lora, alpha=2 * args.lora, dropout=0.0)
+    policy = build_policy(args.size, args.device, dtype, args.image_size, args.model, work, lora=lora)
+    if lora is not None:  # B is zero at init: give the adapters a real delta, as after some training
+        gen = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
+    engines = {m: make_engine(m) for m in args.modes}
     build_s = time.perf_counter() - t0
     records = write_prompt_records(work / "data", max(args.batch_sizes), args.image_size)
     bandwidth = copy_bandwidth(args.device, 1024 if args.device.startswith("cuda") else 256)
@@ -393,8 +434,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         ids: dict[str, list[torch.Tensor]] = {m: [] for m in args.modes}
         for rep in range(args.warmup + args.reps):  # modes alternate, so a busy machine slows both alike
             for mode in args.modes:
-                call, completion = time_generate(policy, batch, args.g, args.max_new_tokens, mode == "shared",
-                                                 args.seed, args.device)
+                call, completion = time_generate(policy, batch, args.g, args.max_new_tokens, mode, args.seed,
+                                                 args.device, engine=engines[mode])
                 if rep >= args.warmup:  # the warm-up repetitions are discarded
                     calls[mode].append(call)
                     ids[mode].append(completion.cpu())
@@ -407,21 +448,25 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append({"mode": mode, "prompts": b, "g": args.g, "rows": n_rows, "prompt_tokens": prompt_len,
                          "image_tokens": image_tokens, "warmup": args.warmup, **row,
                          "bandwidth_bound_tokens_per_s": round(bound, 1)})
-        if len(args.modes) == 2:  # same seed: the same token ids unless rounding (bf16) tipped a draw
-            same = all(p.shape == s.shape and bool(torch.equal(p, s)) for p, s in zip(ids["plain"], ids["shared"]))
-            check = greedy_check(policy, batch, args.g, args.greedy_tokens) if args.greedy_tokens > 0 else {}
-            for r in rows[-2:]:
-                r["identical_samples"] = same
+        if len(args.modes) >= 2:  # same seed: the same token ids unless rounding (bf16, merged LoRA) tipped a draw
+            base = args.modes[0]
+            greedy = {"plain", "shared"} <= set(args.modes) and args.greedy_tokens > 0
+            check = greedy_check(policy, batch, args.g, args.greedy_tokens) if greedy else {}
+            for mode, r in zip(args.modes, rows[-len(args.modes):]):
+                other = base if mode != base else args.modes[1]
+                r["identical_samples"] = all(p.shape == s.shape and bool(torch.equal(p, s))
+                                             for p, s in zip(ids[mode], ids[other]))
                 r.update(check)
-                if r["mode"] == "shared":
-                    r["speedup"] = round(r["tokens_per_s"] / best["plain"]["tokens_per_s"], 3)
-                    r["speedup_cpu_time"] = round(r["cpu_tokens_per_s"] / best["plain"]["cpu_tokens_per_s"], 3)
+                if mode != base:
+                    r["speedup"] = round(r["tokens_per_s"] / best[base]["tokens_per_s"], 3)
+                    r["speedup_cpu_time"] = round(r["cpu_tokens_per_s"] / best[base]["cpu_tokens_per_s"], 3)
 
     meta = {"date": date.today().isoformat(), "device": describe_device(args.device), "size": args.model or args.size,
             "params_m": round(params / 1e6, 2), "dtype": dtype, "image_size": args.image_size,
             "max_new_tokens": args.max_new_tokens, "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
             "warmup": args.warmup, "reps": args.reps, "statistic": "median", "greedy_tokens": args.greedy_tokens,
-            "greedy_tie_tolerance": GREEDY_TIE_TOLERANCE, "build_s": round(build_s, 2), "torch": torch.__version__}
+            "greedy_tie_tolerance": GREEDY_TIE_TOLERANCE, "lora_rank": args.lora, "modes": args.modes,
+            "build_s": round(build_s, 2), "torch": torch.__version__}
     print(f"rollout: {meta['device']}, model {meta['size']} ({meta['params_m']} M params, {dtype}), image "
           f"{args.image_size}², G={args.g}, max_new_tokens={args.max_new_tokens}, copy bandwidth "
           f"{meta['copy_bandwidth_gb_s']} GB/s; median of {args.reps} alternating repetitions after "

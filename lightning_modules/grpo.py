@@ -1,10 +1,12 @@
-"""``GRPOModule``: GRPO with clinically grounded rewards (RadVLM-GRPO, REFERENCE.md §2), manual optimization.
+"""``GRPOModule``: GRPO with clinically grounded rewards (RadVLM-GRPO, docs/paper.md §2), manual optimization.
 
 One training step on a batch of ``B`` prompts:
 
-1. rollout: ``G`` sampled completions per prompt from the current policy (temperature ``temperature``,
-   stop at ``<|im_end|>``, at most ``max_new_tokens``; vision special tokens suppressed);
-2. reward: ``radvlm.rollout.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the terms
+1. rollout: ``G`` sampled completions per prompt from the current policy through the configured
+   ``engine`` (``radvlm.rollout.RolloutEngine``: Hugging Face by default, ``FastHFEngine``, vLLM), with the
+   ``Sampling`` built from the flat arguments (temperature ``temperature``, stop at ``<|im_end|>``, at most
+   ``max_new_tokens``; vision special tokens suppressed);
+2. reward: ``radvlm.rewards.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the terms
    of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
 3. advantages ``radvlm.grpo.group_advantages`` (``scale_rewards``); optional zero-variance group filter and
    masking of truncated completions;
@@ -29,11 +31,12 @@ under ``filter_zero_std_groups`` does not advance ``global_step``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
 import warnings
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -41,9 +44,10 @@ from torch import nn
 
 from lightning_modules.common import PolicyModule, default_optimizer
 from radvlm import grpo
+from radvlm.batch import select_rows
 from radvlm.chat import answer_of, split_thinking
 from radvlm.policy import Policy, PolicyConfig
-from radvlm.rollout import RewardTerm, build_rollout_batch, compute_rewards, select_rows
+from radvlm.rollout import HFEngine, RewardResult, RewardTerm, Rollout, RolloutEngine, Sampling, compute_rewards
 from radvlm.tasks import is_box_task, task_think_split
 
 
@@ -86,13 +90,15 @@ class GRPOModule(PolicyModule):
         shared_prefill: bool = False,
         lr: float | None = None,
         overwrite_export: bool = False,
+        engine: RolloutEngine | None = None,
     ) -> None:
         """
         Args:
             policy: the starting checkpoint (the SFT export) and how to load it.
-            rewards: reward terms (metric, weight, tasks); see ``radvlm.rollout``.
+            rewards: reward terms (metric, weight, tasks); see ``radvlm.rewards``.
             num_generations: rollouts per prompt (G).
-            max_new_tokens, temperature, top_p, top_k: rollout sampling (log-probs use the same temperature).
+            max_new_tokens, temperature, top_p, top_k: rollout sampling (log-probs use the same temperature);
+                with ``num_generations`` grouped as ``self.sampling`` (a ``radvlm.rollout.Sampling``).
             beta: k3 KL coefficient (0: no reference policy is loaded).
             eps_low, eps_high, dual_clip: clipping of the policy ratio.
             loss_agg: loss aggregation; scale_rewards: advantage normalisation (``none`` = Dr. GRPO).
@@ -111,9 +117,11 @@ class GRPOModule(PolicyModule):
             export_dir: Hugging Face export of the policy when fit ends (an existing, non-empty folder is
                 refused at the start of fit unless ``overwrite_export``).
             lr: the learning rate (replaces the optimizer's; for ``OneCycleLR`` also its peak ``max_lr``).
-            shared_prefill: rollouts encode each image and prefill each prompt once, then decode the G
-                completions from copies of its KV cache (``Policy.generate(shared_prefill=True)``): the same
-                samples for the same seed, without G-fold vision and prefill compute.
+            shared_prefill: shorthand for ``engine=HFEngine(shared_prefill=True)`` (the default engine): rollouts
+                encode each image and prefill each prompt once, then decode the G completions from copies of
+                its KV cache: the same samples for the same seed, without G-fold vision and prefill compute.
+            engine: what generates the rollouts (``class_path`` in the config): ``radvlm.rollout.HFEngine``
+                (default), ``radvlm.fast_engine.FastHFEngine``, ``radvlm.vllm_engine.VLLMEngine``.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -121,7 +129,13 @@ class GRPOModule(PolicyModule):
             raise ValueError(f"num_generations must be ≥ 2 for group advantages, got {num_generations}")
         if not rewards:
             raise ValueError("GRPOModule needs at least one reward term")
-        self.save_hyperparameters(ignore=["rewards", "val_metrics"])
+        if engine is None:
+            engine = HFEngine(shared_prefill=shared_prefill)
+        elif shared_prefill:
+            raise ValueError("shared_prefill=True with an explicit engine: set it on the engine instead "
+                             "(engine: {class_path: radvlm.rollout.HFEngine, init_args: {shared_prefill: true}})")
+        self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine"])  # checkpoints hold plain values
+        self.engine = engine
         self.rewards = list(rewards)
         self.val_terms = list(rewards) + list(val_metrics or [])
         # validation state lives in torchmetrics objects (tensor states: synced across processes)
@@ -150,6 +164,16 @@ class GRPOModule(PolicyModule):
         per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
         if per_rank is not None:
             check_mini_batch(int(per_rank), self.trainer.world_size, self.hparams.ppo_mini_batch_size)
+
+    @property
+    def optimizer_steps_per_batch(self) -> float | None:
+        """Optimizer updates per rollout batch (``ppo_epochs`` × mini-batches): turns ``max_steps`` into rollout
+        batches for ``callbacks.RunProgress``; ``None`` before a data module is attached."""
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if per_rank is None:
+            return None
+        return float(len(self._mini_batches(int(per_rank))) * self.hparams.ppo_epochs)
 
     def state_dict(self, *args, **kwargs):
         # the frozen reference copy and the metric modules are rebuilt at setup: never checkpointed
@@ -198,25 +222,41 @@ class GRPOModule(PolicyModule):
                 for i in range(0, num_prompts, per_update)]
 
     # ------------------------------------------------------------------ training step
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    @property
+    def sampling(self) -> Sampling:
+        """The rollout sampling settings, from the flat init arguments (``hparams``, so checkpoints hold them)."""
         hp = self.hparams
+        return Sampling(num_generations=hp.num_generations, max_new_tokens=hp.max_new_tokens,
+                        temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.count_dropped(batch)
         if batch.get("empty"):
             return None
-        g = hp.num_generations
         times: dict[str, float] = {}
-        t0 = time.perf_counter()
-        gen = self.policy.generate(batch, num_return_sequences=g, max_new_tokens=hp.max_new_tokens,
-                                   do_sample=True, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
-                                   shared_prefill=hp.shared_prefill, synced_gpus=self.synced_generation)
-        times["generate"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        rep = lambda xs: [x for x in xs for _ in range(g)]  # noqa: E731  (prompt i → rows i·G … i·G+G−1)
-        result = compute_rewards(self.rewards, gen.texts, rep(batch["targets"]), rep(batch["tasks"]),
-                                 rep(batch["thinking"]), timeout=hp.reward_timeout)
-        times["reward"] = time.perf_counter() - t0
+        with _timed(times, "generate"):
+            rollout = self._rollout(batch)  # B·G rows
+        with _timed(times, "reward"):
+            result = self._rewards(rollout)
         rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
+        advantages, group_std, mask, rows = self._advantages(rollout, rewards)
+        model_batch = rollout.model_batch()  # (B*G, P+C)
+        updates = self._mini_batches(len(batch["ids"]))
+        with _timed(times, "logprobs"):
+            old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates)
+        with _timed(times, "update"):
+            stats = self._update(model_batch, mask, advantages, old_logp, ref_logp, updates, set(rows))
+        self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, stats, times)
+
+    def _rollout(self, batch: dict[str, Any]) -> Rollout:
+        self.engine.sync_weights(self.policy)
+        rollout = self.engine.generate(self.policy, batch, self.sampling, synced_gpus=self.synced_generation)
+        return rollout.to(self.device)
+
+    def _rewards(self, rollout: Rollout) -> RewardResult:
+        hp = self.hparams
+        result = compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
+                                 timeout=hp.reward_timeout)
         unavailable = float(result.unavailable.float().mean())
         self.log("train/reward_unavailable_frac", unavailable, on_step=True, on_epoch=False)
         if unavailable > hp.max_unavailable_fraction:
@@ -225,16 +265,19 @@ class GRPOModule(PolicyModule):
                 f"(limit max_unavailable_fraction={hp.max_unavailable_fraction}); failures per term: "
                 f"{result.failed}"
             )
+        return result
 
+    def _advantages(self, rollout: Rollout, rewards: torch.Tensor):
+        """Group advantages (B*G,), group reward std (B,), the loss mask (B*G, C) and the rows that train."""
+        hp = self.hparams
+        g = rollout.num_generations
         advantages = grpo.group_advantages(rewards, g, scale=hp.scale_rewards)  # (B*G,)
         group_std = grpo.group_reward_std(rewards, g)  # (B,)
-        mask = gen.completion_mask.to(self.device)  # (B*G, C)
+        mask = rollout.completion_mask  # (B*G, C)
         if hp.mask_truncated_completions:
-            mask = mask * (~gen.truncated.to(self.device)).unsqueeze(1).to(mask.dtype)
+            mask = mask * (~rollout.truncated).unsqueeze(1).to(mask.dtype)
         keep_groups = group_std > 0  # (B,) groups with signal (NaN std → False)
-        rollout = build_rollout_batch(gen_prompt_inputs(batch, g), gen.completion_ids, gen.completion_mask)
-        rollout = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in rollout.items()}
-        all_rows = list(range(rewards.numel()))
+        rows = list(range(rewards.numel()))
         # Several processes must run the same number of forward/backward passes (gradient all-reduce, FSDP
         # all-gathers): there, filtered or fully masked rows stay in the micro-batches with a zero mask (no
         # loss, not counted by the aggregation); a single process skips them.
@@ -243,20 +286,18 @@ class GRPOModule(PolicyModule):
             if distributed:
                 mask = mask * keep_groups.repeat_interleave(g).unsqueeze(1).to(mask.dtype)  # (B*G, C)
             else:
-                all_rows = [r for r in all_rows if bool(keep_groups[r // g])]
+                rows = [r for r in rows if bool(keep_groups[r // g])]
         self._keep_empty_rows = distributed
+        return advantages, group_std, mask, rows
 
-        t0 = time.perf_counter()
-        updates = self._mini_batches(len(batch["ids"]))
-        single_update = len(updates) == 1 and hp.ppo_epochs == 1
-        old_logp = None if single_update else self._no_grad_logprobs(rollout, mask, all_rows, reference=False)
-        ref_logp = self._no_grad_logprobs(rollout, mask, all_rows, reference=True) if hp.beta > 0 else None
-        times["logprobs"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        stats = self._update(rollout, mask, advantages, old_logp, ref_logp, updates, set(all_rows))
-        times["update"] = time.perf_counter() - t0
-        self._log_step(batch, gen, result, rewards, advantages, group_std, mask, stats, times)
+    def _rollout_logprobs(self, model_batch: dict[str, Any], mask: torch.Tensor, rows: list[int],
+                          updates: list[list[int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """π_old log-probs (``None`` with a single update per rollout batch: π_old = π_θ, detached current
+        log-probs are used) and reference log-probs (``None`` when ``beta`` is 0), each (B*G, C)."""
+        single_update = len(updates) == 1 and self.hparams.ppo_epochs == 1
+        old = None if single_update else self._no_grad_logprobs(model_batch, mask, rows, reference=False)
+        ref = self._no_grad_logprobs(model_batch, mask, rows, reference=True) if self.hparams.beta > 0 else None
+        return old, ref
 
     def _update(self, rollout, mask, advantages, old_logp, ref_logp, updates, allowed: set[int]) -> dict:
         hp = self.hparams
@@ -366,7 +407,8 @@ class GRPOModule(PolicyModule):
             grounding = [i for i, task in enumerate(batch["tasks"]) if is_box_task(task)]
             free = max(getattr(self, "_val_pictures_cap", 0) - len(pictures), 0)
             pictures.extend({"image": batch["images"][i], "answer": answers[i], "gt_boxes": batch["gt_boxes"][i],
-                             "prompt": batch["prompts"][i], "task": batch["tasks"][i]} for i in grounding[:free])
+                             "prompt": batch["prompts"][i], "task": batch["tasks"][i],
+                             "reference": batch["targets"][i]} for i in grounding[:free])
         for term in self.val_terms:
             metric = self.val_metric_modules[term.name] if term.name in self.val_metric_modules else None
             rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
@@ -436,10 +478,13 @@ def check_mini_batch(per_rank: int, world_size: int, ppo_mini_batch_size: int | 
     return global_prompts // ppo_mini_batch_size
 
 
-def gen_prompt_inputs(batch: dict[str, Any], g: int) -> dict[str, Any]:
-    """The prompt's model inputs repeated ``g`` times (rows grouped contiguously)."""
-    from radvlm.policy import repeat_batch
-
-    return repeat_batch(Policy.model_inputs(batch), g)
+@contextlib.contextmanager
+def _timed(times: dict[str, float], name: str) -> Iterator[None]:
+    """Adds the wall time of the block to ``times[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 

@@ -24,7 +24,7 @@ Thinking convention (one place for the whole code base): the user prompt ends wi
 assistant answer is ``<think>\\nTRACE\\n</think>\\n\\nANSWER``. Whether a prompt is a thinking prompt is a
 setting (:func:`resolve_thinking`: ``"on"``, ``"off"`` or ``"auto"`` = by the `` /think`` suffix); where the
 answer is cut from the trace is another (``split_thinking(..., split="first"|"last")``: after the first or the
-last ``</think>``, case-insensitive; each reward metric names its own, see ``radvlm.rollout.RewardTerm``).
+last ``</think>``, case-insensitive; each reward metric names its own, see ``radvlm.rewards.RewardTerm``).
 """
 
 from __future__ import annotations

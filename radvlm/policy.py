@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from radvlm.batch import repeat_batch  # noqa: F401  (re-exported: row operations live in radvlm.batch)
 from radvlm.lora import LoRASettings, lora_scalings, merge_lora_state_dict  # noqa: F401  (re-exported)
 
 #: tokens the policy must never sample: a sampled vision token breaks the next forward pass
@@ -157,33 +158,6 @@ class GenerationOutput:
     completion_mask: torch.Tensor  # (N*G, C) 1 up to and including the first stop token
     truncated: torch.Tensor  # (N*G,) bool: no stop token within max_new_tokens
     texts: list[str]  # decoded completions (special tokens dropped, <think> kept)
-
-
-def repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
-    """Repeat every sample of a collated batch ``n`` times, contiguously (sample i → rows i·n … i·n+n−1).
-
-    ``pixel_values`` holds the patches of all images back to back, so it is repeated per image block.
-    """
-    if n == 1:
-        return dict(batch)
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if key == "pixel_values" or not isinstance(value, torch.Tensor):
-            continue
-        out[key] = value.repeat_interleave(n, dim=0)  # (N*n, ...)
-    if batch.get("pixel_values") is not None:
-        grid = batch["image_grid_thw"]  # (I, 3)
-        blocks = torch.split(batch["pixel_values"], grid.prod(-1).tolist())  # I × (patches_i, D)
-        out["pixel_values"] = torch.cat([b for b in blocks for _ in range(n)])  # (patches*n, D)
-        # image_grid_thw was repeated above: valid because each sample carries exactly one image
-        if "image_counts" in batch:
-            counts = batch["image_counts"]
-            if not bool((counts == 1).all()):
-                raise ValueError("repeat_batch supports one image per sample")
-    for key, value in batch.items():
-        if not isinstance(value, torch.Tensor) and key not in out:
-            out[key] = [v for v in value for _ in range(n)] if isinstance(value, list) else value
-    return out
 
 
 class Policy(nn.Module):
@@ -350,6 +324,8 @@ class Policy(nn.Module):
         top_k: int | None = None,
         shared_prefill: bool = False,
         synced_gpus: bool = False,
+        static_cache: bool = False,
+        compile: bool | None = None,
     ) -> GenerationOutput:
         """Greedy or sampled completions, ``num_return_sequences`` per prompt, grouped contiguously.
 
@@ -358,8 +334,25 @@ class Policy(nn.Module):
 
         ``shared_prefill``: encode each image and prefill each prompt once, then decode the G rollouts from
         copies of its KV cache (``shared_prefill_generate``); same samples for the same seed, less compute.
+
+        ``static_cache``: a preallocated ``StaticCache`` (fixed shapes; not with ``shared_prefill``), whose decode
+        step Hugging Face compiles on GPU; ``compile``: ``True`` compiles it on any device (CPU included),
+        ``False`` never, ``None`` Hugging Face's choice.
         """
         from transformers import GenerationConfig
+        from transformers.generation import CompileConfig
+
+        if static_cache and shared_prefill:
+            raise ValueError("static_cache needs shared_prefill=False (the shared prefill copies a dynamic cache)")
+        compile_kw: dict[str, Any] = {}
+        if static_cache:
+            compile_kw["cache_implementation"] = "static"
+            if compile is not None:
+                compile_kw["disable_compile"] = not compile
+            if compile:
+                config = CompileConfig()
+                config._compile_all_devices = True  # HF compiles on GPU only unless told (its testing flag)
+                compile_kw["compile_config"] = config
 
         prompt_inputs = self.model_inputs(batch)
         config = GenerationConfig(
@@ -372,6 +365,7 @@ class Policy(nn.Module):
             pad_token_id=self.pad_token_id,
             suppress_tokens=self.suppress_token_ids,
             use_cache=True,
+            **compile_kw,
         )
         was_training = self.model.training
         self.model.eval()

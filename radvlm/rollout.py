@@ -1,209 +1,167 @@
-"""Rollouts and their rewards: reward terms, per-task routing, thinking-aware answers, failure masking.
+"""Rollouts: the ``Rollout`` container, the ``RolloutEngine`` seam and the plain Hugging Face engine.
 
-A GRPO run is configured with a list of ``RewardTerm`` s, each a metric (any object with
-``score(preds, targets) -> Tensor[N]``, ``higher_is_better`` and ``worst_value``, i.e. the classes of
-``metrics/``), a weight and the tasks it scores. Every prompt is scored by the terms of its task and the
-reward is the weighted sum of the signed values (``value`` if higher is better, else ``−value``)::
+A GRPO step samples ``G`` completions per prompt through a ``RolloutEngine``::
 
-    reward_i = Σ_terms w · sign · value_term(answer_i, reference_i)       over the terms of task_i
+    engine.sync_weights(policy)                       # the engine sees the current training weights
+    rollout = engine.generate(policy, prompt_batch, sampling)   # a Rollout of B·G rows
 
-- For thinking prompts the answer is the text after the first or the last ``</think>`` (case-insensitive),
-  per term: ``RewardTerm(think_split=...)``, by default the metric class's ``think_split`` attribute, which
-  follows the authors' reward of that metric (grounding metrics: first; RadCliQ and text metrics: last;
-  ``"last"`` for a metric without one). A completion without ``</think>`` gets the term's ``worst_value``
-  (RadCliQ: 3 → reward −3, as the authors did; soft-F1: 0). Evaluation splits by task the same way
-  (``radvlm.tasks.task_think_split``).
-- A term that raises or exceeds ``timeout`` seconds yields NaN for the rows it had to score: the reward of
-  those rows is NaN ("unavailable", DESIGN.md), masked out of the advantage by ``radvlm.grpo``, and counted.
-- A prompt whose task no term scores is a configuration error and raises.
-- Rewards are float32 whatever the caller's default dtype: under ``bf16-true`` training the default dtype is
-  bfloat16 (8 bits of mantissa), so every tensor here names its dtype and the scoring runs with a float32
-  default (:func:`float32_default`), which the metrics' own float32 guard then leaves untouched.
+and everything after (rewards, advantages, log-probs, the update) reads the ``Rollout`` only, so engines are
+interchangeable by ``class_path`` in the config:
 
-This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls it.
+- ``HFEngine`` (here, the default): ``Policy.generate`` — Hugging Face's own sampling loop; with
+  ``shared_prefill`` each image is encoded and each prompt prefilled once and the G rows decode from copies of
+  its KV cache (``radvlm.policy.shared_prefill_generate``).
+- ``radvlm.fast_engine.FastHFEngine``: the same loop with LoRA merged into the weights for the rollout
+  (restored bit-exactly after), decoding chunked by a memory budget, optional static cache + compile.
+- ``radvlm.vllm_engine.VLLMEngine``: vLLM colocated with training (optional extra ``radvlm[vllm]``).
+
+Rows are grouped contiguously (prompt ``i`` → rows ``i·G … i·G+G−1``) in every engine. Sampling settings are
+one typed ``Sampling``; vision special tokens are always suppressed and generation stops at ``<|im_end|>``.
+
+Rewards live in ``radvlm.rewards``; their names are re-exported here so that configs saying
+``class_path: radvlm.rollout.RewardTerm`` keep working. Row operations on batches live in ``radvlm.batch``.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as futures
-import contextlib
-import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from radvlm.chat import answer_of, check_think_split
-from radvlm.tasks import TASK_ALIASES, canonical_task
+from radvlm.batch import append_completions, repeat_batch, select_rows
+from radvlm.rewards import (  # noqa: F401  (re-exported: configs and callers name radvlm.rollout.RewardTerm)
+    RewardError,
+    RewardResult,
+    RewardTerm,
+    ScoringMetric,
+    compute_rewards,
+    float32_default,
+    score_with_timeout,
+)
+
+#: old name of ``radvlm.batch.append_completions``
+build_rollout_batch = append_completions
+
+#: per-row list fields a prompt batch carries into its rollout (repeated G times)
+ROW_FIELDS = ("ids", "targets", "tasks", "thinking")
 
 
-class ScoringMetric(Protocol):
-    higher_is_better: bool
-    worst_value: float
-
-    def score(self, preds: list[str], targets: list[str]) -> torch.Tensor: ...
-
-
-class RewardTerm:
-    """One weighted reward: ``metric`` scores the answers of the prompts whose task is in ``tasks``.
+@dataclass(frozen=True)
+class Sampling:
+    """How rollouts are sampled (``GRPOModule`` builds it from its flat init arguments).
 
     Args:
-        metric: a ``metrics`` class instance (``SoftF1``, ``RadCliQ``, ``GLEU`` …).
-        weight: multiplies the signed value.
-        tasks: tasks this term scores (``radvlm.tasks`` names or their aliases); ``None`` scores every task.
-        name: name in logs (default: the metric's class name in lower case).
-        think_split: for thinking completions, score the text after the ``"first"`` or the ``"last"``
-            ``</think>`` (case-insensitive); default: the metric's ``think_split`` attribute, else ``"last"``.
+        num_generations: rollouts per prompt (G).
+        max_new_tokens: completion budget (a rollout without a stop token by then is truncated).
+        temperature, top_p, top_k: the sampling distribution (``top_k=None``: no top-k); log-probs of the
+            update use the same temperature.
+        do_sample: ``False`` decodes greedily (checks and benchmarks; GRPO always samples).
     """
 
-    def __init__(self, metric: Any, weight: float = 1.0, tasks: list[str] | None = None,
-                 name: str | None = None, think_split: str | None = None) -> None:
-        self.metric = metric
-        self.weight = float(weight)
-        self.tasks = None if tasks is None else [canonical_task(t) for t in tasks]
-        self.name = name or type(metric).__name__.lower()
-        self.think_split = check_think_split(think_split or getattr(metric, "think_split", "last"))
+    num_generations: int = 8
+    max_new_tokens: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    do_sample: bool = True
 
-    def applies(self, task: str | None) -> bool:
-        return self.tasks is None or TASK_ALIASES.get(task, task) in self.tasks
-
-    @property
-    def sign(self) -> float:
-        return 1.0 if getattr(self.metric, "higher_is_better", True) else -1.0
-
-    def __repr__(self) -> str:
-        return f"RewardTerm({self.name}, weight={self.weight}, tasks={self.tasks}, think_split={self.think_split})"
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``Policy.generate`` for these settings."""
+        return {"num_return_sequences": self.num_generations, "max_new_tokens": self.max_new_tokens,
+                "do_sample": self.do_sample, "temperature": self.temperature, "top_p": self.top_p,
+                "top_k": self.top_k}
 
 
 @dataclass
-class RewardResult:
-    total: torch.Tensor  # (N,) NaN where unavailable
-    values: dict[str, torch.Tensor]  # term name → (N,) raw metric value, NaN where not applicable/failed
-    failed: dict[str, int]  # term name → rows that could not be scored (exception/timeout/NaN)
-    closed: torch.Tensor  # (N,) bool: thinking block closed (True for non-thinking prompts)
-    seconds: dict[str, float] = field(default_factory=dict)  # term name → time spent scoring
+class Rollout:
+    """``B·G`` rollouts of ``B`` prompts, rows grouped contiguously (prompt i → rows i·G … i·G+G−1).
 
-    @property
-    def unavailable(self) -> torch.Tensor:  # (N,) bool
-        return torch.isnan(self.total)
+    ``prompt_inputs`` are the prompts' model inputs repeated G times (left-padded; one image per row);
+    ``model_batch()`` appends the completions, the input of every log-prob pass.
+    """
 
+    prompt_inputs: dict[str, Any]  # input_ids, attention_mask, mm_token_type_ids (N, P), pixel_values, grid
+    completion_ids: torch.Tensor  # (N, C) right-padded with the pad id
+    completion_mask: torch.Tensor  # (N, C) 1 up to and including the first stop token
+    truncated: torch.Tensor  # (N,) bool: no stop token within max_new_tokens
+    texts: list[str]  # decoded completions (special tokens dropped, <think> kept)
+    num_generations: int
+    ids: list[Any] = field(default_factory=list)  # (N,) record id of each row's prompt
+    targets: list[str] = field(default_factory=list)  # (N,) reference answer of each row's prompt
+    tasks: list[str | None] = field(default_factory=list)  # (N,)
+    thinking: list[bool] = field(default_factory=list)  # (N,)
 
-class RewardError(RuntimeError):
-    """A metric could not be computed (raised inside ``score_with_timeout``, turned into NaN)."""
+    def __len__(self) -> int:
+        return int(self.completion_ids.shape[0])
 
+    @classmethod
+    def from_completions(cls, prompt_batch: dict[str, Any], g: int, completion_ids: torch.Tensor,
+                         completion_mask: torch.Tensor, truncated: torch.Tensor, texts: list[str]) -> "Rollout":
+        """A rollout from a prompt batch (B rows) and its B·G completions (grouped contiguously)."""
+        from radvlm.policy import Policy
 
-def score_with_timeout(metric: ScoringMetric, preds: list[str], targets: list[str],
-                       timeout: float | None) -> torch.Tensor:
-    """``metric.score`` with a wall-clock limit; raises ``RewardError`` on timeout or failure."""
-    if timeout is None:
-        return metric.score(preds, targets)
-    pool = futures.ThreadPoolExecutor(max_workers=1)
-    job = pool.submit(metric.score, preds, targets)
-    try:
-        return job.result(timeout=timeout)
-    except futures.TimeoutError:
-        raise RewardError(f"{type(metric).__name__} took longer than {timeout}s") from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        per_row = {k: [v for v in prompt_batch.get(k, []) for _ in range(g)] for k in ROW_FIELDS}
+        if not per_row["thinking"]:
+            per_row["thinking"] = [False] * completion_ids.shape[0]
+        return cls(prompt_inputs=repeat_batch(Policy.model_inputs(prompt_batch), g),
+                   completion_ids=completion_ids, completion_mask=completion_mask, truncated=truncated,
+                   texts=list(texts), num_generations=g, **per_row)
 
+    def model_batch(self) -> dict[str, Any]:
+        """Prompt + completion as one model batch (N, P+C)."""
+        return append_completions(self.prompt_inputs, self.completion_ids, self.completion_mask)
 
-@contextlib.contextmanager
-def float32_default() -> Iterator[None]:
-    """Float32 as torch's (process-global) default dtype inside the block, restored after."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float32)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    def select(self, rows: Sequence[int]) -> "Rollout":
+        """Rows ``rows`` (any order) as a rollout of their own (``num_generations`` kept as a label)."""
+        rows = list(rows)
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
+        return Rollout(prompt_inputs=select_rows(self.prompt_inputs, rows),
+                       completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
+                       truncated=self.truncated[idx], texts=pick(self.texts), num_generations=self.num_generations,
+                       ids=pick(self.ids), targets=pick(self.targets), tasks=pick(self.tasks),
+                       thinking=pick(self.thinking))
 
-
-def compute_rewards(
-    terms: Sequence[RewardTerm],
-    completions: Sequence[str],
-    targets: Sequence[str],
-    tasks: Sequence[str | None],
-    thinking: Sequence[bool],
-    timeout: float | None = None,
-) -> RewardResult:
-    """Rewards of ``N`` completions (see module docstring). ``targets``/``tasks``/``thinking`` are per row.
-
-    Every tensor of the result is float32 (``closed`` bool), whatever the default dtype of the caller."""
-    with float32_default():
-        return _compute_rewards(terms, completions, targets, tasks, thinking, timeout)
-
-
-def _compute_rewards(terms, completions, targets, tasks, thinking, timeout) -> RewardResult:
-    n = len(completions)
-    if not (len(targets) == len(tasks) == len(thinking) == n):
-        raise ValueError("completions, targets, tasks and thinking must have the same length")
-    answers: dict[str, list[str]] = {}  # think split → (N,) answers
-    closed: list[bool] = [True] * n  # closed or not is the same for either split
-    for split in sorted({term.think_split for term in terms}):
-        parts = [answer_of(c, t, split) for c, t in zip(completions, thinking)]
-        answers[split], closed = [a for a, _ in parts], [c for _, c in parts]
-    closed_t = torch.tensor(closed, dtype=torch.bool)  # (N,)
-    total = torch.zeros(n, dtype=torch.float32)  # (N,)
-    covered = torch.zeros(n, dtype=torch.bool)  # (N,)
-    values: dict[str, torch.Tensor] = {}
-    failed: dict[str, int] = {}
-    seconds: dict[str, float] = {}
-    for term in terms:
-        rows = [i for i in range(n) if term.applies(tasks[i])]
-        value = torch.full((n,), float("nan"), dtype=torch.float32)  # (N,)
-        if not rows:
-            values[term.name] = value
-            continue
-        scored = [i for i in rows if closed[i]]
-        for i in rows:
-            if not closed[i]:
-                value[i] = float(term.metric.worst_value)
-        start = time.perf_counter()
-        if scored:
-            try:
-                out = score_with_timeout(term.metric, [answers[term.think_split][i] for i in scored],
-                                         [targets[i] for i in scored], timeout)
-                out = torch.as_tensor(out, dtype=torch.float32).reshape(-1).cpu()
-                if out.numel() != len(scored):
-                    raise RewardError(f"{term.name} returned {out.numel()} values for {len(scored)} samples")
-            except Exception:  # any failure of a reward is "unavailable", never a low score
-                out = torch.full((len(scored),), float("nan"), dtype=torch.float32)
-            value[scored] = out
-        seconds[term.name] = time.perf_counter() - start
-        failed[term.name] = int(torch.isnan(value[rows]).sum())
-        values[term.name] = value
-        total[rows] = total[rows] + term.weight * term.sign * value[rows]
-        covered[rows] = True
-    if not bool(covered.all()):
-        missing = sorted({str(tasks[i]) for i in range(n) if not covered[i]})
-        raise ValueError(f"no reward term scores task(s) {missing}; add a RewardTerm with these tasks")
-    return RewardResult(total=total, values=values, failed=failed, closed=closed_t, seconds=seconds)
+    def to(self, device: torch.device | str) -> "Rollout":
+        move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731
+        return Rollout(prompt_inputs={k: move(v) for k, v in self.prompt_inputs.items()},
+                       completion_ids=move(self.completion_ids), completion_mask=move(self.completion_mask),
+                       truncated=move(self.truncated), texts=self.texts, num_generations=self.num_generations,
+                       ids=self.ids, targets=self.targets, tasks=self.tasks, thinking=self.thinking)
 
 
-def build_rollout_batch(prompt_inputs: dict[str, Any], completion_ids: torch.Tensor,
-                        completion_mask: torch.Tensor) -> dict[str, Any]:
-    """Prompt inputs (already repeated G times, left-padded) + completions → a model batch (N, P+C)."""
-    batch = dict(prompt_inputs)
-    batch["input_ids"] = torch.cat([prompt_inputs["input_ids"], completion_ids], dim=1)  # (N, P+C)
-    batch["attention_mask"] = torch.cat([prompt_inputs["attention_mask"], completion_mask], dim=1)  # (N, P+C)
-    zeros = torch.zeros_like(completion_mask, dtype=prompt_inputs["mm_token_type_ids"].dtype)  # (N, C)
-    batch["mm_token_type_ids"] = torch.cat([prompt_inputs["mm_token_type_ids"], zeros], dim=1)  # (N, P+C)
-    return batch
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What produces rollouts. ``sync_weights`` is called before every ``generate`` of a training step."""
+
+    def sync_weights(self, policy: Any) -> None: ...
+
+    def generate(self, policy: Any, prompt_batch: dict[str, Any], sampling: Sampling,
+                 synced_gpus: bool = False) -> Rollout: ...
 
 
-def select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
-    """Rows ``rows`` of a rollout batch (one image per row)."""
-    idx = torch.as_tensor(list(rows), dtype=torch.long)
-    out: dict[str, Any] = {}
-    n = batch["input_ids"].shape[0]
-    for key, value in batch.items():
-        if key in ("pixel_values", "image_grid_thw"):
-            continue
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
-            out[key] = value[idx]
-    if batch.get("pixel_values") is not None:
-        grid = batch["image_grid_thw"]  # (N, 3), one image per row
-        blocks = torch.split(batch["pixel_values"], grid.prod(-1).tolist())
-        out["pixel_values"] = torch.cat([blocks[i] for i in idx.tolist()])  # (patches, D)
-        out["image_grid_thw"] = grid[idx]
-    return out
+class HFEngine:
+    """Rollouts from ``Policy.generate`` (Hugging Face's sampling loop on the training model itself).
+
+    Args:
+        shared_prefill: encode each image and prefill each prompt once, then decode the G completions from
+            copies of its KV cache: the same samples for the same seed (float32), without G-fold vision and
+            prefill compute.
+    """
+
+    def __init__(self, shared_prefill: bool = False) -> None:
+        self.shared_prefill = bool(shared_prefill)
+
+    def sync_weights(self, policy: Any) -> None:
+        """Nothing to do: the engine generates with the training weights themselves."""
+
+    def generate(self, policy: Any, prompt_batch: dict[str, Any], sampling: Sampling,
+                 synced_gpus: bool = False) -> Rollout:
+        out = policy.generate(prompt_batch, shared_prefill=self.shared_prefill, synced_gpus=synced_gpus,
+                              **sampling.generate_kwargs())
+        return Rollout.from_completions(prompt_batch, sampling.num_generations, out.completion_ids,
+                                        out.completion_mask, out.truncated, out.texts)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(shared_prefill={self.shared_prefill})"

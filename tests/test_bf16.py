@@ -226,7 +226,7 @@ def test_grpo_logprobs_in_bf16_match_float32(tiny_ckpt, phantom_dir):
     """Same rollout batch, bf16 vs float32 policy: per-token log-probs within 0.1 nats on average."""
     from datamodules.datamodule import RadVLMDataModule
     from radvlm.policy import PolicyConfig
-    from radvlm.rollout import build_rollout_batch
+    from radvlm.rollout import HFEngine, Sampling
 
     data = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), collate="prompt", batch_size=2,
                             tasks=["abnormality_grounding"], num_workers=0)
@@ -234,9 +234,8 @@ def test_grpo_logprobs_in_bf16_match_float32(tiny_ckpt, phantom_dir):
     batch = next(iter(data.train_dataloader()))
     policies = {d: PolicyConfig(str(tiny_ckpt), dtype=d).build() for d in ("float32", "bfloat16")}
     torch.manual_seed(0)
-    gen = policies["float32"].generate(batch, num_return_sequences=2, max_new_tokens=12, do_sample=True)
-    inputs = grpo_module.gen_prompt_inputs(batch, 2)
-    rollout = build_rollout_batch(inputs, gen.completion_ids, gen.completion_mask)
+    gen = HFEngine().generate(policies["float32"], batch, Sampling(num_generations=2, max_new_tokens=12))
+    rollout = gen.model_batch()
     mask = gen.completion_mask
     out = {}
     for dtype, policy in policies.items():

@@ -6,13 +6,13 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"tasks", "chat", "grpo", "lora", "policy", "rollout", "tiny"}
+CORE = {"tasks", "chat", "grpo", "lora", "policy", "rollout", "tiny", "batch", "rewards", "fast_engine", "vllm_engine"}
 TOOLS = {"evaluate", "eval_metrics", "prediction_files", "draw", "infer", "shuffle_control", "synthesize_thinking",
          "teachers", "demo"}
 ALLOWED = {
     "metrics": {"metrics"},
     "core": {"core"},
-    "data": {"core", "data"},
+    "data": {"core", "data", "metrics"},
     "tools": {"core", "data", "metrics", "tools"},
     "training": {"core", "data", "metrics", "tools", "training"},
 }
