@@ -9,6 +9,13 @@ Safe loading: a ``--ckpt_path`` checkpoint is loaded with ``weights_only=True`` 
 only; our checkpoints hold nothing else) unless ``--weights_only false`` is passed for a trusted file; Hugging
 Face checkpoints never run remote code (``trust_remote_code`` is never set). Configuration is read only from
 the ``--config`` files and flags given (no default config files, no environment variables).
+
+Checkpoints: every trainer gets ``lightning_modules.checkpoint_io.AtomicCheckpointIO`` (atomic, checksummed
+single-file checkpoints, verified on load) unless a ``CheckpointIO`` plugin is configured; ``--ckpt_path last``
+resumes from the newest intact checkpoint of the run's checkpoint folders (``newest_intact_checkpoint``; the skipped
+ones are logged). A resumed run keeps the configuration it is given: Lightning's LightningCLI would replace the
+model's configuration with the hyper-parameters saved in the checkpoint (``_parse_ckpt_path``); here the
+checkpoint restores state (weights, optimizer moments, counters, data position), never choices.
 """
 
 from __future__ import annotations
@@ -57,6 +64,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
 
 
 class RadVLMCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Keep the configuration given. LightningCLI 2.6 parses the checkpoint's ``hyper_parameters`` over it
+        (class path included), so a resumed run trained with the old learning rate, ``log_text_samples``,
+        ``export_dir`` … whatever the config and the command line said."""
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with ``AtomicCheckpointIO`` among its plugins unless one is configured."""
+        from lightning_modules.checkpoint_io import with_atomic_checkpoint_io
+
+        config = self._get(self.config_init, "trainer", default={})
+        plugins = kwargs["plugins"] if "plugins" in kwargs else config.get("plugins")
+        kwargs["plugins"] = with_atomic_checkpoint_io(plugins, kwargs.get("strategy", config.get("strategy")))
+        return super().instantiate_trainer(**kwargs)
+
+    def _resolve_checkpoint(self) -> None:
+        """``--ckpt_path last`` → the newest intact checkpoint (``None``: none yet, start from scratch); a file
+        the strategy would load without the ``CheckpointIO`` (FSDP2Strategy) is verified here instead."""
+        from lightning_modules.checkpoint_io import resolve_last, strategy_loads_with_checkpoint_io, verify_checkpoint
+
+        sub = self.config_init[self.subcommand]
+        ckpt, weights_only = sub.get("ckpt_path"), sub.get("weights_only")
+        if ckpt == "last":
+            resolved = resolve_last(self.trainer, weights_only)
+            for config in (self.config, self.config_init):
+                config[self.subcommand]["ckpt_path"] = None if resolved is None else str(resolved)
+        elif ckpt and Path(ckpt).is_file() and not strategy_loads_with_checkpoint_io(self.trainer.strategy):
+            verify_checkpoint(ckpt, weights_only)
+
     def _safe_checkpoint_loading(self) -> None:
         """``--ckpt_path`` is read with ``torch.load(weights_only=True)`` unless ``--weights_only false`` is
         given (Lightning's default ``None`` leaves the choice to torch: unsafe before torch 2.6)."""
@@ -67,6 +102,7 @@ class RadVLMCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._safe_checkpoint_loading()
+        self._resolve_checkpoint()
 
     before_validate = before_test = before_predict = before_fit
 

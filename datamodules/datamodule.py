@@ -102,6 +102,7 @@ class RadVLMDataModule(L.LightningDataModule):
         predict_files: list[str] | None = None,
         phantom_dir: str | None = None,
         image_root: str | None = None,
+        allow_outside_image_root: bool = False,
         thinking: bool = False,
         thinking_mode: Literal["on", "off", "auto"] = "auto",
         tasks: list[str] | None = None,
@@ -128,7 +129,9 @@ class RadVLMDataModule(L.LightningDataModule):
                 (the CLI links it to the model's path).
             train_files, val_files, test_files, predict_files: RadVLM JSON or JSONL files.
             phantom_dir: a phantom dataset folder; fills the file lists that were not given.
-            image_root: folder image paths are relative to (default: each file's folder).
+            image_root: folder image paths are relative to (default: each file's folder). When given, every
+                image path (absolute, or relative with ``..``) must lie inside it (``RecordError`` otherwise).
+            allow_outside_image_root: accept image paths outside ``image_root``.
             thinking: use the ``*_thinking.json`` files of ``phantom_dir``.
             thinking_mode: which prompts are thinking prompts, i.e. have their answer after ``</think>`` scored
                 (``radvlm.chat.resolve_thinking``): ``"on"`` all (a Qwen3-VL Thinking checkpoint, whose prompts
@@ -177,7 +180,8 @@ class RadVLMDataModule(L.LightningDataModule):
         records: list[Record] = []
         for f in self._files(split):
             records.extend(load_records(f, image_root=hp.image_root, check_images=False, bad_records=hp.bad_records,
-                                        normalize_conversations=hp.normalize_conversations, report=report))
+                                        normalize_conversations=hp.normalize_conversations, report=report,
+                                        allow_outside_image_root=hp.allow_outside_image_root))
         self._account(split, final=False)  # past the limit already: stop before decoding any image
         records = self._filter_tasks(records, split)
         if hp.check_images:

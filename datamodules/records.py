@@ -6,7 +6,7 @@ A record file is a JSON list or a JSONL file (one object per line) of
      "conversations": [{"from": "human", "value": "<image>\\nPrompt"}, {"from": "gpt", "value": "Answer"}, ...],
      "task": "report_generation", "boxes": [[x1, y1, x2, y2], ...], "labels": ["..."], ...}
 
-(REFERENCE.md §8). `load_records` turns each object into a `Record` and rejects malformed input early with a
+(docs/paper.md §8). `load_records` turns each object into a `Record` and rejects malformed input early with a
 `RecordError` that names the file, the record index and the id (and the image path for image problems).
 
 Decisions beyond the RadVLM format:
@@ -26,16 +26,19 @@ Decisions beyond the RadVLM format:
 - `task`: a task name of `radvlm.tasks` (aliases accepted, stored canonical); without a `task` key the task
   comes from RadVLM's id prefix (`radvlm.tasks.task_from_id`: `vindr-cxr-mono-train1_17` → abnormality
   grounding) and stays `None` for an unknown prefix; `boxes`, when present, is a list of `[x1, y1, x2, y2]` of finite
-  numbers in [0, 1] (normalised, REFERENCE.md §4) with x1 <= x2 and y1 <= y2; `labels` is a list of strings.
+  numbers in [0, 1] (normalised, docs/paper.md §4) with x1 <= x2 and y1 <= y2; `labels` is a list of strings.
 - Image checks (`check_image`): the file must open and pass PIL's `verify()`; sides of at least
-  `MIN_IMAGE_SIDE` pixels and aspect ratio at most `MAX_ASPECT_RATIO`. `load_image` decodes fully.
+  `MIN_IMAGE_SIDE` pixels and aspect ratio at most `MAX_ASPECT_RATIO`. `load_image` decodes fully; a float
+  image (TIFF "F" mode) with NaN or infinite pixels is refused (`image_nonfinite`).
+
+Total validation (`datamodules.record_checks`): encodings, line separators, nesting, numbers, control characters
+and special tokens in text, image paths against `image_root`, boxes against the answer text.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -45,6 +48,11 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from datamodules.record_checks import FOREIGN_BOMS, MAX_NESTING, UTF8_BOM, check_boxes_in_text, check_text, check_tree
+from datamodules.record_checks import Invalid as _Invalid
+from datamodules.record_checks import finite as _finite
+from datamodules.record_checks import image_path as _image_path
+from datamodules.record_checks import show as _show
 from radvlm.chat import THINK_OPEN, is_thinking_prompt
 from radvlm.tasks import BOX_TASKS, TASKS, canonical_task, task_from_id  # noqa: F401  (TASKS re-exported)
 
@@ -98,15 +106,6 @@ class ImageError(ValueError):
     def __init__(self, message: str, path: str | Path, kind: str = "image_bad") -> None:
         self.path, self.reason, self.kind = str(path), message, kind
         super().__init__(f"image {self.path!r}: {message}")
-
-
-class _Invalid(ValueError):
-    """A problem inside one record; `load_records` re-raises it as RecordError with file, index and id.
-    `kind` is the reason of the bad-records report (leading_assistant_turn, empty_answer, missing_id, ...)."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass(frozen=True)
@@ -262,9 +261,7 @@ class LoadReport:
 
 def check_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
     """Open the header and verify the file without a full decode; return (width, height) or raise ImageError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError("file not found" if not path.exists() else "not a regular file", path, "image_missing")
+    path = _existing_file(path)
     try:
         with Image.open(path) as im:
             size = im.size
@@ -273,6 +270,18 @@ def check_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: fl
         raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path, "image_undecodable") from e
     check_image_size(size, path, min_side, max_aspect)
     return size
+
+
+def _existing_file(path: str | Path) -> Path:
+    """``path`` as a Path if it is a regular file, else ``ImageError`` (image_missing)."""
+    path = Path(path)
+    try:
+        if path.is_file():
+            return path
+        reason = "file not found" if not path.exists() else "not a regular file"
+    except (OSError, ValueError) as e:  # ENAMETOOLONG, ELOOP, embedded NUL ...
+        reason = f"cannot be accessed ({type(e).__name__}: {e})"
+    raise ImageError(reason, path, "image_missing")
 
 
 def check_image_size(size: tuple[int, int], path: str | Path, min_side: int = MIN_IMAGE_SIDE,
@@ -290,15 +299,16 @@ def check_image_size(size: tuple[int, int], path: str | Path, min_side: int = MI
 def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = MAX_ASPECT_RATIO) -> Image.Image:
     """Decode fully and return an RGB image. 16-bit / integer / float images are min-max scaled to 8 bit
     (PIL's own conversion clips them at 255, which would turn most 16-bit radiographs white)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError("file not found" if not path.exists() else "not a regular file", path, "image_missing")
+    path = _existing_file(path)
     try:
         with Image.open(path) as im:
             im.load()
             check_image_size(im.size, path, min_side, max_aspect)
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
                 a = np.asarray(im, dtype=np.float64)  # (H, W)
+                if not np.isfinite(a).all():
+                    raise ImageError(f"{int((~np.isfinite(a)).sum())} pixel(s) are NaN or infinite (mode {im.mode})",
+                                     path, "image_nonfinite")
                 lo, hi = float(a.min()), float(a.max())
                 a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
                 im = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
@@ -314,33 +324,55 @@ def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: flo
 
 def _read_objects(path: Path) -> list[tuple[int, Any, str]]:
     """Parse a .json list or .jsonl file into (index, object, location) triples; location (" (line N)" for
-    JSONL, "" for JSON) is appended to error messages. A JSONL line that is not JSON becomes an `_Invalid` object
-    (a bad record, skippable); a .json file that does not parse raises."""
+    JSONL, "" for JSON) is appended to error messages. A JSONL line that is not JSON (or not UTF-8, or nested too
+    deeply to parse) becomes an `_Invalid` object (a bad record, skippable); a .json file that does not parse
+    raises. Lines are split on "\\n" only (module docstring)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        data = path.read_bytes()
     except FileNotFoundError as e:
         raise RecordError("file not found", path) from e
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise RecordError(f"cannot be read ({type(e).__name__}: {e})", path) from e
+    for bom, name in FOREIGN_BOMS:
+        if data.startswith(bom):
+            raise RecordError(f"is {name} encoded (byte-order mark {bom!r}); record files must be UTF-8", path)
+    data = data.removeprefix(UTF8_BOM)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        out = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
+        out: list[tuple[int, Any, str]] = []
+        for lineno, raw in enumerate(data.split(b"\n"), start=1):
+            raw = raw.removeprefix(UTF8_BOM)  # concatenated files keep their marks
+            if not raw.strip(b" \t\r"):
                 continue
             try:
-                out.append((len(out), json.loads(line), f" (line {lineno})"))
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                obj = _Invalid(f"line {lineno} is not valid UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 4]!r})",
+                               "bad_encoding")
             except json.JSONDecodeError as e:
-                out.append((len(out), _Invalid(f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}",
-                                               "invalid_json"), ""))
+                obj = _Invalid(f"invalid JSON on line {lineno}, column {e.colno}: {e.msg}", "invalid_json")
+            except RecursionError:
+                obj = _Invalid(f"line {lineno} is nested too deeply to parse (limit {MAX_NESTING} levels)", "too_deep")
+            except ValueError as e:  # an integer of more than 4300 digits
+                obj = _Invalid(f"invalid JSON on line {lineno}: {e}", "invalid_json")
+            out.append((len(out), obj, "" if isinstance(obj, _Invalid) else f" (line {lineno})"))
         return out
     if suffix == ".json":
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            raise RecordError(f"not valid UTF-8 at byte {e.start} (line {line}): {data[e.start:e.start + 4]!r}", path) from e
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecordError(
                 f"invalid or truncated JSON at line {e.lineno}, column {e.colno} (char {e.pos}): {e.msg}", path
             ) from e
+        except RecursionError as e:
+            raise RecordError(f"JSON nested too deeply to parse (records may nest {MAX_NESTING} levels)", path) from e
+        except ValueError as e:  # an integer of more than 4300 digits
+            raise RecordError(f"invalid JSON: {e}", path) from e
         if not isinstance(data, list):
             raise RecordError(f"top level must be a JSON list of records, got {type(data).__name__}", path)
         return [(i, obj, "") for i, obj in enumerate(data)]
@@ -353,10 +385,9 @@ def _check_boxes(boxes: Any) -> list[list[float]]:
         raise _Invalid(f"'boxes' must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}", "bad_boxes")
     out = []
     for j, box in enumerate(boxes):
-        ok = isinstance(box, list) and len(box) == 4 and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+        ok = isinstance(box, list) and len(box) == 4 and all(_finite(v) for v in box)
         if not ok:
-            raise _Invalid(f"box {j} must be 4 finite numbers [x1, y1, x2, y2], got {box!r}", "bad_boxes")
+            raise _Invalid(f"box {j} must be 4 finite numbers [x1, y1, x2, y2], got {_show(box)}", "bad_boxes")
         x1, y1, x2, y2 = (float(v) for v in box)
         if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
             raise _Invalid(f"box {j} {box!r} is not normalised to [0, 1]", "bad_boxes")
@@ -375,11 +406,13 @@ def _parse_turns(conv: Any, has_image: bool, normalize: bool = False) -> tuple[l
     turns, names = [], []
     for j, t in enumerate(conv):
         if not isinstance(t, dict) or not isinstance(t.get("from"), str) or not isinstance(t.get("value"), str):
-            raise _Invalid(f"turn {j} must be an object with string 'from' and 'value', got {t!r:.120}",
+            raise _Invalid(f"turn {j} must be an object with string 'from' and 'value', got {_show(t)}",
                            "bad_conversations")
         role = ROLE_ALIASES.get(t["from"])
         if role is None:
-            raise _Invalid(f"turn {j} has role {t['from']!r}; expected one of {sorted(ROLE_ALIASES)}", "unknown_role")
+            raise _Invalid(f"turn {j} has role {_show(t['from'])}; expected one of {sorted(ROLE_ALIASES)}",
+                           "unknown_role")
+        check_text(f"turn {j} ({t['from']})", t["value"], tokens=True)
         turns.append(Turn(role, t["value"]))
         names.append(t["from"])
     first, fixes = 0, []  # first: file position of turns[0]
@@ -415,38 +448,45 @@ def _parse_turns(conv: Any, has_image: bool, normalize: bool = False) -> tuple[l
     return turns, fixes
 
 
-def _parse_record(obj: Any, root: Path, normalize: bool = False) -> tuple[Record, list[str]]:
+def _parse_record(obj: Any, root: Path, normalize: bool = False, confine: bool = False) -> tuple[Record, list[str]]:
     """One JSON object → Record (source and index filled in by the caller) and the normalisations applied
-    (`_parse_turns`); _Invalid on problems."""
+    (`_parse_turns`); _Invalid on problems. `confine`: image paths must stay inside `root`."""
     if not isinstance(obj, dict):
         raise _Invalid(f"a record must be a JSON object, got {type(obj).__name__}", "not_an_object")
+    check_tree(obj)
     if "id" not in obj:
         raise _Invalid("missing 'id'", "missing_id")
     rid = obj["id"]
     if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
-        raise _Invalid(f"'id' must be a non-empty string or an integer, got {rid!r}",
+        raise _Invalid(f"'id' must be a non-empty string or an integer, got {_show(rid)}",
                        "missing_id" if rid is None else "bad_id")
+    if isinstance(rid, str):
+        check_text("'id'", rid)
     image = obj.get("image")
     if image is not None and (not isinstance(image, str) or not image):
-        raise _Invalid(f"'image' must be one non-empty path string, got {image!r:.120}", "bad_image_field")
+        raise _Invalid(f"'image' must be one non-empty path string, got {_show(image)}", "bad_image_field")
+    image_path = _image_path(image, root, confine) if image is not None else None
     if "conversations" not in obj:
         raise _Invalid("missing 'conversations'", "bad_conversations")
     turns, fixes = _parse_turns(obj["conversations"], image is not None, normalize)
     task = obj.get("task")
     if task is not None and not isinstance(task, str):
-        raise _Invalid(f"'task' must be a string, got {task!r:.120}", "bad_task")
+        raise _Invalid(f"'task' must be a string, got {_show(task)}", "bad_task")
     try:
         task = canonical_task(task) if task is not None else task_from_id(str(rid))
     except ValueError as e:
         raise _Invalid(str(e), "bad_task") from None
     boxes = _check_boxes(obj["boxes"]) if obj.get("boxes") is not None else None
+    check_boxes_in_text(turns[-1].text, task, boxes)
     labels = obj.get("labels")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
-        raise _Invalid(f"'labels' must be a list of strings, got {labels!r:.120}", "bad_labels")
+        raise _Invalid(f"'labels' must be a list of strings, got {_show(labels)}", "bad_labels")
+    for label in labels or []:
+        check_text("a label", label)
     extra = {k: v for k, v in obj.items() if k not in ("id", "image", "conversations", "task", "boxes", "labels")}
     return Record(
         id=str(rid),
-        image=(root / image).resolve() if image is not None else None,
+        image=image_path,
         conversations=turns,
         task=task,
         boxes=boxes,
@@ -463,11 +503,13 @@ def load_records(
     bad_records: BadRecords = "error",
     normalize_conversations: bool = False,
     report: LoadReport | None = None,
+    allow_outside_image_root: bool = False,
 ) -> list[Record]:
     """Read and validate a RadVLM/LLaVA .json or .jsonl file.
 
-    Image paths are resolved against `image_root` (default: the file's folder). With `check_images` every
-    image must exist and decode (`check_image`); without it, paths are only resolved.
+    Image paths are resolved against `image_root` (default: the file's folder); with `image_root` given they must
+    stay inside it unless `allow_outside_image_root`. With `check_images` every image must exist and decode
+    (`check_image`); without it, paths are only resolved.
 
     `bad_records="error"` raises `RecordError` (file, index, id) at the first bad record or image; `"skip"`
     leaves it out and adds a `SkippedRecord` to `report` (no limit here: see `LoadReport.check_limit`).
@@ -487,7 +529,8 @@ def load_records(
         try:
             if isinstance(obj, _Invalid):  # a JSONL line that is not JSON
                 raise obj
-            rec, fixes = _parse_record(obj, root, normalize_conversations)
+            rec, fixes = _parse_record(obj, root, normalize_conversations,
+                                       confine=image_root is not None and not allow_outside_image_root)
             if rec.id in seen:
                 raise _Invalid(f"duplicate id, first used by record {seen[rec.id]}", "duplicate_id")
         except _Invalid as e:

@@ -15,6 +15,9 @@
   above are checkpointed; the data position is the ``StatefulDataLoader``'s, whose shuffling has its own
   generator. Hyper-parameters are stored as plain values, so every checkpoint loads with
   ``weights_only=True``.
+- Resume restores state, not choices: the configured optimizer settings (learning rate, weight decay) replace
+  the checkpoint's, differing hyper-parameters are logged, and a checkpoint taken at an epoch's last batch
+  resumes into the next epoch (``lightning_modules.resume``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -30,7 +34,15 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from lightning_modules.resume import (
+    apply_optimizer_settings,
+    changed_hyperparameters,
+    normalise_epoch_end,
+    optimizer_settings,
+)
 from radvlm.policy import Policy, PolicyConfig
+
+log = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -272,9 +284,18 @@ class PolicyModule(L.LightningModule):
         self.dropped_samples = state.get("dropped_samples", 0)
         self.run_seed = state.get("run_seed", self.run_seed)
         self.batches_trained = state.get("batches_trained", 0)
+        # a checkpoint restores state, not choices (lightning_modules/resume.py)
+        normalise_epoch_end(checkpoint)
+        changed = changed_hyperparameters(checkpoint.get("hyper_parameters"), plain_value(dict(self.hparams)))
+        if changed:
+            log.warning("the checkpoint's saved settings differ from the configured ones, which are used: %s",
+                        "; ".join(changed))
+        self._resumed = True
 
     def on_fit_start(self) -> None:
-        """Refuse, before any training, to overwrite an existing export (another run's model, or the input)."""
+        """Refuse, before any training, to overwrite an existing export (another run's model, or the input).
+        Record the configured optimizer settings, before a checkpoint's are restored (``on_train_start``)."""
+        self._configured_optimizers = optimizer_settings(self.trainer)
         folder = Path(self.export_dir) if self.export_dir else None
         if folder is not None and folder.exists() and any(folder.iterdir()) and not self.overwrite_export:
             raise FileExistsError(
@@ -282,6 +303,10 @@ class PolicyModule(L.LightningModule):
                 f"export_dir, delete it, or pass --model.init_args.overwrite_export true")
 
     def on_train_start(self) -> None:
+        if getattr(self, "_resumed", False) and getattr(self, "_configured_optimizers", None):
+            changed = apply_optimizer_settings(self.trainer, self._configured_optimizers)
+            if changed:
+                log.warning("resumed optimizer settings replaced by the configured ones: %s", "; ".join(changed))
         if self.run_seed is None:
             self.run_seed = torch.initial_seed()
 
@@ -348,4 +373,6 @@ class PolicyModule(L.LightningModule):
         for row in rows:
             cells = [str(row[k]).replace("|", "\\|").replace("\n", " ") for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
-        experiment.add_text(tag, "\n".join(lines), global_step=self.global_step)
+        from lightning_modules.callbacks import log_step  # the run's one step axis (training batches)
+
+        experiment.add_text(tag, "\n".join(lines), global_step=log_step(self.trainer))

@@ -219,11 +219,12 @@ def test_grpo_counts_dropped_over_long_prompts_and_trains_on_the_rest(tiny_ckpt,
 
 def test_text_holding_an_image_pad_token_is_a_clear_record_error(tiny_ckpt, tmp_path):
     # "<|image_pad|>" in the answer would add one image token without a vision feature: the model would fail
-    # with "Image features and image tokens do not match"
+    # with "Image features and image tokens do not match". Refused when the file is read (setup), not mid-run;
+    # the collator checks it again for records built without load_records.
     records = [report_record(0), report_record(1, "Normal heart. <|image_pad|>")]
-    data = setup_data(tiny_ckpt, [write_records(tmp_path, records)], batch_size=2)
-    with pytest.raises(RecordError, match=r"record 1 \(id 'r1'\): its text contains 1 '<\|image_pad\|>'"):
-        all_batches(data)
+    with pytest.raises(RecordError, match=r"record 1 \(id 'r1'\): turn 1 \(gpt\) holds the model's special token "
+                                          r"'<\|image_pad\|>'"):
+        setup_data(tiny_ckpt, [write_records(tmp_path, records)], batch_size=2)
 
 
 # ------------------------------------------------------------------------------ image tokens vs features

@@ -58,13 +58,14 @@ def _write_json(path: Path, data) -> Path:
 def test_json_list_loads_fields_and_strips_image_tag(folder: Path):
     recs = [_rec("r0", task="abnormality_grounding", boxes=[[0.1, 0.2, 0.3, 0.4]], labels=["Mass"], source_ds="vindr"),
             _rec("r1", "img/b.png")]
+    recs[0]["conversations"][1]["value"] = "A mass at [0.1, 0.2, 0.3, 0.4]."  # boxes agree with the answer text
     out = load_records(_write_json(folder / "train.json", recs))
     assert [r.id for r in out] == ["r0", "r1"]
     r = out[0]
     assert r.image == (folder / "img" / "a.png").resolve() and r.image.is_absolute()
     assert r.conversations == [Turn("user", "Write a radiology report for this Chest X-ray."),
-                               Turn("assistant", "The lungs are clear.")]
-    assert r.prompt == "Write a radiology report for this Chest X-ray." and r.answer == "The lungs are clear."
+                               Turn("assistant", "A mass at [0.1, 0.2, 0.3, 0.4].")]
+    assert r.prompt == "Write a radiology report for this Chest X-ray." and r.answer == "A mass at [0.1, 0.2, 0.3, 0.4]."
     assert r.has_image and r.task == "abnormality_grounding"
     assert r.boxes == [[0.1, 0.2, 0.3, 0.4]] and r.labels == ["Mass"]
     assert r.extra == {"source_ds": "vindr"}
@@ -253,7 +254,7 @@ def test_missing_unreadable_and_unknown_files(tmp_path: Path):
     with pytest.raises(RecordError, match=r"nope\.json: file not found"):
         load_records(tmp_path / "nope.json")
     (tmp_path / "latin.json").write_bytes(b'[{"id": "\xe9"}]')
-    with pytest.raises(RecordError, match=r"latin\.json: cannot be read \(UnicodeDecodeError"):
+    with pytest.raises(RecordError, match=r"latin\.json: not valid UTF-8 at byte 9 \(line 1\)"):
         load_records(tmp_path / "latin.json")
     (tmp_path / "a.csv").write_text("id\n")
     with pytest.raises(RecordError, match=r"unknown suffix '\.csv'"):

@@ -1,0 +1,111 @@
+"""What a resumed fit takes from its checkpoint: state (weights, optimizer moments, counters, data position),
+not choices. ``PolicyModule`` calls these from its checkpoint and fit hooks.
+
+- Configured optimizer settings win. Lightning restores each optimizer's ``param_groups`` from the checkpoint,
+  so a run resumed with another learning rate or weight decay kept the old ones. ``optimizer_settings`` records
+  the freshly configured groups (``on_fit_start``, before any restore) and ``apply_optimizer_settings``
+  re-applies them after the restore (``on_train_start``): ``weight_decay`` and ``eps`` are the configured ones,
+  and the learning rate keeps the schedule's progress at the configured scale: every rate of a group (``lr``,
+  ``initial_lr``, ``max_lr``, ``min_lr``) and the scheduler's ``base_lrs`` are multiplied by configured /
+  checkpointed initial rate (1 when nothing changed: exact resume stays bitwise). Moments, step counts, the
+  betas (``OneCycleLR`` cycles them) and the scheduler's own state (position, ``OneCycleLR``'s ``total_steps``
+  and phases) stay the checkpoint's; a ``LambdaLR`` lambda is code, so the configured one applies.
+- ``changed_hyperparameters``: the hyper-parameters that differ between the checkpoint and the configuration
+  (logged as a warning on resume; the configured values are used).
+- ``normalise_epoch_end``: a checkpoint written in ``on_train_batch_end`` of an epoch's last batch (e.g.
+  ``ModelCheckpoint(every_n_train_steps=…)`` landing there) holds ``is_last_batch=True``. Lightning 2.6.6's
+  ``FitLoop.reset`` then counts that epoch as finished before its end hooks ran, while the restored
+  ``StatefulDataLoader`` still resumes the finished epoch: the next, empty, pass over it is counted as one more
+  epoch, so a ``max_epochs`` run skipped an epoch. Clearing the flag makes Lightning treat the checkpoint as
+  any mid-epoch one: the rest of the epoch (nothing) runs, its end hooks run, the next epoch starts as in an
+  uninterrupted run (same batches, epoch numbers, ``on_train_epoch_end`` calls).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+RATE_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
+COPIED_KEYS = ("weight_decay", "eps")
+
+
+def _optimizers(trainer: Any) -> list:
+    return [getattr(o, "optimizer", o) for o in trainer.optimizers]
+
+
+def _base(group: dict[str, Any]) -> float:
+    return float(group.get("initial_lr", group["lr"]))
+
+
+def optimizer_settings(trainer: Any) -> list[list[dict[str, Any]]]:
+    """The configured settings of every param group of every optimizer (before a checkpoint is restored)."""
+    return [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in _optimizers(trainer)]
+
+
+def apply_optimizer_settings(trainer: Any, settings: list[list[dict[str, Any]]]) -> list[str]:
+    """Re-apply ``settings`` (``optimizer_settings``) to the restored optimizers and schedulers (module
+    docstring); returns what changed, e.g. ``["optimizer 0 group 0: lr 0.001 → 0.5"]``."""
+    changes = []
+    schedulers = {id(getattr(c.scheduler, "optimizer", None)): c.scheduler for c in trainer.lr_scheduler_configs}
+    for i, (opt, configured) in enumerate(zip(_optimizers(trainer), settings)):
+        if len(opt.param_groups) != len(configured):
+            continue
+        ratios = []
+        for j, (group, fresh) in enumerate(zip(opt.param_groups, configured)):
+            old = _base(group)
+            ratio = _base(fresh) / old if old else None
+            ratios.append(ratio)
+            before = group["lr"]
+            for key in RATE_KEYS:
+                if key in group and ratio is not None:
+                    group[key] = group[key] * ratio
+            if ratio is None:  # a zero rate cannot be scaled: take the configured one
+                group["lr"] = fresh["lr"]
+            for key in COPIED_KEYS:
+                if key in fresh and key in group and group[key] != fresh[key]:
+                    changes.append(f"optimizer {i} group {j}: {key} {group[key]} → {fresh[key]}")
+                    group[key] = fresh[key]
+            if group["lr"] != before:
+                changes.append(f"optimizer {i} group {j}: lr {before:g} → {group['lr']:g}")
+        scheduler = schedulers.get(id(opt))
+        if scheduler is None or all(r == 1.0 for r in ratios):
+            continue
+        if hasattr(scheduler, "base_lrs") and len(scheduler.base_lrs) == len(ratios):
+            scheduler.base_lrs = [b * r if r is not None else b for b, r in zip(scheduler.base_lrs, ratios)]
+        if hasattr(scheduler, "_last_lr"):
+            scheduler._last_lr = [g["lr"] for g in opt.param_groups]
+    return changes
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: value}
+
+
+def changed_hyperparameters(saved: Any, configured: dict[str, Any]) -> list[str]:
+    """``key: checkpoint value → configured value`` for each (nested, dotted) hyper-parameter that differs;
+    both sides as plain values (``common.plain_value``). LightningCLI's bookkeeping keys are ignored."""
+    if not isinstance(saved, dict):
+        return []
+    a, b = _flat(saved), _flat(configured)
+    skip = ("_instantiator", "_class_path")
+    return [f"{k}: {a.get(k, '(absent)')!r:.80} → {b.get(k, '(absent)')!r:.80}" for k in sorted(set(a) | set(b))
+            if not k.startswith(skip) and a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
+def normalise_epoch_end(checkpoint: dict[str, Any]) -> bool:
+    """Clear ``is_last_batch`` of a checkpoint saved in ``on_train_batch_end`` of an epoch's last batch (module
+    docstring); True when it did."""
+    fit = checkpoint.get("loops", {}).get("fit_loop") if isinstance(checkpoint.get("loops"), dict) else None
+    batch = fit.get("epoch_loop.batch_progress") if isinstance(fit, dict) else None
+    if not isinstance(batch, dict) or not batch.get("is_last_batch"):
+        return False
+    total = batch.get("total", {})
+    if total.get("completed") != total.get("processed", 0) - 1:  # not saved in on_train_batch_end
+        return False
+    batch["is_last_batch"] = False
+    return True
