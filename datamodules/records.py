@@ -45,9 +45,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-from PIL import Image
-
+from datamodules.images import (  # noqa: F401  (re-exported: images were part of this module)
+    MAX_ASPECT_RATIO,
+    MIN_IMAGE_SIDE,
+    ImageError,
+    check_image,
+    check_image_size,
+    load_image,
+)
 from datamodules.record_checks import FOREIGN_BOMS, MAX_NESTING, UTF8_BOM, check_boxes_in_text, check_text, check_tree
 from datamodules.record_checks import Invalid as _Invalid
 from datamodules.record_checks import finite as _finite
@@ -67,13 +72,6 @@ IMAGE_TAG = "<image>"
 USER, ASSISTANT = "user", "assistant"
 ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
-# transformers' Qwen2-VL `smart_resize` (models/qwen2_vl/image_processing_qwen2_vl.py, used by Qwen3-VL's
-# processor too) raises "absolute aspect ratio must be smaller than 200" when max(h, w) / min(h, w) > 200.
-MAX_ASPECT_RATIO = 200.0
-# `smart_resize` does not refuse small images: it upsamples them to `min_pixels` (56*56 by default). A side
-# under 28 px (the Qwen2-VL resize factor: patch 14 x merge 2; Qwen3-VL uses 16 x 2) is still never a real
-# radiograph, so we treat it as a broken file (thumbnail, placeholder). Our limit, not the processor's.
-MIN_IMAGE_SIDE = 28
 
 
 class RecordError(ValueError):
@@ -97,15 +95,6 @@ class RecordError(ValueError):
         if image is not None:
             where += f", image {str(image)!r}"
         super().__init__(f"{where}: {message}")
-
-
-class ImageError(ValueError):
-    """A missing, undecodable or unusable image; the message names the path. `kind` is the reason of the
-    bad-records report: image_missing, image_undecodable, image_too_small, image_aspect_ratio."""
-
-    def __init__(self, message: str, path: str | Path, kind: str = "image_bad") -> None:
-        self.path, self.reason, self.kind = str(path), message, kind
-        super().__init__(f"image {self.path!r}: {message}")
 
 
 @dataclass(frozen=True)
@@ -254,69 +243,6 @@ class LoadReport:
     def rows(self, **extra: Any) -> list[dict[str, Any]]:
         """The skipped records as report rows (JSONL lines), each with `extra` keys (e.g. split) first."""
         return [{**extra, **asdict(s)} for s in self.skipped]
-
-
-# ----------------------------------------------------------------------------------------------- images
-
-
-def check_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
-    """Open the header and verify the file without a full decode; return (width, height) or raise ImageError."""
-    path = _existing_file(path)
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()  # checks structure / PNG CRCs; does not catch every truncated JPEG (load_image does)
-    except Exception as e:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
-        raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path, "image_undecodable") from e
-    check_image_size(size, path, min_side, max_aspect)
-    return size
-
-
-def _existing_file(path: str | Path) -> Path:
-    """``path`` as a Path if it is a regular file, else ``ImageError`` (image_missing)."""
-    path = Path(path)
-    try:
-        if path.is_file():
-            return path
-        reason = "file not found" if not path.exists() else "not a regular file"
-    except (OSError, ValueError) as e:  # ENAMETOOLONG, ELOOP, embedded NUL ...
-        reason = f"cannot be accessed ({type(e).__name__}: {e})"
-    raise ImageError(reason, path, "image_missing")
-
-
-def check_image_size(size: tuple[int, int], path: str | Path, min_side: int = MIN_IMAGE_SIDE,
-                     max_aspect: float = MAX_ASPECT_RATIO) -> None:
-    """Refuse sizes the Qwen image processor rejects (aspect ratio) or that cannot be a radiograph (tiny)."""
-    w, h = size
-    if min(w, h) < min_side:
-        raise ImageError(f"size {w}x{h} is below the minimum side of {min_side} px", path, "image_too_small")
-    if max(w, h) / min(w, h) > max_aspect:
-        raise ImageError(
-            f"aspect ratio {max(w, h) / min(w, h):.1f} of size {w}x{h} exceeds {max_aspect:g} "
-            "(the Qwen-VL image processor refuses it)", path, "image_aspect_ratio")
-
-
-def load_image(path: str | Path, min_side: int = MIN_IMAGE_SIDE, max_aspect: float = MAX_ASPECT_RATIO) -> Image.Image:
-    """Decode fully and return an RGB image. 16-bit / integer / float images are min-max scaled to 8 bit
-    (PIL's own conversion clips them at 255, which would turn most 16-bit radiographs white)."""
-    path = _existing_file(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            check_image_size(im.size, path, min_side, max_aspect)
-            if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-                a = np.asarray(im, dtype=np.float64)  # (H, W)
-                if not np.isfinite(a).all():
-                    raise ImageError(f"{int((~np.isfinite(a)).sum())} pixel(s) are NaN or infinite (mode {im.mode})",
-                                     path, "image_nonfinite")
-                lo, hi = float(a.min()), float(a.max())
-                a = (a - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(a)
-                im = Image.fromarray(np.round(a).astype(np.uint8), mode="L")
-            return im.convert("RGB")
-    except ImageError:
-        raise
-    except Exception as e:
-        raise ImageError(f"cannot be decoded ({type(e).__name__}: {e})", path, "image_undecodable") from e
 
 
 # ---------------------------------------------------------------------------------------------- reading
