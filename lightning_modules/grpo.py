@@ -175,14 +175,22 @@ class GRPOModule(PolicyModule):
             return None
         return float(len(self._mini_batches(int(per_rank))) * self.hparams.ppo_epochs)
 
+    #: rebuilt at setup (the frozen reference copy, the metric modules): never checkpointed
+    NOT_CHECKPOINTED = ("reference_model.", "val_metric_modules.")
+
     def state_dict(self, *args, **kwargs):
-        # the frozen reference copy and the metric modules are rebuilt at setup: never checkpointed
         state = super().state_dict(*args, **kwargs)
-        return {k: v for k, v in state.items()
-                if not k.startswith(("reference_model.", "val_metric_modules."))}
+        return {k: v for k, v in state.items() if not k.startswith(self.NOT_CHECKPOINTED)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return super().load_state_dict(state_dict, strict=False, assign=assign)
+        """Strict about everything but the keys ``state_dict`` leaves out on purpose (``NOT_CHECKPOINTED``)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(self.NOT_CHECKPOINTED)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"checkpoint does not fit the GRPO module: missing keys {missing[:5]} "
+                               f"({len(missing)} in all), unexpected keys {result.unexpected_keys[:5]} "
+                               f"({len(result.unexpected_keys)} in all)")
+        return result
 
     # ------------------------------------------------------------------ pieces of a step
     def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False):

@@ -136,3 +136,18 @@ def test_validation_gives_box_metrics_the_records_unrounded_boxes():
     # the answer matches the 2-decimal text box but not the record's unrounded box (IoU .496 < .5): AP 0
     metric.update(["[0, 0, 0.5, 1]"], ["[0.0, 0.0, 1.0, 1.0]"], gt_boxes=[[[0.004, 0.0, 1.0, 1.0]]])
     assert float(metric.compute()["map"]) == 0.0
+
+
+def test_checkpoint_loading_is_strict_except_for_the_rebuilt_reference(tiny_ckpt, data_file, tmp_path):
+    module, _, _ = make(tiny_ckpt, data_file, tmp_path)
+    module.configure_model()
+    assert module.reference_model is not None
+    state = module.state_dict()
+    assert not any(k.startswith("reference_model.") for k in state)
+    module.load_state_dict(state)  # the reference keys are left out on purpose: fine
+    broken = dict(state)
+    broken.pop(next(k for k in state if k.startswith("policy.")))
+    with pytest.raises(RuntimeError, match="missing keys"):
+        module.load_state_dict(broken)
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        module.load_state_dict({**state, "policy.not_a_weight": torch.zeros(1)})
