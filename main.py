@@ -107,7 +107,10 @@ class RadVLMCLI(LightningCLI):
     before_validate = before_test = before_predict = before_fit
 
     def add_arguments_to_parser(self, parser) -> None:
+        # the data is encoded with the policy's own processor settings: given once, on the policy
         parser.link_arguments("model.init_args.policy.name_or_path", "data.init_args.processor_path")
+        parser.link_arguments("model.init_args.policy.min_pixels", "data.init_args.min_pixels")
+        parser.link_arguments("model.init_args.policy.max_pixels", "data.init_args.max_pixels")
         parser.set_defaults(
             {
                 "trainer.logger": {

@@ -148,7 +148,8 @@ class RadVLMDataModule(L.LightningDataModule):
             bad_records_report: JSONL file listing the skipped records (default: ``bad_records.jsonl`` in the
                 trainer's ``default_root_dir``; without a trainer, no file).
             max_val_samples: cap on validation/test records (first N after the task filter).
-            min_pixels, max_pixels: image pixel budget of the processor (Qwen3-VL: 1024 … 451584).
+            min_pixels, max_pixels: image pixel budget of the processor (Qwen3-VL: 1024 … 451584); under
+                ``main.py`` linked to the policy's (``model.init_args.policy.min_pixels`` …), set there.
         """
         super().__init__()
         self.save_hyperparameters()

@@ -66,8 +66,10 @@ def test_an_existing_export_is_not_overwritten(tiny_ckpt, phantom_dir, tmp_path)
     with pytest.raises(FileExistsError, match="already holds files"):
         main.main(args=args)
     assert (export / "model.safetensors").read_text() == "another run's model"
-    cli = main.main(args=[*args, "--model.init_args.overwrite_export", "true", "--model.init_args.lr", "1e-4"])
+    cli = main.main(args=[*args, "--model.init_args.overwrite_export", "true", "--model.init_args.lr", "1e-4",
+                          "--model.init_args.policy.max_pixels", "9216"])
     assert cli.trainer.global_step == 1 and (export / "config.json").is_file()
+    assert cli.datamodule.hparams.max_pixels == 9216  # the pixel budget is given once, on the policy
     assert cli.model.optimizers().param_groups[0]["max_lr"] == pytest.approx(1e-4)
     # the export loads with plain transformers (model) and with load_processor (no torchvision needed)
     from transformers import AutoModelForImageTextToText
