@@ -13,6 +13,7 @@ from typing import Any
 #: public name → submodule that defines it
 _EXPORTS = {
     "PerSampleMetric": "base", "float32_math": "base",
+    "ScoringCancelled": "base", "cancel_scope": "base", "check_cancelled": "base",
     "BERTScore": "bertscore", "minilm_path": "bertscore",
     "format_boxes": "boxes", "pairwise_iou": "boxes", "parse_boxes": "boxes",
     "AbnormalityClassification": "classification", "precision_recall_f1": "classification",

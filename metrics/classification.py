@@ -1,6 +1,6 @@
 """Abnormality classification as RadVLM evaluates it: labels found in the answer text, micro and macro P/R/F1.
 
-RadVLM's definition (REFERENCE.md §8b; its ``evaluate_classification``):
+RadVLM's definition (docs/paper.md §8b; its ``evaluate_classification``):
 - a label of the label set counts as predicted when its lower-cased name occurs in the lower-cased answer
   (plain substring test: "No cardiomegaly." predicts Cardiomegaly; nothing else is parsed);
 - the truth is the record's ``labels`` (lower-cased; names outside the label set are ignored);

@@ -1,6 +1,6 @@
 """GREEN (Ostmeier et al. 2024): an LLM judge counts the errors of a candidate report against a reference.
 
-Published definition (Stanford-AIMI/GREEN ``green_score``, identical in RadEval 2.x; REFERENCE.md §11):
+Published definition (Stanford-AIMI/GREEN ``green_score``, identical in RadEval 2.x; docs/paper.md §11):
 - prompt: ``GREEN_PROMPT`` below, the published text verbatim, each report cut to its first 300 words
   (``" ".join(text.split()[:300])``, which also collapses whitespace);
 - judge ``StanfordAIMI/GREEN-radllama2-7b``, the published chat template (``GREEN_CHAT_TEMPLATE``: one human
@@ -37,6 +37,12 @@ Deviations, all on purpose:
   reproduce the published setting serve the GREEN model with ``GREEN_CHAT_TEMPLATE`` and a 2048-token context
   (vLLM: ``--chat-template``, ``--max-model-len 2048``); ``max_tokens`` is left to the server unless given.
 - identical (reference, candidate) pairs within one ``score`` call are judged once.
+- bounded input: after the 300-word cut each report is also cut to ``max_chars`` characters (4096: never
+  reached by 300 words of ordinary length, which the published cut allows to be arbitrarily long), so an
+  endpoint request is bounded too; the local judge's prompt is at most ``max_length`` tokens as published.
+- cancellation (``metrics.base.check_cancelled``): checked before every local batch, by a stopping criterion
+  of ``generate`` at every new token, and before every endpoint request (a request in flight ends at the
+  client's ``timeout``).
 """
 
 from __future__ import annotations
@@ -51,11 +57,12 @@ from typing import Any
 
 import torch
 
-from metrics.base import PerSampleMetric, check_pairs, load_once
+from metrics.base import PerSampleMetric, cancel_event, check_cancelled, check_pairs, load_once
 from metrics.judge import ChatClient
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-radllama2-7b"
 MAX_WORDS = 300
+MAX_CHARS = 4096  # per report, after the word cut (ours: bounds junk "words")
 MAX_LENGTH = 2048  # tokens, prompt included
 
 #: Source of GREEN_PROMPT and GREEN_CHAT_TEMPLATE (MIT licence): github.com/Stanford-AIMI/GREEN, commit d72c195,
@@ -139,14 +146,16 @@ ERROR_CATEGORIES = (
 )
 
 
-def cut_words(text: str, max_words: int = MAX_WORDS) -> str:
-    """The first ``max_words`` whitespace-separated words, joined by single spaces (GREEN's report cut)."""
-    return " ".join(text.split()[:max_words])
+def cut_words(text: str, max_words: int = MAX_WORDS, max_chars: int | None = None) -> str:
+    """The first ``max_words`` whitespace-separated words, joined by single spaces (GREEN's report cut), then
+    at most ``max_chars`` characters (ours; None: no character cut)."""
+    return " ".join(text.split()[:max_words])[:max_chars]
 
 
-def green_prompt(reference: str, candidate: str, max_words: int = MAX_WORDS) -> str:
-    """The published GREEN prompt for one pair, each report cut to ``max_words`` words."""
-    return GREEN_PROMPT.format(reference=cut_words(reference, max_words), candidate=cut_words(candidate, max_words))
+def green_prompt(reference: str, candidate: str, max_words: int = MAX_WORDS, max_chars: int | None = None) -> str:
+    """The published GREEN prompt for one pair, each report cut to ``max_words`` words (and ``max_chars``)."""
+    return GREEN_PROMPT.format(reference=cut_words(reference, max_words, max_chars),
+                               candidate=cut_words(candidate, max_words, max_chars))
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -271,7 +280,9 @@ class HFJudge:
         return ids[: self.max_length - 1] + ids[-1:] if len(ids) > self.max_length else ids
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str]) -> list[str]:
+    def generate(self, prompts: Sequence[str], cancel: Any = None) -> list[str]:
+        """Greedy outputs of ``prompts``; with a ``cancel`` event, generation stops at the next token once it
+        is set (and :class:`metrics.base.ScoringCancelled` is raised)."""
         tokenizer, lm = self.load()
         rows = [self.prompt_ids(tokenizer, p) for p in prompts]
         width = max(len(r) for r in rows)
@@ -286,17 +297,25 @@ class HFJudge:
             budget = min(budget, self.max_new_tokens)
         if budget <= 0:
             return [""] * len(prompts)
+        extra = {}
+        if cancel is not None:
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList([_StopWhenSet(cancel)])
         out = lm.generate(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=budget,
-                          do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad)
+                          do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **extra)
+        check_cancelled(cancel)
         return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
     def __call__(self, prompts: Sequence[str]) -> list[str | Exception]:
         self.load()  # a judge that cannot be loaded raises here, for every prompt at once
+        cancel = cancel_event()
         out: list[str | Exception] = []
         for start in range(0, len(prompts), self.batch_size):
+            check_cancelled(cancel)
             batch = prompts[start:start + self.batch_size]
             try:
-                out.extend(self.generate(batch))
+                out.extend(self.generate(batch, cancel))
             except Exception as exc:  # noqa: BLE001  (reported per prompt)
                 out.extend([exc] * len(batch))
         return out
@@ -313,15 +332,20 @@ class EndpointJudge:
         self.workers = max(1, workers)
         self.name = f"endpoint:{model}@{endpoint}"
 
-    def _one(self, prompt: str) -> str | Exception:
+    def _one(self, prompt: str, cancel: Any = None) -> str | Exception:
+        check_cancelled(cancel)  # ScoringCancelled is no Exception: it ends the map below
         try:
             return self.client.chat([{"role": "user", "content": prompt}])
         except Exception as exc:  # noqa: BLE001  (reported per prompt)
             return exc
 
     def __call__(self, prompts: Sequence[str]) -> list[str | Exception]:
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(pool.map(self._one, prompts))
+        cancel = cancel_event()  # of the scoring thread; the pool's threads have none of their own
+        pool = ThreadPoolExecutor(self.workers)
+        try:
+            return list(pool.map(lambda p: self._one(p, cancel), prompts))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------- metric
@@ -335,13 +359,13 @@ class GREEN(PerSampleMetric):
                  judge: Judge | None = None, batch_size: int = 8, max_length: int = MAX_LENGTH,
                  max_new_tokens: int | None = None, max_words: int = MAX_WORDS, device: str | None = None,
                  timeout: float | None = 300.0, retries: int = 2, workers: int = 4, strict: bool = False,
-                 **kwargs) -> None:
+                 max_chars: int | None = MAX_CHARS, **kwargs) -> None:
         super().__init__(**kwargs)
         if judge is None:
             judge = (EndpointJudge(endpoint, model, api_key=api_key, timeout=timeout, retries=retries, workers=workers)
                      if endpoint else HFJudge(model, device=device, batch_size=batch_size, max_length=max_length,
                                               max_new_tokens=max_new_tokens))
-        self.judge, self.max_words, self.strict = judge, max_words, strict
+        self.judge, self.max_words, self.max_chars, self.strict = judge, max_words, max_chars, strict
         self.stats: Counter = Counter()  # scored, unparsable, failed, unavailable
         self.last_outputs: list[str | None] = []  # judge output per sample of the last ``score`` call
 
@@ -350,7 +374,7 @@ class GREEN(PerSampleMetric):
 
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         check_pairs(preds, targets)
-        prompts = [green_prompt(t, p, self.max_words) for p, t in zip(preds, targets)]
+        prompts = [green_prompt(t, p, self.max_words, self.max_chars) for p, t in zip(preds, targets)]
         distinct = list(dict.fromkeys(prompts))
         values = torch.full((len(prompts),), float("nan"), dtype=torch.float32)
         self.last_outputs = [None] * len(prompts)
@@ -379,6 +403,16 @@ class GREEN(PerSampleMetric):
             values[i] = green_value(str(out))
             self.stats["unparsable" if torch.isnan(values[i]) else "scored"] += 1
         return values
+
+
+class _StopWhenSet:
+    """A ``generate`` stopping criterion: every row is done once ``event`` is set."""
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:  # (B,) bool
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 _WARNED: set[str] = set()

@@ -8,18 +8,21 @@ Ground truth: the boxes of the target text, or, per sample, the record's unround
 ``gt_boxes`` to ``score`` / ``update`` (RadVLM's evaluation compares with the dataset's boxes, not with the
 two-decimal text); an empty or ``None`` entry falls back to the target text.
 
-**soft-F1** (REFERENCE.md §4, the authors' released reward): Hungarian matching of predicted to ground-truth
+**soft-F1** (docs/paper.md §4, the authors' released reward): Hungarian matching of predicted to ground-truth
 boxes with cost ``1 - IoU`` (``scipy.optimize.linear_sum_assignment``); matched pairs with IoU > ``min_iou``
 are valid; ``TP_mass`` = sum of their IoU, ``FP`` = n_pred - n_valid, recall = TP_mass / n_gt, precision =
 TP_mass / (TP_mass + FP), soft-F1 = 2PR / (P + R), 0 when P + R = 0. No box on either side gives 0, also when
 both sides are empty (the authors' choice: a correct "no finding" answer earns nothing, so negative samples
 give no learning signal). One box each side gives 2·IoU / (1 + IoU).
 
-**mAP** (REFERENCE.md §5, RadVLM's evaluation): per sample, predictions in output order (no confidences)
+**mAP** (docs/paper.md §5, RadVLM's evaluation): per sample, predictions in output order (no confidences)
 each take the ground-truth box of highest IoU (first one on ties); a TP when IoU >= threshold and that box is
 not yet taken, else an FP. AP is the VOC all-point interpolated area under the precision/recall curve, 0 when
 either side has no box; mAP is the mean of per-sample AP. ``mean_iou`` is RadVLM's "average IoU": the sum of
-IoU over all predicted x ground-truth pairs of all samples divided by the number of such pairs.
+IoU over all predicted x ground-truth pairs of all samples divided by the number of such pairs
+(Σ IoU / Σ n_pred·n_gt). Our decision where that is 0 / 0 (samples were seen but none has a predicted and a
+ground-truth box, e.g. a model that writes no box at all): 0, the value of a model that localises nothing,
+not NaN (which tables show as "undefined" and averages skip); NaN only before any sample.
 
 **BoxFormat** (our own, not in the paper): a format reward in [0, 1] that ignores the target.
 - No parsable box: 1.0 for exactly the RadVLM negative sentence ``NEGATIVE_ANSWER`` (after stripping outer
@@ -47,13 +50,13 @@ from metrics.boxes import Box, BoxStyle, box_spans, check_box_style, pairwise_io
 #: per sample, the ground-truth boxes to use instead of the target text's (``None`` / ``[]``: the text's)
 GtBoxes = Sequence[Sequence[Sequence[float]] | None]
 
-#: the RadVLM answer of a grounding / detection sample without findings (REFERENCE.md §8)
+#: the RadVLM answer of a grounding / detection sample without findings (docs/paper.md §8)
 NEGATIVE_ANSWER = "No abnormalities or lesions are detected on this Chest X-ray."
 _NEGATIVE_LOOSE = re.compile(r"\s*no\s+abnormalities\s+or\s+lesions\s+are\s+detected\s+on\s+this\s+chest\s+"
                              r"x-ray\s*\.?\s*", re.IGNORECASE)
 _NEGATIVE_START = re.compile(r"no\s+abnormalities\s+or\s+lesions", re.IGNORECASE)
 # a coordinate in RadVLM style: 0 or 1 with at most two decimals (0, 0.3, 0.12, 1.0); range checked apart
-_STYLE_NUMBER = re.compile(r"[01](?:\.\d{1,2})?")
+_STYLE_NUMBER = re.compile(r"[01](?:\.[0-9]{1,2})?")  # ASCII digits only
 _STYLE_GROUP = re.compile(r"\[(.*?), (.*?), (.*?), (.*?)\]")
 
 
@@ -241,7 +244,10 @@ class GroundingMAP(PerSampleMetric):
         finite = vals[~torch.isnan(vals)]
         nan = torch.tensor(float("nan"), dtype=torch.float32, device=self.device)
         mean_ap = finite.mean() if finite.numel() else nan
-        mean_iou = (self.iou_sum / self.pair_count).float() if self.pair_count > 0 else nan
+        if self.pair_count > 0:
+            mean_iou = (self.iou_sum / self.pair_count).float()
+        else:  # samples but no predicted x ground-truth pair: 0 (module docstring); no sample: NaN
+            mean_iou = torch.zeros((), dtype=torch.float32, device=self.device) if vals.numel() else nan
         return {"map": mean_ap, "mean_iou": mean_iou}
 
 

@@ -10,18 +10,70 @@ raises ``PermanentError``. ``chat(messages)`` adds the client's model, ``max_tok
 server's limit applies), ``temperature`` (0 = greedy) and ``extra_body``, retries retryable errors
 ``retries`` times after ``backoff · 2^k`` s (at most 60 s) and returns ``choices[0].message.content``, as
 ``Truncated`` when the server stopped at ``max_tokens`` (``finish_reason == "length"``).
+
+Outbound data: the endpoint must be an ``http://`` or ``https://`` URL (``ValueError`` otherwise: urllib would
+also open ``file://``); plain ``http://`` to a host that is not local (``localhost``, ``127.0.0.0/8``,
+``::1``) warns once per client (``InsecureEndpointWarning``): prompts, images and the API key would cross the
+network unencrypted. Redirects are never followed (a 3xx answer is a ``PermanentError`` naming the new
+location): urllib would re-send the ``Authorization`` header to whatever host a redirect names, and turn the
+POST into a GET. Set the endpoint to the final URL instead.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 MAX_BACKOFF_S = 60.0
+
+
+LOCAL_HOSTS = ("localhost", "localhost.localdomain")
+
+
+class InsecureEndpointWarning(RuntimeWarning):
+    """An endpoint reached by plain http on a host that is not this machine."""
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: the 3xx answer reaches ``post`` as an ``HTTPError``."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def is_local_host(host: str | None) -> bool:
+    """Whether ``host`` names this machine: ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host.lower().rstrip(".") in LOCAL_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_endpoint(url: str, api_key: str | None = None) -> str:
+    """``url`` if it is an http(s) URL with a host; warns on plain http to a non-local host (module doc)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"chat endpoint must be an http:// or https:// URL with a host, got {url!r}")
+    if parts.scheme == "http" and not is_local_host(parts.hostname):
+        what = "prompts and the API key" if api_key else "prompts"
+        warnings.warn(f"chat endpoint {parts.scheme}://{parts.netloc} is plain http to a non-local host: {what} "
+                      "cross the network unencrypted; use https (or an SSH tunnel to localhost)",
+                      InsecureEndpointWarning, stacklevel=3)
+    return url
 
 
 class PermanentError(RuntimeError):
@@ -52,7 +104,7 @@ class ChatClient:
                  retries: int = 0, backoff: float = 1.0) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
-        self.url = endpoint.rstrip("/") + "/chat/completions"
+        self.url = check_endpoint(endpoint.rstrip("/") + "/chat/completions", api_key)
         self.model, self.api_key = model, api_key
         self.max_tokens, self.temperature = max_tokens, temperature
         self.extra_body = dict(extra_body or {})
@@ -72,9 +124,12 @@ class ChatClient:
         request = urllib.request.Request(self.url, data=json.dumps(payload).encode("utf-8"), headers=headers,
                                          method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
+            with _OPENER.open(request, timeout=timeout) as resp:
                 return json.loads(resp.read().decode("utf-8"))
         except urllib.error.HTTPError as e:
+            if 300 <= e.code < 400:
+                raise PermanentError(f"HTTP {e.code} from {self.url}: redirect to {e.headers.get('Location')!r} not "
+                                     "followed (credentials stay with the configured host); use the final URL") from e
             detail = e.read()[:300].decode("utf-8", "replace")
             error = RuntimeError if e.code in (408, 429) or e.code >= 500 else PermanentError
             raise error(f"HTTP {e.code} from {self.url}: {detail}") from e

@@ -1,7 +1,7 @@
 """RadCliQ-v1 (Yu et al. 2023), the paper's report-generation reward (as −RadCliQ), lower is better.
 
 ``radcliq_v1(radgraph, bertscore, semb, bleu)`` = Σ_k w_k · (x_k − mean_k) / scale_k + b with the fitted
-constants of REFERENCE.md §3 (features in that order; BLEU's weight is ≈ 0).
+constants of docs/paper.md §3 (features in that order; BLEU's weight is ≈ 0).
 
 ``RadCliQ`` composes four injectable per-sample component metrics; each default is the paper's setting (the
 original RadCliQ code, rajpurkarlab/CXR-Report-Metric) and switchable by an init argument:
@@ -23,9 +23,11 @@ answer after ``</think>``, which the split strips (the authors' thinking path). 
 sample NaN (unavailable, not low). Each component scores the whole list in one batched call and loads its
 model once per process outside ``state_dict()``. ``compute`` is the mean of the per-sample values (RadEval
 reports 1 / that mean as its aggregate; ``radvlm.evaluate --radeval-variant`` shows it, labelled).
+Cost per sample is bounded twice: the 2048-character cut, then each model-based component's own token cap
+(RadGraph 512 word pieces, BERTScore and CheXbert 512 tokens); cancellation is checked between components.
 
 Weights: the defaults need the distilroberta-base, radgraph and CheXbert weights, which cannot be
-downloaded offline (REFERENCE.md §7b): offline, every value is NaN with a warning per missing model. Inject
+downloaded offline (docs/paper.md §7b): offline, every value is NaN with a warning per missing model. Inject
 offline-capable components instead, e.g. ``BERTScore(model_type=metrics.bertscore.minilm_path(),
 num_layers=6)`` and RadGraph / CheXbert models written by ``metrics.tiny`` (random, for plumbing only; the
 fitted constants assume the real models, so such values are not RadCliQ numbers).
@@ -37,10 +39,10 @@ from collections.abc import Sequence
 
 import torch
 
-from metrics.base import PerSampleMetric, check_pairs
+from metrics.base import PerSampleMetric, check_cancelled, check_pairs
 
 FEATURES = ("radgraph", "bertscore", "semb", "bleu")
-#: mean, scale, weight per feature, in FEATURES order (REFERENCE.md §3, full precision)
+#: mean, scale, weight per feature, in FEATURES order (docs/paper.md §3, full precision)
 RADCLIQ_V1_MEAN = (0.5379231241355762, 0.6175725628125001, 0.7647942121140658, 0.44738335396242174)
 RADCLIQ_V1_SCALE = (0.3028258411486429, 0.22430938459304575, 0.2539439110169773, 0.2989271671041838)
 RADCLIQ_V1_WEIGHT = (-0.37708368261038905, -0.37030009974480316, -0.25261621789593225, 4.315048405024756e-12)
@@ -118,6 +120,7 @@ class RadCliQ(PerSampleMetric):
         sub_p, sub_t = [preds[i] for i in keep], [targets[i] for i in keep]
         out = {}
         for name in FEATURES:
+            check_cancelled()
             column = torch.full((len(preds),), float("nan"), dtype=torch.float64)
             if keep:
                 values = getattr(self, name).score(sub_p, sub_t)

@@ -7,12 +7,23 @@ The package annotates a report with entities ``{"tokens", "label", "relations": 
   (the RadGraph-F1 of the paper's table and of the "complete" ablation reward). As ``F1RadGraph`` does, a pair
   with an empty prediction or reference scores 0, and so does a pair where either side has no entity.
 - ``reward_level="radcliq"``: ``radgraph_feature`` = (entity F1 + relation F1) / 2, RadCliQ's RadGraph
-  feature (REFERENCE.md §3): entities are (tokens, label), relations ((tokens, label), (tokens, label),
+  feature (docs/paper.md §3): entities are (tokens, label), relations ((tokens, label), (tokens, label),
   type); F1 = 2PR/(P+R), 0 when empty.
 
-Batching and caching: one ``score`` call annotates every distinct text once (radgraph itself runs its model
-one report at a time); reference annotations are kept in an LRU cache (``stats["reference_annotations"]``
-counts references actually annotated). The annotator is loaded lazily once per (model, folder, device) in a
+Batching and caching: one ``score`` call annotates every distinct text once, one report at a time as the
+package's ``RadGraph.forward`` does (its word split ``preprocess_reports``, reader and model; then the
+annotation dict of its ``postprocess_reports``, built by :func:`entities_of` in linear time: the package's
+``get_entity`` is quadratic in entities × relations, minutes on one 2 KB junk report); reference annotations
+are kept in an LRU cache (``stats["reference_annotations"]`` counts references actually annotated).
+Cancellation (``metrics.base.check_cancelled``) is checked before each report.
+
+Bounded input (``max_tokens``, default 512: the BERT window of the RadGraph models): a report whose word
+pieces, with [CLS] and [SEP], exceed it is cut to its longest prefix of words (the package's words) that
+fits; shorter reports are unchanged. Deviation: the package folds longer inputs into 512-piece windows and
+scores every span and span pair of the whole text, so its cost and memory grow with the square of the length
+(relation pruning keeps 0.5 spans per word and scores every pair). A text without word pieces (nothing after
+the cut, only characters the tokenizer drops) is an empty report: entities {}, value 0 (the real low score,
+not NaN). ``max_tokens=None`` cuts nothing. The annotator is loaded lazily once per (model, folder, device) in a
 module-level cache, never as a submodule, so it is not in ``state_dict()``.
 
 Weights: ``model_dir`` is a folder holding the extracted ``<model_type>.tar.gz`` of the hub repo
@@ -35,12 +46,13 @@ from typing import Literal
 import torch
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_pairs, load_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once
 from metrics.bertscore import default_device, warn_once
 
 RADGRAPH_REPO = "StanfordAIMI/RRG_scorers"
 MODEL_TYPES = ("radgraph", "radgraph-xl", "modern-radgraph-xl", "echograph")
 REQUIRED_FILES = ("config.json", "weights.th", "vocabulary")
+MAX_TOKENS = 512  # word pieces with [CLS] and [SEP]: the BERT window of the RadGraph models
 
 _ENGINES: dict[tuple[str, str, str], object] = {}
 Annotation = dict  # {"text": str, "entities": {id: {"tokens", "label", "relations"}}}
@@ -76,6 +88,70 @@ def radgraph_feature(pred_annotation: Annotation, ref_annotation: Annotation) ->
     pred_ents, pred_rels = entity_relation_sets(pred_annotation)
     ref_ents, ref_rels = entity_relation_sets(ref_annotation)
     return (set_f1(pred_ents, ref_ents) + set_f1(pred_rels, ref_rels)) / 2
+
+
+# -------------------------------------------------------------------------------------------- annotating
+def entities_of(ner: list, relations: list, words: list[str]) -> dict:
+    """The entity dict of the package's ``radgraph.utils.get_entity(ner, relations, words)``, in linear time.
+
+    ``ner`` items ``[start, end, label, ...]``; ``relations`` items ``[start, end, obj_start, obj_end, label,
+    ...]``. As the package: entity ids count from 1 in ``ner`` order; a relation names the first entity with
+    its object span and is dropped when there is none; relations keep their order."""
+    first: dict[tuple, int] = {}
+    for idx, item in enumerate(ner):
+        first.setdefault((item[0], item[1]), idx + 1)
+    by_source: dict[tuple, list] = {}
+    for rel in relations:
+        by_source.setdefault((rel[0], rel[1]), []).append(rel)
+    out = {}
+    for idx, item in enumerate(ner):
+        start, end, label = item[0], item[1], item[2]
+        rels = [[rel[4], str(first[(rel[2], rel[3])])] for rel in by_source.get((start, end), ())
+                if (rel[2], rel[3]) in first]
+        out[str(idx + 1)] = {"tokens": " ".join(words[start: end + 1]), "label": label, "start_ix": start,
+                             "end_ix": end, "relations": rels}
+    return out
+
+
+def cap_words(words: list[str], tokenizer, max_tokens: int | None) -> tuple[list[str], int | None]:
+    """``(longest prefix of words whose word pieces plus special tokens fit in max_tokens, its word pieces)``.
+
+    Words are tokenized as the package's mismatched indexer does (each alone, no special tokens), only as
+    far as the budget reaches, so the cost is bounded too. ``max_tokens=None``: ``(words, None)``."""
+    if max_tokens is None:
+        return words, None
+    budget = max_tokens - tokenizer.num_special_tokens_to_add(pair=False)
+    used, step = 0, max(budget, 1)
+    for start in range(0, len(words), step):
+        chunk = words[start: start + step]
+        for k, ids in enumerate(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]):
+            if used + len(ids) > budget:
+                return words[: start + k], used
+            used += len(ids)
+    return words, used
+
+
+def annotate_text(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> Annotation:
+    """The package's annotation of one report (``RadGraph.forward`` of one text), cut to ``max_tokens``."""
+    from radgraph.allennlp.data.dataloader import PyTorchDataLoader
+    from radgraph.allennlp.data.dataset_readers import AllennlpDataset
+    from radgraph.utils import batch_to_device, preprocess_reports
+
+    words = preprocess_reports([text], annotator.model_type)[0]["sentences"][0]
+    words, pieces = cap_words(words, annotator.reader._token_indexers["bert"]._tokenizer, max_tokens)
+    if not words or pieces == 0:
+        return {"text": "", "entities": {}}
+    instance = annotator.reader.text_to_instance({"doc_key": "0", "sentences": [words],
+                                                  "dataset": annotator.model_type})
+    data = AllennlpDataset([instance])
+    data.index_with(annotator.model.vocab)
+    (batch,) = list(PyTorchDataLoader(batch_size=1, dataset=data))
+    with torch.no_grad():
+        output = annotator.model(**batch_to_device(batch, annotator.device))
+        doc = annotator.model.make_output_human_readable(output).to_json()
+    sentence = doc["sentences"][0]
+    return {"text": " ".join(sentence), "data_source": None, "data_split": "inference",
+            "entities": entities_of(doc["predicted_ner"][0], doc["predicted_relations"][0], sentence)}
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -133,9 +209,12 @@ class RadGraphF1(PerSampleMetric):
         device: str | None = None,
         strict: bool = False,
         reference_cache_size: int = 16384,
+        max_tokens: int | None = MAX_TOKENS,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if max_tokens is not None and max_tokens < 3:
+            raise ValueError(f"RadGraphF1: max_tokens must be >= 3 (room for [CLS], [SEP] and a piece), got {max_tokens}")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"RadGraphF1: model_type must be one of {MODEL_TYPES}, got {model_type!r}")
         if reward_level not in ("simple", "partial", "complete", "radcliq"):
@@ -145,6 +224,7 @@ class RadGraphF1(PerSampleMetric):
         self.model_dir = model_dir
         self.model_device = device or default_device()
         self.strict = strict
+        self.max_tokens = max_tokens
         self.reference_cache_size = reference_cache_size
         self.reference_cache = ReferenceCache(reference_cache_size)
         self.stats = {"reference_annotations": 0, "prediction_annotations": 0}
@@ -160,23 +240,18 @@ class RadGraphF1(PerSampleMetric):
             return None
 
     def _run(self, annotator, texts: list[str]) -> dict[str, Annotation | None]:
-        """Annotations of distinct non-empty ``texts`` in one package call; a failing report gets None."""
-        if not texts:
-            return {}
-        try:
-            with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
-                out = annotator(texts)
-            return {text: out.get(str(i)) for i, text in enumerate(texts)}
-        except Exception as exc:
-            if self.strict or len(texts) == 1:
+        """Annotations of distinct non-empty ``texts``, one report at a time; a failing report gets None."""
+        out: dict[str, Annotation | None] = {}
+        for text in texts:
+            check_cancelled()
+            try:
+                out[text] = annotate_text(annotator, text, self.max_tokens)
+            except Exception as exc:
                 if self.strict:
                     raise
                 warn_once(f"radgraph-fail:{exc}", f"RadGraph failed on a report ({exc!r}); its scores are NaN")
-                return {texts[0]: None}
-            merged: dict[str, Annotation | None] = {}
-            for text in texts:  # isolate the failing report(s)
-                merged.update(self._run(annotator, [text]))
-            return merged
+                out[text] = None
+        return out
 
     def annotate(self, preds: Sequence[str], targets: Sequence[str]) -> dict[str, Annotation | None] | None:
         """Annotation of every distinct text (references through the cache); None if the model is missing."""

@@ -3,7 +3,7 @@
 The n-gram and LCS arithmetic is ours (pure Python); tokenizers come from the packages that define them, and
 the tests cross-check every value against the reference package.
 
-- **GLEU** (REFERENCE.md §3, the GLEU ablation reward): sacrebleu "13a" tokens, case kept; n-grams of orders
+- **GLEU** (docs/paper.md §3, the GLEU ablation reward): sacrebleu "13a" tokens, case kept; n-grams of orders
   1..4 pooled; ``matched / max(total hypothesis n-grams, total reference n-grams)`` with clipped matches.
   Equals ``nltk.translate.gleu_score.sentence_gleu([ref], hyp)`` (and NLTK corpus GLEU of one pair).
 - **BLEU** (sentence BLEU, uniform weights 1/n): by default exactly the BLEU feature of the original RadCliQ

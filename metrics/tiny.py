@@ -1,7 +1,7 @@
 """Write tiny, randomly initialised scorer models offline, in the exact on-disk formats of the real ones.
 
 For tests, benchmarks and the CPU demo (the real CheXbert and RadGraph weights cannot be downloaded on this
-project's machines, REFERENCE.md §7b). Each writer produces what the real loading code reads, so the real
+project's machines, docs/paper.md §7b). Each writer produces what the real loading code reads, so the real
 loading and scoring paths run end to end:
 
 - ``write_tiny_bert(dir)``: a BERT (``BertModel``, bert-base-uncased architecture, 2 layers × 32 wide) with a

@@ -12,8 +12,9 @@ server serving ``green_model``, default that id; its key from the environment va
 without one GREEN is ``unavailable: no GREEN judge configured``. Each is built once and probed with strict
 scoring of one pair (``probe``; GREEN: its local judge is loaded, an endpoint is not called): a model that
 cannot be loaded raises ``Unavailable`` and its columns become ``unavailable: <reason>``, never numbers.
-With the Hugging Face hub unreachable (and no offline mode set), offline mode is switched on so missing
-weights fail at once (``set_hub_mode``).
+The evaluation makes no network contact unless asked: the Hugging Face hub is offline (local folders and the
+HF cache only, missing weights fail at once) unless ``--online`` or ``RADVLM_ALLOW_DOWNLOADS=1``
+(``set_hub_mode``); GREEN's endpoint is called only when configured.
 
 ``radeval_variant`` (``--radeval-variant``) adds ``radcliq_radeval``: RadCliQ-v1 as RadEval 2.x defines it
 where it differs from the paper's setting: BERTScore with idf weights over the references of the call (all
@@ -29,15 +30,14 @@ baseline table (``bertscore_baseline``) is used unrescaled and a note says so (n
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
+from metrics.base import DOWNLOAD_ENV, downloads_allowed
 from metrics.grounding import GroundingMAP, SoftF1
 from metrics.text import GLEU, ROUGEL
 
@@ -67,7 +67,7 @@ class MetricSettings:
     green_api_key_env: str | None = None  # name of the environment variable holding the endpoint's key
     radeval_variant: bool = False  # also report RadCliQ-v1 as RadEval defines it (``radcliq_radeval``)
     device: str | None = None  # None: cuda when available
-    offline: bool | None = None  # None: offline when the hub is unreachable
+    offline: bool | None = None  # None/True: hub offline; False (--online): downloads allowed
 
 
 class Unavailable(Exception):
@@ -85,26 +85,20 @@ def describe(what: str, exc: BaseException) -> Unavailable:
     return Unavailable(f"{what} could not be loaded ({type(root).__name__}: {first})", str(exc))
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def set_hub_mode(offline: bool | None) -> str | None:
-    """Switch the Hugging Face hub offline when asked or (``None``) when unreachable; returns a note."""
-    if offline is False or os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE"):
+    """The hub for this evaluation: offline (no network contact) unless ``offline is False`` (``--online``) or
+    the user allowed downloads (``RADVLM_ALLOW_DOWNLOADS=1``); ``--online`` allows the metrics' downloads.
+    Returns a note for the table when the hub is offline."""
+    if offline is False:
+        os.environ[DOWNLOAD_ENV] = "1"
         return None
-    if offline is None and hub_reachable():
+    if downloads_allowed() and offline is None:
         return None
     os.environ["HF_HUB_OFFLINE"] = "1"
     if "huggingface_hub.constants" in sys.modules:  # already imported: it read the variable at import
         sys.modules["huggingface_hub.constants"].HF_HUB_OFFLINE = True
-    why = " (unreachable)" if offline is None else ""
-    return f"Hugging Face hub offline{why}: only local weights are used"
+    return (f"Hugging Face hub offline: only local weights are used (--online or {DOWNLOAD_ENV}=1 to allow "
+            f"downloads)")
 
 
 def probe(metric: Any, what: str) -> Any:

@@ -20,7 +20,7 @@ Output: a Markdown table on stdout, a JSON file (``--json``, default ``<first in
 each input ``<input>.scored.jsonl`` (its rows, in our shape, sorted by id, with a ``scores`` object of
 per-sample values; ``null`` = unavailable or undefined).
 
-Columns (REFERENCE.md §5, §6, §8b) in the paper's order, then ours, from the metric classes used for training
+Columns (docs/paper.md §5, §6, §8b) in the paper's order, then ours, from the metric classes used for training
 (``score`` per sample) and the same aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
 - ``report_generation``: ROUGE-L, BERTScore, CheXbert F1 micro/macro over 14 and 5 observations
   (``metrics.chexbert.micro_macro_f1``), RadGraph-F1, GREEN (``metrics.green``; unavailable, with the
@@ -113,8 +113,9 @@ def inverse_mean(v: np.ndarray) -> float:  # (N,) -> 1 / mean of the finite valu
 
 
 def ratio_of_sums(v: np.ndarray) -> float:  # (N, 2) -> sum(col 0) / sum(col 1): GroundingMAP's mean IoU
+    """GroundingMAP's mean IoU: 0 when no sample has a predicted x ground-truth pair, NaN without samples."""
     den = float(v[:, 1].sum())
-    return float(v[:, 0].sum()) / den if den > 0 else NAN
+    return float(v[:, 0].sum()) / den if den > 0 else (0.0 if len(v) else NAN)
 
 
 def chexbert_stat(subset: Sequence[int] | None, which: int) -> Callable[[np.ndarray], float]:
@@ -142,7 +143,7 @@ class Column:
 
 
 CHARS = Column("chars", "avg. characters", percent=False)
-#: per kind of task, the rows of its table in the paper's column order (REFERENCE.md §5, §6), then ours (GLEU,
+#: per kind of task, the rows of its table in the paper's column order (docs/paper.md §5, §6), then ours (GLEU,
 #: length); a column a scoring function does not produce (GREEN without its judge) is left out of the table
 COLUMNS = {
     "report": (Column("rouge_l", "ROUGE-L"), Column("bertscore", "BERTScore"),
@@ -160,7 +161,9 @@ COLUMNS = {
                        CHARS),
     "text": (Column("rouge_l", "ROUGE-L"), Column("gleu", "GLEU"), CHARS),
 }
-UNDEFINED = {"mean_iou": "no predicted × ground-truth box pair (no predicted box at all)"}
+#: why a column's value is undefined, where that is not "no sample has a value" (mean IoU without any
+#: predicted × ground-truth pair is 0, as GroundingMAP defines it, so it has no entry)
+UNDEFINED: dict[str, str] = {}
 
 
 def task_kind(task: str) -> str:

@@ -18,8 +18,8 @@ reward is the weighted sum of the signed values (``value`` if higher is better, 
   A timed-out call is stopped, not left running (:func:`score_with_timeout`): it runs in a thread of its own
   whose cancellation event is set at the deadline; the metrics of ``metrics/`` check it between batches and
   stop (their per-sample inputs are capped in tokens, so a batch is bounded). A metric that never checks
-  runs on to its end, abandoned; while ``MAX_ABANDONED`` such calls run, or one of the same metric, further
-  calls are refused (NaN) instead of starting more threads.
+  runs on to its end, abandoned; while it runs, further calls of that metric object (and of any metric once
+  ``MAX_ABANDONED`` calls are abandoned) are refused (NaN) instead of starting more threads.
 - A prompt whose task no term scores is a configuration error and raises.
 - Rewards are float32 whatever the caller's default dtype: under ``bf16-true`` training the default dtype is
   bfloat16 (8 bits of mantissa), so every tensor here names its dtype and the scoring runs with a float32
@@ -101,8 +101,9 @@ class RewardError(RuntimeError):
 #: thread attribute holding a scoring thread's cancellation event: ``metrics.base.CANCEL_ATTR`` (the same name;
 #: the core does not import ``metrics``), polled by the metrics' ``check_cancelled`` between batches
 CANCEL_ATTR = "cancel_event"
-#: at most this many timed-out calls of metrics that ignore cancellation may still run; then calls are refused
-MAX_ABANDONED = 2
+#: at most this many timed-out calls of metrics that ignore cancellation may still run (a safety net: one per
+#: metric object is the rule, so a run's reward terms bound it already); then calls are refused
+MAX_ABANDONED = 8
 #: after the deadline, wait at most min(timeout, this) seconds for a cooperative metric to stop
 CANCEL_GRACE_S = 5.0
 _abandoned: list[tuple[threading.Thread, int]] = []  # (thread, id(metric)) of timed-out calls still running
@@ -116,8 +117,9 @@ def score_with_timeout(metric: ScoringMetric, preds: list[str], targets: list[st
     With a ``timeout`` the call runs in a new thread whose cancellation event (``CANCEL_ATTR``) is set at the
     deadline; the thread is then given ``min(timeout, CANCEL_GRACE_S)`` s to stop at the metric's next
     cancellation check, so nothing of a cooperative metric keeps running once this raises. A thread still
-    alive after that is abandoned and counted: while ``MAX_ABANDONED`` are alive, or one of the same metric
-    object (its caches are not made for two threads), calls raise ``RewardError`` without starting one."""
+    alive after that is abandoned and counted: while one of the same metric object is alive (its caches are
+    not made for two threads), or ``MAX_ABANDONED`` of any, calls raise ``RewardError`` without starting a
+    thread, so repeated timeouts never add threads beyond one per metric object."""
     if timeout is None:
         return metric.score(preds, targets)
     name = type(metric).__name__
@@ -128,9 +130,13 @@ def score_with_timeout(metric: ScoringMetric, preds: list[str], targets: list[st
         if len(_abandoned) >= MAX_ABANDONED:
             raise RewardError(f"{len(_abandoned)} timed-out reward calls are still running; {name} not started")
     outcome: dict[str, Any] = {}
+    # a new thread starts on CUDA device 0: give it the caller's (a DDP rank's own GPU) for "cuda" models
+    cuda_device = torch.cuda.current_device() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
     def run() -> None:
         try:
+            if cuda_device is not None:
+                torch.cuda.set_device(cuda_device)
             outcome["value"] = metric.score(preds, targets)
         except BaseException as exc:  # noqa: BLE001  (handed to the caller below; cancellation included)
             outcome["error"] = exc

@@ -215,11 +215,13 @@ def test_grounding_map_compute_gives_map_and_mean_iou_over_all_pairs():
     torch.testing.assert_close(out["mean_iou"], torch.tensor(0.45))
 
 
-def test_grounding_map_without_pairs_reports_nan_mean_iou():
+def test_grounding_map_without_pairs_reports_zero_mean_iou_and_nan_only_before_any_sample():
     metric = GroundingMAP()
+    with pytest.warns(UserWarning, match="called before the ``update``"):
+        assert math.isnan(metric.compute()["mean_iou"].item())  # no sample yet
     metric.update([NEGATIVE_ANSWER], [NEGATIVE_ANSWER])
     out = metric.compute()
-    assert out["map"].item() == 0.0 and math.isnan(out["mean_iou"].item())
+    assert out["map"].item() == 0.0 and out["mean_iou"].item() == 0.0  # 0 / 0 pairs: 0 by definition
 
 
 # --------------------------------------------------------------- RadVLM evaluation: unrounded boxes, parsing
@@ -266,7 +268,7 @@ def test_grounding_map_makes_no_box_of_a_negative_coordinate_as_radvlm_does():
     assert reward.score([pred], [""], gt_boxes=[gt]).tolist() == [1.0]
     radvlm.update([pred], [""], gt_boxes=[gt])
     out = radvlm.compute()
-    assert out["map"].item() == 0.0 and math.isnan(out["mean_iou"].item())
+    assert out["map"].item() == 0.0 and out["mean_iou"].item() == 0.0  # no predicted box: mean IoU 0
 
 
 def test_grounding_map_ap_when_one_of_two_boxes_has_a_negative_coordinate():
