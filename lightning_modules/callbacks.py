@@ -1,27 +1,52 @@
-"""Callbacks: prediction JSONL writer (resumable), box pictures in TensorBoard, reward-hacking monitors.
+"""Callbacks: prediction JSONL writer (resumable), box pictures in TensorBoard, reward-hacking monitors,
+validation before the first step, and progress that reads right in a terminal and in a log file.
 
 - ``PredictionWriter``: one JSON line per predicted sample, appended batch by batch; a rerun skips ids
   already written (also in the per-rank files ``<output>.rankN`` of a multi-GPU run) and first cuts off a line
   torn by a crash, so an interrupted ``main.py predict`` continues where it stopped, without duplicates.
 - ``BoxPictures``: at the end of validation and test, a TensorBoard image grid of grounding samples with the
-  ground-truth boxes green, the predicted boxes red and the prompt phrase (left out when the module's
+  ground-truth boxes green, the predicted boxes red, each box labelled with the finding its text names
+  (``radvlm.draw.box_labels``), and the prompt phrase (labels and phrase are left out when the module's
   ``log_text_samples`` is off). The module collects the samples: at epoch start the callback sets
   ``pl_module._val_pictures = []`` and ``pl_module._val_pictures_cap = num_images``, and the module's
-  validation step appends ``{"image", "answer", "gt_boxes", "prompt", "task"}`` of its greedy grounding
-  outputs until the cap (``GRPOModule`` does; a module that does not simply gets no pictures).
+  validation step appends ``{"image", "answer", "gt_boxes", "prompt", "task", "reference"}`` of its greedy
+  grounding outputs until the cap (``GRPOModule`` does; a module that does not simply gets no pictures).
 - ``LengthDriftMonitor``: answer length relative to the first validation, with a warning when it drifts
   (the paper's reward-hacking signal).
+- ``ValidateAtStart``: one validation before the first training batch of a fresh run (not after a resume), so
+  the curves start with the starting checkpoint's scores (GRPO: the SFT model).
+- ``RunProgress``: the progress of the whole run, not of an epoch: training batches done / total (GRPO:
+  rollout batches; the total is derived from ``max_steps`` and the optimizer steps per batch, also after a
+  resume), epoch e/E, loss or reward, it/s and ETA. A tqdm bar on a terminal; plain log lines every
+  ``every_n_seconds`` (and after each validation) when stdout is not a terminal (files, ``make demo | tee``,
+  cluster jobs).
+
+One step axis per run: every TensorBoard point is written at ``log_step(trainer)``, Lightning's own logging
+step (``fit_loop.epoch_loop._batches_that_stepped``): the index of the training batch (GRPO: of the rollout
+batch), 0-based; a validation after batch i is written at i, the ``ValidateAtStart`` one at 0. It is not the
+optimizer step (``global_step``), which advances ``ppo_epochs`` × mini-batches times per GRPO rollout batch.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+
+def log_step(trainer: L.Trainer) -> int:
+    """The x of every TensorBoard point of a run: Lightning's logging step, the number of training batches
+    stepped so far (what ``self.log`` uses; GRPO: rollout batches), not ``global_step`` (optimizer steps)."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
 
 def repair_tail(path: str | Path) -> bool:
@@ -156,7 +181,8 @@ class BoxPictures(L.Callback):
                 continue
             caption = s.get("prompt", "") if with_text else None
             gt = s.get("gt_boxes") or []
-            pictures.append(sample_picture(s["image"], s["answer"], gt, caption, self.size))
+            pictures.append(sample_picture(s["image"], s["answer"], gt, caption, self.size,
+                                           reference=s.get("reference"), labels=with_text))
         return image_grid(pictures, self.columns) if pictures else None
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -169,7 +195,7 @@ class BoxPictures(L.Callback):
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if experiment is not None and hasattr(experiment, "add_image"):
-                experiment.add_image(f"{stage}/{self.tag}", np.asarray(grid), global_step=trainer.global_step,
+                experiment.add_image(f"{stage}/{self.tag}", np.asarray(grid), global_step=log_step(trainer),
                                      dataformats="HWC")
 
 
@@ -199,7 +225,7 @@ class LengthDriftMonitor(L.Callback):
             self.reference = chars
         self.last_ratio = chars / self.reference if self.reference > 0 else float("nan")
         for logger in trainer.loggers:
-            logger.log_metrics({"val/answer_chars_ratio": self.last_ratio}, step=trainer.global_step)
+            logger.log_metrics({"val/answer_chars_ratio": self.last_ratio}, step=log_step(trainer))
         if not self.min_ratio <= self.last_ratio <= self.max_ratio:
             import warnings
 
@@ -212,3 +238,254 @@ class LengthDriftMonitor(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.reference = state_dict.get("reference")
+
+
+class ValidateAtStart(L.Callback):
+    """Run the validation loop once before the first training batch of a fresh run (skipped after a resume and
+    when there is no validation data), so every validation curve starts at step 0 with the starting model."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if log_step(trainer) > 0 or trainer.global_step > 0:
+            return
+        loop = trainer.fit_loop.epoch_loop.val_loop
+        first_loop_iter = trainer._logger_connector._first_loop_iter  # as Lightning's own in-epoch validation
+        trainer.validating = True
+        try:
+            loop.run()
+        finally:
+            trainer.training = True
+            trainer._logger_connector._first_loop_iter = first_loop_iter
+
+
+def _clock(seconds: float) -> str:
+    """``1:05:03`` / ``5:03`` for a duration; ``?`` when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    s = int(round(seconds))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def batches_done(trainer: L.Trainer, pl_module: L.LightningModule, after_batch: bool = False) -> int:
+    """Training batches finished in the run: the module's checkpointed ``batches_trained`` when it has one
+    (``PolicyModule``; right also at ``on_train_start`` after a resume), else Lightning's logging step (which
+    counts a batch only after ``on_train_batch_end``: ``after_batch`` adds it)."""
+    n = getattr(pl_module, "batches_trained", None)
+    if isinstance(n, int):
+        return n
+    return log_step(trainer) + int(after_batch)
+
+
+def training_plan(trainer: L.Trainer, done: int, steps_per_batch: float, after_batch: bool = False) -> dict[str, Any]:
+    """Where a run stands in training batches: ``done``, ``total`` (None when unbounded), ``epoch`` (1-based: of
+    the batch just finished with ``after_batch``, else of the next one) and ``epochs`` (None when unknown).
+    ``total`` is the tighter of ``max_steps`` (optimizer steps, converted with ``steps_per_batch``) and
+    ``max_epochs`` × batches per epoch; it holds after a resume because it is computed from the restored
+    counters."""
+    per_epoch = trainer.num_training_batches
+    per_epoch = int(per_epoch) if per_epoch and math.isfinite(per_epoch) else None
+    totals = []
+    if trainer.max_steps is not None and trainer.max_steps > 0:
+        remaining = max(trainer.max_steps - trainer.global_step, 0)
+        totals.append(done + math.ceil(remaining / max(steps_per_batch, 1e-9) - 1e-9))
+    if trainer.max_epochs is not None and trainer.max_epochs > 0 and per_epoch:
+        totals.append(int(trainer.max_epochs * per_epoch))
+    total = min(totals) if totals else None
+    epochs = math.ceil(total / per_epoch) if total and per_epoch else None
+    if per_epoch:
+        epoch = max(math.ceil(done / per_epoch), 1) if after_batch else min(done // per_epoch + 1, epochs or math.inf)
+    else:
+        epoch = trainer.current_epoch + 1
+    return {"done": done, "total": total, "epoch": int(epoch), "epochs": epochs}
+
+
+class RunProgress(ProgressBar):
+    """Progress of a whole run (see the module docstring): a tqdm bar on a terminal, else plain lines.
+
+    A plain line::
+
+        [GRPO] batch 20/60 (33%) | epoch 1/1 | step 40 | train/reward_mean 0.412 | 0.45 it/s | elapsed 0:44 | ETA 1:29
+
+    ``batch`` counts training batches (GRPO: rollout batches) over the whole run, ``epoch`` passes over the
+    training data (of how many the run makes), ``step`` the optimizer step (``global_step``), ``it/s`` training
+    batches per second in this process since its first batch (validation included), ``ETA`` the remaining
+    batches at that rate. The optimizer steps per batch (to turn ``max_steps`` into batches) are measured once
+    the run has made some, before that taken from the module's ``optimizer_steps_per_batch`` (default 1).
+    """
+
+    def __init__(self, every_n_seconds: float = 30.0, plain: bool | None = None,
+                 metrics: list[str] | None = None) -> None:
+        """
+        Args:
+            every_n_seconds: plain mode: at most one training line per this many seconds (the first and the last
+                batch and each validation always print a line).
+            plain: force plain lines (True) or the bar (False); ``None``: plain when stdout is not a terminal.
+            metrics: logged values shown with each line (``name``, else ``name_step``, when logged).
+        """
+        super().__init__()
+        if every_n_seconds < 0:
+            raise ValueError(f"every_n_seconds must be >= 0, got {every_n_seconds}")
+        self.every_n_seconds = every_n_seconds
+        self.plain = plain
+        self.metrics = list(metrics) if metrics is not None else ["train/loss", "train/reward_mean"]
+        self._enabled = True
+        self._bar = None
+        self._t0: float | None = None  # first training batch of this process
+        self._origin = (0, 0)  # (batches, global_step) at this process's start
+        self._last_line = -math.inf
+        self._eval_start = 0.0
+        self._done = 0  # training batches finished (as of the last hook)
+
+    # ---------------------------------------------------------------- ProgressBar interface
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_plain(self) -> bool:
+        return (not sys.stdout.isatty()) if self.plain is None else bool(self.plain)
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return self._enabled and trainer.is_global_zero
+
+    # ---------------------------------------------------------------- numbers
+    def steps_per_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, done: int) -> float:
+        batches, steps = done - self._origin[0], trainer.global_step - self._origin[1]
+        if batches > 0 and steps > 0:
+            return steps / batches
+        hint = getattr(pl_module, "optimizer_steps_per_batch", None)
+        return float(hint) if isinstance(hint, (int, float)) and hint > 0 else 1.0
+
+    def plan(self, trainer: L.Trainer, pl_module: L.LightningModule, after_batch: bool = False) -> dict[str, Any]:
+        done = batches_done(trainer, pl_module, after_batch)
+        plan = training_plan(trainer, done, self.steps_per_batch(trainer, pl_module, done), after_batch)
+        elapsed = time.monotonic() - self._t0 if self._t0 is not None else 0.0
+        made = done - self._origin[0]
+        rate = made / elapsed if made > 0 and elapsed > 0 else float("nan")
+        left = plan["total"] - done if plan["total"] is not None else float("nan")
+        plan.update(rate=rate, elapsed=elapsed, eta=left / rate if rate > 0 else float("nan"))
+        return plan
+
+    def values(self, trainer: L.Trainer) -> dict[str, float]:
+        found = {}
+        metrics = trainer.callback_metrics
+        for name in self.metrics:
+            for key in (name, f"{name}_step"):
+                if key in metrics:
+                    found[name] = float(metrics[key])
+                    break
+        return found
+
+    @staticmethod
+    def _name(pl_module: L.LightningModule) -> str:
+        return type(pl_module).__name__.removesuffix("Module") or "train"
+
+    @staticmethod
+    def _epoch(p: dict[str, Any]) -> str:
+        return f"epoch {p['epoch']}/{p['epochs']}" if p["epochs"] else f"epoch {p['epoch']}"
+
+    def line(self, trainer: L.Trainer, pl_module: L.LightningModule, after_batch: bool = True) -> str:
+        p = self.plan(trainer, pl_module, after_batch)
+        total, done = p["total"], p["done"]
+        where = f"batch {done}/{total} ({100 * done / total:.0f}%)" if total else f"batch {done}"
+        parts = [f"[{self._name(pl_module)}] {where}", self._epoch(p), f"step {trainer.global_step}"]
+        parts += [f"{k} {v:.4g}" for k, v in self.values(trainer).items()]
+        parts += [f"{p['rate']:.3g} it/s" if math.isfinite(p["rate"]) else "? it/s",
+                  f"elapsed {_clock(p['elapsed'])}", f"ETA {_clock(p['eta'])}"]
+        return " | ".join(parts)
+
+    def _print(self, text: str) -> None:
+        print(text, flush=True)
+
+    # ---------------------------------------------------------------- training
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._origin = (batches_done(trainer, pl_module), trainer.global_step)
+        self._done = self._origin[0]
+        self._t0, self._last_line = None, -math.inf
+        if not self._active(trainer):
+            return
+        p = self.plan(trainer, pl_module)
+        if self.is_plain:
+            resumed = f", resuming after batch {p['done']} (step {trainer.global_step})" if p["done"] else ""
+            self._print(f"[{self._name(pl_module)}] training {p['total'] or '?'} batches{resumed}")
+        else:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=p["total"], initial=p["done"], desc=f"{self._name(pl_module)} {self._epoch(p)}",
+                             dynamic_ncols=True, file=sys.stdout, smoothing=0, leave=True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._done = batches_done(trainer, pl_module, after_batch=True)
+        if not self._active(trainer):
+            return
+        if self._bar is not None:
+            p = self.plan(trainer, pl_module, after_batch=True)
+            self._bar.total = p["total"]
+            self._bar.n = p["done"]
+            self._bar.set_description(f"{self._name(pl_module)} {self._epoch(p)}", refresh=False)
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in self.values(trainer).items()}, refresh=False)
+            self._bar.refresh()
+            return
+        now = time.monotonic()
+        done = batches_done(trainer, pl_module, after_batch=True)
+        total = self.plan(trainer, pl_module, after_batch=True)["total"]
+        first, last = done - self._origin[0] == 1, total is not None and done >= total
+        if first or last or now - self._last_line >= self.every_n_seconds:
+            self._last_line = now
+            self._print(self.line(trainer, pl_module))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._active(trainer) and self.is_plain:
+            elapsed = time.monotonic() - self._t0 if self._t0 is not None else 0.0
+            self._print(f"[{self._name(pl_module)}] training done: {batches_done(trainer, pl_module)} batches, "
+                        f"step {trainer.global_step}, {_clock(elapsed)} in this process")
+
+    # ---------------------------------------------------------------- validation and prediction
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._eval_start = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._active(trainer) or trainer.sanity_checking:
+            return
+        shown = {k: float(v) for k, v in trainer.callback_metrics.items()
+                 if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1}
+        text = " | ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())[:8])
+        where = f"after {self._done} batches" if trainer.state.fn == "fit" else ""
+        msg = f"[{self._name(pl_module)}] validation {where} ({_clock(time.monotonic() - self._eval_start)})"
+        msg = " ".join(msg.split()) + (f": {text}" if text else "")
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stdout)
+        elif self.is_plain:
+            self._print(msg)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = self._last_line = time.monotonic()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._active(trainer):
+            return
+        total = self.total_predict_batches_current_dataloader
+        done = batch_idx + 1
+        now = time.monotonic()
+        if now - self._last_line < self.every_n_seconds and done < total:
+            return
+        self._last_line = now
+        elapsed = now - self._t0
+        rate = done / elapsed if elapsed > 0 else float("nan")
+        eta = (total - done) / rate if rate > 0 and math.isfinite(total) else float("nan")
+        total_text = f"/{total}" if math.isfinite(total) else ""
+        self._print(f"[predict] batch {done}{total_text} | {rate:.3g} it/s | elapsed {_clock(elapsed)} | "
+                    f"ETA {_clock(eta)}")

@@ -93,6 +93,11 @@ class SFTModule(PolicyModule):
     def on_train_epoch_start(self) -> None:
         self._t_last = None
 
+    @property
+    def optimizer_steps_per_batch(self) -> float:
+        """Optimizer steps per training batch (``callbacks.RunProgress`` turns ``max_steps`` into batches)."""
+        return 1.0 / self.accumulate
+
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self) -> None:
         self._shown = 0

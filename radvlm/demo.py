@@ -23,6 +23,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,44 +48,70 @@ def main_py(*args: str) -> list[str]:
 
 
 def prepare(out: Path) -> None:
+    """The phantom dataset and the tiny checkpoint, normalising pixels with the phantom's own statistics (see
+    ``radvlm.tiny``: what lets the vision tower learn); a checkpoint written with other statistics is redone."""
+    from radvlm.tiny import image_stats
+
     phantom, tiny = out / "phantom", out / "tiny"
     if not (phantom / "meta.json").is_file():
         run([sys.executable, "-m", "datamodules.phantom", str(phantom), "--n", "2000", "--corpus-out",
              str(out / "corpus.txt")], "phantom chest X-ray dataset")
-    if not (tiny / "model.safetensors").is_file():
-        run([sys.executable, "-m", "radvlm.tiny", str(tiny), "--corpus", str(out / "corpus.txt")],
-            "tiny Qwen3-VL checkpoint")
+    mean, _ = image_stats(phantom / "images")
+    config = tiny / "preprocessor_config.json"
+    if not (tiny / "model.safetensors").is_file() or json.loads(config.read_text())["image_mean"][0] != mean:
+        run([sys.executable, "-m", "radvlm.tiny", str(tiny), "--corpus", str(out / "corpus.txt"),
+             "--image-stats-from", str(phantom / "images")], "tiny Qwen3-VL checkpoint")
 
 
-def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Per-model held-out metrics from prediction files (same samples for every model), and the paired
-    GRPO − SFT soft-F1 difference with a 95 % bootstrap interval (2000 resamples of the images, seed 0)."""
-    import numpy as np
+def _rows(path: Path) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: r["id"])
 
-    from metrics.grounding import GroundingMAP, SoftF1
+
+def shuffled_test_records(out: Path, thinking: bool) -> Path:
+    """The test split's abnormality-grounding records with their images deranged among them (seed 0): the shuffle
+    control's input (``radvlm.shuffle_control``); written once."""
+    from radvlm.shuffle_control import write_shuffled_records
+
+    name = "test_thinking" if thinking else "test"
+    path = out / "phantom" / f"{name}_grounding_shuffled.json"
+    if not path.is_file():
+        write_shuffled_records(out / "phantom" / f"{name}.json", path, seed=0, tasks=["abnormality_grounding"])
+    return path
+
+
+def summarise(pred_files: dict[str, Path], shuffled_files: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Per-model held-out metrics from prediction files (same samples for every model); with ``shuffled_files``
+    (the same grounding records answered on deranged images, ``radvlm.shuffle_control``) each model also gets
+    ``shuffle``: own / shuffled / image-dependent soft-F1 and mAP@0.5 with paired 95 % bootstrap CIs. ``paired``
+    holds GRPO − SFT on the same records (soft-F1, mAP@0.5 and, with the control, their image-dependent parts),
+    each with a 95 % bootstrap CI (2000 resamples of the records, seed 0)."""
+    from metrics.grounding import GroundingMAP
     from metrics.text import GLEU
-    from radvlm.evaluate import bootstrap_ci
+    from radvlm.shuffle_control import image_dependence, paired_gain, per_record
     from radvlm.tasks import is_box_task
 
-    summary: dict[str, dict[str, float]] = {}
-    per_sample: dict[str, dict[str, float]] = {}
+    summary: dict[str, Any] = {}
+    entries: dict[str, dict] = {}
     for name, path in pred_files.items():
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        rows.sort(key=lambda r: r["id"])
+        rows = _rows(path)
         grounding = [r for r in rows if is_box_task(r["task"])]
         reports = [r for r in rows if r["task"] == "report_generation"]
-        out: dict[str, float] = {}
+        out: dict[str, Any] = {}
         if grounding:
-            preds, refs = [r["answer"] for r in grounding], [r["reference"] for r in grounding]
-            values = SoftF1().score(preds, refs)
-            per_sample[name] = {r["id"]: float(v) for r, v in zip(grounding, values)}
-            out["soft_f1"] = float(values.mean())
+            if shuffled_files and name in shuffled_files:
+                entry = image_dependence(grounding, _rows(shuffled_files[name]))
+                out["shuffle"] = {k: entry[k] for k in ("soft_f1", "map")}
+            else:
+                entry = {"per_record": per_record(grounding, grounding)}
+            entries[name] = entry
+            values = entry["per_record"].values()
+            out["soft_f1"] = float(np.mean([v["soft_f1"] for v in values]))
+            out["map"] = float(np.mean([v["map"] for v in values]))
             m = GroundingMAP()
-            m.update(preds, refs)
-            agg = m.compute()
-            out["map"] = float(agg["map"])
-            out["mean_iou"] = float(agg["mean_iou"])
-            out["grounding_chars"] = sum(len(p) for p in preds) / len(preds)
+            m.update([r["answer"] for r in grounding], [r["reference"] for r in grounding])
+            out["mean_iou"] = float(m.compute()["mean_iou"])
+            out["grounding_chars"] = sum(len(r["answer"]) for r in grounding) / len(grounding)
             out["n_grounding"] = len(grounding)
         if reports:
             preds, refs = [r["answer"] for r in reports], [r["reference"] for r in reports]
@@ -92,28 +121,50 @@ def summarise(pred_files: dict[str, Path]) -> dict[str, dict[str, float]]:
         if any(r.get("thinking") for r in rows):
             out["think_closed"] = sum(bool(r.get("think_closed")) for r in rows) / len(rows)
         summary[name] = out
-    if {"sft", "grpo"} <= per_sample.keys():
-        ids = sorted(per_sample["sft"].keys() & per_sample["grpo"].keys())
-        diff = np.array([per_sample["grpo"][i] - per_sample["sft"][i] for i in ids])  # (n,) paired
-        lo, hi = bootstrap_ci(diff, np.mean, n=2000, seed=0)
-        summary["paired"] = {"soft_f1_delta": float(diff.mean()), "ci95_low": lo, "ci95_high": hi, "n": len(ids)}
+    if {"sft", "grpo"} <= entries.keys():
+        keys = ["soft_f1", "map"]
+        if all("shuffle" in summary[n] for n in ("sft", "grpo")):
+            keys += ["soft_f1_image", "map_image"]
+        summary["paired"] = {k: paired_gain(entries["sft"], entries["grpo"], k) for k in keys}
     return summary
 
 
-def format_summary(summary: dict[str, dict[str, float]], seconds: dict[str, float]) -> str:
+def _ci(d: dict[str, float], key: str = "delta") -> str:
+    return f"{d[key]:+.3f} ({d['ci95_low']:+.3f} … {d['ci95_high']:+.3f})"
+
+
+def format_summary(summary: dict[str, Any], seconds: dict[str, float]) -> str:
+    """The demo table: per model own / shuffled / image-dependent soft-F1 and mAP@0.5 (paired 95 % CIs) when the
+    shuffle control ran, the other columns, then the paired GRPO − SFT differences and the times."""
+    models = {k: v for k, v in summary.items() if k != "paired"}
+    control = any("shuffle" in v for v in models.values())
+    lines = []
+    if control:
+        lines += ["| model | soft-F1 own | shuffled | image-dependent (95 % CI) | mAP@0.5 own | shuffled | "
+                  "image-dependent (95 % CI) |", "|---|---|---|---|---|---|---|"]
+        for name, v in models.items():
+            if "shuffle" not in v:
+                continue
+            cells = []
+            for key in ("soft_f1", "map"):
+                m = v["shuffle"][key]
+                cells += [f"{m['own']:.3f}", f"{m['shuffled']:.3f}", _ci(m, "image")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
     keys = [k for k in ("soft_f1", "map", "mean_iou", "grounding_chars", "gleu", "report_chars", "think_closed")
-            if any(k in v for v in summary.values())]
-    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, values in summary.items():
-        if name == "paired":
-            continue
+            if any(k in v for v in models.values()) and not (control and k in ("soft_f1", "map"))]
+    lines += ["| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for name, values in models.items():
         cells = [f"{values[k]:.3f}" if k in values else "—" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     if "paired" in summary:
         p = summary["paired"]
-        lines.append(f"soft-F1 GRPO − SFT on the same {p['n']} images: {p['soft_f1_delta']:+.3f} "
-                     f"(95 % bootstrap CI {p['ci95_low']:+.3f} … {p['ci95_high']:+.3f})")
+        n = next(iter(p.values()))["n"]
+        names = {"soft_f1_image": "image-dependent soft-F1", "map_image": "image-dependent mAP@0.5",
+                 "soft_f1": "soft-F1", "map": "mAP@0.5"}
+        lines.append(f"GRPO − SFT on the same {n} grounding records (95 % bootstrap CI): " + "; ".join(
+            f"{names[k]} {_ci(p[k])}" for k in ("soft_f1_image", "map_image", "soft_f1", "map") if k in p))
     lines.append("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))
     return "\n".join(lines)
 
@@ -139,19 +190,29 @@ def main(argv: list[str] | None = None) -> None:
     seconds["sft"] = run(main_py("fit", "--config", first_cfg, *rerun), "cold start SFT" if thinking else "SFT")
     seconds["grpo"] = run(main_py("fit", "--config", grpo_cfg, *rerun), "GRPO")
 
+    # held-out predictions on the records' own images, and the grounding records again on deranged images
+    shuffled_records = shuffled_test_records(out, thinking)
     preds: dict[str, Path] = {}
+    shuffled: dict[str, Path] = {}
     t0 = time.perf_counter()
     for name, model in (("sft", first_model), ("grpo", grpo_model)):
-        path = out / "predictions" / f"{args.variant}_{name}.jsonl"
-        if path.exists():
-            path.unlink()
-        run(main_py("predict", "--config", "configs/demo/predict.yaml",
-                    "--model.init_args.policy.name_or_path", str(model),
-                    "--data.init_args.thinking", str(thinking).lower(),
-                    "--trainer.callbacks.init_args.output", str(path)), f"held-out predictions ({name})")
-        preds[name] = path
+        for images, target, extra in (
+            ("own", preds, ()),
+            ("shuffled", shuffled, ("--data.init_args.predict_files", f"[{shuffled_records}]",
+                                    "--data.init_args.tasks", "[abnormality_grounding]")),
+        ):
+            suffix = "" if images == "own" else "_shuffled"
+            path = out / "predictions" / f"{args.variant}_{name}{suffix}.jsonl"
+            if path.exists():
+                path.unlink()
+            run(main_py("predict", "--config", "configs/demo/predict.yaml",
+                        "--model.init_args.policy.name_or_path", str(model),
+                        "--data.init_args.thinking", str(thinking).lower(),
+                        "--trainer.callbacks.init_args.output", str(path), *extra),
+                f"held-out predictions ({name}, {images} images)")
+            target[name] = path
     seconds["predict"] = time.perf_counter() - t0
-    summary = summarise(preds)
+    summary = summarise(preds, shuffled)
     result = {**summary, "variant": args.variant, "seconds": seconds}
     name = "summary.json" if not thinking else "summary_thinking.json"
     (out / name).write_text(json.dumps(result, indent=2))

@@ -8,12 +8,22 @@ in exactly the Hugging Face layout of a real Qwen3-VL checkpoint:
 - ``tokenizer.json`` / ``tokenizer_config.json``: a byte-level BPE tokenizer trained here on chest X-ray
   prompt and report text (digits split one by one, as Qwen's pre-tokenizer does), carrying the Qwen special
   tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<think>`` …);
-- ``preprocessor_config.json``: the Qwen2-VL image processor (patch 16, merge 2, as Qwen3-VL uses);
+- ``preprocessor_config.json``: the Qwen2-VL image processor (patch 16, merge 2, as Qwen3-VL uses); pixels
+  are normalised with ``image_mean`` / ``image_std`` (Qwen's 0.5 / 0.5 by default; ``--image-stats-from DIR``
+  takes the mean and standard deviation of the images in DIR, as the demo does with the phantom's training
+  images);
 - ``chat_template.jinja``: a compact chat template that renders our conversations exactly as the Qwen3-VL
   Instruct template does (``CHAT_TEMPLATE``).
 
 Because it is a normal checkpoint folder, ``Policy.from_pretrained(OUT_DIR)`` loads it through the very
 same code path as ``Qwen/Qwen3-VL-8B-Instruct``. Everything is deterministic for a given seed and corpus.
+
+Why the data's own pixel statistics matter for a vision tower trained from scratch: phantom radiographs are
+dark (pixel mean 0.26, std 0.16 on [0, 1]). With Qwen's 0.5 / 0.5 every patch is mostly one large negative
+offset, which the random patch projection maps to nearly one direction, so the tower's output at
+initialisation is almost the same for every image (it varies by about 1 % across images); SFT then grew that
+constant part and the images were ignored (greedy answers identical on own and shuffled images). Centred and
+scaled by the data's statistics the patches keep their differences and the tower learns (configs/demo/sft.yaml).
 """
 
 from __future__ import annotations
@@ -131,19 +141,20 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
     return fast
 
 
-def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision_hidden: int = 64):
+def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision_hidden: int = 64,
+                patch_size: int = 16, vision_depth: int = 2, text_layers: int = 2):
     """A valid miniature ``Qwen3VLConfig`` whose special token ids match ``tokenizer``."""
     from transformers import Qwen3VLConfig
 
     vocab = ((len(tokenizer) + 63) // 64) * 64  # (pad the embedding to a multiple of 64, as real models do)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = 16  # mrope_section must sum to head_dim / 2 = 8
-    patches_per_side = image_size // 16
+    patches_per_side = image_size // patch_size
     text_config = dict(
         vocab_size=vocab,
         hidden_size=text_hidden,
         intermediate_size=2 * text_hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=text_layers,
         num_attention_heads=text_hidden // head_dim // 2,
         num_key_value_heads=2,
         head_dim=head_dim,
@@ -160,11 +171,11 @@ def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision
         tie_word_embeddings=False,
     )
     vision_config = dict(
-        depth=2,
+        depth=vision_depth,
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
         num_heads=2,
-        patch_size=16,
+        patch_size=patch_size,
         spatial_merge_size=2,
         temporal_patch_size=2,
         out_hidden_size=text_hidden,
@@ -185,18 +196,38 @@ def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision
     return config
 
 
-def image_processor_config(min_pixels: int = 32 * 32, max_pixels: int = 256 * 256) -> dict:
-    """``preprocessor_config.json`` of the tiny checkpoint (Qwen3-VL values but for the pixel budget)."""
+def image_stats(folder: str | Path, pattern: str = "*.png") -> tuple[float, float]:
+    """Mean and standard deviation of the pixel values (on [0, 1], grey level of RGB) of the images in
+    ``folder``: the normalisation of a tiny checkpoint trained from scratch on those images."""
+    import numpy as np
+    from PIL import Image
+
+    total = total_sq = count = 0.0
+    paths = sorted(Path(folder).glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no {pattern} images in {folder}")
+    for path in paths:
+        with Image.open(path) as img:
+            a = np.asarray(img.convert("L"), dtype=np.float64) / 255.0
+        total, total_sq, count = total + a.sum(), total_sq + (a * a).sum(), count + a.size
+    mean = total / count
+    return round(float(mean), 3), round(float(np.sqrt(max(total_sq / count - mean * mean, 1e-12))), 3)
+
+
+def image_processor_config(min_pixels: int = 32 * 32, max_pixels: int = 256 * 256, image_mean: float = 0.5,
+                           image_std: float = 0.5, patch_size: int = 16) -> dict:
+    """``preprocessor_config.json`` of the tiny checkpoint (Qwen3-VL values but for the pixel budget and, when
+    given, the pixel normalisation)."""
     return {
         "image_processor_type": "Qwen2VLImageProcessor",
         "do_resize": True,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5],
-        "image_std": [0.5, 0.5, 0.5],
+        "image_mean": [image_mean] * 3,
+        "image_std": [image_std] * 3,
         "do_convert_rgb": True,
-        "patch_size": 16,
+        "patch_size": patch_size,
         "temporal_patch_size": 2,
         "merge_size": 2,
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
@@ -211,6 +242,11 @@ def write_tiny_checkpoint(
     vocab_size: int = 1024,
     text_hidden: int = 128,
     vision_hidden: int = 64,
+    image_mean: float = 0.5,
+    image_std: float = 0.5,
+    patch_size: int = 16,
+    vision_depth: int = 2,
+    text_layers: int = 2,
 ) -> Path:
     """Write the tiny checkpoint folder and return its path. Same seed and corpus → same files."""
     from transformers import Qwen3VLForConditionalGeneration
@@ -219,7 +255,8 @@ def write_tiny_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     texts = list(DEFAULT_CORPUS) + list(corpus or [])
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
-    config = tiny_config(tokenizer, image_size=image_size, text_hidden=text_hidden, vision_hidden=vision_hidden)
+    config = tiny_config(tokenizer, image_size=image_size, text_hidden=text_hidden, vision_hidden=vision_hidden,
+                         patch_size=patch_size, vision_depth=vision_depth, text_layers=text_layers)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [config.eos_token_id, config.pad_token_id]
@@ -228,7 +265,8 @@ def write_tiny_checkpoint(
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config(), indent=2))
+    processor = image_processor_config(image_mean=image_mean, image_std=image_std, patch_size=patch_size)
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
     return out
 
 
@@ -238,11 +276,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--corpus", help="text file, one training sentence per line, for the tokenizer")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--image-stats-from", metavar="DIR",
+                        help="normalise pixels with the mean and std of the PNG images in DIR (else 0.5 / 0.5)")
     args = parser.parse_args(argv)
     corpus = Path(args.corpus).read_text().splitlines() if args.corpus else None
-    path = write_tiny_checkpoint(args.out_dir, corpus=corpus, seed=args.seed, image_size=args.image_size)
+    mean, std = image_stats(args.image_stats_from) if args.image_stats_from else (0.5, 0.5)
+    path = write_tiny_checkpoint(args.out_dir, corpus=corpus, seed=args.seed, image_size=args.image_size,
+                                 image_mean=mean, image_std=std)
     n = sum(p.numel() for p in __import__("safetensors.torch").torch.load_file(path / "model.safetensors").values())
-    print(f"wrote a tiny Qwen3-VL checkpoint ({n / 1e6:.2f} M parameters) to {path}")
+    print(f"wrote a tiny Qwen3-VL checkpoint ({n / 1e6:.2f} M parameters, pixels normalised with mean {mean}, "
+          f"std {std}) to {path}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def row(i, answer, reference, task="abnormality_grounding"):
 
 
 BOX = "[0.1, 0.1, 0.5, 0.5]"
+OTHER = "[0.6, 0.6, 0.9, 0.9]"
 
 
 def test_summary_pairs_models_on_the_same_samples(tmp_path):
@@ -25,8 +26,27 @@ def test_summary_pairs_models_on_the_same_samples(tmp_path):
     s = summarise({"sft": sft, "grpo": grpo})
     # soft-F1: SFT (0 + 1) / 2 = 0.5, GRPO (1 + 1) / 2 = 1; paired delta mean (1 + 0) / 2 = 0.5
     assert s["sft"]["soft_f1"] == 0.5 and s["grpo"]["soft_f1"] == 1.0
-    assert s["paired"]["soft_f1_delta"] == 0.5 and s["paired"]["n"] == 2
-    assert 0.0 <= s["paired"]["ci95_low"] <= 0.5 <= s["paired"]["ci95_high"] <= 1.0
+    assert s["paired"]["soft_f1"]["delta"] == 0.5 and s["paired"]["soft_f1"]["n"] == 2
+    assert 0.0 <= s["paired"]["soft_f1"]["ci95_low"] <= 0.5 <= s["paired"]["soft_f1"]["ci95_high"] <= 1.0
+    assert "soft_f1_image" not in s["paired"]  # no shuffle control given
     assert s["sft"]["gleu"] == 1.0 and s["grpo"]["report_chars"] == len("Normal.")
     table = format_summary(s, {"sft": 1.0})
-    assert "| grpo | 1.000 |" in table and "+0.500" in table
+    assert "| grpo | 1.000 |" in table and "soft-F1 +0.500" in table
+
+
+def test_summary_with_the_shuffle_control(tmp_path):
+    refs = [f"at {BOX}", f"at {OTHER}"]
+    own = {"sft": [row(0, f"at {BOX}", refs[0]), row(1, f"at {BOX}", refs[1])],  # 1, 0: a constant answer
+           "grpo": [row(0, f"at {BOX}", refs[0]), row(1, f"at {OTHER}", refs[1])]}  # 1, 1: reads the image
+    shuffled = {"sft": [row(0, f"at {BOX}", refs[0]), row(1, f"at {BOX}", refs[1])],  # same as own: prior only
+                "grpo": [row(0, f"at {OTHER}", refs[0]), row(1, f"at {BOX}", refs[1])]}  # 0, 0 on other images
+    files = {k: write(tmp_path / f"{k}.jsonl", v) for k, v in own.items()}
+    shuf = {k: write(tmp_path / f"{k}_shuffled.jsonl", v) for k, v in shuffled.items()}
+    s = summarise(files, shuf)
+    assert s["sft"]["shuffle"]["soft_f1"]["own"] == 0.5 and s["sft"]["shuffle"]["soft_f1"]["image"] == 0.0
+    assert s["grpo"]["shuffle"]["soft_f1"]["shuffled"] == 0.0 and s["grpo"]["shuffle"]["soft_f1"]["image"] == 1.0
+    assert s["grpo"]["shuffle"]["map"]["image"] == 1.0
+    assert s["paired"]["soft_f1_image"]["delta"] == 1.0  # image-dependent part: 0 → 1 on both records
+    table = format_summary(s, {"sft": 1.0})
+    assert "| sft | 0.500 | 0.500 | +0.000 (+0.000 … +0.000) |" in table
+    assert "image-dependent soft-F1 +1.000 (+1.000 … +1.000)" in table

@@ -79,3 +79,26 @@ def test_image_grid_places_pictures_in_rows():
 def test_missing_image_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.png"):
         sample_picture(tmp_path / "nope.png", "", [])
+
+
+def test_box_labels_name_the_finding_of_each_box():
+    from radvlm.draw import box_labels
+
+    text = ("The mass is located at the coordinates [0.1, 0.1, 0.2, 0.2] on the image. The pleural effusion is "
+            "located at the coordinates [0.5, 0.5, 0.9, 0.9] and [0.1, 0.5, 0.4, 0.9] on the image.")
+    assert box_labels(text) == ["mass", "pleural effusion", "pleural effusion"]  # "and [..]": same finding
+    assert box_labels("This phrase can be observed at [0.1, 0.1, 0.2, 0.2] on the image.") == [""]
+    assert box_labels("No abnormalities or lesions are detected on this Chest X-ray.") == []
+
+
+def test_labels_are_written_above_ground_truth_and_below_predicted_boxes():
+    box = [0.3, 0.3, 0.6, 0.6]  # pixels 60..120 on a 200 × 200 image
+    px = np.asarray(draw_boxes(grey(200, 200), [box], [box], size=None, gt_labels=["mass"],
+                               pred_labels=["nodule"])).astype(int)
+    above, below = px[35:58, 60:130], px[123:150, 60:130]
+    greenish = lambda a: ((a[..., 1] > 120) & (a[..., 0] < 100)).sum()  # noqa: E731
+    reddish = lambda a: ((a[..., 0] > 120) & (a[..., 1] < 100)).sum()  # noqa: E731
+    assert greenish(above) > 5 and reddish(above) == 0
+    assert reddish(below) > 5 and greenish(below) == 0
+    unlabelled = np.asarray(draw_boxes(grey(200, 200), [box], [box], size=None)).astype(int)
+    assert greenish(unlabelled[35:58, 60:130]) == 0
