@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from abc import abstractmethod
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterable, Iterator, Sequence
@@ -171,10 +172,21 @@ class PerSampleMetric(Metric):
             return torch.tensor(float("nan"), dtype=torch.float32, device=self.device)
         return finite.mean()
 
-    def reward(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
-        """``score`` signed so that higher is better (NaN stays NaN)."""
-        values = self.score(list(preds), list(targets)).to(torch.float32)
-        return values if self.higher_is_better else -values
+
+_WARNED: set[str] = set()
+
+
+def default_device() -> str:
+    """Where a model-based metric runs when no device is given: ``cuda`` when available, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process (a metric whose model
+    is missing or failing warns once, not once per batch)."""
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 class ReferenceCache:

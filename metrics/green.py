@@ -48,7 +48,6 @@ Deviations, all on purpose:
 from __future__ import annotations
 
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +56,7 @@ from typing import Any
 
 import torch
 
-from metrics.base import PerSampleMetric, cancel_event, check_cancelled, check_pairs, load_once
+from metrics.base import PerSampleMetric, cancel_event, check_cancelled, check_pairs, load_once, warn_once
 from metrics.judge import ChatClient
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-radllama2-7b"
@@ -388,7 +387,7 @@ class GREEN(PerSampleMetric):
             if self.strict:
                 raise
             self.stats["unavailable"] += len(prompts)
-            _warn_once(f"green-load:{self.judge_name()}", f"GREEN judge {self.judge_name()} is unavailable "
+            warn_once(f"green-load:{self.judge_name()}", f"GREEN judge {self.judge_name()} is unavailable "
                        f"({type(exc).__name__}: {exc}); GREEN values are NaN")
             return values
         table = dict(zip(distinct, outputs))
@@ -396,7 +395,7 @@ class GREEN(PerSampleMetric):
             out = table[prompt]
             if isinstance(out, BaseException):
                 self.stats["failed"] += 1
-                _warn_once(f"green-fail:{type(out).__name__}", f"GREEN judge {self.judge_name()} failed on a pair "
+                warn_once(f"green-fail:{type(out).__name__}", f"GREEN judge {self.judge_name()} failed on a pair "
                            f"({type(out).__name__}: {out}); its value is NaN")
                 continue
             self.last_outputs[i] = str(out)
@@ -414,11 +413,3 @@ class _StopWhenSet:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:  # (B,) bool
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)

@@ -46,8 +46,7 @@ from typing import Literal
 import torch
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once
-from metrics.bertscore import default_device, warn_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, default_device, load_once, warn_once
 
 RADGRAPH_REPO = "StanfordAIMI/RRG_scorers"
 MODEL_TYPES = ("radgraph", "radgraph-xl", "modern-radgraph-xl", "echograph")

@@ -75,11 +75,11 @@ def test_a_redirect_to_another_host_is_not_followed_and_the_key_stays_home(code)
 
 
 def test_the_trace_teacher_and_the_green_judge_do_not_follow_redirects_either(monkeypatch):
-    from metrics import green
+    from metrics import base
     from metrics.green import GREEN
     from radvlm.teachers import EndpointTeacher, TeacherRequest
 
-    monkeypatch.setattr(green, "_WARNED", set())  # its warn-once keys must not leak into other tests
+    monkeypatch.setattr(base, "_WARNED", set())  # its warn-once keys must not leak into other tests
 
     with Recorder(completion) as other:
         target = f"http://localhost:{other.port}/v1/chat/completions"

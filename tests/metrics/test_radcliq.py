@@ -94,7 +94,9 @@ def test_short_texts_get_three_without_running_components():
     assert metric.worst_value == 3.0 and metric.higher_is_better is False
     for part in parts.values():  # only the two long pairs reached the components
         assert part.calls == [(["no acute findings.", "  none.  "], ["normal chest radiograph.", "cardiomegaly."])]
-    assert metric.reward(preds, refs)[1].item() == -3.0
+    from radvlm.rewards import RewardTerm
+
+    assert RewardTerm(metric).sign == -1.0  # the one place a metric's value gets its reward sign
 
 
 def test_texts_are_lower_cased_and_cut_to_max_chars():
