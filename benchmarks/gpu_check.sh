@@ -13,7 +13,7 @@
 #   → phantom data (24 images of 672²; 40 s) → SFT (configs/sft.yaml, 3 steps + 1 validation batch; 100 s)
 #   → GRPO LoRA r=16 and GRPO full (configs/grpo_grounding.yaml, soft-F1 reward, 2 steps of 4 prompts × G=8,
 #   64 new tokens, 2 updates per step, 1 validation batch; 100 s and 110 s) → predict (configs/eval_vindr.yaml,
-#   greedy, on the full-GRPO export; 60 s) → evaluate (python -m radvlm.evaluate; 40 s). Every stage is its own
+#   greedy, on the full-GRPO export; 60 s) → evaluate (python -m radvlm.tools.evaluate; 40 s). Every stage is its own
 #   process under `main.py` with command-line overrides only (1 device, strategy auto, short runs, paths,
 #   sizes): bf16-true, gradient checkpointing, SDPA, optimizers and callbacks are the configs'. One line per
 #   stage (PASS/FAIL/TIMEOUT, seconds, peak GPU GiB of that process), then a table. 8b: same stages, ≈ 20

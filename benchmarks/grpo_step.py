@@ -63,7 +63,7 @@ PHASES = ("generate", "reward", "logprobs", "update")
 
 def reward_terms(kind: str, work: Path, device: str) -> tuple[list, str]:
     """The reward terms of the report task and a description of what they run."""
-    from radvlm.rollout import RewardTerm
+    from radvlm.rewards import RewardTerm
 
     if kind == "gleu":
         from metrics.text import GLEU
@@ -151,6 +151,7 @@ def run_fit(args, work: Path, data_file: Path, terms: list) -> list[dict]:
     """One GRPO fit of ``len(modes) × (warmup + reps)`` steps, modes alternating; one row per mode."""
     import lightning as L
 
+    from datamodules.collate import PromptCollator
     from datamodules.datamodule import RadVLMDataModule
     from lightning_modules.grpo import GRPOModule
     from radvlm.policy import LoRASettings, PolicyConfig
@@ -170,7 +171,7 @@ def run_fit(args, work: Path, data_file: Path, terms: list) -> list[dict]:
     )
     module.policy = policy  # built above (random weights of --size); configure_model keeps it
     pixels = {"min_pixels": 32 * 32, "max_pixels": args.image_size**2}
-    data = RadVLMDataModule(str(tiny), train_files=[str(data_file)], collate="prompt", batch_size=args.batch_size,
+    data = RadVLMDataModule(str(tiny), train_files=[str(data_file)], collator=PromptCollator, batch_size=args.batch_size,
                             max_length=None, **pixels)
     recorder = phase_recorder(args.modes)
     gpu = args.device.startswith("cuda")

@@ -20,7 +20,7 @@ CUDA memory and peak RSS) under its own time limit, all inside one overall budge
 5. ``grpo_full``: the same as a full fine-tune (frozen reference copy on the GPU).
 6. ``predict``: ``main.py predict --config configs/eval_vindr.yaml`` (greedy, ``PredictionWriter``) on the
    phantom test images' abnormality-grounding prompts, with the full-GRPO export.
-7. ``evaluate``: ``python -m radvlm.evaluate`` of those predictions (mAP@0.5, IoU, soft-F1, bootstrap CIs).
+7. ``evaluate``: ``python -m radvlm.tools.evaluate`` of those predictions (mAP@0.5, IoU, soft-F1, bootstrap CIs).
 
 The real configs are used as they are, with command-line overrides only: one device, ``strategy auto``
 (the configs' FSDP needs several processes), short runs, the work folder for data, logs and exports, and a

@@ -261,9 +261,9 @@ GREEDY_TIE_TOLERANCE = 0.1
 def greedy_gap(policy, prompt_inputs: dict, out, suppress: torch.Tensor, rows_per_pass: int = 8) -> float:
     """Largest ``(max logit − logit of the greedy token) / std(logits)`` over the completion positions of ``out``,
     from one forward pass without KV cache over prompt + completion (suppressed ids excluded)."""
-    from radvlm.rollout import build_rollout_batch, select_rows
+    from radvlm.batch import append_completions, select_rows
 
-    full = build_rollout_batch(prompt_inputs, out.completion_ids, out.completion_mask)
+    full = append_completions(prompt_inputs, out.completion_ids, out.completion_mask)
     ids, mask = out.completion_ids, out.completion_mask.bool()  # (N, C)
     n, c = ids.shape
     worst = 0.0

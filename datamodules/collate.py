@@ -16,14 +16,20 @@ Text comes from the checkpoint's own chat template (``radvlm.chat.encode_convers
 ``thinking`` flags from the ``thinking_mode`` setting (``radvlm.chat.resolve_thinking``: ``"on"``, ``"off"``,
 or ``"auto"`` = prompts ending in `` /think``); with ``"auto"`` and a template that opens ``<think>`` itself
 (Qwen3-VL Thinking) a warning says to set ``"on"``.
+
+The data module is given a ``CollatorFactory`` (a ``Collator`` class, or in a config
+``{class_path: datamodules.collate.PromptCollator, init_args: {...}}``) and calls it with its processor and
+its data-level settings ``(processor, max_length, overlong, thinking_mode)``; a collator derives the ones of
+evaluation (``for_evaluation``) and prediction (``for_prediction``) itself.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
@@ -31,6 +37,7 @@ from datamodules.records import ImageError, Record, RecordError, load_image
 from radvlm.chat import (
     IGNORE_INDEX,
     THINK_CLOSE,
+    ThinkingMode,
     check_thinking_mode,
     encode_conversation,
     image_token_count,
@@ -40,6 +47,8 @@ from radvlm.chat import (
 )
 
 log = logging.getLogger(__name__)
+
+Overlong = Literal["drop", "error"]
 
 
 class SampleTooLongError(ValueError):
@@ -116,18 +125,37 @@ def stack_samples(samples: Sequence[EncodedSample], pad_id: int, image_token_id:
     return batch
 
 
-class _Collator(ABC):
+class Collator(ABC):
+    """Records → one model batch (``__call__``); the base of the collators a data module can be given."""
+
     left = False
 
-    def __init__(self, processor, max_length: int | None = None, overlong: str = "drop") -> None:
+    def __init__(self, processor, max_length: int | None = None, overlong: Overlong = "drop",
+                 thinking_mode: ThinkingMode = "auto") -> None:
+        """
+        Args:
+            processor: the checkpoint's processor (tokenizer and image processor).
+            max_length: samples with more tokens are dropped and counted, or raise (``overlong``).
+            overlong: ``"drop"`` or ``"error"``.
+            thinking_mode: which prompts are thinking prompts (``radvlm.chat.resolve_thinking``).
+        """
         if overlong not in ("drop", "error"):
             raise ValueError(f"overlong must be 'drop' or 'error', got {overlong!r}")
         self.processor = processor
         self.max_length = max_length
         self.overlong = overlong
+        self.thinking_mode = check_thinking_mode(thinking_mode)
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id
         self.image_token_id = tok.convert_tokens_to_ids("<|image_pad|>")
+
+    def for_evaluation(self) -> Collator:
+        """The collator of validation and test batches: this one unless a layout needs more there."""
+        return self
+
+    def for_prediction(self) -> PromptCollator:
+        """The collator of ``main.py predict`` batches: prompts with the same settings."""
+        return PromptCollator(self.processor, self.max_length, self.overlong, self.thinking_mode)
 
     @abstractmethod
     def encode(self, record: Record) -> EncodedSample:
@@ -176,15 +204,23 @@ class _Collator(ABC):
         """Add layout-specific fields to a collated batch (nothing by default)."""
 
 
-class SFTCollator(_Collator):
-    """Right-padded full conversations with assistant-only labels; optionally the prompts too
-    (``with_prompts``: ``batch["prompt"]`` holds a ``PromptCollator`` batch of the same records, for greedy
-    generation at validation)."""
+class SFTCollator(Collator):
+    """Right-padded full conversations with assistant-only labels. Its ``for_evaluation`` copy adds the prompts:
+    ``batch["prompt"]`` holds a ``PromptCollator`` batch of the same records, for greedy generation at
+    validation."""
 
-    def __init__(self, processor, max_length: int | None = None, overlong: str = "drop",
-                 with_prompts: bool = False, thinking_mode: str = "auto") -> None:
-        super().__init__(processor, max_length, overlong)
-        self.prompts = PromptCollator(processor, max_length, overlong, thinking_mode) if with_prompts else None
+    def __init__(self, processor, max_length: int | None = None, overlong: Overlong = "drop",
+                 thinking_mode: ThinkingMode = "auto") -> None:
+        super().__init__(processor, max_length, overlong, thinking_mode)
+        self.prompts: PromptCollator | None = None  # set in the for_evaluation copy
+
+    def for_evaluation(self) -> SFTCollator:
+        """The same layout with the prompts of the records added (greedy generation at validation)."""
+        if self.prompts is not None:
+            return self
+        evaluation = copy.copy(self)
+        evaluation.prompts = PromptCollator(self.processor, self.max_length, self.overlong, self.thinking_mode)
+        return evaluation
 
     def encode(self, record: Record) -> EncodedSample:
         return encode_sft(record, self.processor)
@@ -194,7 +230,7 @@ class SFTCollator(_Collator):
             batch["prompt"] = self.prompts(records)
 
 
-class PromptCollator(_Collator):
+class PromptCollator(Collator):
     """Left-padded generation prompts plus what rewards and metrics need: ``targets`` (the reference
     answer), ``tasks``, ``thinking`` flags (``thinking_mode``), ``prompts`` (text), ``gt_boxes`` and the
     record's ``labels`` and ``pathologies`` (classification truth and label set; ``None`` when absent). The
@@ -202,10 +238,9 @@ class PromptCollator(_Collator):
 
     left = True
 
-    def __init__(self, processor, max_length: int | None = None, overlong: str = "drop",
-                 thinking_mode: str = "auto") -> None:
-        super().__init__(processor, max_length, overlong)
-        self.thinking_mode = check_thinking_mode(thinking_mode)
+    def __init__(self, processor, max_length: int | None = None, overlong: Overlong = "drop",
+                 thinking_mode: ThinkingMode = "auto") -> None:
+        super().__init__(processor, max_length, overlong, thinking_mode)
         if thinking_mode == "auto" and template_opens_thinking(processor.tokenizer):
             log.warning("the chat template opens a <think> block in every generation prompt (a Thinking "
                         "checkpoint) but thinking_mode='auto' treats only prompts ending in ' /think' as thinking; "
@@ -213,6 +248,9 @@ class PromptCollator(_Collator):
 
     def encode(self, record: Record) -> EncodedSample:
         return encode_prompt(record, self.processor)
+
+    def for_prediction(self) -> PromptCollator:
+        return self
 
     def extend(self, batch: dict, records: list[Record]) -> None:
         batch.pop("labels")
@@ -226,3 +264,10 @@ class PromptCollator(_Collator):
         batch["labels"] = [r.labels for r in records]  # classification truth (None when the record has none)
         batch["pathologies"] = [r.extra.get("pathologies") for r in records]  # the record's label set
         batch["images"] = [str(r.image) if r.image else None for r in records]
+
+
+#: What a data module is given (``collator`` in its config): called as
+#: ``collator(processor, max_length, overlong, thinking_mode)`` → a ``Collator``. A ``Collator`` class is one;
+#: a config ``{class_path: <a Collator class>, init_args: {...}}`` makes one with the init arguments after
+#: those four (jsonargparse's callable-class injection, as ``OptimizerCallable``).
+CollatorFactory = Callable[[Any, Optional[int], Overlong, ThinkingMode], Collator]

@@ -29,8 +29,11 @@
   checked after reading (before any image is decoded) and after the image check. ``self.n_bad`` counts all.
 - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
   stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
-- ``collate`` picks the batch layout: ``"sft"`` (conversation + labels; validation batches also carry the
-  prompts for greedy generation) or ``"prompt"`` (RL: left-padded prompts and references).
+- ``collator`` is injected (``datamodules.collate.CollatorFactory``): ``SFTCollator`` (default: conversation +
+  labels; validation batches also carry the prompts for greedy generation) or, in a config,
+  ``{class_path: datamodules.collate.PromptCollator}`` (RL: left-padded prompts and references). It is called
+  at setup with the processor and ``max_length``, ``overlong``, ``thinking_mode`` and kept as ``self.collator``;
+  prediction batches are always prompts (``Collator.for_prediction``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Literal
 import lightning as L
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.collate import PromptCollator, SFTCollator
+from datamodules.collate import Collator, CollatorFactory, SFTCollator
 from datamodules.records import (
     BadRecords,
     ImageError,
@@ -107,7 +110,7 @@ class RadVLMDataModule(L.LightningDataModule):
         thinking_mode: Literal["on", "off", "auto"] = "auto",
         tasks: list[str] | None = None,
         task_weights: dict[str, float] | None = None,
-        collate: Literal["sft", "prompt"] = "sft",
+        collator: CollatorFactory = SFTCollator,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -138,7 +141,9 @@ class RadVLMDataModule(L.LightningDataModule):
                 carry no `` /think``), ``"off"`` none, ``"auto"`` those ending in `` /think``.
             tasks: keep only these tasks (``None`` = all).
             task_weights: per-task repeat factors for training.
-            collate: ``"sft"`` or ``"prompt"`` (GRPO).
+            collator: the batch layout, called as ``collator(processor, max_length, overlong, thinking_mode)``:
+                ``SFTCollator`` (default) or ``PromptCollator`` (GRPO); in a config
+                ``{class_path: datamodules.collate.PromptCollator}`` (``init_args`` for further options).
             max_length: samples with more tokens are dropped and counted, or raise (``overlong``).
             check_images: open every image at setup (clear error, or skip up to ``max_bad_fraction``).
             max_bad_fraction: largest fraction of a split that may be skipped (malformed records, bad images).
@@ -157,6 +162,8 @@ class RadVLMDataModule(L.LightningDataModule):
             raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")
         self.tasks = canonical_tasks(tasks)  # aliases → canonical names (unknown names raise here)
         self.task_weights = {canonical_task(k): float(v) for k, v in (task_weights or {}).items()}
+        self.collator_factory = collator  # hparams hold its config under main.py, not the callable
+        self.collator: Collator | None = None  # made at setup
         self.processor = None
         self.n_bad = 0  # records skipped in all splits (malformed or bad image)
         self.load_reports: dict[str, LoadReport] = {}  # split → what was read, skipped and normalised
@@ -275,18 +282,21 @@ class RadVLMDataModule(L.LightningDataModule):
         if self.processor is None:
             self.processor = load_processor(self.hparams.processor_path, self.hparams.min_pixels,
                                             self.hparams.max_pixels)
+        if self.collator is None:
+            self.collator = self._make_collator()
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in wanted.get(stage, ("train", "val", "test", "predict")):
             if split not in self.splits and self._files(split):
                 self.splits[split] = self._load(split)
 
     # ------------------------------------------------------------------ loaders
-    def _collator(self, train: bool):
+    def _make_collator(self) -> Collator:
         hp = self.hparams
-        if hp.collate == "prompt":
-            return PromptCollator(self.processor, hp.max_length, hp.overlong, hp.thinking_mode)
-        return SFTCollator(self.processor, hp.max_length, hp.overlong, with_prompts=not train,
-                           thinking_mode=hp.thinking_mode)
+        collator = self.collator_factory(self.processor, hp.max_length, hp.overlong, hp.thinking_mode)
+        if not isinstance(collator, Collator):
+            raise TypeError(f"collator must make a datamodules.collate.Collator (e.g. "
+                            f"{{class_path: datamodules.collate.PromptCollator}}), got {collator!r}")
+        return collator
 
     def _loader(self, split: str, train: bool) -> StatefulDataLoader:
         if split not in self.splits:
@@ -297,7 +307,7 @@ class RadVLMDataModule(L.LightningDataModule):
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
             shuffle=train,
             num_workers=hp.num_workers,
-            collate_fn=self._collator(train),
+            collate_fn=self.collator if train else self.collator.for_evaluation(),
             drop_last=False,
             persistent_workers=hp.num_workers > 0,
         )
@@ -316,5 +326,4 @@ class RadVLMDataModule(L.LightningDataModule):
         return StatefulDataLoader(RecordDataset(self.splits["predict"]),
                                   batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
                                   num_workers=hp.num_workers,
-                                  collate_fn=PromptCollator(self.processor, hp.max_length, hp.overlong,
-                                                            hp.thinking_mode))
+                                  collate_fn=self.collator.for_prediction())

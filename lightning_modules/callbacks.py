@@ -6,11 +6,11 @@ validation before the first step, and progress that reads right in a terminal an
   torn by a crash, so an interrupted ``main.py predict`` continues where it stopped, without duplicates.
 - ``BoxPictures``: at the end of validation and test, a TensorBoard image grid of grounding samples with the
   ground-truth boxes green, the predicted boxes red, each box labelled with the finding its text names
-  (``radvlm.draw.box_labels``), and the prompt phrase (labels and phrase are left out when the module's
-  ``log_text_samples`` is off). The module collects the samples: at epoch start the callback sets
-  ``pl_module._val_pictures = []`` and ``pl_module._val_pictures_cap = num_images``, and the module's
-  validation step appends ``{"image", "answer", "gt_boxes", "prompt", "task", "reference"}`` of its greedy
-  grounding outputs until the cap (``GRPOModule`` does; a module that does not simply gets no pictures).
+  (``radvlm.tools.draw.box_labels``), and the prompt phrase (labels and phrase are left out when the module's
+  ``log_text_samples`` is off). The samples come through Lightning's ``on_validation_batch_end`` /
+  ``on_test_batch_end``: a step that returns ``{"samples": [{"image", "answer", "gt_boxes", "prompt", "task",
+  "reference"}, ...]}`` (``GRPOModule`` does, for its greedy grounding outputs) has the first ``num_images``
+  box-task samples of the epoch kept by the callback; a module that returns none simply gets no pictures.
 - ``LengthDriftMonitor``: answer length relative to the first validation, with a warning when it drifts
   (the paper's reward-hacking signal).
 - ``ValidateAtStart``: one validation before the first training batch of a fresh run (not after a resume), so
@@ -40,6 +40,8 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+from radvlm.tasks import is_box_task
 
 
 def log_step(trainer: L.Trainer) -> int:
@@ -82,7 +84,7 @@ class PredictionWriter(BasePredictionWriter):
 
     Each line: id, task, image, prompt, completion, answer (after ``</think>``), thinking, think_closed,
     reference, gt_boxes, completion_tokens, truncated. Per-sample metric values are added by
-    ``python -m radvlm.evaluate``.
+    ``python -m radvlm.tools.evaluate``.
     """
 
     def __init__(self, output: str, resume: bool = True, default_task: str | None = None) -> None:
@@ -153,16 +155,30 @@ class BoxPictures(L.Callback):
         self.columns = columns
         self.size = size
         self.tag = tag
-
-    def _start(self, pl_module: L.LightningModule) -> None:
-        pl_module._val_pictures = []
-        pl_module._val_pictures_cap = self.num_images
+        self.samples: list[dict[str, Any]] = []  # the epoch's first grounding samples (at most num_images)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
+        self.samples = []
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start(pl_module)
+        self.samples = []
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.keep(outputs)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.keep(outputs)
+
+    def keep(self, outputs: Any) -> None:
+        """Add the box-task samples of a step's ``outputs["samples"]`` until ``num_images`` are kept."""
+        rows = outputs.get("samples") if isinstance(outputs, dict) else None
+        for row in rows or []:
+            if len(self.samples) >= self.num_images:
+                return
+            if is_box_task(row.get("task")):
+                self.samples.append(row)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
@@ -173,7 +189,7 @@ class BoxPictures(L.Callback):
 
     def grid(self, samples: list[dict[str, Any]], with_text: bool):
         """The PIL grid of ``samples`` (None when no sample has a readable image)."""
-        from radvlm.draw import image_grid, sample_picture
+        from radvlm.tools.draw import image_grid, sample_picture
 
         pictures = []
         for s in samples[: self.num_images]:
@@ -186,10 +202,9 @@ class BoxPictures(L.Callback):
         return image_grid(pictures, self.columns) if pictures else None
 
     def log_grid(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        samples = getattr(pl_module, "_val_pictures", None) or []
-        if not samples or not trainer.is_global_zero:
+        if not self.samples or not trainer.is_global_zero:
             return
-        grid = self.grid(samples, with_text=bool(getattr(pl_module, "log_text_samples", True)))
+        grid = self.grid(self.samples, with_text=bool(getattr(pl_module, "log_text_samples", True)))
         if grid is None:
             return
         for logger in trainer.loggers:

@@ -34,6 +34,8 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from datamodules.collate import Collator
+from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.resume import (
     apply_optimizer_settings,
     changed_hyperparameters,
@@ -105,6 +107,9 @@ def set_peak_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> 
 
 
 class PolicyModule(L.LightningModule):
+    #: the batch layout the stage trains and evaluates on (``datamodules.collate``); each stage sets its own
+    collator_type: type[Collator] = Collator
+
     def __init__(
         self,
         policy: PolicyConfig,
@@ -134,6 +139,18 @@ class PolicyModule(L.LightningModule):
         self.dropped_samples = 0
         self.run_seed: int | None = None  # set at the first fit, restored from checkpoints
         self.batches_trained = 0  # training batches started, over all epochs and restarts
+
+    def setup(self, stage: str) -> None:
+        """Refuse a ``RadVLMDataModule`` whose collator makes another batch layout than ``collator_type`` (before
+        fit, validate and test; prediction batches are always prompts), naming the one to configure."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if stage == "predict" or not isinstance(data, RadVLMDataModule) or data.collator is None:
+            return
+        if not isinstance(data.collator, self.collator_type):
+            expected = f"{self.collator_type.__module__}.{self.collator_type.__qualname__}"
+            raise TypeError(f"{type(self).__name__} needs {self.collator_type.__name__} batches but the data "
+                            f"module's collator is a {type(data.collator).__name__}: set "
+                            f"data.init_args.collator to {{class_path: {expected}}}")
 
     # ------------------------------------------------------------------ model and optimizers
     def configure_model(self) -> None:
@@ -249,7 +266,7 @@ class PolicyModule(L.LightningModule):
         for i, text in enumerate(gen.texts):
             thinking = bool(batch["thinking"][i])
             # a thinking completion's answer is cut where the rewards of its task cut it (first </think> for
-            # box tasks, last otherwise; radvlm.evaluate re-cuts ``completion`` the same way)
+            # box tasks, last otherwise; radvlm.tools.evaluate re-cuts ``completion`` the same way)
             split = task_think_split(batch["tasks"][i])
             thoughts, answer, closed = split_thinking(text, split) if thinking else ("", text.strip(), True)
             rows.append({
@@ -263,7 +280,9 @@ class PolicyModule(L.LightningModule):
 
     @property
     def predict_max_new_tokens(self) -> int:
-        return int(getattr(self.hparams, "val_max_new_tokens", None) or getattr(self.hparams, "max_new_tokens", 256))
+        """The generation budget of ``predict_step``: each stage defines it from its own settings (SFT:
+        ``max_new_tokens``; GRPO: ``val_max_new_tokens``, else ``max_new_tokens``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define predict_max_new_tokens")
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -42,12 +42,14 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
+from datamodules.collate import PromptCollator
 from lightning_modules.common import PolicyModule, default_optimizer
 from radvlm import grpo
 from radvlm.batch import select_rows
 from radvlm.chat import answer_of, split_thinking
 from radvlm.policy import Policy, PolicyConfig
-from radvlm.rollout import HFEngine, RewardResult, RewardTerm, Rollout, RolloutEngine, Sampling, compute_rewards
+from radvlm.rewards import RewardResult, RewardTerm, compute_rewards
+from radvlm.rollout import HFEngine, Rollout, RolloutEngine, Sampling
 from radvlm.tasks import is_box_task, task_think_split
 
 
@@ -56,6 +58,8 @@ class RewardFailureError(RuntimeError):
 
 
 class GRPOModule(PolicyModule):
+    collator_type = PromptCollator  # checked at setup against the data module's collator
+
     def __init__(
         self,
         policy: PolicyConfig,
@@ -144,6 +148,7 @@ class GRPOModule(PolicyModule):
         )
         self.reference_model: nn.Module | None = None
         self._keep_empty_rows = False
+        self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -175,6 +180,11 @@ class GRPOModule(PolicyModule):
             return None
         return float(len(self._mini_batches(int(per_rank))) * self.hparams.ppo_epochs)
 
+    @property
+    def predict_max_new_tokens(self) -> int:
+        """``main.py predict`` generates as validation does: ``val_max_new_tokens``, else ``max_new_tokens``."""
+        return int(self.hparams.val_max_new_tokens or self.hparams.max_new_tokens)
+
     #: rebuilt at setup (the frozen reference copy, the metric modules): never checkpointed
     NOT_CHECKPOINTED = ("reference_model.", "val_metric_modules.")
 
@@ -182,15 +192,13 @@ class GRPOModule(PolicyModule):
         state = super().state_dict(*args, **kwargs)
         return {k: v for k, v in state.items() if not k.startswith(self.NOT_CHECKPOINTED)}
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Strict about everything but the keys ``state_dict`` leaves out on purpose (``NOT_CHECKPOINTED``)."""
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in result.missing_keys if not k.startswith(self.NOT_CHECKPOINTED)]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(f"checkpoint does not fit the GRPO module: missing keys {missing[:5]} "
-                               f"({len(missing)} in all), unexpected keys {result.unexpected_keys[:5]} "
-                               f"({len(result.unexpected_keys)} in all)")
-        return result
+    @classmethod
+    def _not_checkpointed_are_not_missing(cls, module: nn.Module, incompatible_keys) -> None:
+        """``load_state_dict`` post-hook: the keys ``state_dict`` leaves out on purpose (``NOT_CHECKPOINTED``)
+        are dropped from the missing keys; everything else is checked as the caller's ``strict`` says (torch
+        applies ``strict`` after its post-hooks)."""
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not k.startswith(cls.NOT_CHECKPOINTED)]
 
     # ------------------------------------------------------------------ pieces of a step
     def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False):
@@ -399,9 +407,12 @@ class GRPOModule(PolicyModule):
         self._val_rows: list[dict[str, Any]] = []
         self._val_chars: list[int] = []
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[dict[str, Any]]] | None:
+        """Greedy generation, scored by the validation metrics. Returns the batch's grounding samples
+        ``{"samples": [{"image", "answer", "gt_boxes", "prompt", "task", "reference"}, ...]}`` for callbacks
+        (``on_validation_batch_end``'s ``outputs``; ``callbacks.BoxPictures`` draws them)."""
         if batch.get("empty"):
-            return
+            return None
         budget = self.hparams.val_max_new_tokens or self.hparams.max_new_tokens
         gen = self.policy.generate(batch, max_new_tokens=budget, synced_gpus=self.synced_generation)  # greedy
         # the answer of a thinking completion is cut where each metric's reward cuts it (RewardTerm.think_split);
@@ -410,13 +421,6 @@ class GRPOModule(PolicyModule):
                     for split in ("first", "last")}
         answers = [by_split[task_think_split(task)][i] for i, task in enumerate(batch["tasks"])]
         self._val_chars.extend(len(a) for a in answers)
-        pictures = getattr(self, "_val_pictures", None)  # a list only when the BoxPictures callback is used
-        if pictures is not None:
-            grounding = [i for i, task in enumerate(batch["tasks"]) if is_box_task(task)]
-            free = max(getattr(self, "_val_pictures_cap", 0) - len(pictures), 0)
-            pictures.extend({"image": batch["images"][i], "answer": answers[i], "gt_boxes": batch["gt_boxes"][i],
-                             "prompt": batch["prompts"][i], "task": batch["tasks"][i],
-                             "reference": batch["targets"][i]} for i in grounding[:free])
         for term in self.val_terms:
             metric = self.val_metric_modules[term.name] if term.name in self.val_metric_modules else None
             rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
@@ -431,6 +435,9 @@ class GRPOModule(PolicyModule):
             for i in range(min(len(answers), self.hparams.num_logged_samples - len(self._val_rows))):
                 self._val_rows.append({"id": batch["ids"][i], "task": batch["tasks"][i], "generated": answers[i],
                                        "reference": batch["targets"][i]})
+        return {"samples": [{"image": batch["images"][i], "answer": answers[i], "gt_boxes": batch["gt_boxes"][i],
+                             "prompt": batch["prompts"][i], "task": task, "reference": batch["targets"][i]}
+                            for i, task in enumerate(batch["tasks"]) if is_box_task(task)]}
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -439,15 +446,15 @@ class GRPOModule(PolicyModule):
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
 
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, list[dict[str, Any]]] | None:
+        return self.validation_step(batch, batch_idx)
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
     def _log_eval(self, prefix: str) -> None:
         for name, metric in self.val_metric_modules.items():
-            if not getattr(metric, "_update_count", 0):
+            if not metric.update_called:  # no row of its tasks in this evaluation
                 continue
             value = metric.compute()  # synced across processes by torchmetrics
             if isinstance(value, dict):

@@ -18,12 +18,15 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
+from datamodules.collate import SFTCollator
 from lightning_modules.common import PolicyModule, default_optimizer
 from radvlm.chat import answer_of
 from radvlm.policy import PolicyConfig
 
 
 class SFTModule(PolicyModule):
+    collator_type = SFTCollator  # checked at setup against the data module's collator
+
     def __init__(
         self,
         policy: PolicyConfig,
@@ -92,6 +95,11 @@ class SFTModule(PolicyModule):
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None
+
+    @property
+    def predict_max_new_tokens(self) -> int:
+        """``main.py predict`` generates up to ``max_new_tokens``, as validation does."""
+        return int(self.hparams.max_new_tokens)
 
     @property
     def optimizer_steps_per_batch(self) -> float:

@@ -12,7 +12,7 @@ RadVLM's definition (docs/paper.md §8b; its ``evaluate_classification``):
   of the per-label values (labels without any positive count, with 0), so macro F1 is not the F1 of macro P
   and macro R. ``precision_recall_f1`` implements it in torch (float64).
 
-``AbnormalityClassification`` is the torchmetrics class (validation, ``radvlm.evaluate``): ``labels`` (the label
+``AbnormalityClassification`` is the torchmetrics class (validation, ``radvlm.tools.evaluate``): ``labels`` (the label
 set) is fixed at construction; a target is either the reference answer text (``target_format="text"``, the
 default: truth = labels found in it by the same rule, which is what a validation loop has) or the record's
 label list (``"labels"``: a JSON list ``'["Cardiomegaly", "Edema"]'`` or names joined by ``", "``; ``""``
@@ -71,7 +71,7 @@ def parse_label_list(target: str) -> list[str]:
 def record_indicators(preds: Sequence[str], references: Sequence[str],
                       labels: Sequence[Sequence[str] | str | None], pathologies: Sequence[Sequence[str] | str | None]
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The label set and the (N, L) bool predicted and true labels of records (``radvlm.evaluate``).
+    """The label set and the (N, L) bool predicted and true labels of records (``radvlm.tools.evaluate``).
 
     Label set: the union of the records' ``pathologies`` (case-insensitive, first spelling and first-seen
     order kept; ``CHEXPERT_PATHOLOGIES`` when no record has one). Truth: a record's ``labels``, else the labels

@@ -47,6 +47,7 @@ Deviations, all on purpose:
 
 from __future__ import annotations
 
+import os
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -358,8 +359,12 @@ class GREEN(PerSampleMetric):
                  judge: Judge | None = None, batch_size: int = 8, max_length: int = MAX_LENGTH,
                  max_new_tokens: int | None = None, max_words: int = MAX_WORDS, device: str | None = None,
                  timeout: float | None = 300.0, retries: int = 2, workers: int = 4, strict: bool = False,
-                 max_chars: int | None = MAX_CHARS, **kwargs) -> None:
+                 max_chars: int | None = MAX_CHARS, api_key_env: str | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        if api_key_env is not None:  # the key from the environment, so that configs need not hold it
+            api_key = os.environ.get(api_key_env)
+            if not api_key:
+                raise ValueError(f"GREEN: the endpoint key variable {api_key_env} is not set")
         if judge is None:
             judge = (EndpointJudge(endpoint, model, api_key=api_key, timeout=timeout, retries=retries, workers=workers)
                      if endpoint else HFJudge(model, device=device, batch_size=batch_size, max_length=max_length,

@@ -1,35 +1,19 @@
 """RadCliQ-v1 (Yu et al. 2023), the paper's report-generation reward (as −RadCliQ), lower is better.
 
 ``radcliq_v1(radgraph, bertscore, semb, bleu)`` = Σ_k w_k · (x_k − mean_k) / scale_k + b with the fitted
-constants of docs/paper.md §3 (features in that order; BLEU's weight is ≈ 0).
+constants of docs/paper.md §3 (features in that order; BLEU's weight is ≈ 0). ``RadCliQ`` composes four
+injectable per-sample component metrics whose defaults are the paper's setting (the original RadCliQ code,
+rajpurkarlab/CXR-Report-Metric; details in its docstring); this is the one place RadCliQ is composed, for
+training and for evaluation (``configs/eval_metrics/``, RadEval's variant included, by init arguments).
 
-``RadCliQ`` composes four injectable per-sample component metrics; each default is the paper's setting (the
-original RadCliQ code, rajpurkarlab/CXR-Report-Metric) and switchable by an init argument:
-- ``radgraph``: ``RadGraphF1(model_type=radgraph_model, reward_level="radcliq")`` ((entity F1 + relation
-  F1)/2), ``radgraph_model="radgraph"``: the model the original RadCliQ was fitted with and RadEval's RadCliQ
-  uses (``"radgraph-xl"`` is the newer model; RadEval's stand-alone RadGraph-F1 uses it);
-- ``bertscore``: ``BERTScore(bertscore_model, rescale_with_baseline=True, idf=bertscore_idf)`` with
-  ``bertscore_model="distilroberta-base"`` (bert-score's default layer 5) and ``bertscore_idf=False`` (as
-  fitted; RadEval turned idf on, over the references of the call, in 0.1.8);
-- ``semb``: ``CheXbertSimilarity()`` (cosine of CheXbert [CLS] embeddings);
-- ``bleu``: ``BLEU(n=bleu_n)`` of ``metrics.text`` with ``bleu_n=2``: the original RadCliQ's BLEU term is
-  BLEU-2 (its weight is 4e-12, so the choice hardly matters).
-Texts are lower-cased (``lowercase``) and cut to ``max_chars`` (2048) before scoring; a pair whose prediction
-or reference has ≤ ``min_chars`` (5) characters gets 3.0 (reward −3) without running the components (the
-authors' reward wrapper; ``lowercase=False, max_chars=None, min_chars=None`` scores the texts as RadEval's
-RadCliQ does). The characters are counted as given, whitespace included, as the authors' reward does for
-plain answers (``"  None.  "`` is scored, not floored); for thinking completions the caller passes the
-answer after ``</think>``, which the split strips (the authors' thinking path). A NaN component makes the
-sample NaN (unavailable, not low). Each component scores the whole list in one batched call and loads its
-model once per process outside ``state_dict()``. ``compute`` is the mean of the per-sample values (RadEval
-reports 1 / that mean as its aggregate; ``radvlm.evaluate --radeval-variant`` shows it, labelled).
-Cost per sample is bounded twice: the 2048-character cut, then each model-based component's own token cap
-(RadGraph 512 word pieces, BERTScore and CheXbert 512 tokens); cancellation is checked between components.
+Texts are lower-cased and cut to 2048 characters, and a pair with ≤ 5 characters on either side gets 3.0
+(reward −3) without running the components: the authors' reward wrapper, not the metric as fitted
+(``lowercase=False, max_chars=None, min_chars=None`` scores texts as RadEval's RadCliQ does). A NaN
+component makes the sample NaN (unavailable, not low).
 
 Weights: the defaults need the distilroberta-base, radgraph and CheXbert weights, which cannot be
 downloaded offline (docs/paper.md §7b): offline, every value is NaN with a warning per missing model. Inject
-offline-capable components instead, e.g. ``BERTScore(model_type=metrics.bertscore.minilm_path(),
-num_layers=6)`` and RadGraph / CheXbert models written by ``metrics.tiny`` (random, for plumbing only; the
+offline-capable components instead (e.g. models written by ``metrics.tiny``: random, for plumbing only; the
 fitted constants assume the real models, so such values are not RadCliQ numbers).
 """
 
@@ -60,7 +44,28 @@ def radcliq_v1(radgraph: torch.Tensor, bertscore: torch.Tensor, semb: torch.Tens
 
 
 class RadCliQ(PerSampleMetric):
-    """Per-sample RadCliQ-v1 of composed component metrics (see the module docstring)."""
+    """Per-sample RadCliQ-v1 of composed component metrics; each default component is switchable by an init
+    argument:
+
+    - ``radgraph``: ``RadGraphF1(model_type=radgraph_model, reward_level="radcliq")`` ((entity F1 + relation
+      F1)/2), ``radgraph_model="radgraph"``: the model the original RadCliQ was fitted with and RadEval's
+      RadCliQ uses (``"radgraph-xl"`` is the newer model; RadEval's stand-alone RadGraph-F1 uses it);
+    - ``bertscore``: ``BERTScore(bertscore_model, rescale_with_baseline=True, idf=bertscore_idf)`` with
+      ``bertscore_model="distilroberta-base"`` (bert-score's default layer 5) and ``bertscore_idf=False`` (as
+      fitted; RadEval turned idf on, over the references of the call, in 0.1.8);
+    - ``semb``: ``CheXbertSimilarity()`` (cosine of CheXbert [CLS] embeddings);
+    - ``bleu``: ``BLEU(n=bleu_n)`` of ``metrics.text`` with ``bleu_n=2``: the original RadCliQ's BLEU term is
+      BLEU-2 (its weight is 4e-12, so the choice hardly matters).
+
+    ``device``: that of the default components (None: cuda when available). Texts are lower-cased
+    (``lowercase``) and cut to ``max_chars`` before scoring; the short-text floor (``min_chars``) counts the
+    characters as given, whitespace included, as the authors' reward does for plain answers (``"  None.  "``
+    is scored, not floored); for thinking completions the caller passes the answer after ``</think>``, which
+    the split strips. Each component scores the whole list in one batched call and loads its model once per
+    process outside ``state_dict()``. ``compute`` is the mean of the per-sample values (RadEval reports 1 /
+    that mean as its aggregate). Cost per sample is bounded twice: the character cut, then each model-based
+    component's own token cap (RadGraph 512 word pieces, BERTScore and CheXbert 512 tokens); cancellation is
+    checked between components."""
 
     higher_is_better = False
     worst_value = 3.0
@@ -79,21 +84,23 @@ class RadCliQ(PerSampleMetric):
         lowercase: bool = True,
         max_chars: int | None = 2048,
         min_chars: int | None = 5,
+        device: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if radgraph is None:
             from metrics.radgraph import RadGraphF1
 
-            radgraph = RadGraphF1(model_type=radgraph_model, reward_level="radcliq")
+            radgraph = RadGraphF1(model_type=radgraph_model, reward_level="radcliq", device=device)
         if bertscore is None:
             from metrics.bertscore import BERTScore
 
-            bertscore = BERTScore(bertscore_model, rescale_with_baseline=True, idf=bertscore_idf, lang="en")
+            bertscore = BERTScore(bertscore_model, rescale_with_baseline=True, idf=bertscore_idf, lang="en",
+                                  device=device)
         if semb is None:
             from metrics.chexbert import CheXbertSimilarity
 
-            semb = CheXbertSimilarity()
+            semb = CheXbertSimilarity(device=device)
         if bleu is None:
             from metrics.text import BLEU
 

@@ -25,8 +25,7 @@ reward is the weighted sum of the signed values (``value`` if higher is better, 
   bfloat16 (8 bits of mantissa), so every tensor here names its dtype and the scoring runs with a float32
   default (:func:`float32_default`), which the metrics' own float32 guard then leaves untouched.
 
-This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls it. ``radvlm.rollout`` re-exports
-its names, so configs that say ``radvlm.rollout.RewardTerm`` keep working.
+This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls it.
 """
 
 from __future__ import annotations

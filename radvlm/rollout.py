@@ -18,30 +18,17 @@ interchangeable by ``class_path`` in the config:
 Rows are grouped contiguously (prompt ``i`` → rows ``i·G … i·G+G−1``) in every engine. Sampling settings are
 one typed ``Sampling``; vision special tokens are always suppressed and generation stops at ``<|im_end|>``.
 
-Rewards live in ``radvlm.rewards``; their names are re-exported here so that configs saying
-``class_path: radvlm.rollout.RewardTerm`` keep working. Row operations on batches live in ``radvlm.batch``.
+Rewards live in ``radvlm.rewards``, row operations on batches in ``radvlm.batch``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from radvlm.batch import append_completions, repeat_batch, select_rows
-from radvlm.rewards import (  # noqa: F401  (re-exported: configs and callers name radvlm.rollout.RewardTerm)
-    RewardError,
-    RewardResult,
-    RewardTerm,
-    ScoringMetric,
-    compute_rewards,
-    float32_default,
-    score_with_timeout,
-)
-
-#: old name of ``radvlm.batch.append_completions``
-build_rollout_batch = append_completions
+from radvlm.batch import append_completions, repeat_batch
 
 #: per-row list fields a prompt batch carries into its rollout (repeated G times)
 ROW_FIELDS = ("ids", "targets", "tasks", "thinking")
@@ -111,17 +98,6 @@ class Rollout:
     def model_batch(self) -> dict[str, Any]:
         """Prompt + completion as one model batch (N, P+C)."""
         return append_completions(self.prompt_inputs, self.completion_ids, self.completion_mask)
-
-    def select(self, rows: Sequence[int]) -> "Rollout":
-        """Rows ``rows`` (any order) as a rollout of their own (``num_generations`` kept as a label)."""
-        rows = list(rows)
-        idx = torch.as_tensor(rows, dtype=torch.long)
-        pick = lambda xs: [xs[i] for i in rows] if xs else []  # noqa: E731
-        return Rollout(prompt_inputs=select_rows(self.prompt_inputs, rows),
-                       completion_ids=self.completion_ids[idx], completion_mask=self.completion_mask[idx],
-                       truncated=self.truncated[idx], texts=pick(self.texts), num_generations=self.num_generations,
-                       ids=pick(self.ids), targets=pick(self.targets), tasks=pick(self.tasks),
-                       thinking=pick(self.thinking))
 
     def to(self, device: torch.device | str) -> "Rollout":
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731

@@ -77,3 +77,24 @@ class FakeChatServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def eval_metrics_config(bert: str, chexbert: str, radgraph: str | None, radcliq_radgraph: str | None,
+                        device: str = "cpu", **extra) -> dict:
+    """A metrics-config layer for ``radvlm.tools.evaluate`` (over configs/eval_metrics/default.yaml) whose model-based
+    metrics load the given weights: a local BERT folder (2 layers, not rescaled) for BERTScore and RadCliQ's
+    BERTScore, a CheXbert checkpoint on that BERT, RadGraph folders for RadGraph-F1 and RadCliQ."""
+    bertscore = {"class_path": "metrics.bertscore.BERTScore", "init_args": {"model_type": bert, "num_layers": 2}}
+    return {
+        "device": device,
+        "bertscore": {"init_args": {"model_type": bert, "num_layers": 2, "rescale_with_baseline": False}},
+        "chexbert": {"init_args": {"checkpoint": chexbert, "bert_name_or_path": bert}},
+        "radgraph": {"init_args": {"model_dir": radgraph}},
+        "radcliq": {"init_args": {
+            "radgraph": {"class_path": "metrics.radgraph.RadGraphF1",
+                         "init_args": {"model_type": "radgraph", "model_dir": radcliq_radgraph, "reward_level": "radcliq"}},
+            "bertscore": bertscore,
+            "semb": {"class_path": "metrics.chexbert.CheXbertSimilarity",
+                     "init_args": {"checkpoint": chexbert, "bert_name_or_path": bert}}}},
+        **extra,
+    }

@@ -186,12 +186,12 @@ JOINT = """
 model:
   init_args:
     rewards:
-      - class_path: radvlm.rollout.RewardTerm
+      - class_path: radvlm.rewards.RewardTerm
         init_args:
           metric: {class_path: metrics.grounding.SoftF1}
           tasks: [abnormality_grounding]
           name: soft_f1
-      - class_path: radvlm.rollout.RewardTerm
+      - class_path: radvlm.rewards.RewardTerm
         init_args:
           metric:
             class_path: metrics.bertscore.BERTScore
@@ -224,11 +224,12 @@ def test_grpo_joint_rewards_with_a_model_based_metric_in_bf16_true(tiny_ckpt, ph
 
 def test_grpo_logprobs_in_bf16_match_float32(tiny_ckpt, phantom_dir):
     """Same rollout batch, bf16 vs float32 policy: per-token log-probs within 0.1 nats on average."""
+    from datamodules.collate import PromptCollator
     from datamodules.datamodule import RadVLMDataModule
     from radvlm.policy import PolicyConfig
     from radvlm.rollout import HFEngine, Sampling
 
-    data = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), collate="prompt", batch_size=2,
+    data = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), collator=PromptCollator, batch_size=2,
                             tasks=["abnormality_grounding"], num_workers=0)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))

@@ -1,4 +1,5 @@
-"""Every YAML under configs/ must parse through the real CLI (``--print_config`` validates all types)."""
+"""Every YAML under configs/ must parse: the main.py configs through the real CLI (``--print_config`` validates
+all types), the metrics configs of ``radvlm.tools.evaluate`` (configs/eval_metrics/) through its loader."""
 
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import yaml
 import main
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = sorted(ROOT.joinpath("configs").rglob("*.yaml"))
+METRICS_CONFIGS = sorted(ROOT.joinpath("configs", "eval_metrics").rglob("*.yaml"))
+CONFIGS = sorted(set(ROOT.joinpath("configs").rglob("*.yaml")) - set(METRICS_CONFIGS))
 
 
 def subcommand(path: Path) -> str:
@@ -23,6 +25,14 @@ def test_config_parses_with_print_config(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_modules.")
     assert printed["data"]["class_path"] == "datamodules.datamodule.RadVLMDataModule"
+
+
+@pytest.mark.parametrize("path", METRICS_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_metrics_config_parses_with_the_evaluation_loader(path):
+    from radvlm.tools.eval_metrics import MODEL_METRICS, load_config
+
+    cfg = load_config(path)
+    assert any(cfg[name] is not None for name in MODEL_METRICS)
 
 
 def test_there_are_real_and_demo_configs():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = {"tasks", "chat", "grpo", "lora", "policy", "rollout", "tiny", "batch", "rewards", "fast_engine", "vllm_engine"}
-TOOLS = {"evaluate", "eval_metrics", "prediction_files", "draw", "infer", "shuffle_control", "synthesize_thinking",
+TOOLS = {"evaluate", "eval_metrics", "eval_tables", "prediction_files", "draw", "infer", "shuffle_control", "synthesize_thinking",
          "teachers", "demo"}
 ALLOWED = {
     "metrics": {"metrics"},
@@ -17,10 +17,11 @@ ALLOWED = {
     "training": {"core", "data", "metrics", "tools", "training"},
 }
 LIGHTNING_OK = {"training", "data/datamodule"}
+PACKAGES = ("metrics", "radvlm", "datamodules", "lightning_modules")
 
 
 def layer_of(module: str) -> str | None:
-    """``radvlm.policy`` → ``core``; ``radvlm`` (the package itself) counts as core."""
+    """``radvlm.policy`` → ``core``, ``radvlm.tools.evaluate`` → ``tools``; ``radvlm`` (the package itself) counts as core."""
     parts = module.split(".")
     top = parts[0]
     if top == "metrics":
@@ -30,10 +31,10 @@ def layer_of(module: str) -> str | None:
     if top == "lightning_modules":
         return "training"
     if top == "radvlm":
+        if len(parts) > 1 and parts[1] == "tools":  # the package radvlm.tools and every module in it
+            return "tools" if len(parts) == 2 or parts[2] in TOOLS | {"__init__"} else "unknown"
         if len(parts) == 1 or parts[1] in CORE or parts[1] == "__init__":
             return "core"
-        if parts[1] in TOOLS:
-            return "tools"
         return "unknown"
     return None  # a third-party or standard-library module
 
@@ -46,16 +47,17 @@ def imports_of(path: Path) -> list[str]:
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.append(node.module)
-            if node.module == "radvlm":  # ``from radvlm import tasks``
-                names += [f"radvlm.{a.name}" for a in node.names]
+            if node.module.split(".")[0] in PACKAGES:  # ``from radvlm.tools import infer``: maybe a module
+                names += [f"{node.module}.{a.name}" for a in node.names]
     return names
 
 
 def package_modules() -> list[tuple[str, Path]]:
+    """(dotted name, path) of every module of the four packages, sub-packages (``radvlm.tools``) included."""
     out = []
-    for package in ("metrics", "radvlm", "datamodules", "lightning_modules"):
-        for path in sorted((ROOT / package).glob("*.py")):
-            out.append((f"{package}.{path.stem}", path))
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            out.append((".".join(path.relative_to(ROOT).with_suffix("").parts), path))
     return out
 
 

@@ -211,7 +211,7 @@ def test_accepted_fuzzed_records_decode_and_collate(image_folder, tiny_ckpt):
     from radvlm.policy import load_processor
 
     processor = load_processor(str(tiny_ckpt))
-    collators = [SFTCollator(processor, max_length=None, with_prompts=True), PromptCollator(processor, max_length=None)]
+    collators = [SFTCollator(processor, max_length=None).for_evaluation(), PromptCollator(processor, max_length=None)]
     n = 0
     for seed in range(0, N_CASES, 3):
         info, result = fuzz_case(seed, image_folder)

@@ -19,13 +19,14 @@ import lightning as L
 import pytest
 import torch
 
+from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.common import NonFiniteError
 from lightning_modules.grpo import GRPOModule, RewardFailureError
 from lightning_modules.sft import SFTModule
 from radvlm import grpo as grpo_math
 from radvlm.policy import PolicyConfig
-from radvlm.rollout import RewardError, RewardTerm, compute_rewards, score_with_timeout
+from radvlm.rewards import RewardError, RewardTerm, compute_rewards, score_with_timeout
 from tests.helpers import report_record, write_records
 
 NAN = float("nan")
@@ -135,7 +136,7 @@ def grpo_run(tiny_ckpt, data_file, tmp_path, rewards=None, max_steps=2, batch_si
                         rewards=rewards or [RewardTerm(Length(), name="length")],
                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), num_generations=4,
                         max_new_tokens=6, beta=0.0, micro_batch_size=4, **kw)
-    data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(data_file)], collate="prompt",
+    data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(data_file)], collator=PromptCollator,
                             batch_size=batch_size)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,

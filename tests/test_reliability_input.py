@@ -19,13 +19,13 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.collate import SampleTooLongError
+from datamodules.collate import PromptCollator, SampleTooLongError, SFTCollator
 from datamodules.datamodule import RadVLMDataModule
 from datamodules.records import ImageError, RecordError
 from lightning_modules.grpo import GRPOModule
 from metrics.text import GLEU
 from radvlm.policy import Policy, PolicyConfig
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
 from tests.helpers import report_record, write_records
 
 
@@ -207,7 +207,7 @@ def test_grpo_counts_dropped_over_long_prompts_and_trains_on_the_rest(tiny_ckpt,
     L.seed_everything(0)
     module = GRPOModule(PolicyConfig(str(tiny_ckpt), dtype="float32"), rewards=[RewardTerm(GLEU())],
                         num_generations=2, max_new_tokens=4, beta=0.0)
-    data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(path)], collate="prompt", batch_size=2,
+    data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(path)], collator=PromptCollator, batch_size=2,
                             max_length=100)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
@@ -232,14 +232,14 @@ SIZES = [(64, 64), (100, 300), (512, 80), (28, 28), (30, 5000), (1000, 700)]  # 
 
 
 @pytest.mark.parametrize("pixels", [None, (1024, 128 * 128)], ids=["tiny-default", "min1024-max16384"])
-@pytest.mark.parametrize("collate", ["sft", "prompt"])
-def test_image_pad_tokens_equal_vision_features_for_varied_sizes(tiny_ckpt, tmp_path, policy, collate,
+@pytest.mark.parametrize("collator", [SFTCollator, PromptCollator], ids=["sft", "prompt"])
+def test_image_pad_tokens_equal_vision_features_for_varied_sizes(tiny_ckpt, tmp_path, policy, collator,
                                                                   pixels):
     for i, (w, h) in enumerate(SIZES):
         save_image(tmp_path / "img" / f"{i}.png", w, h, seed=i)
     path = write_records(tmp_path, [report_record(i) for i in range(len(SIZES))])
     min_pixels, max_pixels = pixels or (None, None)
-    data = setup_data(tiny_ckpt, [path], collate=collate, batch_size=3, min_pixels=min_pixels,
+    data = setup_data(tiny_ckpt, [path], collator=collator, batch_size=3, min_pixels=min_pixels,
                       max_pixels=max_pixels)
     image_id = data.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     merge = data.processor.image_processor.merge_size
@@ -253,7 +253,7 @@ def test_image_pad_tokens_equal_vision_features_for_varied_sizes(tiny_ckpt, tmp_
         assert batch["pixel_values"].shape[0] == int(grid.prod(-1).sum())
         grids.extend(grid.tolist())
         with torch.no_grad():
-            if collate == "sft":
+            if collator is SFTCollator:
                 loss, n = policy.sft_loss(batch)
                 assert torch.isfinite(loss) and n > 0
             else:

@@ -16,12 +16,13 @@ import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from datamodules.collate import PromptCollator, SFTCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.grpo import GRPOModule
 from lightning_modules.sft import SFTModule
 from metrics.text import GLEU
 from radvlm.policy import PolicyConfig
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
 from tests.helpers import report_record, write_records
 
 CANARY = "CANARY-7f3a"
@@ -51,7 +52,7 @@ def run(kind: str, tiny_ckpt, data_file, root: Path, log_text_samples: bool) -> 
                             max_new_tokens=4, beta=0.0, num_logged_samples=4,
                             log_text_samples=log_text_samples)
     data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(data_file)], val_files=[str(data_file)],
-                            collate="sft" if kind == "sft" else "prompt", batch_size=2, max_val_samples=2)
+                            collator=SFTCollator if kind == "sft" else PromptCollator, batch_size=2, max_val_samples=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=TensorBoardLogger(root, name="run"),
                         default_root_dir=root, log_every_n_steps=1, val_check_interval=1, limit_val_batches=1,
                         num_sanity_val_steps=1, enable_model_summary=True)

@@ -21,12 +21,13 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.grpo import GRPOModule
 from lightning_modules.sft import SFTModule
 from metrics.text import GLEU
 from radvlm.policy import LoRASettings, PolicyConfig
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
 from tests.helpers import report_record, write_records
 
 ANSWERS = ["The heart is enlarged.", "No pleural effusion.", "Small left apical pneumothorax.",
@@ -114,7 +115,7 @@ def grpo_parts(tiny_ckpt, data_file):
                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), lr_scheduler=lambda_scheduler,
                         num_generations=3, max_new_tokens=6, ppo_mini_batch_size=2, micro_batch_size=6)
     data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(data_file)], val_files=[str(data_file)],
-                            collate="prompt", batch_size=4, max_val_samples=2)
+                            collator=PromptCollator, batch_size=4, max_val_samples=2)
     return module, data
 
 

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 import main
+from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
 from datamodules.records import RecordError, load_records
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
 from radvlm.tasks import (
     BOX_TASKS,
     ID_SOURCES,
@@ -165,7 +166,7 @@ def test_datamodule_filters_radvlm_records_by_task_and_reports_untasked(tmp_path
     other = write_records(tmp_path, extra, "other.json")
     data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(path), str(other)],
                             tasks=["abnormality_grounding", "abnormality_detection", "anatomical_grounding"],
-                            task_weights={"anatomical_grounding": 2.0}, collate="prompt")
+                            task_weights={"anatomical_grounding": 2.0}, collator=PromptCollator)
     with caplog.at_level("WARNING"):
         data.setup("fit")
     tasks = [r.task for r in data.splits["train"]]

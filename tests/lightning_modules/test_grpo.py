@@ -2,11 +2,12 @@ import lightning as L
 import pytest
 import torch
 
+from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.grpo import GRPOModule, RewardFailureError
 from metrics.text import GLEU
 from radvlm.policy import LoRASettings, PolicyConfig
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
 from tests.helpers import report_record, write_records
 
 
@@ -31,7 +32,7 @@ def make(tiny_ckpt, data_file, tmp_path, rewards=None, lora=None, max_steps=2, *
         num_generations=4, max_new_tokens=8, ppo_mini_batch_size=1, micro_batch_size=3, **kw,
     )
     data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(data_file)], val_files=[str(data_file)],
-                            collate="prompt", batch_size=2, max_val_samples=2)
+                            collator=PromptCollator, batch_size=2, max_val_samples=2)
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
                         num_sanity_val_steps=0, limit_val_batches=1)
@@ -147,7 +148,7 @@ def test_checkpoint_loading_is_strict_except_for_the_rebuilt_reference(tiny_ckpt
     module.load_state_dict(state)  # the reference keys are left out on purpose: fine
     broken = dict(state)
     broken.pop(next(k for k in state if k.startswith("policy.")))
-    with pytest.raises(RuntimeError, match="missing keys"):
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\)"):
         module.load_state_dict(broken)
-    with pytest.raises(RuntimeError, match="unexpected keys"):
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\)"):
         module.load_state_dict({**state, "policy.not_a_weight": torch.zeros(1)})

@@ -6,7 +6,8 @@ from lightning_modules.grpo import GRPOModule
 from metrics.text import GLEU
 from radvlm.fast_engine import FastHFEngine
 from radvlm.policy import PolicyConfig
-from radvlm.rollout import HFEngine, RewardTerm, Sampling
+from radvlm.rewards import RewardTerm
+from radvlm.rollout import HFEngine, Sampling
 
 
 def make(**kw):

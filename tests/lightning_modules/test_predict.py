@@ -8,13 +8,14 @@ import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import main
+from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.callbacks import BoxPictures, PredictionWriter, repair_tail
 from lightning_modules.grpo import GRPOModule
 from metrics.grounding import SoftF1
-from radvlm.draw import GT_COLOUR
 from radvlm.policy import PolicyConfig
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
+from radvlm.tools.draw import GT_COLOUR
 
 TASKS = ("report_generation", "abnormality_grounding")
 
@@ -102,28 +103,54 @@ def grpo_validation(tiny_ckpt, phantom_dir):
         module = GRPOModule(PolicyConfig(str(tiny_ckpt), dtype="float32"),
                             rewards=[RewardTerm(SoftF1(), tasks=["abnormality_grounding"])],
                             num_generations=2, max_new_tokens=4, log_text_samples=log_text_samples)
-        data = RadVLMDataModule(str(tiny_ckpt), val_files=[str(phantom_dir / "test.json")], collate="prompt",
+        split = str(phantom_dir / "test.json")
+        data = RadVLMDataModule(str(tiny_ckpt), val_files=[split], test_files=[split], collator=PromptCollator,
                                 tasks=["abnormality_grounding", "report_generation"], eval_batch_size=4,
                                 max_val_samples=6)
         logger = TensorBoardLogger(str(tmp_path), name="tb")
         images = []
         logger.experiment.add_image = lambda tag, img, global_step=None, dataformats="CHW": images.append(
             (tag, img, dataformats))
-        trainer = L.Trainer(accelerator="cpu", logger=logger, callbacks=[BoxPictures(num_images=3, size=64)],
-                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+        pictures = BoxPictures(num_images=3, size=64)
+        trainer = L.Trainer(accelerator="cpu", logger=logger, callbacks=[pictures], enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=2, limit_test_batches=2)
         trainer.validate(module, data)
-        return module, images
+        validated = list(pictures.samples)
+        trainer.test(module, data)
+        return module, images, validated, pictures.samples
 
     return run
 
 
 def test_box_pictures_logs_a_grid_of_grounding_samples(grpo_validation, tmp_path):
-    module, images = grpo_validation(tmp_path, log_text_samples=True)
-    assert len(module._val_pictures) == 3  # capped at num_images
-    assert all(p["task"] == "abnormality_grounding" for p in module._val_pictures)
-    (tag, grid, fmt), = images
-    assert tag == "val/pictures" and fmt == "HWC" and grid.dtype == np.uint8 and grid.shape[2] == 3
+    module, images, validated, tested = grpo_validation(tmp_path, log_text_samples=True)
+    # the callback keeps the samples the steps return (on_*_batch_end outputs): the module holds none of them
+    assert not any(name.startswith("_val_pictures") for name in vars(module))
+    assert len(validated) == 3  # capped at num_images
+    assert all(p["task"] == "abnormality_grounding" for p in validated)
+    assert {"image", "answer", "gt_boxes", "prompt", "task", "reference"} <= set(validated[0])
+    assert [p["image"] for p in tested] == [p["image"] for p in validated]  # test_step returns the same
+    (tag, grid, fmt), (test_tag, _, _) = images
+    assert tag == "val/pictures" and test_tag == "test/pictures"
+    assert fmt == "HWC" and grid.dtype == np.uint8 and grid.shape[2] == 3
     green = (grid == np.array(GT_COLOUR, dtype=np.uint8)).all(axis=-1)
     assert green.sum() > 20  # ground-truth box edges
-    _, plain = grpo_validation(tmp_path / "no_text", log_text_samples=False)
+    _, plain, _, _ = grpo_validation(tmp_path / "no_text", log_text_samples=False)
     assert plain[0][1].shape[0] < grid.shape[0]  # no caption band when text logging is off
+
+
+def test_box_pictures_keeps_the_first_box_samples_of_each_epoch():
+    pictures = BoxPictures(num_images=2)
+    box = {"image": "a.png", "answer": "[0, 0, 1, 1]", "gt_boxes": [], "prompt": "p", "task": "phrase_grounding",
+           "reference": "r"}
+    report = {**box, "task": "report_generation"}
+    pictures.on_validation_epoch_start(None, None)
+    pictures.on_validation_batch_end(None, None, None, {}, 0)  # a step that returned nothing
+    pictures.on_validation_batch_end(None, None, {"samples": [report, box]}, {}, 1)
+    pictures.on_validation_batch_end(None, None, {"samples": [{**box, "image": "b.png"}, {**box, "image": "c.png"}]},
+                                     {}, 2)
+    assert [s["image"] for s in pictures.samples] == ["a.png", "b.png"]  # box tasks only, first num_images
+    pictures.on_test_epoch_start(None, None)
+    assert pictures.samples == []
+    pictures.on_test_batch_end(None, None, {"samples": [{**box, "image": "d.png"}]}, {}, 0)
+    assert [s["image"] for s in pictures.samples] == ["d.png"]

@@ -9,8 +9,8 @@ import torch
 from datamodules.collate import PromptCollator
 from datamodules.records import load_records
 from lightning_modules.common import PolicyModule
-from radvlm.evaluate import MetricSettings, evaluate_file
 from radvlm.policy import load_processor
+from radvlm.tools.evaluate import evaluate_file
 from tests.helpers import write_records
 
 PATHOLOGIES = ["Atelectasis", "Cardiomegaly", "Edema"]
@@ -59,7 +59,7 @@ def test_predict_rows_carry_labels_and_pathologies_and_evaluate_scores_them(tmp_
     # C: TP 1; E: FP 1 (row 0), FN 1 (row 1) -> micro P 1/2, R 1/2, F1 1/2
     path = tmp_path / "p.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    m = evaluate_file(path, MetricSettings(device="cpu"), n_boot=10)["tasks"]["abnormality_classification"]["metrics"]
+    m = evaluate_file(path, {"device": "cpu"}, n_boot=10)["tasks"]["abnormality_classification"]["metrics"]
     assert (m["micro_precision"]["value"], m["micro_recall"]["value"], m["micro_f1"]["value"]) == (0.5, 0.5, 0.5)
 
 

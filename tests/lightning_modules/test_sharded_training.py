@@ -22,13 +22,14 @@ import lightning as L
 import pytest
 import torch
 
+from datamodules.collate import PromptCollator, SFTCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.grpo import GRPOModule
 from lightning_modules.sft import SFTModule
 from lightning_modules.strategies import FSDP2Strategy
 from metrics.text import GLEU
 from radvlm.policy import LoRASettings, Policy, PolicyConfig
-from radvlm.rollout import RewardTerm
+from radvlm.rewards import RewardTerm
 
 ROOT = Path(__file__).resolve().parents[2]
 LORA = LoRASettings(r=4, alpha=8, dropout=0.0)
@@ -143,8 +144,8 @@ def _worker(ckpt: str, data_file: str, out: str) -> None:
         folder = Path(out) / name
         L.seed_everything(0)
         module = _module(name, ckpt, str(folder / "export"))
-        collate = "sft" if name.startswith("sft") else "prompt"
-        data = RadVLMDataModule(ckpt, train_files=[data_file], collate=collate, batch_size=2)
+        collator = SFTCollator if name.startswith("sft") else PromptCollator
+        data = RadVLMDataModule(ckpt, train_files=[data_file], collator=collator, batch_size=2)
         record = _Record()
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy=FSDP2Strategy(), max_steps=2, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -5,7 +5,8 @@ import torch
 
 from metrics.grounding import SoftF1
 from metrics.text import GLEU
-from radvlm.rollout import RewardTerm, compute_rewards, select_rows
+from radvlm.batch import select_rows
+from radvlm.rewards import RewardTerm, compute_rewards
 
 
 class Constant:

@@ -48,16 +48,6 @@ def test_hf_engine_rollout_groups_rows_and_repeats_prompt_fields(lora_policy, pr
     assert batch["input_ids"].shape[1] == prompts["input_ids"].shape[1] + rollout.completion_ids.shape[1]
 
 
-def test_rollout_select_takes_rows_with_their_image_blocks(lora_policy, prompts):
-    rollout = HFEngine().generate(lora_policy, prompts, GREEDY)
-    sub = rollout.select([4, 1])
-    assert sub.ids == [rollout.ids[4], rollout.ids[1]] and sub.texts == [rollout.texts[4], rollout.texts[1]]
-    assert torch.equal(sub.completion_ids, rollout.completion_ids[[4, 1]])
-    patches = rollout.prompt_inputs["image_grid_thw"].prod(-1)  # one image per row
-    blocks = torch.split(rollout.prompt_inputs["pixel_values"], patches.tolist())
-    assert torch.equal(sub.prompt_inputs["pixel_values"], torch.cat([blocks[4], blocks[1]]))
-
-
 def test_merged_lora_restores_the_weights_bit_exactly(lora_policy, prompts):
     before = {k: v.clone() for k, v in lora_policy.model.state_dict().items()}
     batch = Policy.model_inputs(prompts)

@@ -16,10 +16,10 @@ from metrics.grounding import BoxFormat, GroundingMAP, SoftF1
 from metrics.radcliq import RadCliQ
 from metrics.text import BLEU, GLEU, ROUGEL
 from radvlm.chat import answer_of, resolve_thinking, split_thinking
-from radvlm.evaluate import scored_answer
 from radvlm.policy import load_processor
-from radvlm.rollout import RewardTerm, compute_rewards
+from radvlm.rewards import RewardTerm, compute_rewards
 from radvlm.tasks import task_think_split
+from radvlm.tools.evaluate import scored_answer
 from tests.helpers import report_record, write_records
 
 BOX = "[0.1, 0.2, 0.3, 0.4]"
@@ -142,13 +142,14 @@ def test_auto_mode_with_a_thinking_template_warns(tiny_ckpt, caplog):
 def test_datamodule_passes_thinking_mode_to_its_collators(tiny_ckpt, phantom_dir):
     from datamodules.datamodule import RadVLMDataModule
 
-    data = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), collate="prompt", thinking_mode="on",
-                            check_images=False)
-    data.processor = load_processor(tiny_ckpt)
-    assert data._collator(train=True).thinking_mode == "on"
+    data = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), collator=PromptCollator,
+                            thinking_mode="on", check_images=False)
+    data.setup("validate")
+    assert data.collator.thinking_mode == "on"
     sft = RadVLMDataModule(str(tiny_ckpt), phantom_dir=str(phantom_dir), thinking_mode="off", check_images=False)
-    sft.processor = data.processor
-    assert sft._collator(train=False).prompts.thinking_mode == "off"
+    sft.setup("validate")
+    assert sft.collator.for_evaluation().prompts.thinking_mode == "off"
+    assert sft.collator.for_prediction().thinking_mode == "off"
 
 
 def _fake_module(texts, **extra):

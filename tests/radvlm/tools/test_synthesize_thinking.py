@@ -1,4 +1,4 @@
-"""Tests of radvlm.synthesize_thinking: answer checks, written records, resume, the local-model teacher on the
+"""Tests of radvlm.tools.synthesize_thinking: answer checks, written records, resume, the local-model teacher on the
 tiny checkpoint, and the endpoint teacher against an OpenAI-compatible server on 127.0.0.1 (retries,
 timeouts, failure log, rerun)."""
 
@@ -20,7 +20,8 @@ from PIL import Image
 
 from datamodules.records import load_records, save_records
 from radvlm.chat import split_thinking
-from radvlm.synthesize_thinking import (
+from radvlm.tiny import write_tiny_checkpoint
+from radvlm.tools.synthesize_thinking import (
     LEAK_PHRASES,
     EndpointTeacher,
     PermanentError,
@@ -39,7 +40,6 @@ from radvlm.synthesize_thinking import (
     parse_boxes,
     synthesize,
 )
-from radvlm.tiny import write_tiny_checkpoint
 
 GT_BOX_ANSWER = "The nodule is located at the coordinates [0.10, 0.20, 0.30, 0.40] on the image."
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from datamodules.records import load_records, save_records
-from radvlm.shuffle_control import (
+from radvlm.tools.shuffle_control import (
     derangement,
     format_rows,
     image_dependence,

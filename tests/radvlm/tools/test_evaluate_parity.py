@@ -1,4 +1,4 @@
-"""``radvlm.evaluate`` as RadVLM evaluates: unrounded ground-truth boxes, its box regex, abnormality
+"""``radvlm.tools.evaluate`` as RadVLM evaluates: unrounded ground-truth boxes, its box regex, abnormality
 classification, and the paper's column order."""
 
 import json
@@ -7,11 +7,11 @@ import pytest
 
 from metrics.classification import AbnormalityClassification
 from metrics.grounding import GroundingMAP
-from radvlm.evaluate import COLUMNS, MetricSettings, evaluate_file, format_table, scored_path_for
+from radvlm.tools.eval_tables import COLUMNS, format_table
+from radvlm.tools.evaluate import evaluate_file, scored_path_for
+from tests.helpers import eval_metrics_config
 
-MISSING = MetricSettings(bertscore_model="/nonexistent/bert", bertscore_layers=2, chexbert="/nonexistent/chexbert.pth",
-                         chexbert_bert="/nonexistent/bert", radgraph_dir="/nonexistent/radgraph",
-                         radcliq_bertscore_model="/nonexistent/bert", radcliq_bertscore_layers=2, device="cpu")
+MISSING = eval_metrics_config("/nonexistent/bert", "/nonexistent/chexbert.pth", "/nonexistent/radgraph", None)
 
 
 def write_jsonl(path, rows):

@@ -1,52 +1,21 @@
-"""Paper-style evaluation of prediction files: per task the columns of the paper's tables with 95 % bootstrap
-confidence intervals, side-by-side comparison of several runs, per-sample scores and box pictures.
+"""Paper-style evaluation of prediction files: per task the columns of the paper's tables (docs/paper.md §5, §6,
+§8b) with 95 % bootstrap confidence intervals, several runs side by side, per-sample scores and box pictures.
 
-    python -m radvlm.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--task TASK]
-        [--format auto|jsonl|radvlm|radvlm-jsonl] [--keys answer=output,reference=txt,...] [--json OUT.json]
-        [--draw N OUT_DIR] [--bootstrap 2000] [--seed 0] [--metrics-config FILE] [--bertscore-model PATH
-        --bertscore-layers N] [--chexbert PATH] [--radgraph-dir PATH] [--green-model PATH_OR_ID |
-        --green-endpoint URL] [--radeval-variant] ...
+    python -m radvlm.tools.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--task TASK]
+        [--format auto|jsonl|radvlm|radvlm-jsonl] [--keys answer=output,...] [--json OUT.json] [--draw N DIR]
+        [--bootstrap 2000] [--seed 0] [--metrics-config FILE ...] [--device cpu] [--offline | --online]
 
-Input: the JSONL of ``main.py predict`` (``PredictionWriter``), one object per line with at least ``id``,
-``task``, ``answer`` (the text after ``</think>``; empty for an unclosed thinking block, which then gets the
-metrics' low score, as in training) and ``reference``. A thinking row (``thinking`` true) with its
-``completion`` is re-cut here where the task's rewards cut it (``radvlm.tasks.task_think_split``: after the
-first ``</think>`` for box tasks, the last otherwise; case-insensitive). RadVLM's own evaluation outputs
-(``{model}_{task}_output.json``: a JSON list without ids, the ground truth under ``txt`` / ``answer`` /
-``boxes`` / ``labels``) are read too, so a published run and ours appear side by side in one table:
-``radvlm.prediction_files`` (``--format``, default ``auto``: detected per file; ``--keys`` to remap keys;
-``--task`` for a file whose name names no task; its docstring has the key mapping and the stable ids).
-Output: a Markdown table on stdout, a JSON file (``--json``, default ``<first input>.eval.json``) and next to
-each input ``<input>.scored.jsonl`` (its rows, in our shape, sorted by id, with a ``scores`` object of
-per-sample values; ``null`` = unavailable or undefined).
+Input: the JSONL of ``main.py predict`` or RadVLM's ``{model}_{task}_output.json``
+(``radvlm.tools.prediction_files``). Output: a Markdown table (``radvlm.tools.eval_tables``), a JSON file and
+next to each input ``<input>.scored.jsonl`` (its rows with per-sample ``scores``; ``null``: unavailable or
+undefined).
+Values come from the metric classes used for training (``score`` per sample) with the same NaN-ignoring
+aggregates; the model-based ones (BERTScore, CheXbert, RadGraph, RadCliQ-v1, GREEN) from the ``class_path``
+entries of ``configs/eval_metrics/default.yaml`` and ``--metrics-config`` layers (``radvlm.tools.eval_metrics``).
 
-Columns (docs/paper.md §5, §6, §8b) in the paper's order, then ours, from the metric classes used for training
-(``score`` per sample) and the same aggregate definitions (NaN-ignoring means as ``PerSampleMetric.compute``):
-- ``report_generation``: ROUGE-L, BERTScore, CheXbert F1 micro/macro over 14 and 5 observations
-  (``metrics.chexbert.micro_macro_f1``), RadGraph-F1, GREEN (``metrics.green``; unavailable, with the
-  reason, without a judge), RadCliQ-v1 (lower is better; with ``--radeval-variant`` also RadEval's variant,
-  labelled: idf BERTScore, aggregate 1 / mean), then GLEU and average characters;
-- box tasks (``radvlm.tasks``: abnormality, region and phrase grounding, abnormality detection): mAP@0.5
-  (mean per-sample AP), mean IoU (sum of IoU over all predicted x ground-truth pairs / number of pairs, as
-  ``GroundingMAP``), soft-F1, average characters. The ground truth is the row's ``gt_boxes`` (the record's
-  unrounded ``boxes``) when non-empty, else the boxes of the reference text; mAP and mean IoU parse the answer
-  with RadVLM's evaluation regex (``parse_boxes(style="radvlm_eval")``: no sign, no exponent), soft-F1 with the
-  reward's parser (it is the reward's value);
-- ``abnormality_classification``: micro and macro precision, recall, F1 of RadVLM's label matching
-  (``metrics.classification``: a label is predicted when its name occurs in the answer, case-insensitive;
-  truth = the row's ``labels``; label set = the rows' ``pathologies``), average characters;
-- other tasks: ROUGE-L, GLEU, average characters.
-95 % CIs (``bootstrap_ci``): percentile bootstrap over a task's samples (2000 resamples, seed 0); every
-statistic is recomputed per resample from per-sample data (APs; (IoU sum, pair count) rows; label vectors).
-Samples are sorted by id first, so a resumed prediction file (other line order) gives the same intervals.
-
-Model-based metrics (BERTScore, CheXbert, RadGraph, RadCliQ-v1, GREEN) come from ``radvlm.eval_metrics``
-(``MetricSettings``: CLI flags or ``--metrics-config`` YAML/JSON with the same names; ``Scorers``; its
-docstring states the models and choices, e.g. the RadGraph ``partial`` level): a model that cannot be loaded
-makes its columns ``unavailable: <reason>``, never numbers; ``MetricSettings``, ``Scorers``, ``Unavailable``
-and ``load_settings`` are re-exported here.
-
-Choices: duplicate ids (a multi-GPU predict pads its last batch) keep their first line and are counted.
+Not in the paper: mAP and mean IoU parse answers with RadVLM's evaluation regex, soft-F1 with the reward's
+parser; duplicate ids (a multi-GPU predict pads its last batch) keep their first line and are counted; GLEU,
+average characters and the answer-length change (a reward-hacking signal) are ours.
 """
 
 from __future__ import annotations
@@ -56,7 +25,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +34,13 @@ import torch
 
 from radvlm import tasks
 from radvlm.chat import answer_of
-from radvlm.draw import write_pictures
-from radvlm.eval_metrics import (  # re-exported: ``from radvlm.evaluate import Scorers`` keeps working
-    MetricSettings,
-    Scorers,
-    Unavailable,
-    load_settings,
-)
-from radvlm.prediction_files import read_prediction_file
 from radvlm.tasks import task_think_split
+from radvlm.tools.draw import write_pictures
+from radvlm.tools.eval_metrics import Layer, Scorers, Unavailable
+from radvlm.tools.eval_tables import COLUMNS, UNDEFINED, Column, format_table, length_changes
+from radvlm.tools.prediction_files import read_prediction_file
 
 NAN = float("nan")
-LENGTH_CHANGE_WARN = 0.20  # relative change of the average answer length flagged as a reward-hacking signal
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
@@ -127,51 +91,11 @@ def chexbert_stat(subset: Sequence[int] | None, which: int) -> Callable[[np.ndar
                                           torch.from_numpy(v[:, 1][:, cols]))[which])
 
 
-# -------------------------------------------------------------------------------------------------- columns
-@dataclass(frozen=True)
-class Column:
-    key: str
-    label: str
-    percent: bool = True  # shown x 100 with one decimal, as in the paper's tables
-    decimals: int = 1
-    lower_is_better: bool = False
-
-    def show(self, value: float | None) -> str:
-        if value is None or not math.isfinite(value):
-            return "—"
-        return f"{100 * value if self.percent else value:.{self.decimals}f}"
-
-
-CHARS = Column("chars", "avg. characters", percent=False)
-#: per kind of task, the rows of its table in the paper's column order (docs/paper.md §5, §6), then ours (GLEU,
-#: length); a column a scoring function does not produce (GREEN without its judge) is left out of the table
-COLUMNS = {
-    "report": (Column("rouge_l", "ROUGE-L"), Column("bertscore", "BERTScore"),
-               *(Column(f"chexbert_{w}_{k}", f"CheXbert F1 {w}-{k}") for k in (14, 5)
-                 for w in ("micro", "macro")),
-               Column("radgraph_f1", "RadGraph-F1"), Column("green", "GREEN"),
-               Column("radcliq", "RadCliQ-v1 ↓", percent=False, decimals=2, lower_is_better=True),
-               Column("radcliq_radeval", "RadCliQ-v1, RadEval variant (idf BERTScore; 1 / mean)", percent=False,
-                      decimals=2),
-               Column("gleu", "GLEU"), CHARS),
-    "grounding": (Column("map", "mAP@0.5"), Column("mean_iou", "mean IoU"), Column("soft_f1", "soft-F1"),
-                  CHARS),
-    "classification": (*(Column(f"{avg}_{name}", f"{avg} {label}") for avg in ("micro", "macro")
-                         for name, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))),
-                       CHARS),
-    "text": (Column("rouge_l", "ROUGE-L"), Column("gleu", "GLEU"), CHARS),
-}
-#: why a column's value is undefined, where that is not "no sample has a value" (mean IoU without any
-#: predicted × ground-truth pair is 0, as GroundingMAP defines it, so it has no entry)
-UNDEFINED: dict[str, str] = {}
-
-
 def task_kind(task: str) -> str:
     """``"grounding"`` (box tasks of ``radvlm.tasks``: grounding and detection), ``"report"``,
     ``"classification"`` or ``"text"`` (everything else)."""
     kind = tasks.task_kind(task)
     return kind if kind in ("grounding", "report", "classification") else "text"
-
 
 
 # ------------------------------------------------------------------------------------------- scoring a task
@@ -215,6 +139,9 @@ def score_text(preds: list[str], refs: list[str], scorers: Scorers) -> Scored:
 
 
 def score_reports(preds: list[str], refs: list[str], scorers: Scorers) -> Scored:
+    """ROUGE-L, GLEU, characters, BERTScore, RadGraph-F1, RadCliQ-v1, CheXbert F1 micro / macro over 14 and 5
+    observations (``metrics.chexbert.micro_macro_f1`` recomputed per resample from the (N, 2, 14) labels), GREEN
+    and, when configured, RadEval's RadCliQ-v1; a model-based column that cannot be scored is unavailable."""
     from metrics.chexbert import SUBSET_5_INDEX, positive, sample_f1
 
     s = score_text(preds, refs, scorers)
@@ -248,7 +175,7 @@ def _judged_columns(s: Scored, preds: list[str], refs: list[str], scorers: Score
 
     if (values := _model_column(s, ["green"], scorers, "green", green)) is not None:
         _mean_column(s, "green", values)
-    if scorers.settings.radeval_variant:
+    if scorers.configured("radcliq_radeval"):
         values = _model_column(s, ["radcliq_radeval"], scorers, "radcliq_radeval",
                                lambda m: _vector(m.score(preds, refs)))
         if values is not None:
@@ -339,7 +266,7 @@ def summarise(scored: Scored, columns: Sequence[Column], n_boot: int, seed: int,
 # ------------------------------------------------------------------------------------------ prediction files
 def read_predictions(path: str | Path, default_task: str | None = None, fmt: str = "auto",
                      keys: str | dict[str, str] | None = None) -> tuple[list[dict], int]:
-    """Rows of a prediction file (ours or RadVLM's, ``radvlm.prediction_files``) sorted by id, and the number of
+    """Rows of a prediction file (ours or RadVLM's, ``radvlm.tools.prediction_files``) sorted by id, and the number of
     duplicate-id rows dropped."""
     read = read_prediction_file(path, default_task, fmt, keys)
     return read.rows, read.duplicates
@@ -372,14 +299,16 @@ def _info(rows: list[dict]) -> dict[str, float]:
     return info
 
 
-def evaluate_file(path: str | Path, metrics: Scorers | MetricSettings | None = None, n_boot: int = 2000,
+def evaluate_file(path: str | Path, metrics: Scorers | Layer | Sequence[Layer] | None = None, n_boot: int = 2000,
                   seed: int = 0, alpha: float = 0.05, default_task: str | None = None,
                   write_scored: bool = True, fmt: str = "auto", keys: str | dict[str, str] | None = None
                   ) -> dict[str, Any]:
     """Evaluate one predictions file: ``{"file", "name", "n", "tasks": {task: {"kind", "n", "info",
     "metrics": {key: {"label", "value", "ci", "n"} or {..., "unavailable", "detail"}}}}, "notes", ...}``;
-    writes ``<path>.scored.jsonl`` unless ``write_scored`` is False. Pass one ``Scorers`` for several files
-    so that each model is loaded once. ``fmt``, ``keys``, ``default_task``: ``radvlm.prediction_files``."""
+    writes ``<path>.scored.jsonl`` unless ``write_scored`` is False. ``metrics``: a ``Scorers`` (pass one for
+    several files so that each model is loaded once) or metrics-config layers (``eval_metrics.load_config``).
+    ``fmt``, ``keys``, ``default_task``: ``radvlm.tools.prediction_files``. Rows are sorted by id first, so a
+    resumed prediction file (other line order) gives the same intervals."""
     scorers = metrics if isinstance(metrics, Scorers) else Scorers(metrics)
     read = read_prediction_file(path, default_task, fmt, keys)
     rows, duplicates = read.rows, read.duplicates
@@ -400,7 +329,7 @@ def evaluate_file(path: str | Path, metrics: Scorers | MetricSettings | None = N
     notes = list(scorers.notes) + ([read.describe()] if read.format != "jsonl" else [])
     if duplicates:
         notes.append(f"{result['name']}: {duplicates} lines with an id seen before were ignored")
-    result.update(notes=notes, settings=asdict(scorers.settings),
+    result.update(notes=notes, metrics_config=scorers.config_dict(),
                   bootstrap={"n": n_boot, "seed": seed, "alpha": alpha, "method": "percentile"})
     if write_scored:
         out = scored_path_for(path)
@@ -410,90 +339,9 @@ def evaluate_file(path: str | Path, metrics: Scorers | MetricSettings | None = N
     return result
 
 
-# --------------------------------------------------------------------------------------------------- tables
-def length_changes(runs: Sequence[dict]) -> dict[str, dict[str, float | None]]:
-    """Per task, each later run's relative change of average answer length vs the first run."""
-    out: dict[str, dict[str, float | None]] = {}
-    for task in runs[0]["tasks"]:
-        chars = [r["tasks"].get(task, {}).get("metrics", {}).get("chars", {}).get("value") for r in runs]
-        if chars[0] is not None and len(runs) > 1:
-            base = chars[0]
-            out[task] = {r["name"]: None if c is None else (c - base) / base if base > 0
-                         else (0.0 if c == base else math.inf) for r, c in zip(runs[1:], chars[1:])}
-    return out
-
-
-def _length_line(task: str, runs: Sequence[dict], changes: dict[str, float | None]) -> str:
-    chars = lambda r: r["tasks"][task]["metrics"]["chars"]["value"]  # noqa: E731
-    parts = [f"{runs[0]['name']} {chars(runs[0]):.1f}"]
-    parts += [f"{r['name']} {chars(r):.1f} ({changes[r['name']]:+.1%})" for r in runs[1:]
-              if changes.get(r["name"]) is not None]
-    flag = any(abs(c) > LENGTH_CHANGE_WARN for c in changes.values() if c is not None)
-    warn = (f" — ⚠ length changed by more than {LENGTH_CHANGE_WARN:.0%}: a reward-hacking signal (a "
-            "RadGraph-F1 reward alone shrank the paper's reports from 207 to 93 characters)") if flag else ""
-    return f"Average answer length (characters): {' → '.join(parts)}{warn}"
-
-
-def _cells(entry: dict | None, col: Column, footnotes: list[str]) -> list[str]:
-    """[value, CI] of one metric entry; unavailable / undefined become a numbered footnote."""
-    if entry is None:
-        return ["", ""]
-    for kind in ("unavailable", "undefined"):
-        if kind in entry:
-            note = f"{kind}: {entry[kind]}"
-            if note not in footnotes:
-                footnotes.append(note)
-            return [f"{kind} [{footnotes.index(note) + 1}]", ""]
-    lo, hi = entry["ci"]
-    return [col.show(entry["value"]), f"[{col.show(lo)}, {col.show(hi)}]" if None not in (lo, hi) else "—"]
-
-
-def format_table(results: dict | Sequence[dict]) -> str:
-    """Markdown: per task one table (rows = metrics, per run value and 95 % CI); several runs side by side
-    with the change vs the first run and the average answer length change (reward-hacking signal)."""
-    runs = [results] if isinstance(results, dict) else list(results)
-    if not runs:
-        raise ValueError("format_table needs at least one result")
-    changes = length_changes(runs)
-    out: list[str] = []
-    for task in sorted({t for r in runs for t in r["tasks"]}):
-        kind = next(r["tasks"][task]["kind"] for r in runs if task in r["tasks"])
-        sizes = ", ".join(f"{r['name']}: n = {r['tasks'][task]['n']}" for r in runs if task in r["tasks"])
-        head = ["metric"]
-        for i, r in enumerate(runs):
-            head += [r["name"], "95 % CI"] + [f"Δ {r['name']}"] * (i > 0)
-        out += [f"### {task} ({sizes})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        footnotes: list[str] = []
-        for col in COLUMNS[kind]:
-            entries = [r["tasks"].get(task, {}).get("metrics", {}).get(col.key) for r in runs]
-            if all(e is None for e in entries):  # no run has this column (e.g. GREEN not computed)
-                continue
-            values = [(e or {}).get("value") for e in entries]
-            cells = [col.label]
-            for i, entry in enumerate(entries):
-                cells += _cells(entry, col, footnotes) + [_delta(values[0], values[i], col)] * (i > 0)
-            out.append("| " + " | ".join(cells) + " |")
-        out += [""] + [f"[{i}] {note}" for i, note in enumerate(footnotes, start=1)]
-        if task in changes:
-            out.append(_length_line(task, runs, changes[task]))
-        out += [f"{r['name']}: thinking block closed in {r['tasks'][task]['info']['think_closed_frac']:.1%}"
-                for r in runs if "think_closed_frac" in r["tasks"].get(task, {}).get("info", {})] + [""]
-    out += [f"Note: {n}" for n in sorted({n for r in runs for n in r.get("notes", [])})]
-    boot = runs[0].get("bootstrap", {})
-    out.append(f"95 % CI: percentile bootstrap, {boot.get('n')} resamples, seed {boot.get('seed')}; "
-               "scores ×100 except RadCliQ-v1 and characters.")
-    return "\n".join(out).rstrip() + "\n"
-
-
-def _delta(base: float | None, value: float | None, col: Column) -> str:
-    if base is None or value is None:
-        return "—"
-    return f"{(value - base) * (100.0 if col.percent else 1.0):+.{col.decimals}f}"
-
-
 # ------------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m radvlm.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m radvlm.tools.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("predictions", nargs="+", help="prediction files: JSONL of main.py predict or RadVLM's "
                    "*_output.json (several: comparison)")
     p.add_argument("--json", help="output JSON (default: <first input>.eval.json)")
@@ -507,24 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input format of every file (default auto: detected per file)")
     p.add_argument("--keys", help="RadVLM key mapping OURS=THEIRS,... (default answer=output, reference=txt for "
                    "reports / answer otherwise, gt_boxes=boxes, labels=labels, image=img_path, prompt=instr)")
-    p.add_argument("--radeval-variant", action="store_true", default=None,
-                   help="also report RadCliQ-v1 as RadEval defines it (idf BERTScore, 1 / mean), labelled")
     p.add_argument("--no-scored", action="store_true", help="do not write <input>.scored.jsonl")
-    p.add_argument("--metrics-config", help="YAML/JSON with MetricSettings fields; flags override it")
-    for f in fields(MetricSettings):
-        if f.name not in ("offline", "radeval_variant"):  # flags of their own
-            p.add_argument("--" + f.name.replace("_", "-"), type=int if f.name.endswith("_layers") else str,
-                           default=None, help=f"default: {f.default}")
+    p.add_argument("--metrics-config", action="append", default=[], metavar="FILE",
+                   help="YAML/JSON of class_path entries layered over configs/eval_metrics/default.yaml (repeatable; "
+                   "e.g. configs/eval_metrics/radeval.yaml adds RadEval's RadCliQ-v1)")
+    p.add_argument("--device", help="device of the model-based metrics (default: the config's; cuda when available)")
     hub = p.add_mutually_exclusive_group()
-    hub.add_argument("--offline", dest="offline", action="store_const", const=True, default=None)
-    hub.add_argument("--online", dest="offline", action="store_const", const=False)
+    hub.add_argument("--offline", dest="offline", action="store_const", const=True, default=None,
+                     help="Hugging Face hub offline (the default unless RADVLM_ALLOW_DOWNLOADS=1)")
+    hub.add_argument("--online", dest="offline", action="store_const", const=False,
+                     help="allow the metrics to download weights")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    flags = {f.name: getattr(args, f.name) for f in fields(MetricSettings)}
-    scorers = Scorers(load_settings(args.metrics_config, flags))
+    scorers = Scorers(args.metrics_config, device=args.device, offline=args.offline)
     runs = [evaluate_file(p, scorers, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
                           default_task=args.default_task, write_scored=not args.no_scored, fmt=args.fmt,
                           keys=args.keys)

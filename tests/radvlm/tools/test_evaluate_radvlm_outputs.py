@@ -1,4 +1,4 @@
-"""Evaluation parity with RadVLM and the paper (radvlm/prediction_files.py, radvlm/evaluate.py): RadVLM's output
+"""Evaluation parity with RadVLM and the paper (radvlm/tools/prediction_files.py, radvlm/tools/evaluate.py): RadVLM's output
 files read beside ours, GREEN as a column, RadCliQ-v1's RadEval variant."""
 
 import json
@@ -6,9 +6,10 @@ import json
 import pytest
 
 from metrics.green import GREEN
-from radvlm.evaluate import MetricSettings, evaluate_file, format_table, main, read_predictions, scored_path_for
-from radvlm.prediction_files import detect_format, parse_keys, read_prediction_file, task_from_filename
-from tests.helpers import FakeChatServer
+from radvlm.tools.eval_tables import format_table
+from radvlm.tools.evaluate import evaluate_file, main, read_predictions, scored_path_for
+from radvlm.tools.prediction_files import detect_format, parse_keys, read_prediction_file, task_from_filename
+from tests.helpers import FakeChatServer, eval_metrics_config
 
 # what RadVLM's evaluate_instructions.py writes for report generation: no id, no task, the ground truth under
 # "txt" (and the instruction's answer under "answer"), the model's text under "output"
@@ -26,14 +27,18 @@ OURS = [
      "reference": "the heart is normal and lungs are clear"},
     {"id": "r2", "task": "report_generation", "answer": "No pleural effusion.", "reference": "No pleural effusion."},
 ]
-OFFLINE = ["--bertscore-model", "/nonexistent/bert", "--bertscore-layers", "2", "--chexbert", "/nonexistent/c.pth",
-           "--chexbert-bert", "/nonexistent/bert", "--radgraph-dir", "/nonexistent/rg", "--radcliq-radgraph-dir",
-           "/nonexistent/rg", "--radcliq-bertscore-model", "/nonexistent/bert", "--radcliq-bertscore-layers", "2",
-           "--offline"]
-MISSING = MetricSettings(bertscore_model="/nonexistent/bert", bertscore_layers=2, chexbert="/nonexistent/c.pth",
-                         chexbert_bert="/nonexistent/bert", radgraph_dir="/nonexistent/rg",
-                         radcliq_radgraph_dir="/nonexistent/rg", radcliq_bertscore_model="/nonexistent/bert",
-                         radcliq_bertscore_layers=2, device="cpu", offline=True)
+MISSING = eval_metrics_config("/nonexistent/bert", "/nonexistent/c.pth", "/nonexistent/rg", "/nonexistent/rg",
+                              offline=True)
+
+
+def write_config(path, *layers):
+    """``--metrics-config PATH`` arguments, one file per layer."""
+    args = []
+    for i, layer in enumerate(layers):
+        file = path / f"metrics{i}.yaml"
+        file.write_text(json.dumps(layer))  # JSON is YAML
+        args += ["--metrics-config", str(file)]
+    return args
 
 
 def write_json(path, obj):
@@ -126,7 +131,8 @@ def test_formats_are_detected_and_keys_can_be_remapped(tmp_path):
 def test_published_output_and_ours_in_one_table_with_bootstrap_cis(tmp_path, capsys):
     ours = write_jsonl(tmp_path / "ours.jsonl", OURS)
     theirs = write_json(tmp_path / "theirs_output.json", THEIRS)
-    out = main([str(ours), str(theirs), "--task", "report_generation", "--bootstrap", "200", *OFFLINE])
+    out = main([str(ours), str(theirs), "--task", "report_generation", "--bootstrap", "200",
+                *write_config(tmp_path, MISSING)])
     table = capsys.readouterr().out
     assert "### report_generation (ours: n = 2, theirs_output: n = 2)" in table
     assert "| metric | ours | 95 % CI | theirs_output | 95 % CI | Δ theirs_output |" in table
@@ -150,8 +156,10 @@ def test_green_column_from_an_endpoint_judge(tmp_path, capsys):
         return half if "the heart is normal\n" in payload["messages"][0]["content"] else full
 
     with FakeChatServer(respond) as server:
-        out = main([str(write_jsonl(tmp_path / "ours.jsonl", OURS)), "--bootstrap", "100", *OFFLINE,
-                    "--green-endpoint", server.url, "--green-model", "green-judge"])
+        green = {"green": {"class_path": "metrics.green.GREEN", "init_args": {"model": "green-judge",
+                                                                               "endpoint": server.url}}}
+        out = main([str(write_jsonl(tmp_path / "ours.jsonl", OURS)), "--bootstrap", "100",
+                    *write_config(tmp_path, MISSING, green)])
     green = out["tasks"]["report_generation"]["metrics"]["green"]
     assert green["value"] == pytest.approx((0.5 + 1.0) / 2) and green["ci"] == [0.5, 1.0] and green["n"] == 2
     assert "| GREEN | 75.0 | [50.0, 100.0] |" in capsys.readouterr().out
@@ -162,11 +170,19 @@ def test_green_column_from_an_endpoint_judge(tmp_path, capsys):
 
 
 def test_green_with_an_unreadable_local_judge_is_unavailable_with_the_reason(tmp_path):
-    settings = MetricSettings(**{**MISSING.__dict__, "green_model": str(tmp_path / "no-judge")})
+    settings = {**MISSING, "green": {"class_path": "metrics.green.GREEN", "init_args": {"model": str(tmp_path / "no-judge")}}}
     m = evaluate_file(write_jsonl(tmp_path / "o.jsonl", OURS), settings, n_boot=10)["tasks"]["report_generation"]
     assert "GREEN judge" in m["metrics"]["green"]["unavailable"] and "no-judge" in m["metrics"]["green"]["unavailable"]
     assert GREEN.higher_is_better
 
+
+
+def test_green_endpoint_key_comes_from_the_variable_the_config_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("GREEN_TEST_KEY", raising=False)
+    green = {"class_path": "metrics.green.GREEN",
+             "init_args": {"model": "m", "endpoint": "https://judge.invalid/v1", "api_key_env": "GREEN_TEST_KEY"}}
+    m = evaluate_file(write_jsonl(tmp_path / "o.jsonl", OURS), {**MISSING, "green": green}, n_boot=10)
+    assert "GREEN_TEST_KEY is not set" in m["tasks"]["report_generation"]["metrics"]["green"]["unavailable"]
 
 # ---------------------------------------------------------------------------------------- RadEval variant
 def test_radeval_variant_is_idf_bertscore_without_the_reward_wrapper_and_one_over_the_mean(tmp_path, capsys):
@@ -186,10 +202,12 @@ def test_radeval_variant_is_idf_bertscore_without_the_reward_wrapper_and_one_ove
         ("Fine.", "Mild cardiomegaly. Lungs are clear."),  # ≤ 5 characters: the reward's floor, not RadEval's
     ])]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    out = main([str(path), "--bootstrap", "50", "--offline", "--bertscore-model", bert, "--bertscore-layers", "2",
-                "--radcliq-bertscore-model", bert, "--radcliq-bertscore-layers", "2", "--chexbert", chexbert,
-                "--chexbert-bert", bert, "--radgraph-dir", "/nonexistent/rg", "--radcliq-radgraph-dir", radgraph,
-                "--device", "cpu", "--radeval-variant"])
+    tiny = eval_metrics_config(bert, chexbert, "/nonexistent/rg", radgraph)
+    radeval = {"radcliq_radeval": {"class_path": "metrics.radcliq.RadCliQ", "init_args": {
+        **tiny["radcliq"]["init_args"], "lowercase": False, "max_chars": None, "min_chars": None,
+        "bertscore": {"class_path": "metrics.bertscore.BERTScore", "init_args": {"model_type": bert, "num_layers": 2,
+                                                                                 "idf": True}}}}}
+    out = main([str(path), "--bootstrap", "50", "--offline", "--device", "cpu", *write_config(tmp_path, tiny, radeval)])
     preds, refs = [r["answer"] for r in rows], [r["reference"] for r in rows]
     radeval = RadCliQ(radgraph=RadGraphF1("radgraph", reward_level="radcliq", model_dir=radgraph, device="cpu"),
                       bertscore=BERTScore(bert, num_layers=2, idf=True, device="cpu"),

@@ -1,6 +1,6 @@
 import json
 
-from radvlm.demo import format_summary, summarise
+from radvlm.tools.demo import format_summary, summarise
 
 
 def write(path, rows):

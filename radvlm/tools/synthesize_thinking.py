@@ -1,39 +1,19 @@
 """Synthesise ``<think>`` traces for RadVLM records with a teacher model (data for the thinking cold start).
 
-``python -m radvlm.synthesize_thinking IN.json OUT.jsonl --endpoint http://host:8000/v1 --model NAME`` (an
-OpenAI-compatible server, e.g. a 235B Qwen3-VL under vLLM) or ``--teacher-model PATH`` (any checkpoint
-``Policy.from_pretrained`` loads; batched ``generate``). A written record is the input record with ``" /think"``
-appended to its final user prompt and its final assistant turn = ``make_thinking_answer(trace, ORIGINAL
-answer)`` (``radvlm.chat``): it loads with ``load_records`` and trains with the ordinary SFT collator.
+``python -m radvlm.tools.synthesize_thinking IN.json OUT.jsonl --endpoint http://host:8000/v1 --model NAME`` (an
+OpenAI-compatible server, e.g. a 235B Qwen3-VL under vLLM) or ``--teacher-model PATH`` (a local checkpoint;
+``radvlm.tools.teachers``). A written record is the input record with ``" /think"`` appended to its final user
+prompt and its final assistant turn = ``make_thinking_answer(trace, ORIGINAL answer)`` (``radvlm.chat``): it
+loads with ``load_records`` and trains with the ordinary SFT collator.
 
-Strategies (the paper's two): ``show_answer=True`` shows the ground-truth answer to the teacher, which writes
-the reasoning leading to it; hidden (``False``) lets the teacher answer alone and keeps the trace only when
-its answer agrees with the ground truth under ``accept``: ``any`` (format only; default when shown),
-``exact`` (equal after lower-casing, collapsing spaces, dropping a final period), ``iou`` (the ``[a, b, c, d]``
-boxes of both answers pair one-to-one with IoU >= ``iou_threshold``, equal counts; teacher boxes divided by
-``box_scale``, 1000 for Qwen3-VL's native 0-1000 grid), ``auto`` (``iou`` when the ground truth holds a
-box, else ``exact``; default when hidden). Boxes and IoU are the metrics' own (``metrics.boxes``).
+The paper's two strategies: ``show_answer=True`` shows the ground-truth answer and the teacher writes the
+reasoning leading to it; hidden, the teacher answers alone and the trace is kept only when its answer agrees
+with the ground truth (``answers_agree``; boxes and IoU are ``metrics.boxes``'). Responses are checked
+(``check_response``), written record by record and resumable (``synthesize``).
 
-A response is rejected (counted, logged, not written) unless it is ``TRACE</think>ANSWER`` with a non-empty
-trace and answer and one think block (``split_thinking``), not cut at the token limit (default 4096, the
-paper's response budget for thinking models) and, when the answer was shown, without a phrase citing it
-(``LEAK_PHRASES``). The opening ``<think>`` may be missing (Qwen3 thinking templates put it in the prompt);
-a server's separate ``reasoning_content`` (vLLM reasoning parser) becomes the think block.
-
-Operation: batches of ``teacher.batch_size`` requests (1 for an endpoint) on ``workers`` threads (1 for a
-local model); a request that raises is retried ``retries`` times after ``backoff · 2^k`` s (at most 60)
-unless the error is a ``PermanentError`` (HTTP 4xx but 408/429, unreadable image). The output JSONL is
-appended and flushed record by record, in completion order; a rerun skips ids already written and retries
-the rest. ``OUT.failures.jsonl`` (``a.jsonl`` → ``a.failures.jsonl``) is rewritten by each run: its
-rejected and failed records (id, kind, reason, attempts). ``max_consecutive_failures`` failures in a row
-(a dead server) stop the run; what was written stays.
-
-Decisions beyond the brief: only the FINAL user prompt gets ``" /think"`` (earlier assistant turns carry no
-trace; a ``/think`` prompt answered without thinking would teach exactly that); records get a
-``thinking_source`` key; image paths are written relative to the output's folder. radvlm/ must not depend
-on datamodules/ (DESIGN.md), so ``main`` imports ``load_records`` lazily and ``synthesize`` takes any
-Record-shaped objects. The teachers (``EndpointTeacher``, ``PolicyTeacher``, ``TeacherRequest``,
-``PermanentError``, ``Truncated``, ``image_data_url``) live in ``radvlm.teachers`` and are re-exported here.
+Not in the paper: only the FINAL user prompt gets ``" /think"`` (a ``/think`` prompt answered without thinking
+would teach exactly that); records get a ``thinking_source`` key; image paths are written relative to the
+output's folder; rejected and failed records go to ``OUT.failures.jsonl``.
 """
 
 from __future__ import annotations
@@ -49,6 +29,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Protocol
 
+from datamodules.records import load_records
 from metrics.boxes import pairwise_iou
 from metrics.boxes import parse_boxes as metric_boxes
 from radvlm.chat import (
@@ -59,7 +40,7 @@ from radvlm.chat import (
     make_thinking_prompt,
     split_thinking,
 )
-from radvlm.teachers import (  # re-exported: ``from radvlm.synthesize_thinking import EndpointTeacher`` works
+from radvlm.tools.teachers import (  # re-exported: ``from radvlm.tools.synthesize_thinking import EndpointTeacher`` works
     EndpointTeacher,
     PermanentError,
     PolicyTeacher,
@@ -137,7 +118,11 @@ def normalise_answer(text: str) -> str:
 
 
 def answers_agree(pred: str, gt: str, accept: str, iou_threshold: float = 0.5, box_scale: float = 1.0) -> bool:
-    """Whether the teacher's answer ``pred`` agrees with the ground truth ``gt`` (modes: module docstring)."""
+    """Whether the teacher's answer ``pred`` agrees with the ground truth ``gt`` under ``accept``: ``any``
+    (format only; the default when the answer is shown), ``exact`` (equal after lower-casing, collapsing spaces,
+    dropping a final period), ``iou`` (the ``[a, b, c, d]`` boxes of both answers pair one-to-one with IoU >=
+    ``iou_threshold``, equal counts; teacher boxes divided by ``box_scale``, 1000 for Qwen3-VL's native 0-1000
+    grid), ``auto`` (``iou`` when the ground truth holds a box, else ``exact``; the default when hidden)."""
     if accept not in ACCEPT_MODES:
         raise ValueError(f"accept must be one of {ACCEPT_MODES}, got {accept!r}")
     if accept == "any":
@@ -150,8 +135,10 @@ def answers_agree(pred: str, gt: str, accept: str, iou_threshold: float = 0.5, b
 
 def check_response(text: str, gt: str, accept: str = "any", iou_threshold: float = 0.5,
                    box_scale: float = 1.0, leak_phrases: Sequence[str] = ()) -> tuple[str | None, str]:
-    """``(trace, "")`` for a usable response, ``(None, reason)`` otherwise; ``leak_phrases`` (lower case)
-    must not occur in the trace."""
+    """``(trace, "")`` for a usable response, ``(None, reason)`` otherwise. Usable: ``TRACE</think>ANSWER`` with a
+    non-empty trace and answer and one think block (``split_thinking``; the opening ``<think>`` may be missing,
+    as Qwen3 thinking templates put it in the prompt), not cut at the token limit (``Truncated``), an answer
+    that agrees with ``gt`` (``answers_agree``) and no ``leak_phrases`` (lower case) in the trace."""
     if isinstance(text, Truncated):
         return None, "truncated at the token limit"
     thoughts, answer, closed = split_thinking(text)
@@ -297,7 +284,15 @@ def synthesize(records: Sequence[RecordLike], teacher: Teacher, out_path: str | 
                template: str | None = None, reject_leaks: bool = True, max_consecutive_failures: int = 50,
                progress: bool = True) -> dict[str, Any]:
     """Write thinking versions of ``records`` to ``out_path`` (JSONL, appended; resumes); return counts
-    ``{"total", "skipped", "written", "rejected", "failed", "reasons"}`` (see the module docstring)."""
+    ``{"total", "skipped", "written", "rejected", "failed", "reasons"}``.
+
+    Batches of ``teacher.batch_size`` requests (1 for an endpoint) on ``workers`` threads (1 for a local
+    model); a request that raises is retried ``retries`` times after ``backoff · 2^k`` s (at most 60) unless the
+    error is a ``PermanentError`` (HTTP 4xx but 408/429, unreadable image). The output is appended and flushed
+    record by record, in completion order; a rerun skips ids already written and retries the rest.
+    ``failures_path(out_path)`` is rewritten by each run with its rejected and failed records (id, kind,
+    reason, attempts). ``max_consecutive_failures`` failures in a row (a dead server) stop the run; what was
+    written stays. With the answer shown, ``reject_leaks`` rejects traces citing it (``LEAK_PHRASES``)."""
     from tqdm.auto import tqdm
 
     out_path = Path(out_path)
@@ -385,7 +380,7 @@ def format_summary(counts: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m radvlm.synthesize_thinking",
+    p = argparse.ArgumentParser(prog="python -m radvlm.tools.synthesize_thinking",
                                 description=__doc__.splitlines()[0])
     p.add_argument("input", help="RadVLM records (.json list or .jsonl)")
     p.add_argument("output", help="output .jsonl (appended; a rerun resumes)")
@@ -438,8 +433,6 @@ def make_teacher(args: argparse.Namespace) -> Teacher:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    from datamodules.records import load_records  # lazy: radvlm must not depend on datamodules at import
-
     records = load_records(args.input, image_root=args.image_root)
     template = Path(args.template_file).read_text(encoding="utf-8") if args.template_file else None
     counts = synthesize(

@@ -1,37 +1,15 @@
-"""Prediction files for ``radvlm.evaluate``: our JSONL and RadVLM's evaluation outputs, read into one row shape.
+"""Prediction files for ``radvlm.tools.evaluate``: our JSONL and RadVLM's evaluation outputs, read into one row shape.
 
-Formats (``read_prediction_file(path, fmt=...)``, ``--format`` of ``radvlm.evaluate``):
-- ``jsonl``: ours, the JSONL of ``main.py predict`` (``PredictionWriter``): one object per line with at least
-  ``id``, ``task`` (else from a RadVLM id prefix, else ``task``), ``answer`` (the prediction) and ``reference``;
-- ``radvlm``: RadVLM's evaluation output (uzh-dqbm-cmi/RadVLM, ``radvlm/evaluation/evaluate_instructions.py``,
-  written as ``results/{model}_{task}_output.json``, ``…_output_partial.json`` for a partial run): ONE JSON list
-  of objects without a task, usually without an id, and with the ground truth under other keys than ours;
-- ``radvlm-jsonl``: the same objects, one per line;
-- ``auto`` (default): a file whose first character is ``[`` is ``radvlm``; otherwise a JSONL whose first object
-  has the answer key of the mapping (``output``) and no ``reference`` is ``radvlm-jsonl``, else ``jsonl``.
+Formats (``FORMATS``, ``--format``; ``detect_format`` for ``auto``): ``jsonl``, ours (``main.py predict``: one
+object per line with ``id``, ``task``, ``answer``, ``reference``); ``radvlm``, RadVLM's evaluation output
+(uzh-dqbm-cmi/RadVLM ``radvlm/evaluation/evaluate_instructions.py``: ``results/{model}_{task}_output.json``,
+ONE JSON list of objects without a task, usually without an id, the ground truth under other keys);
+``radvlm-jsonl``, the same objects one per line. RadVLM objects get our keys (``RADVLM_KEYS``,
+``_radvlm_row``), stable ids and the task of ``--task`` or of the file name (``read_prediction_file``).
 
-Key mapping of RadVLM objects (``RADVLM_KEYS``: our key ← RadVLM's key; read from RadVLM's evaluation code:
-each object holds ``output`` (the model's text), ``instr`` (the prompt), ``answer`` (the instruction's
-ground-truth ANSWER, not the prediction as in ours) and, when the dataset sample has them, ``id``, ``idx``,
-``img_path``, ``labels``, ``label``, ``txt``, ``boxes``; its report metrics compare ``output`` with ``txt``,
-its box metrics with the unrounded ``boxes``, its classification with ``labels``):
-
-    answer ← output          reference ← txt (report_generation), answer (other tasks)
-    gt_boxes ← boxes         labels ← labels         image ← img_path         prompt ← instr
-
-``keys`` (``--keys answer=output,reference=gt,...``) overrides any of them (targets: ``id``, ``task``,
-``answer``, ``reference``, ``gt_boxes``, ``labels``, ``image``, ``prompt``); an overridden key must be present
-in every object. Other keys of an object are kept unless they collide with ours (RadVLM's ``answer`` does: it
-is the reference, or dropped). Ids: the object's ``id`` (or the ``id=`` key); without one the stable id
-``{file stem}_{idx}`` from RadVLM's dataset index ``idx`` (the same sample in two runs of one test set gets
-the same id; a sample a distributed run wrote twice is a duplicate), else ``{file stem}_{position}``.
-Task: the ``task=`` key when mapped, else the ``task`` argument (``--task``), else the task named in the file
-name (one of ``radvlm.tasks.TASKS``, e.g. ``radvlm_report_generation_output.json``); none, or several, is an
-error asking for ``--task``; a ``--task`` that contradicts the file name is an error too.
-
-Every row then passes the checks of our format: ``answer`` and ``reference`` strings, errors naming the file,
-the line (JSONL) or list index (JSON) and the id. Rows come back sorted by id; duplicate ids keep their first
-row and are counted.
+Every row then passes the checks of our format (``check_row``); rows come back sorted by id; duplicate ids keep
+their first row and are counted. Not in RadVLM: ids ``{file stem}_{idx}`` for objects without one, so that the
+same sample in two runs of one test set compares by id.
 """
 
 from __future__ import annotations
@@ -44,7 +22,11 @@ from typing import Any
 from radvlm import tasks
 
 FORMATS = ("auto", "jsonl", "radvlm", "radvlm-jsonl")
-#: our key ← RadVLM's key (``reference``: per task, ``RADVLM_REFERENCE_KEYS``)
+#: our key ← RadVLM's key (``reference``: per task, ``RADVLM_REFERENCE_KEYS``), read from RadVLM's evaluation
+#: code: each object holds ``output`` (the model's text), ``instr`` (the prompt), ``answer`` (the instruction's
+#: ground-truth ANSWER, not the prediction as in ours) and, when the dataset sample has them, ``id``, ``idx``,
+#: ``img_path``, ``labels``, ``label``, ``txt``, ``boxes``; its report metrics compare ``output`` with ``txt``,
+#: its box metrics with the unrounded ``boxes``, its classification with ``labels``
 RADVLM_KEYS: dict[str, str] = {"answer": "output", "gt_boxes": "boxes", "labels": "labels", "image": "img_path",
                                "prompt": "instr"}
 #: RadVLM's ground-truth key per kind of task (``radvlm.tasks.task_kind``); ``answer`` for every other kind
@@ -148,7 +130,11 @@ def _our_row(row: dict, default_task: str | None) -> dict:
 
 
 def _radvlm_row(obj: dict, where: str, position: int, stem: str, task: str | None, keys: dict[str, str]) -> dict:
-    """One RadVLM object in our row shape (module docstring)."""
+    """One RadVLM object in our row shape: keys mapped by ``RADVLM_KEYS`` and ``keys`` (``--keys``, which
+    overrides any of them; an overridden key must be present in every object). Other keys are kept unless they
+    collide with ours (RadVLM's ``answer`` does: it is the reference, or dropped). Id: the object's ``id`` (or
+    the ``id=`` key); without one ``{stem}_{idx}`` from RadVLM's dataset index ``idx`` (a sample a distributed
+    run wrote twice is then a duplicate), else ``{stem}_{position}``."""
     task = obj.get(keys["task"]) if "task" in keys else task
     task = tasks.TASK_ALIASES.get(task, task) if isinstance(task, str) else task
     mapping = {**RADVLM_KEYS, "reference": RADVLM_REFERENCE_KEYS.get(tasks.task_kind(task) or "", "answer"),
@@ -171,7 +157,12 @@ def _radvlm_row(obj: dict, where: str, position: int, stem: str, task: str | Non
 
 def read_prediction_file(path: str | Path, default_task: str | None = None, fmt: str = "auto",
                          keys: str | dict[str, str] | None = None) -> PredictionFile:
-    """Rows of a prediction file in our shape, sorted by id (module docstring); ``default_task`` is ``--task``."""
+    """Rows of a prediction file in our shape, sorted by id. ``fmt``: ``FORMATS`` (``auto``: a file whose first
+    character is ``[`` is ``radvlm``; a JSONL whose first object has the answer key of the mapping and no
+    ``reference`` is ``radvlm-jsonl``; else ``jsonl``). ``keys``: ``parse_keys``. The task of a RadVLM row: the
+    ``task=`` key when mapped, else ``default_task`` (``--task``), else the task named in the file name (e.g.
+    ``radvlm_report_generation_output.json``); none, several, or a ``--task`` contradicting the file name is
+    an error asking for ``--task``."""
     path = Path(path)
     if fmt not in FORMATS:
         raise ValueError(f"unknown prediction format {fmt!r}; expected one of {FORMATS}")

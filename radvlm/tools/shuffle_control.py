@@ -2,38 +2,18 @@
 
 A model that ignores the image can still score: it names the findings that are common at the places where
 they usually are. The control scores the same records twice, once with their own images and once with the
-images permuted among them, and reports per model
+images permuted among them (``derangement``, ``shuffle_images``), and reports per model
 
     own        soft-F1 / mAP@0.5 with each record's own image
     shuffled   the same records (prompts, references) answered on another record's image
     image-dependent = own − shuffled, paired by record id, with a 95 % percentile bootstrap CI
 
-A score that survives the shuffle is prior; only the difference is grounding learned from the image.
+A score that survives the shuffle is prior; only the difference is grounding learned from the image
+(``image_dependence``; ``paired_gain`` compares two models, e.g. GRPO − SFT). Not in the paper, which has no
+such control.
 
-Functions (pure unless they name a file):
-
-- ``derangement(n, seed)``: a permutation of ``0 … n−1`` with no fixed point, uniform over all derangements
-  (rejection sampling of ``numpy.random.default_rng(seed).permutation``; about e ≈ 2.7 draws on average);
-- ``shuffle_images(records, seed)``: the records with the images deranged *by image*, not by record: a
-  dataset holds several records (tasks) per image, and a derangement of records could hand a record another
-  record's copy of its own image. Every record gets the image of another image group; ids, prompts,
-  answers and boxes stay, and ``own_image`` (the original path) and ``shuffle_seed`` are added;
-- ``write_shuffled_records(src, dst, seed, tasks=None)``: the file form (RadVLM JSON/JSONL in, absolute image
-  paths out), for ``main.py predict --data.init_args.predict_files [DST]``;
-- ``paired_difference(a, b)``: mean of ``a − b`` with its bootstrap CI (``radvlm.evaluate.bootstrap_ci``,
-  2000 resamples, seed 0);
-- ``image_dependence(own_rows, shuffled_rows)``: the table entry of one model from its two prediction files
-  (rows as ``main.py predict`` writes them), box tasks only, paired by id;
-- ``paired_gain(before, after, key)``: the paired difference of one per-record series between two models
-  (e.g. GRPO − SFT of the image-dependent soft-F1), with its CI.
-
-CLI::
-
-    python -m radvlm.shuffle_control permute SRC.json DST.json [--seed 0] [--tasks abnormality_grounding]
-    python -m radvlm.shuffle_control score OWN.jsonl SHUFFLED.jsonl [--json OUT.json]
-
-``radvlm.evaluate`` imports this module (not the other way round at import time: ``bootstrap_ci`` and the
-prediction reader are imported inside the functions).
+    python -m radvlm.tools.shuffle_control permute SRC.json DST.json [--seed 0] [--tasks abnormality_grounding]
+    python -m radvlm.tools.shuffle_control score OWN.jsonl SHUFFLED.jsonl [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -110,7 +90,7 @@ def write_shuffled_records(src: str | Path, dst: str | Path, seed: int, tasks: S
 def paired_difference(a: Any, b: Any, n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, float]:
     """Mean of the paired differences ``a − b`` (same length, row i of both is the same record) and its 95 %
     percentile bootstrap CI: ``{"delta", "ci95_low", "ci95_high", "n"}``."""
-    from radvlm.evaluate import bootstrap_ci
+    from radvlm.tools.evaluate import bootstrap_ci  # lazy, as the metrics below: torch, which ``permute`` skips
 
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
@@ -123,10 +103,10 @@ def paired_difference(a: Any, b: Any, n_boot: int = N_BOOT, seed: int = SEED) ->
 
 
 def _box_scores(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """{id: {"soft_f1", "map"}} of the box-task rows (answer as ``radvlm.evaluate`` scores it)."""
+    """{id: {"soft_f1", "map"}} of the box-task rows (answer as ``radvlm.tools.evaluate`` scores it)."""
     from metrics.grounding import GroundingMAP, SoftF1
-    from radvlm.evaluate import scored_answer
     from radvlm.tasks import is_box_task
+    from radvlm.tools.evaluate import scored_answer
 
     rows = [r for r in rows if is_box_task(r["task"])]
     preds, refs = [scored_answer(r) for r in rows], [r["reference"] for r in rows]
@@ -198,13 +178,13 @@ def format_rows(entries: dict[str, dict[str, Any]]) -> str:
 
 
 def _read(path: str | Path) -> list[dict]:
-    from radvlm.evaluate import read_predictions
+    from radvlm.tools.evaluate import read_predictions
 
     return read_predictions(path)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(prog="python -m radvlm.shuffle_control",
+    parser = argparse.ArgumentParser(prog="python -m radvlm.tools.shuffle_control",
                                      description="Shuffle control: image-dependent grounding scores.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("permute", help="write a copy of a record file with the images deranged among records")

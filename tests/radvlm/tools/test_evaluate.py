@@ -7,19 +7,18 @@ import pytest
 from PIL import Image
 
 from metrics.grounding import GroundingMAP
-from radvlm.evaluate import (
-    MetricSettings,
-    Scorers,
+from radvlm.tools.eval_metrics import Scorers, load_config
+from radvlm.tools.evaluate import (
     bootstrap_ci,
     evaluate_file,
     format_table,
-    load_settings,
     main,
     nan_mean,
     ratio_of_sums,
     read_predictions,
     scored_path_for,
 )
+from tests.helpers import eval_metrics_config
 
 # ------------------------------------------------------------------------------------------------ bootstrap
 
@@ -82,9 +81,7 @@ ROWS = [
     {"id": "g3", "task": "abnormality_grounding",
      "answer": "No abnormalities or lesions are detected on this Chest X-ray.", "reference": "[0.5, 0.5, 0.7, 0.7]"},
 ]
-MISSING = MetricSettings(bertscore_model="/nonexistent/bert", bertscore_layers=2, chexbert="/nonexistent/chexbert.pth",
-                         chexbert_bert="/nonexistent/bert", radgraph_dir="/nonexistent/radgraph",
-                         radcliq_bertscore_model="/nonexistent/bert", radcliq_bertscore_layers=2, device="cpu")
+MISSING = eval_metrics_config("/nonexistent/bert", "/nonexistent/chexbert.pth", "/nonexistent/radgraph", None)
 
 
 def write_jsonl(path, rows):
@@ -175,9 +172,7 @@ def test_model_metrics_with_tiny_weights_equal_the_metric_classes(tmp_path):
     chexbert = write_tiny_chexbert(tmp_path / "chexbert.pth", bert)
     radgraph = write_tiny_radgraph(tmp_path / "radgraph-xl", bert)
     radgraph_rc = write_tiny_radgraph(tmp_path / "radgraph", bert, model_type="radgraph")  # RadCliQ's model
-    settings = MetricSettings(bertscore_model=bert, bertscore_layers=2, radcliq_bertscore_model=bert,
-                              radcliq_bertscore_layers=2, chexbert=chexbert, chexbert_bert=bert,
-                              radgraph_dir=radgraph, radcliq_radgraph_dir=radgraph_rc, device="cpu")
+    settings = eval_metrics_config(bert, chexbert, radgraph, radgraph_rc)
     rows = [{"id": f"r{i}", "task": "report_generation", "answer": a, "reference": b} for i, (a, b) in enumerate([
         ("The heart size is normal.", "Heart size is normal. No pleural effusion."),
         ("Small left pleural effusion.", "Moderate left pleural effusion with atelectasis."),
@@ -226,7 +221,7 @@ def test_cli_writes_json_scored_file_and_pictures(tmp_path, capsys):
     rows = [{**r, "image": str(image), "prompt": "Locate the mass."} for r in ROWS[2:]]
     path = write_jsonl(tmp_path / "run.jsonl", rows)
     out = main([str(path), "--json", str(tmp_path / "out.json"), "--draw", "2", str(tmp_path / "pics"),
-                "--bootstrap", "50", "--bertscore-model", "/nonexistent/bert", "--bertscore-layers", "2"])
+                "--bootstrap", "50", "--device", "cpu"])
     printed = capsys.readouterr().out
     assert "| soft-F1 | 50.0 |" in printed
     assert json.loads((tmp_path / "out.json").read_text())["tasks"] == out["tasks"]
@@ -256,14 +251,57 @@ def test_duplicate_ids_keep_the_first_line_and_are_counted(tmp_path):
     assert [r["id"] for r in rows] == ["r1", "r2"] and rows[0]["answer"] == ROWS[0]["answer"] and dropped == 1
 
 
-def test_metric_settings_from_a_file_are_overridden_by_flags(tmp_path):
+def test_metrics_config_layers_update_or_replace_the_default_entries(tmp_path):
     cfg = tmp_path / "m.yaml"
-    cfg.write_text("bertscore-model: /models/bert\nbertscore_layers: 4\nradgraph_dir: /models/rg\n")
-    s = load_settings(str(cfg), {"bertscore_layers": 6, "chexbert": None})
-    assert (s.bertscore_model, s.bertscore_layers, s.radgraph_dir, s.chexbert) == ("/models/bert", 6, "/models/rg", None)
-    cfg.write_text("bertscore_model: x\nunknown_key: 1\n")
-    with pytest.raises(ValueError, match="unknown_key"):
-        load_settings(str(cfg), {})
+    cfg.write_text("bertscore: {init_args: {model_type: /models/bert, num_layers: 4}}\n"
+                   "radgraph: {class_path: metrics.radgraph.RadGraphF1, init_args: {model_dir: /models/rg}}\n"
+                   "chexbert: null\n")
+    c = load_config([cfg, {"bertscore": {"init_args": {"num_layers": 6}}}], device="cpu")
+    bs = c.bertscore.init_args
+    assert (bs.model_type, bs.num_layers, bs.rescale_with_baseline) == ("/models/bert", 6, True)  # rest: the default's
+    assert (c.radgraph.init_args.model_dir, c.radgraph.init_args.model_type) == ("/models/rg", "radgraph-xl")
+    assert c.chexbert is None and c.device == "cpu" and c.radcliq.class_path == "metrics.radcliq.RadCliQ"
+    cfg.write_text("bertscore: {init_args: {model_typo: x}}\n")
+    with pytest.raises(ValueError, match="(?s)m.yaml: .*model_typo"):
+        load_config(cfg)
+    cfg.write_text("unknown_metric: {class_path: metrics.text.GLEU}\n")
+    with pytest.raises(ValueError, match="unknown_metric"):
+        load_config(cfg)
+
+
+def test_default_metrics_config_builds_the_papers_metrics():
+    """configs/eval_metrics/default.yaml gives the settings evaluation had before it was a class_path config."""
+    from bert_score.utils import model2layers
+
+    from metrics.bertscore import BERTScore
+    from metrics.chexbert import CheXbertF1, CheXbertSimilarity
+    from metrics.radcliq import RadCliQ
+    from metrics.radgraph import RadGraphF1
+    from metrics.text import BLEU
+    from radvlm.tools.eval_metrics import DEFAULT_CONFIG, instantiate, with_device
+
+    cfg = load_config(device="cpu")
+    build = lambda name: instantiate(with_device(cfg[name].as_dict(), cfg.device))  # noqa: E731
+    assert cfg.offline is None and cfg.green is None and cfg.radcliq_radeval is None  # GREEN only with a judge
+    bs = build("bertscore")
+    assert type(bs) is BERTScore and (bs.model_type, bs.num_layers, bs.idf) == ("distilbert-base-uncased", 5, False)
+    assert bs.baseline is not None and bs.model_device == "cpu"  # rescaled with bert-score's table
+    chex = build("chexbert")
+    assert type(chex) is CheXbertF1 and (chex.checkpoint, chex.bert_name_or_path) == (None, "bert-base-uncased")
+    rg = build("radgraph")
+    assert type(rg) is RadGraphF1 and (rg.model_type, rg.reward_level, rg.model_dir) == ("radgraph-xl", "partial", None)
+    rc = build("radcliq")
+    assert type(rc) is RadCliQ and (rc.lowercase, rc.max_chars, rc.min_chars) == (True, 2048, 5)
+    assert (rc.radgraph.model_type, rc.radgraph.reward_level, rc.radgraph.model_dir) == ("radgraph", "radcliq", None)
+    assert (rc.bertscore.model_type, rc.bertscore.num_layers) == ("distilroberta-base", model2layers["distilroberta-base"])
+    assert rc.bertscore.baseline is not None and rc.bertscore.idf is False
+    assert type(rc.semb) is CheXbertSimilarity and (rc.semb.checkpoint, rc.semb.bert_name_or_path) == (None, "bert-base-uncased")
+    assert type(rc.bleu) is BLEU and rc.bleu.n == 2
+    assert {m.model_device for m in (rc.radgraph, rc.bertscore, rc.semb)} == {"cpu"}
+    radeval = load_config(DEFAULT_CONFIG.with_name("radeval.yaml"))
+    rv = instantiate(radeval.radcliq_radeval.as_dict())
+    assert (rv.lowercase, rv.max_chars, rv.min_chars, rv.bertscore.idf) == (False, None, None, True)
+    assert (rv.radgraph.model_type, rv.bertscore.model_type) == ("radgraph", "distilroberta-base")
 
 
 def test_each_model_metric_is_built_once_per_scorers(tmp_path, monkeypatch):

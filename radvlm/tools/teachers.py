@@ -1,4 +1,4 @@
-"""Teachers for ``radvlm.synthesize_thinking``: what answers a ``TeacherRequest`` with a ``<think>`` response.
+"""Teachers for ``radvlm.tools.synthesize_thinking``: what answers a ``TeacherRequest`` with a ``<think>`` response.
 
 - ``EndpointTeacher``: an OpenAI-compatible ``/v1/chat/completions`` server (e.g. a 235B Qwen3-VL under vLLM)
   through ``metrics.judge.ChatClient`` (the project's one such client, shared with the GREEN judge), one
@@ -9,11 +9,9 @@
 
 Both return, per request, the response text or the exception it raised (``synthesize`` decides on retries):
 ``Truncated`` marks a response cut at the token limit, ``PermanentError`` an error retrying cannot fix (HTTP
-4xx but 408/429, unreadable image, a prompt the collator drops).
-
-Decisions beyond the brief: radvlm/ must not depend on datamodules/ (DESIGN.md), so it is imported lazily
-where unavoidable: ``PolicyTeacher`` (``PromptCollator``, ``Record``) and ``image_data_url`` for images that
-are not 8-bit PNG/JPEG (``load_image`` rescales 16-bit radiographs).
+4xx but 408/429, unreadable image, a prompt the collator drops). Not in the paper, which names no teacher
+interface: images that are not 8-bit PNG/JPEG are decoded as training decodes them (``load_image`` rescales
+16-bit radiographs) and sent as PNG.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from datamodules.records import Record, Turn, load_image
 from metrics.judge import (  # the project's one OpenAI-compatible client; the error types are re-exported here
     ChatClient,
     PermanentError,
@@ -52,12 +51,6 @@ class Teacher(Protocol):
         ...
 
 
-def _load_8bit_image(path: Path):
-    from datamodules.records import load_image  # lazy: radvlm must not depend on datamodules at import
-
-    return load_image(path)
-
-
 def image_data_url(path: str | Path, loader: Callable[[Path], Any] | None = None) -> str:
     """``data:image/png;base64,...``: 8-bit PNG/JPEG files as they are, anything else decoded by ``loader``
     (default ``datamodules.records.load_image``, which rescales 16-bit images) and re-encoded as PNG."""
@@ -71,7 +64,7 @@ def image_data_url(path: str | Path, loader: Callable[[Path], Any] | None = None
             data, mime = path.read_bytes(), f"image/{fmt.lower()}"
         else:
             buf = io.BytesIO()
-            (loader or _load_8bit_image)(path).save(buf, format="PNG")
+            (loader or load_image)(path).save(buf, format="PNG")
             data, mime = buf.getvalue(), "image/png"
     except Exception as e:
         raise PermanentError(f"image {str(path)!r} cannot be read ({type(e).__name__}: {e})") from e
@@ -149,7 +142,7 @@ class PolicyTeacher:
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.device = device
         if collator is None:
-            from datamodules.collate import PromptCollator  # lazy: see module docstring
+            from datamodules.collate import PromptCollator  # lazy: torch, only for a local-model teacher
 
             collator = PromptCollator(policy.processor)
         self.collator = collator
@@ -166,8 +159,6 @@ class PolicyTeacher:
         return cls(policy, device=device, name=f"policy:{Path(str(path)).name}", **kwargs)
 
     def _records(self, requests: Sequence[TeacherRequest]) -> list:
-        from datamodules.records import Record, Turn  # lazy: see module docstring
-
         # an empty assistant turn closes each conversation; the prompt collator drops it again
         return [Record(id=r.id, image=r.image, conversations=[Turn(role, text) for role, text in r.turns]
                        + [Turn("assistant", "")]) for r in requests]
