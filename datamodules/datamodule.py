@@ -59,6 +59,7 @@ from datamodules.records import (
     load_image,
     load_records,
 )
+from datamodules.shuffle import shuffle_images
 from radvlm.tasks import canonical_task, canonical_tasks
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class RadVLMDataModule(L.LightningDataModule):
         normalize_conversations: bool = False,
         bad_records_report: str | None = None,
         max_val_samples: int | None = None,
+        shuffle_images: int | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         seed: int = 0,
@@ -153,6 +155,10 @@ class RadVLMDataModule(L.LightningDataModule):
             bad_records_report: JSONL file listing the skipped records (default: ``bad_records.jsonl`` in the
                 trainer's ``default_root_dir``; without a trainer, no file).
             max_val_samples: cap on validation/test records (first N after the task filter).
+            shuffle_images: the shuffle control (``datamodules.shuffle``): with a seed, every test and predict
+                record is answered on the image of another image group (a derangement, fixed by the seed);
+                ids, prompts and references stay. Score against the own-image predictions with
+                ``python -m radvlm.tools.evaluate OWN.jsonl --shuffled SHUFFLED.jsonl``.
             min_pixels, max_pixels: image pixel budget of the processor (Qwen3-VL: 1024 … 451584); under
                 ``main.py`` linked to the policy's (``model.init_args.policy.min_pixels`` …), set there.
         """
@@ -197,6 +203,10 @@ class RadVLMDataModule(L.LightningDataModule):
         self._account(split)
         if split != "train" and hp.max_val_samples is not None:
             records = records[: hp.max_val_samples]
+        if split in ("test", "predict") and hp.shuffle_images is not None:
+            records = shuffle_images(records, hp.shuffle_images)
+            log.info("shuffle control: the %d %s records are answered on other records' images (seed %d)",
+                     len(records), split, hp.shuffle_images)
         if split == "train" and self.task_weights:
             records = apply_task_weights(records, self.task_weights, seed=hp.seed)
         return records

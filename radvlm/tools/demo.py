@@ -68,18 +68,6 @@ def _rows(path: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def shuffled_test_records(out: Path, thinking: bool) -> Path:
-    """The test split's abnormality-grounding records with their images deranged among them (seed 0): the shuffle
-    control's input (``radvlm.tools.shuffle_control``); written once."""
-    from radvlm.tools.shuffle_control import write_shuffled_records
-
-    name = "test_thinking" if thinking else "test"
-    path = out / "phantom" / f"{name}_grounding_shuffled.json"
-    if not path.is_file():
-        write_shuffled_records(out / "phantom" / f"{name}.json", path, seed=0, tasks=["abnormality_grounding"])
-    return path
-
-
 def summarise(pred_files: dict[str, Path], shuffled_files: dict[str, Path] | None = None) -> dict[str, Any]:
     """Per-model held-out metrics from prediction files (same samples for every model); with ``shuffled_files``
     (the same grounding records answered on deranged images, ``radvlm.tools.shuffle_control``) each model also gets
@@ -191,14 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     seconds["grpo"] = run(main_py("fit", "--config", grpo_cfg, *rerun), "GRPO")
 
     # held-out predictions on the records' own images, and the grounding records again on deranged images
-    shuffled_records = shuffled_test_records(out, thinking)
     preds: dict[str, Path] = {}
     shuffled: dict[str, Path] = {}
     t0 = time.perf_counter()
     for name, model in (("sft", first_model), ("grpo", grpo_model)):
         for images, target, extra in (
             ("own", preds, ()),
-            ("shuffled", shuffled, ("--data.init_args.predict_files", f"[{shuffled_records}]",
+            ("shuffled", shuffled, ("--data.init_args.shuffle_images", "0",
                                     "--data.init_args.tasks", "[abnormality_grounding]")),
         ):
             suffix = "" if images == "own" else "_shuffled"

@@ -1,7 +1,8 @@
 """Paper-style evaluation of prediction files: per task the columns of the paper's tables (docs/paper.md §5, §6,
 §8b) with 95 % bootstrap confidence intervals, several runs side by side, per-sample scores and box pictures.
 
-    python -m radvlm.tools.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--task TASK]
+    python -m radvlm.tools.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--shuffled SHUF.jsonl ...]
+        [--task TASK]
         [--format auto|jsonl|radvlm|radvlm-jsonl] [--keys answer=output,...] [--json OUT.json] [--draw N DIR]
         [--bootstrap 2000] [--seed 0] [--metrics-config FILE ...] [--device cpu] [--offline | --online]
 
@@ -39,6 +40,7 @@ from radvlm.tools.draw import write_pictures
 from radvlm.tools.eval_metrics import Layer, Scorers, Unavailable
 from radvlm.tools.eval_tables import COLUMNS, UNDEFINED, Column, format_table, length_changes
 from radvlm.tools.prediction_files import read_prediction_file
+from radvlm.tools.shuffle_control import format_rows, image_dependence
 
 NAN = float("nan")
 
@@ -356,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", help="RadVLM key mapping OURS=THEIRS,... (default answer=output, reference=txt for "
                    "reports / answer otherwise, gt_boxes=boxes, labels=labels, image=img_path, prompt=instr)")
     p.add_argument("--no-scored", action="store_true", help="do not write <input>.scored.jsonl")
+    p.add_argument("--shuffled", nargs="+", metavar="SHUF", help="shuffle control: one prediction file per input, "
+                   "the same records answered on other images (main.py predict --data.init_args.shuffle_images "
+                   "SEED); adds own / shuffled / image-dependent soft-F1 and mAP@0.5 with paired 95 %% CIs")
     p.add_argument("--metrics-config", action="append", default=[], metavar="FILE",
                    help="YAML/JSON of class_path entries layered over configs/eval_metrics/default.yaml (repeatable; "
                    "e.g. configs/eval_metrics/radeval.yaml adds RadEval's RadCliQ-v1)")
@@ -369,7 +374,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.shuffled and len(args.shuffled) != len(args.predictions):
+        parser.error(f"--shuffled needs one file per prediction file: {len(args.predictions)} predictions, "
+                     f"{len(args.shuffled)} shuffled")
     scorers = Scorers(args.metrics_config, device=args.device, offline=args.offline)
     runs = [evaluate_file(p, scorers, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
                           default_task=args.default_task, write_scored=not args.no_scored, fmt=args.fmt,
@@ -379,6 +388,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for r in runs:
             r["name"] = r["file"]
     print(format_table(runs))
+    if args.shuffled:
+        control = {r["name"]: image_dependence(read_predictions(own, args.default_task, args.fmt, args.keys)[0],
+                                               read_predictions(shuf, args.default_task, args.fmt, args.keys)[0],
+                                               n_boot=args.bootstrap, seed=args.seed)
+                   for r, own, shuf in zip(runs, args.predictions, args.shuffled)}
+        print("\nShuffle control (box tasks; own − shuffled images, paired by record):\n" + format_rows(control))
+        for r in runs:
+            r["shuffle_control"] = {k: v for k, v in control[r["name"]].items() if k != "per_record"}
     output = runs[0] if len(runs) == 1 else {"runs": runs, "length_change": length_changes(runs)}
     first = Path(args.predictions[0])
     target = Path(args.json or first.with_name(file_stem(first) + ".eval.json"))

@@ -2,7 +2,7 @@
 
 A model that ignores the image can still score: it names the findings that are common at the places where
 they usually are. The control scores the same records twice, once with their own images and once with the
-images permuted among them (``derangement``, ``shuffle_images``), and reports per model
+images permuted among them (``datamodules.shuffle``), and reports per model
 
     own        soft-F1 / mAP@0.5 with each record's own image
     shuffled   the same records (prompts, references) answered on another record's image
@@ -21,54 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from datamodules.shuffle import shuffle_images
+
 N_BOOT = 2000
 SEED = 0
-
-
-def derangement(n: int, seed: int) -> np.ndarray:
-    """A uniformly random permutation of ``0 … n−1`` with ``perm[i] != i`` for every i; (n,) int64.
-
-    ``n`` must be at least 2 (one element cannot move). Same ``seed`` → same permutation."""
-    if n < 2:
-        raise ValueError(f"a derangement needs at least 2 elements, got {n}")
-    rng = np.random.default_rng(seed)
-    idx = np.arange(n)
-    while True:  # P(no fixed point) → 1/e: rejection is exact and cheap
-        perm = rng.permutation(n)
-        if not np.any(perm == idx):
-            return perm
-
-
-def shuffle_images(records: Sequence[Any], seed: int) -> list[Any]:
-    """Records (``datamodules.records.Record``) with images deranged among the distinct images.
-
-    Images are ordered by first appearance; image group k gets the image of group ``perm[k]``. Records without
-    an image are kept unchanged. Each returned record carries ``extra["own_image"]`` (its original image) and
-    ``extra["shuffle_seed"]``."""
-    images: list[str] = []
-    seen: set[str] = set()
-    for r in records:
-        if r.image is not None and str(r.image) not in seen:
-            seen.add(str(r.image))
-            images.append(str(r.image))
-    if len(images) < 2:
-        raise ValueError(f"the shuffle control needs records of at least 2 distinct images, got {len(images)}")
-    perm = derangement(len(images), seed)
-    other = {images[k]: images[int(perm[k])] for k in range(len(images))}
-    out = []
-    for r in records:
-        if r.image is None:
-            out.append(r)
-            continue
-        extra = {**r.extra, "own_image": str(r.image), "shuffle_seed": int(seed)}
-        out.append(replace(r, image=Path(other[str(r.image)]), extra=extra))
-    return out
 
 
 def write_shuffled_records(src: str | Path, dst: str | Path, seed: int, tasks: Sequence[str] | None = None,

@@ -5,14 +5,13 @@ import pytest
 from PIL import Image
 
 from datamodules.records import load_records, save_records
+from datamodules.shuffle import derangement, shuffle_images
 from radvlm.tools.shuffle_control import (
-    derangement,
     format_rows,
     image_dependence,
     main,
     paired_difference,
     paired_gain,
-    shuffle_images,
     write_shuffled_records,
 )
 
@@ -132,3 +131,43 @@ def test_cli_permutes_and_scores(tmp_path, capsys):
     assert brief["soft_f1"]["own"] == 1.0 and brief["soft_f1"]["shuffled"] == pytest.approx(1 / 3)
     assert "| sft |" in capsys.readouterr().out
     assert json.loads((tmp_path / "s.json").read_text())["n"] == 3
+
+
+def test_data_module_option_answers_test_and_predict_records_on_other_images(tmp_path, tiny_ckpt):
+    from datamodules.datamodule import RadVLMDataModule
+
+    src = write_dataset(tmp_path, n_images=5)
+    files = [str(src)]
+    plain = RadVLMDataModule(processor_path=str(tiny_ckpt), train_files=files, val_files=files, test_files=files,
+                             predict_files=files)
+    control = RadVLMDataModule(processor_path=str(tiny_ckpt), train_files=files, val_files=files,
+                               test_files=files, predict_files=files, shuffle_images=4)
+    plain.setup()
+    control.setup()
+    for split in ("train", "val"):  # training and validation never see the control
+        assert [r.image for r in control.splits[split]] == [r.image for r in plain.splits[split]]
+    for split in ("test", "predict"):
+        before, after = plain.splits[split], control.splits[split]
+        assert [r.id for r in after] == [r.id for r in before]  # same records, same order, same references
+        assert [r.conversations for r in after] == [r.conversations for r in before]
+        assert all(a.image != b.image for a, b in zip(after, before))  # no record keeps its image
+        # the same permutation as the tool's (a derangement of the 5 images, seed 4)
+        assert [r.image for r in after] == [r.image for r in shuffle_images(before, 4)]
+
+
+def test_evaluate_reports_the_shuffle_control_per_model(tmp_path, capsys):
+    from radvlm.tools.evaluate import main as evaluate
+
+    own, shuf = tmp_path / "sft.jsonl", tmp_path / "sft_shuffled.jsonl"
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows([BOX_A, BOX_B, BOX_A])))  # soft-F1 1, 1, 1
+    shuf.write_text("".join(json.dumps(r) + "\n" for r in rows([BOX_B, BOX_B, BOX_B])))  # 0, 1, 0
+    out = evaluate([str(own), "--shuffled", str(shuf), "--bootstrap", "50", "--no-scored",
+                    "--json", str(tmp_path / "e.json")])  # box rows only: no model-based metric is built
+    control = out["shuffle_control"]
+    assert control["n"] == 3 and "per_record" not in control
+    assert control["soft_f1"]["own"] == 1.0 and control["soft_f1"]["shuffled"] == pytest.approx(1 / 3)
+    assert control["soft_f1"]["image"] == pytest.approx(2 / 3)
+    assert "Shuffle control" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["shuffle_control"]["map"]["own"] == 1.0
+    with pytest.raises(SystemExit):  # one shuffled file per prediction file
+        evaluate([str(own), str(own), "--shuffled", str(shuf), "--no-scored"])
