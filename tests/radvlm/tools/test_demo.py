@@ -50,3 +50,12 @@ def test_summary_with_the_shuffle_control(tmp_path):
     table = format_summary(s, {"sft": 1.0})
     assert "| sft | 0.500 | 0.500 | +0.000 (+0.000 … +0.000) |" in table
     assert "image-dependent soft-F1 +1.000 (+1.000 … +1.000)" in table
+
+
+def test_the_demo_runs_from_the_repository_root():
+    # the demo's subprocesses run main.py with configs/demo/* relative to ROOT (broke once when the tool moved)
+    from radvlm.tools.demo import ROOT
+
+    assert (ROOT / "main.py").is_file() and (ROOT / "Makefile").is_file()
+    for name in ("sft.yaml", "grpo.yaml", "predict.yaml", "coldstart.yaml", "grpo_thinking.yaml"):
+        assert (ROOT / "configs" / "demo" / name).is_file()
