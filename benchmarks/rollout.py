@@ -3,51 +3,14 @@
 ``python -m benchmarks.rollout [--size small] [--batch-sizes 1 2 4] [--g 8] [--max-new-tokens 100]
 [--modes plain shared fast] [--lora 16]``
 
-Modes are rollout engines (``radvlm.rollout``): ``plain`` = ``HFEngine()``, ``shared`` =
-``HFEngine(shared_prefill=True)``, ``fast`` = ``FastHFEngine()`` (shared prefill + LoRA merged for the rollout,
-restored after; its merge/restore cost is inside its time), ``vllm`` = ``VLLMEngine()`` (needs vLLM and a GPU).
-``--lora R`` puts rank-R LoRA adapters (non-zero B) on every linear layer of the language model, as a LoRA
-GRPO run has them. ``speedup`` is each mode's median tokens/s over the first mode's, in the same run;
-``identical_samples`` compares each mode's sampled ids with the first mode's (merged LoRA rounds differently,
-so ``fast`` with ``--lora`` need not be identical).
-
-Each row samples ``G`` completions for each of ``B`` report prompts with one image each (random noise images
-of ``--image-size``², about 441 visual tokens at 672² for Qwen3-VL's 16-pixel patches merged 2×2; prompts of
-about 20–30 text tokens) from a randomly initialised Qwen3-VL, with the same seed in two ways: the plain path
-(every prompt repeated G times, vision tower and prefill G times) and the shared-prefill path (vision tower
-and prefill once per prompt, KV cache copied G times). It prints tokens/s (completion tokens incl. the stop
-token ÷ wall time of ``generate``). The decode memory-bandwidth bound is printed beside it: per decode step
-the language model's weights and the KV cache of all rows are read once, so ``tokens/s ≤ rows · bandwidth /
-(weight bytes + KV bytes at the mean context)``, with the bandwidth measured by a large device copy (bytes
-read + written ÷ time). It is the GPU bound that matters; on CPU it is printed for reference. Results go to
+Each row samples ``G`` completions for each of ``B`` report prompts with one image each, from the same seed in
+every mode (rollout engine, ``make_engine``), and prints tokens/s beside the decode memory-bandwidth bound
+(method, timing and the two "same samples" checks: ``run`` and ``greedy_check``). Results go to
 ``benchmarks/results/rollout.json``.
 
-Timing method (so that neither mode pays a warm-up): for each batch size, ``--warmup`` repetitions of every
-mode run first and are discarded (CUDA context, kernels and allocator for that shape, lazy imports), then
-``--reps`` (≥ 2) repetitions alternate the modes (plain, shared, plain, shared, …), every call from the same
-seed; each row reports the median over the repetitions (seconds, CPU seconds, tokens/s) and the speed-up is
-the ratio of the median tokens/s. With a single repetition the first mode measured pays the warm-up: on an
-H200 that made shared prefill look ×2.5–2.8 faster where the honest figure is ×1.05–1.35.
-
-"Same samples", two checks:
-
-- ``identical_samples``: the sampled token ids of both paths are equal at every row and position in every
-  repetition. An exact float32 property (checked on CPU); in bf16 the prefill of N rows instead of N·G rounds
-  differently, a near-tie draw tips, and the rows part (observed on an H200: not token-identical).
-- ``greedy_consistent`` (holds in bf16): both paths decode the same fixed-shape batch greedily
-  (``--greedy-tokens``); one forward pass without KV cache over prompt + completion then gives the logits
-  at every completion position, and each greedy token must be the arg-max there up to a near-tie:
-  ``max logit − logit(token) ≤ GREEDY_TIE_TOLERANCE × std(logits)`` (suppressed ids excluded). A broken cache
-  (wrong rows, positions or prompt) puts tokens several standard deviations below the maximum; bf16
-  rounding only tips near-ties. ``greedy_equal_frac`` (share of positions where the two greedy outputs
-  agree) and the largest gap of each path are reported beside it.
-
-Model sizes (``--size``; ``--model PATH`` loads a checkpoint instead): ``tiny`` (the test checkpoint: text 128
-wide × 2 layers), ``small`` (text 512 × 4 layers, vision 256 × 4 blocks: a CPU-sized model where the
-prompt, not Python overhead, costs), ``2b`` and ``8b`` (the real Qwen3-VL shapes, random weights, for GPUs).
-All use the tokenizer and image processor of a freshly written tiny checkpoint (no network); with the real
-151 936-token vocabulary, ids the tiny tokenizer lacks are suppressed so completions decode to text, but
-the full-vocabulary head is still computed every step.
+Deviations from the paper's setup: random noise images and randomly initialised Qwen3-VL weights of the real
+shapes (``--size``, ``build_policy``; ``--model PATH`` loads a checkpoint instead), with the tiny checkpoint's
+tokenizer and image processor.
 """
 
 from __future__ import annotations
@@ -170,7 +133,15 @@ def shaped_config(tiny_dir: Path, size: str):
 def build_policy(size: str = "tiny", device: str = "cpu", dtype: str = "float32", image_size: int = 672,
                  model_path: str | None = None, work: str | Path | None = None, lora: Any = None,
                  gradient_checkpointing: bool = False, seed: int = 0):
-    """A ``Policy`` of the given size (random weights, built on ``device``) or loaded from ``model_path``."""
+    """A ``Policy`` of the given size (random weights, built on ``device``) or loaded from ``model_path``.
+
+    Sizes (``SHAPES``): ``tiny`` (the test checkpoint: text 128 wide × 2 layers), ``small`` (text 512 × 4
+    layers, vision 256 × 4 blocks: a CPU-sized model where the prompt, not Python overhead, costs), ``2b`` and
+    ``8b`` (the real Qwen3-VL shapes, random weights, for GPUs). All use the tokenizer and image processor of a
+    freshly written tiny checkpoint (no network); with the real 151 936-token vocabulary, ids the tiny
+    tokenizer lacks are suppressed so completions decode to text, but the full-vocabulary head is still
+    computed every step.
+    """
     from radvlm.policy import Policy, load_processor, resolve_dtype
 
     pixels = {"min_pixels": 32 * 32, "max_pixels": image_size * image_size}
@@ -215,7 +186,14 @@ def synchronize(device: str) -> None:
 
 
 def make_engine(mode: str):
-    """The rollout engine a benchmark mode names."""
+    """The rollout engine a benchmark mode names.
+
+    Modes are rollout engines (``radvlm.rollout``): ``plain`` = ``HFEngine()`` (every prompt repeated G times,
+    vision tower and prefill G times), ``shared`` = ``HFEngine(shared_prefill=True)`` (vision tower and prefill
+    once per prompt, KV cache copied G times), ``fast`` = ``FastHFEngine()`` (shared prefill + LoRA merged for
+    the rollout, restored after; its merge/restore cost is inside its time), ``vllm`` = ``VLLMEngine()``
+    (needs vLLM and a GPU).
+    """
     from radvlm.fast_engine import FastHFEngine
     from radvlm.rollout import HFEngine
 
@@ -230,7 +208,10 @@ def make_engine(mode: str):
 def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool | str, seed: int, device: str,
                   temperature: float = 1.0, engine=None) -> tuple[dict, torch.Tensor]:
     """One sampled rollout (``engine``, else ``HFEngine(shared_prefill=shared)``): wall and CPU seconds,
-    completion tokens, tokens/s, peak memory (GPU)."""
+    completion tokens, tokens/s, peak memory (GPU).
+
+    tokens/s = completion tokens incl. the stop token ÷ wall time of ``generate``.
+    """
     from radvlm.rollout import HFEngine, Sampling
 
     engine = engine or HFEngine(shared_prefill=bool(shared))
@@ -283,8 +264,17 @@ def greedy_gap(policy, prompt_inputs: dict, out, suppress: torch.Tensor, rows_pe
 
 
 def greedy_check(policy, batch: dict, g: int, tokens: int) -> dict:
-    """Greedy decoding of the same fixed-shape batch by both paths, checked against a cache-free forward pass
-    (see the module docstring): ``greedy_consistent``, ``greedy_equal_frac`` and the largest gap per path."""
+    """Greedy decoding of the same fixed-shape batch by both paths, checked against a cache-free forward pass:
+    ``greedy_consistent``, ``greedy_equal_frac`` and the largest gap per path.
+
+    ``greedy_consistent`` (holds in bf16, unlike ``identical_samples``, see ``run``): both paths decode the same
+    fixed-shape batch greedily (``--greedy-tokens``); one forward pass without KV cache over prompt +
+    completion then gives the logits at every completion position, and each greedy token must be the arg-max
+    there up to a near-tie: ``max logit − logit(token) ≤ GREEDY_TIE_TOLERANCE × std(logits)`` (suppressed ids
+    excluded). A broken cache (wrong rows, positions or prompt) puts tokens several standard deviations below
+    the maximum; bf16 rounding only tips near-ties. ``greedy_equal_frac`` (share of positions where the two
+    greedy outputs agree) and the largest gap of each path are reported beside it.
+    """
     from radvlm.policy import Policy, repeat_batch
 
     was_training = policy.training
@@ -403,6 +393,31 @@ def summarize_mode(calls: list[dict], device: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    """One row per mode and batch size; the rows are printed and written to ``args.out``.
+
+    Each row samples ``G`` completions for each of ``B`` report prompts with one image each (random noise
+    images of ``--image-size``², about 441 visual tokens at 672² for Qwen3-VL's 16-pixel patches merged 2×2;
+    prompts of about 20–30 text tokens) from a randomly initialised Qwen3-VL, every mode from the same seed.
+    ``--lora R`` puts rank-R LoRA adapters (non-zero B) on every linear layer of the language model, as a LoRA
+    GRPO run has them. The decode memory-bandwidth bound is printed beside tokens/s: per decode step the
+    language model's weights and the KV cache of all rows are read once, so ``tokens/s ≤ rows · bandwidth /
+    (weight bytes + KV bytes at the mean context)`` (``decode_bytes_per_step``), with the bandwidth measured by
+    a large device copy (``copy_bandwidth``). It is the GPU bound that matters; on CPU it is printed for
+    reference.
+
+    Timing method (so that neither mode pays a warm-up): for each batch size, ``--warmup`` repetitions of every
+    mode run first and are discarded (CUDA context, kernels and allocator for that shape, lazy imports), then
+    ``--reps`` (≥ 2) repetitions alternate the modes (plain, shared, plain, shared, …), every call from the same
+    seed; each row reports the median over the repetitions (seconds, CPU seconds, tokens/s) and ``speedup`` is
+    each mode's median tokens/s over the first mode's. With a single repetition the first mode measured pays
+    the warm-up: on an H200 that made shared prefill look ×2.5–2.8 faster where the honest figure is ×1.05–1.35.
+
+    "Same samples", two checks. ``identical_samples``: each mode's sampled token ids equal the first mode's at
+    every row and position in every repetition. An exact float32 property (checked on CPU); in bf16 the
+    prefill of N rows instead of N·G rounds differently, a near-tie draw tips, and the rows part (observed on
+    an H200: not token-identical); merged LoRA rounds differently too, so ``fast`` with ``--lora`` need not be
+    identical. ``greedy_consistent`` holds in bf16: ``greedy_check``.
+    """
     if args.reps < 1 or args.warmup < 0:
         raise ValueError("--reps must be >= 1 and --warmup >= 0")
     work = Path(args.work or tempfile.mkdtemp(prefix="radvlm-rollout-"))

@@ -1,26 +1,9 @@
 """Collators: records → model batches, for SFT (labels on assistant tokens) and for RL prompts.
 
-Each sample's image is loaded and run through the Qwen image processor; the chat text is rendered with as
-many ``<|image_pad|>`` tokens as the image has visual tokens (``radvlm.chat``), so the image-token count
-always equals the vision-feature count ("image features and image tokens do not match" cannot happen); a
-record whose own text holds ``<|image_pad|>`` would break that count and raises ``RecordError`` instead.
-A sample longer than ``max_length`` is never truncated (that could cut through its image tokens): it is
-dropped and counted in ``batch["n_dropped"]``, or raises ``SampleTooLongError`` with ``overlong="error"``.
-
-An image that cannot be used (missing, undecodable, too small, aspect ratio over 200; reached here only when
-the DataModule did not check images at setup) raises ``ImageError`` naming its path and the record.
-
-SFT batches are right-padded; prompt batches are left-padded so completions can be appended.
-
-Text comes from the checkpoint's own chat template (``radvlm.chat.encode_conversation``). Prompt batches carry
-``thinking`` flags from the ``thinking_mode`` setting (``radvlm.chat.resolve_thinking``: ``"on"``, ``"off"``,
-or ``"auto"`` = prompts ending in `` /think``); with ``"auto"`` and a template that opens ``<think>`` itself
-(Qwen3-VL Thinking) a warning says to set ``"on"``.
-
-The data module is given a ``CollatorFactory`` (a ``Collator`` class, or in a config
-``{class_path: datamodules.collate.PromptCollator, init_args: {...}}``) and calls it with its processor and
-its data-level settings ``(processor, max_length, overlong, thinking_mode)``; a collator derives the ones of
-evaluation (``for_evaluation``) and prediction (``for_prediction``) itself.
+SFT batches (``SFTCollator``) are right-padded; prompt batches (``PromptCollator``) are left-padded so
+completions can be appended. Text comes from the checkpoint's own chat template
+(``radvlm.chat.encode_conversation``); image tokens, over-long samples and unusable images: ``Collator``.
+The data module is given a ``CollatorFactory`` (a ``Collator`` class, or a config ``class_path``).
 """
 
 from __future__ import annotations
@@ -126,7 +109,21 @@ def stack_samples(samples: Sequence[EncodedSample], pad_id: int, image_token_id:
 
 
 class Collator(ABC):
-    """Records → one model batch (``__call__``); the base of the collators a data module can be given."""
+    """Records → one model batch (``__call__``); the base of the collators a data module can be given.
+
+    Each sample's image is loaded and run through the Qwen image processor; the chat text is rendered with as
+    many ``<|image_pad|>`` tokens as the image has visual tokens (``radvlm.chat``), so the image-token count
+    always equals the vision-feature count ("image features and image tokens do not match" cannot happen); a
+    record whose own text holds ``<|image_pad|>`` would break that count and raises ``RecordError`` instead.
+    A sample longer than ``max_length`` is never truncated (that could cut through its image tokens): it is
+    dropped and counted in ``batch["n_dropped"]``, or raises ``SampleTooLongError`` with ``overlong="error"``.
+    An image that cannot be used (missing, undecodable, too small, aspect ratio over 200; reached here only
+    when the DataModule did not check images at setup) raises ``ImageError`` naming its path and the record.
+
+    The data module calls its ``CollatorFactory`` with its processor and its data-level settings
+    ``(processor, max_length, overlong, thinking_mode)``; a collator derives the ones of evaluation
+    (``for_evaluation``) and prediction (``for_prediction``) itself.
+    """
 
     left = False
 
@@ -234,7 +231,11 @@ class PromptCollator(Collator):
     """Left-padded generation prompts plus what rewards and metrics need: ``targets`` (the reference
     answer), ``tasks``, ``thinking`` flags (``thinking_mode``), ``prompts`` (text), ``gt_boxes`` and the
     record's ``labels`` and ``pathologies`` (classification truth and label set; ``None`` when absent). The
-    token ``labels`` of the base collator are dropped (prompts have no targets), so ``labels`` is the record's."""
+    token ``labels`` of the base collator are dropped (prompts have no targets), so ``labels`` is the record's.
+
+    ``thinking`` flags come from the ``thinking_mode`` setting (``radvlm.chat.resolve_thinking``: ``"on"``,
+    ``"off"``, or ``"auto"`` = prompts ending in `` /think``); with ``"auto"`` and a template that opens
+    ``<think>`` itself (Qwen3-VL Thinking) a warning says to set ``"on"``."""
 
     left = True
 

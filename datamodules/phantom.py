@@ -7,23 +7,10 @@
     OUT_DIR/{train,val,test}_thinking.json   the same records with " /think" prompts and <think> answers
     OUT_DIR/meta.json                        seed, n, size, counts per task and split, finding frequencies
 
-It stands in for MIMIC-CXR / VinDr / MS-CXR / Chest ImaGenome, which cannot be used here: a small model can
-learn it on CPU, and every answer is checkable. Everything derives from numpy RNGs seeded with
-`[seed, stream, image index]`, so the same seed gives the same bytes and image i does not depend on `n`.
-
-Image (radiological convention: the patient's right is the image's left): body, two dark lungs with
-low-frequency markings, diaphragm domes (the right one higher), mediastinum, trachea, heart, posterior ribs,
-pixel noise, small jitter of every anatomical parameter and of brightness. Findings (0-3 distinct kinds per
-image, P = 0.25 / 0.35 / 0.25 / 0.15), each at its own (side, zone) slot:
-cardiomegaly (heart 1.3-1.6x wider; box = heart), pleural effusion (basal opacity with a meniscus; small /
-moderate / large), nodule (radius 0.018-0.03), mass (0.045-0.065), consolidation (patchy blob cluster in a
-lobe), pneumothorax (lateral-apical lucency without lung markings, with a pleural line). Opacity strength
-(`alpha`, 0.35-1) varies; below 0.5 the finding is faint and the text says so ("faint", "subtle").
-
-Text (reports, prompts, answers, traces, the tokenizer corpus): `datamodules/phantom_text.py`.
-Boxes are ground truth from the rendered masks (pixel extent / size), rounded to 2 decimals. Anatomical
-regions follow Chest ImaGenome names; lung zones are thirds of the lung's box height, hemidiaphragm and
-costophrenic-angle boxes are fixed fractions around the lung base.
+Deviation from the paper: it stands in for MIMIC-CXR / VinDr / MS-CXR / Chest ImaGenome, which cannot be
+used here: a small model can learn it on CPU, and every answer is checkable. Findings: `sample_case`; image and
+boxes: `render_case`; seeding: `write_phantom`; text (reports, prompts, answers, traces, the tokenizer corpus):
+`datamodules/phantom_text.py`.
 """
 
 from __future__ import annotations
@@ -104,7 +91,14 @@ class Anatomy:
 
 
 def sample_case(rng: np.random.Generator) -> tuple[Anatomy, list[Finding]]:
-    """Jittered anatomy and 0-3 findings of distinct kinds at distinct (side, zone) slots, in FINDINGS order."""
+    """Jittered anatomy and 0-3 findings of distinct kinds at distinct (side, zone) slots, in FINDINGS order.
+
+    Findings per image: 0-3 distinct kinds, P = 0.25 / 0.35 / 0.25 / 0.15, each at its own (side, zone) slot:
+    cardiomegaly (heart 1.3-1.6x wider; box = heart), pleural effusion (basal opacity with a meniscus; small /
+    moderate / large), nodule (radius 0.018-0.03), mass (0.045-0.065), consolidation (patchy blob cluster in a
+    lobe), pneumothorax (lateral-apical lucency without lung markings, with a pleural line). Opacity strength
+    (`alpha`, 0.35-1) varies; below 0.5 the finding is faint and the text says so ("faint", "subtle").
+    """
     j = lambda w: float(rng.uniform(-w, w))
     sep = 0.2 + j(0.015)
     anat = Anatomy((0.5 - sep, 0.5 + sep), 0.44 + j(0.02), 0.16 + j(0.01), 0.31 + j(0.015),
@@ -186,7 +180,15 @@ def _lesion_centre(a: Anatomy, f: Finding, r: float) -> tuple[float, float]:
 
 
 def render_case(a: Anatomy, findings: list[Finding], size: int, rng: np.random.Generator):
-    """→ (uint8 image (S, S), one box per finding, {region: box}). Boxes are (x1, y1, x2, y2) in [0, 1]."""
+    """→ (uint8 image (S, S), one box per finding, {region: box}). Boxes are (x1, y1, x2, y2) in [0, 1].
+
+    Image (radiological convention: the patient's right is the image's left): body, two dark lungs with
+    low-frequency markings, diaphragm domes (the right one higher), mediastinum, trachea, heart, posterior ribs,
+    pixel noise, small jitter of every anatomical parameter and of brightness. Boxes are ground truth from the
+    rendered masks (pixel extent / size), rounded to 2 decimals. Anatomical regions follow Chest ImaGenome
+    names; lung zones are thirds of the lung's box height, hemidiaphragm and costophrenic-angle boxes are fixed
+    fractions around the lung base (`_region_boxes`).
+    """
     c = (np.arange(size) + 0.5) / size
     x, y = np.meshgrid(c, c)  # (S, S) each: x to the image right, y down
     soft = 0.7 / size
@@ -284,7 +286,11 @@ def split_assignment(n: int, seed: int, splits: tuple[float, float, float]) -> l
 
 def write_phantom(out_dir: str | Path, n: int = 2000, seed: int = 0, size: int = 128,
                   splits: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
-    """Write images, the split JSON files (plain and thinking) and meta.json; return the meta dict."""
+    """Write images, the split JSON files (plain and thinking) and meta.json; return the meta dict.
+
+    Everything derives from numpy RNGs seeded with `[seed, stream, image index]`, so the same seed gives the
+    same bytes and image i does not depend on `n`.
+    """
     if n < 1 or size < MIN_SIZE:
         raise ValueError(f"need n >= 1 and size >= {MIN_SIZE}, got n={n}, size={size}")
     if len(splits) != 3 or min(splits) < 0 or abs(sum(splits) - 1.0) > 1e-9:

@@ -2,29 +2,10 @@
 record is accepted or refused with a reason (``Invalid``, re-raised as ``RecordError`` naming file, index and id,
 or skipped), never let through to fail later, mid-training.
 
-- Encoding: UTF-8 only. A UTF-8 byte-order mark at the start of the file (or of a JSONL line: concatenated
-  files) is accepted and dropped; a UTF-16/32 one refuses the file; invalid UTF-8 is a bad record (JSONL line)
-  or a bad file (.json) with the byte offset. JSONL lines are split on "\\n" only, so strings holding U+2028,
-  U+2029, NEL or (escaped) vertical tab / form feed load (``str.splitlines`` would cut them).
-- Structure (``check_tree``): nesting deeper than ``MAX_NESTING`` levels (or too deep for the JSON parser),
-  integers beyond Python's 4300-digit limit and unpaired UTF-16 surrogates (``"\\ud800"``, which no tokenizer or
-  UTF-8 writer accepts) anywhere in a record make it a bad record (``too_deep``, ``invalid_json``, ``bad_text``).
-- Text (``check_text``: ``id``, ``image``, ``labels``, every turn): no control characters but tab, newline,
-  carriage return, vertical tab, form feed and NEL (``control_character``); turns must not hold the model's
-  special tokens (any ``<|name|>``: ``<|image_pad|>``, ``<|vision_start|>``, ``<|im_start|>`` …, ``special_token``),
-  which would break the chat template or the image-token count (the collator checks ``<|image_pad|>`` again).
-- Numbers: box coordinates must be finite numbers (an integer beyond float range is not), in [0, 1].
-- Image paths (``image_path``): with ``image_root`` given, an image path (absolute, or relative with ``..``) must
-  stay inside it: inside as written (after normalising ``..``; symlinks inside the root are the data owner's and
-  are followed) or once symlinks are resolved on both sides (a root given through a symlink);
-  ``allow_outside_image_root=True`` lifts this (``image_outside_root``). Without
-  ``image_root`` paths are relative to the file's folder and absolute ones are taken as they are (RadVLM's own
-  files use absolute paths). Paths with control characters, or longer than 4096 characters, are refused.
-- Boxes against text (``check_boxes_in_text``): a record of a box task (``radvlm.tasks.is_box_task``) with a
-  ``boxes`` key must have as many boxes in its answer (the last gpt turn; after a closed thinking block, cut as
-  the rewards cut it) as ``boxes`` holds (``metrics.boxes.parse_boxes``, the reward's parser), else
-  ``boxes_text_mismatch``: the SFT loss would learn one and the rewards score against the other. Other tasks
-  (conversations, whose boxes belong to one of several turns) and untasked records are not checked.
+The checks, each described where it is made: encoding and line separators (UTF-8 only,
+``datamodules.records._read_objects``), structure (``check_tree``), control characters and special tokens in
+text (``check_text``), numbers (``finite``), image paths against ``image_root`` (``image_path``), boxes against
+the answer text (``check_boxes_in_text``).
 """
 
 from __future__ import annotations
@@ -70,7 +51,13 @@ class Invalid(ValueError):
 
 
 def check_tree(obj: Any) -> None:
-    """Refuse nesting deeper than `MAX_NESTING` and unpaired surrogates in any string (keys included)."""
+    """Refuse nesting deeper than `MAX_NESTING` and unpaired surrogates in any string (keys included).
+
+    Nesting deeper than ``MAX_NESTING`` levels (or too deep for the JSON parser), integers beyond Python's
+    4300-digit limit and unpaired UTF-16 surrogates (``"\\ud800"``, which no tokenizer or UTF-8 writer accepts)
+    anywhere in a record make it a bad record (``too_deep``, ``invalid_json``, ``bad_text``); the parser's own
+    limits are met in ``datamodules.records._read_objects``.
+    """
     stack = [(obj, 1)]
     while stack:
         value, depth = stack.pop()
@@ -89,7 +76,13 @@ def check_tree(obj: Any) -> None:
 
 
 def check_text(what: str, text: str, tokens: bool = False) -> None:
-    """Refuse control characters (and with `tokens` the model's special tokens) in `text`."""
+    """Refuse control characters (and with `tokens` the model's special tokens) in `text`.
+
+    Checked: ``id``, ``image``, ``labels`` and every turn. No control characters but tab, newline, carriage
+    return, vertical tab, form feed and NEL (``control_character``); turns must not hold the model's special
+    tokens (any ``<|name|>``: ``<|image_pad|>``, ``<|vision_start|>``, ``<|im_start|>`` …, ``special_token``),
+    which would break the chat template or the image-token count (the collator checks ``<|image_pad|>`` again).
+    """
     bad = _CONTROL.search(text)
     if bad:
         raise Invalid(f"{what} holds the control character U+{ord(bad.group()):04X} at character {bad.start()} (only "
@@ -102,7 +95,10 @@ def check_text(what: str, text: str, tokens: bool = False) -> None:
 
 
 def finite(value: Any) -> bool:
-    """A JSON number (not a bool) that is finite as a float."""
+    """A JSON number (not a bool) that is finite as a float.
+
+    Box coordinates must be finite numbers (an integer beyond float range is not), in [0, 1].
+    """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     try:
@@ -116,7 +112,15 @@ def _inside(path: str, folder: str) -> bool:
 
 
 def image_path(image: str, root: Path, confine: bool) -> Path:
-    """The resolved path of a record's `image` (module docstring: characters, length, `image_root`)."""
+    """The resolved path of a record's `image`.
+
+    With ``image_root`` given (``confine``), an image path (absolute, or relative with ``..``) must stay inside
+    it: inside as written (after normalising ``..``; symlinks inside the root are the data owner's and are
+    followed) or once symlinks are resolved on both sides (a root given through a symlink);
+    ``allow_outside_image_root=True`` lifts this (``image_outside_root``). Without ``image_root`` paths are
+    relative to the file's folder and absolute ones are taken as they are (RadVLM's own files use absolute
+    paths). Paths with control characters, or longer than 4096 characters, are refused.
+    """
     check_text("'image'", image)
     if len(image) > MAX_PATH_CHARS:
         raise Invalid(f"'image' is a path of {len(image)} characters (at most {MAX_PATH_CHARS})", "bad_image_field")
@@ -135,7 +139,14 @@ def image_path(image: str, root: Path, confine: bool) -> Path:
 
 
 def check_boxes_in_text(text: str, task: str | None, boxes: list[list[float]] | None) -> None:
-    """A box task's `boxes` and the boxes of its answer `text` (the last gpt turn) must agree in number."""
+    """A box task's `boxes` and the boxes of its answer `text` (the last gpt turn) must agree in number.
+
+    A record of a box task (``radvlm.tasks.is_box_task``) with a ``boxes`` key must have as many boxes in its
+    answer (the last gpt turn; after a closed thinking block, cut as the rewards cut it) as ``boxes`` holds
+    (``metrics.boxes.parse_boxes``, the reward's parser), else ``boxes_text_mismatch``: the SFT loss would learn
+    one and the rewards score against the other. Other tasks (conversations, whose boxes belong to one of
+    several turns) and untasked records are not checked.
+    """
     if boxes is None or not is_box_task(task):
         return
     answer, closed = answer_of(text, True, task_think_split(task)) if "</think>" in text.lower() else (text, True)

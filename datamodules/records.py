@@ -9,30 +9,10 @@ A record file is a JSON list or a JSONL file (one object per line) of
 (docs/paper.md §8). `load_records` turns each object into a `Record` and rejects malformed input early with a
 `RecordError` that names the file, the record index and the id (and the image path for image problems).
 
-Decisions beyond the RadVLM format:
-- Roles: "human"/"user" map to "user", "gpt"/"assistant" to "assistant"; other roles ("system") are refused.
-  Turns must alternate user, assistant, ... starting with user and ending with assistant.
-- `normalize_conversations=True` (default False: strict) applies LLaVA's documented preprocessing first: a
-  leading assistant turn is dropped (LLaVA's `preprocess` drops it) and a trailing user turn is dropped (LLaVA
-  trains on it as masked context; it has no answer to learn). Each drop is counted per kind in
-  `LoadReport.normalised`. Anything else (two gpt turns in a row, an empty answer, a null id) stays malformed.
-- `bad_records="error"` (default) raises `RecordError` at the first malformed record; `"skip"` leaves it out and
-  records a `SkippedRecord` (file, index, id, reason kind, message) in the `LoadReport`, never silently. A
-  JSONL line that is not JSON is a skippable record; a .json file that does not parse is unreadable and raises.
-  The limit (`LoadReport.check_limit(max_bad_fraction)`) is the caller's: the data module applies it per split.
-- The image tag: a record with an image has exactly one `<image>` in all its turns, at the start of the first
-  user turn (one newline after it is removed with it); a record without an image has none.
-- `id` may be a JSON string or integer (kept as str); ids are unique within a file.
-- `task`: a task name of `radvlm.tasks` (aliases accepted, stored canonical); without a `task` key the task
-  comes from RadVLM's id prefix (`radvlm.tasks.task_from_id`: `vindr-cxr-mono-train1_17` → abnormality
-  grounding) and stays `None` for an unknown prefix; `boxes`, when present, is a list of `[x1, y1, x2, y2]` of finite
-  numbers in [0, 1] (normalised, docs/paper.md §4) with x1 <= x2 and y1 <= y2; `labels` is a list of strings.
-- Image checks (`check_image`): the file must open and pass PIL's `verify()`; sides of at least
-  `MIN_IMAGE_SIDE` pixels and aspect ratio at most `MAX_ASPECT_RATIO`. `load_image` decodes fully; a float
-  image (TIFF "F" mode) with NaN or infinite pixels is refused (`image_nonfinite`).
-
-Total validation (`datamodules.record_checks`): encodings, line separators, nesting, numbers, control characters
-and special tokens in text, image paths against `image_root`, boxes against the answer text.
+Beyond the RadVLM format, so that bad input fails at load time rather than mid-training: roles, turn order and
+the image tag are checked (`_parse_turns`), so are the fields (`_parse_record`, `_check_boxes`) and everything
+`datamodules.record_checks` checks; LLaVA's normalisation of conversations and the skipping of bad records are
+opt-in (`load_records`).
 """
 
 from __future__ import annotations
@@ -252,7 +232,13 @@ def _read_objects(path: Path) -> list[tuple[int, Any, str]]:
     """Parse a .json list or .jsonl file into (index, object, location) triples; location (" (line N)" for
     JSONL, "" for JSON) is appended to error messages. A JSONL line that is not JSON (or not UTF-8, or nested too
     deeply to parse) becomes an `_Invalid` object (a bad record, skippable); a .json file that does not parse
-    raises. Lines are split on "\\n" only (module docstring)."""
+    raises.
+
+    Encoding: UTF-8 only. A UTF-8 byte-order mark at the start of the file (or of a JSONL line: concatenated
+    files) is accepted and dropped; a UTF-16/32 one refuses the file; invalid UTF-8 is a bad record (JSONL line)
+    or a bad file (.json) with the byte offset. JSONL lines are split on "\\n" only, so strings holding U+2028,
+    U+2029, NEL or (escaped) vertical tab / form feed load (``str.splitlines`` would cut them).
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError as e:
@@ -306,7 +292,11 @@ def _read_objects(path: Path) -> list[tuple[int, Any, str]]:
 
 
 def _check_boxes(boxes: Any) -> list[list[float]]:
-    """Validate a list of [x1, y1, x2, y2]; raise _Invalid describing the first bad box."""
+    """Validate a list of [x1, y1, x2, y2]; raise _Invalid describing the first bad box.
+
+    Each box is `[x1, y1, x2, y2]` of finite numbers in [0, 1] (normalised, docs/paper.md §4) with x1 <= x2
+    and y1 <= y2.
+    """
     if not isinstance(boxes, list):
         raise _Invalid(f"'boxes' must be a list of [x1, y1, x2, y2], got {type(boxes).__name__}", "bad_boxes")
     out = []
@@ -326,7 +316,13 @@ def _check_boxes(boxes: Any) -> list[list[float]]:
 def _parse_turns(conv: Any, has_image: bool, normalize: bool = False) -> tuple[list[Turn], list[str]]:
     """Validate the conversation list; raise _Invalid describing the first problem. With `normalize` a leading
     assistant turn and then a trailing user turn are dropped first (LLaVA); the list names those drops.
-    Messages number turns as in the file."""
+    Messages number turns as in the file.
+
+    Roles: "human"/"user" map to "user", "gpt"/"assistant" to "assistant"; other roles ("system") are refused.
+    Turns must alternate user, assistant, ... starting with user and ending with assistant. The image tag: a
+    record with an image has exactly one `<image>` in all its turns, at the start of the first user turn (one
+    newline after it is removed with it); a record without an image has none.
+    """
     if not isinstance(conv, list) or not conv:
         raise _Invalid("'conversations' must be a non-empty list of {'from', 'value'} turns", "bad_conversations")
     turns, names = [], []
@@ -376,7 +372,13 @@ def _parse_turns(conv: Any, has_image: bool, normalize: bool = False) -> tuple[l
 
 def _parse_record(obj: Any, root: Path, normalize: bool = False, confine: bool = False) -> tuple[Record, list[str]]:
     """One JSON object → Record (source and index filled in by the caller) and the normalisations applied
-    (`_parse_turns`); _Invalid on problems. `confine`: image paths must stay inside `root`."""
+    (`_parse_turns`); _Invalid on problems. `confine`: image paths must stay inside `root`.
+
+    `id` may be a JSON string or integer (kept as str); `load_records` checks that ids are unique within a
+    file. `task`: a task name of `radvlm.tasks` (aliases accepted, stored canonical); without a `task` key the
+    task comes from RadVLM's id prefix (`radvlm.tasks.task_from_id`: `vindr-cxr-mono-train1_17` → abnormality
+    grounding) and stays `None` for an unknown prefix. `boxes`: `_check_boxes`. `labels` is a list of strings.
+    """
     if not isinstance(obj, dict):
         raise _Invalid(f"a record must be a JSON object, got {type(obj).__name__}", "not_an_object")
     check_tree(obj)
@@ -437,10 +439,21 @@ def load_records(
     stay inside it unless `allow_outside_image_root`. With `check_images` every image must exist and decode
     (`check_image`); without it, paths are only resolved.
 
-    `bad_records="error"` raises `RecordError` (file, index, id) at the first bad record or image; `"skip"`
-    leaves it out and adds a `SkippedRecord` to `report` (no limit here: see `LoadReport.check_limit`).
-    `normalize_conversations` drops a leading assistant and a trailing user turn (LLaVA), counted in
-    `report.normalised`. Without a `report`, what was skipped or normalised is logged as a warning.
+    Image checks (`check_image`): the file must open and pass PIL's `verify()`; sides of at least
+    `MIN_IMAGE_SIDE` pixels and aspect ratio at most `MAX_ASPECT_RATIO`. `load_image` (at collation) decodes
+    fully; a float image (TIFF "F" mode) with NaN or infinite pixels is refused (`image_nonfinite`).
+
+    `bad_records="error"` (default) raises `RecordError` (file, index, id) at the first bad record or image;
+    `"skip"` leaves it out and adds a `SkippedRecord` (file, index, id, reason kind, message) to `report`, never
+    silently. A JSONL line that is not JSON is a skippable record; a .json file that does not parse is
+    unreadable and raises. No limit here: the limit (`LoadReport.check_limit(max_bad_fraction)`) is the
+    caller's; the data module applies it per split.
+
+    `normalize_conversations=True` (default False: strict) applies LLaVA's documented preprocessing first: a
+    leading assistant turn is dropped (LLaVA's `preprocess` drops it) and a trailing user turn is dropped (LLaVA
+    trains on it as masked context; it has no answer to learn). Each drop is counted per kind in
+    `report.normalised`. Anything else (two gpt turns in a row, an empty answer, a null id) stays malformed.
+    Without a `report`, what was skipped or normalised is logged as a warning.
     """
     if bad_records not in ("error", "skip"):
         raise ValueError(f"bad_records must be 'error' or 'skip', got {bad_records!r}")

@@ -1,30 +1,9 @@
 """Callbacks: prediction JSONL writer (resumable), box pictures in TensorBoard, reward-hacking monitors,
 validation before the first step, and progress that reads right in a terminal and in a log file.
 
-- ``PredictionWriter``: one JSON line per predicted sample, appended batch by batch; a rerun skips ids
-  already written (also in the per-rank files ``<output>.rankN`` of a multi-GPU run) and first cuts off a line
-  torn by a crash, so an interrupted ``main.py predict`` continues where it stopped, without duplicates.
-- ``BoxPictures``: at the end of validation and test, a TensorBoard image grid of grounding samples with the
-  ground-truth boxes green, the predicted boxes red, each box labelled with the finding its text names
-  (``radvlm.tools.draw.box_labels``), and the prompt phrase (labels and phrase are left out when the module's
-  ``log_text_samples`` is off). The samples come through Lightning's ``on_validation_batch_end`` /
-  ``on_test_batch_end``: a step that returns ``{"samples": [{"image", "answer", "gt_boxes", "prompt", "task",
-  "reference"}, ...]}`` (``GRPOModule`` does, for its greedy grounding outputs) has the first ``num_images``
-  box-task samples of the epoch kept by the callback; a module that returns none simply gets no pictures.
-- ``LengthDriftMonitor``: answer length relative to the first validation, with a warning when it drifts
-  (the paper's reward-hacking signal).
-- ``ValidateAtStart``: one validation before the first training batch of a fresh run (not after a resume), so
-  the curves start with the starting checkpoint's scores (GRPO: the SFT model).
-- ``RunProgress``: the progress of the whole run, not of an epoch: training batches done / total (GRPO:
-  rollout batches; the total is derived from ``max_steps`` and the optimizer steps per batch, also after a
-  resume), epoch e/E, loss or reward, it/s and ETA. A tqdm bar on a terminal; plain log lines every
-  ``every_n_seconds`` (and after each validation) when stdout is not a terminal (files, ``make demo | tee``,
-  cluster jobs).
-
-One step axis per run: every TensorBoard point is written at ``log_step(trainer)``, Lightning's own logging
-step (``fit_loop.epoch_loop._batches_that_stepped``): the index of the training batch (GRPO: of the rollout
-batch), 0-based; a validation after batch i is written at i, the ``ValidateAtStart`` one at 0. It is not the
-optimizer step (``global_step``), which advances ``ppo_epochs`` × mini-batches times per GRPO rollout batch.
+In that order: ``PredictionWriter``, ``BoxPictures``, ``LengthDriftMonitor`` (answer length drift, the paper's
+reward-hacking signal), ``ValidateAtStart``, ``RunProgress``. One step axis per run: every TensorBoard point is
+written at ``log_step(trainer)``, the training batch (GRPO: rollout batch), not the optimizer step.
 """
 
 from __future__ import annotations
@@ -46,7 +25,13 @@ from radvlm.tasks import is_box_task
 
 def log_step(trainer: L.Trainer) -> int:
     """The x of every TensorBoard point of a run: Lightning's logging step, the number of training batches
-    stepped so far (what ``self.log`` uses; GRPO: rollout batches), not ``global_step`` (optimizer steps)."""
+    stepped so far (what ``self.log`` uses; GRPO: rollout batches), not ``global_step`` (optimizer steps).
+
+    One step axis per run: Lightning's own logging step (``fit_loop.epoch_loop._batches_that_stepped``) is the
+    index of the training batch (GRPO: of the rollout batch), 0-based; a validation after batch i is written at
+    i, the ``ValidateAtStart`` one at 0. It is not the optimizer step (``global_step``), which advances
+    ``ppo_epochs`` × mini-batches times per GRPO rollout batch.
+    """
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     return int(getattr(loop, "_batches_that_stepped", trainer.global_step))
 
@@ -81,6 +66,10 @@ def read_done_ids(path: str | Path) -> set[str]:
 class PredictionWriter(BasePredictionWriter):
     """Appends one JSON line per predicted sample to ``output``; with ``resume`` (default) ids already in the
     file are skipped at prediction time, so an interrupted ``main.py predict`` continues where it stopped.
+
+    Lines are appended batch by batch; a rerun skips ids already written (also in the per-rank files
+    ``<output>.rankN`` of a multi-GPU run) and first cuts off a line torn by a crash (``repair_tail``), so the
+    rerun leaves no duplicates.
 
     Each line: id, task, image, prompt, completion, answer (after ``</think>``), thinking, think_closed,
     reference, gt_boxes, completion_tokens, truncated. Per-sample metric values are added by
@@ -138,7 +127,16 @@ class PredictionWriter(BasePredictionWriter):
 
 
 class BoxPictures(L.Callback):
-    """TensorBoard image grid of grounding samples after validation and test (see the module docstring)."""
+    """TensorBoard image grid of grounding samples after validation and test.
+
+    The grid shows the ground-truth boxes green, the predicted boxes red, each box labelled with the finding its
+    text names (``radvlm.tools.draw.box_labels``), and the prompt phrase (labels and phrase are left out when
+    the module's ``log_text_samples`` is off). The samples come through Lightning's ``on_validation_batch_end``
+    / ``on_test_batch_end``: a step that returns ``{"samples": [{"image", "answer", "gt_boxes", "prompt",
+    "task", "reference"}, ...]}`` (``GRPOModule`` does, for its greedy grounding outputs) has the first
+    ``num_images`` box-task samples of the epoch kept by the callback; a module that returns none simply gets
+    no pictures.
+    """
 
     def __init__(self, num_images: int = 8, columns: int = 4, size: int = 256, tag: str = "pictures") -> None:
         """
@@ -257,7 +255,8 @@ class LengthDriftMonitor(L.Callback):
 
 class ValidateAtStart(L.Callback):
     """Run the validation loop once before the first training batch of a fresh run (skipped after a resume and
-    when there is no validation data), so every validation curve starts at step 0 with the starting model."""
+    when there is no validation data), so every validation curve starts at step 0 with the starting model
+    (GRPO: the SFT model)."""
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if log_step(trainer) > 0 or trainer.global_step > 0:
@@ -316,7 +315,11 @@ def training_plan(trainer: L.Trainer, done: int, steps_per_batch: float, after_b
 
 
 class RunProgress(ProgressBar):
-    """Progress of a whole run (see the module docstring): a tqdm bar on a terminal, else plain lines.
+    """Progress of a whole run, not of an epoch: a tqdm bar on a terminal, else plain lines.
+
+    Plain log lines come every ``every_n_seconds`` (and after each validation) when stdout is not a terminal
+    (files, ``make demo | tee``, cluster jobs). The total of training batches is derived from ``max_steps`` and
+    the optimizer steps per batch, also after a resume.
 
     A plain line::
 

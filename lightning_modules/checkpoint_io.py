@@ -2,40 +2,9 @@
 damaged files. ``main.py`` gives ``AtomicCheckpointIO`` to every trainer it builds (unless a ``CheckpointIO`` is
 configured) and resolves ``last`` with ``newest_intact_checkpoint`` before Lightning does.
 
-Saving (``AtomicCheckpointIO.save_checkpoint``):
-- A sha256 of the payload (every tensor's dtype, shape and bytes and every plain value, in the checkpoint's
-  order) is stored in the checkpoint under ``"radvlm_checksum"``.
-- The bytes go to a temporary file in the target's own folder (never ``TMPDIR``: only a rename within one
-  filesystem is atomic); it is flushed and fsynced, renamed over the target, and the folder is fsynced. A
-  reader sees the old checkpoint or the new one, never a part of one. On Linux the temporary file is an
-  unnamed ``O_TMPFILE`` inode that the kernel frees when the process dies, so a kill leaves nothing behind;
-  where that is refused (probed once per filesystem: NFS, Lustre, some sandboxes refuse the O_TMPFILE or its
-  link through /proc) it is ``.<name>.tmp-<host>-<pid>-<hex>``, removed on any error and, after a kill, by the
-  next save or ``last`` resolution in that folder once its process is gone.
-  (Lightning's own ``_atomic_save`` serialises into memory first, a second copy of the checkpoint, and commits
-  local files through fsspec with a temporary file in ``TMPDIR`` and no fsync.)
-
-Loading (``AtomicCheckpointIO.load_checkpoint``, ``verify_checkpoint``): a file that ``torch.load`` cannot read,
-that is not a Lightning checkpoint (no ``state_dict``: a Hugging Face weights file, a JSON file …) or whose
-checksum does not match raises ``CheckpointError`` naming the file. Files without a checksum (older ones, or
-written without this plugin) load unverified, with a warning.
-
-Scope: every single-file checkpoint that goes through the strategy's ``CheckpointIO``: one device, DDP and
-``FSDP2Strategy(save_distributed_checkpoint=False)`` (rank 0 writes the full state through it). Distributed
-checkpoints (``FSDP2Strategy``'s default in configs/: a folder of per-rank shards written by
-``torch.distributed.checkpoint`` plus Lightning's ``meta.pt``) do not pass through a ``CheckpointIO``: they are
-neither atomic nor checksummed, and ``ModelParallelStrategy`` also loads full files itself. For those
-``verify_checkpoint`` checks what can be checked cheaply (a folder is complete when its ``.metadata`` and
-``meta.pt`` exist, ``meta.pt`` loads and no shard is newer than ``meta.pt``, which Lightning writes last; a
-later save interrupted while overwriting the folder leaves newer shards), and ``main.py`` verifies a
-``--ckpt_path`` file up front when the strategy would load it without the plugin.
-
-``--ckpt_path last``: Lightning takes the newest ``last*.ckpt`` in the ModelCheckpoint folder of the *new*
-run (with a logger: a fresh ``version_N`` that never holds the previous run's checkpoints, so it silently
-starts from scratch) and does not check it. ``newest_intact_checkpoint`` looks at every ``*.ckpt`` in the
-``checkpoint_folders`` of the configuration (each ``ModelCheckpoint.dirpath``, and ``checkpoints/`` of every
-version of the logger, or of ``default_root_dir`` without a logger), newest modification time first, and
-returns the first that verifies, with the skipped ones and why.
+Saving, loading and scope (single-file checkpoints only; distributed ones are only verified): ``AtomicCheckpointIO``;
+the temporary files: ``atomic_save``; ``last``: ``resolve_last``. Unlike Lightning's own ``_atomic_save`` (an
+in-memory copy, a temporary file in ``TMPDIR``, no fsync) and its ``last`` (the new run's folder only, unchecked).
 """
 
 from __future__ import annotations
@@ -270,7 +239,18 @@ def _save_unnamed(obj: Any, target: Path) -> bool:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial ``path`` (module docstring)."""
+    """``torch.save(obj, path)`` that never leaves a partial ``path``.
+
+    The bytes go to a temporary file in the target's own folder (never ``TMPDIR``: only a rename within one
+    filesystem is atomic); it is flushed and fsynced, renamed over the target, and the folder is fsynced. A
+    reader sees the old checkpoint or the new one, never a part of one. On Linux the temporary file is an
+    unnamed ``O_TMPFILE`` inode that the kernel frees when the process dies, so a kill leaves nothing behind;
+    where that is refused (probed once per filesystem: NFS, Lustre, some sandboxes refuse the O_TMPFILE or its
+    link through /proc) it is ``.<name>.tmp-<host>-<pid>-<hex>``, removed on any error and, after a kill, by the
+    next save or ``last`` resolution in that folder once its process is gone. (Lightning's own ``_atomic_save``
+    serialises into memory first, a second copy of the checkpoint, and commits local files through fsspec with
+    a temporary file in ``TMPDIR`` and no fsync.)
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_temp_files(target.parent)
@@ -291,9 +271,24 @@ def _is_remote(path: str | os.PathLike) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` with atomic, checksummed saves and verified loads (module docstring)."""
+    """``TorchCheckpointIO`` with atomic, checksummed saves and verified loads.
+
+    ``main.py`` gives it to every trainer it builds (unless a ``CheckpointIO`` is configured:
+    ``with_atomic_checkpoint_io``). Scope: every single-file checkpoint that goes through the strategy's
+    ``CheckpointIO``: one device, DDP and ``FSDP2Strategy(save_distributed_checkpoint=False)`` (rank 0 writes
+    the full state through it). Distributed checkpoints (``FSDP2Strategy``'s default in configs/: a folder of
+    per-rank shards written by ``torch.distributed.checkpoint`` plus Lightning's ``meta.pt``) do not pass
+    through a ``CheckpointIO``: they are neither atomic nor checksummed, and ``ModelParallelStrategy`` also
+    loads full files itself. For those ``verify_checkpoint`` checks what can be checked cheaply, and ``main.py``
+    verifies a ``--ckpt_path`` file up front when the strategy would load it without the plugin.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        """Save ``checkpoint`` with its checksum (``atomic_save``; remote paths: Lightning's fsspec transaction).
+
+        A sha256 of the payload (every tensor's dtype, shape and bytes and every plain value, in the
+        checkpoint's order: ``payload_checksum``) is stored in the checkpoint under ``"radvlm_checksum"``.
+        """
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__}.save_checkpoint does not take storage_options")
         payload = {**checkpoint, CHECKSUM_KEY: {"algorithm": "sha256", "digest": payload_checksum(checkpoint)}}
@@ -304,6 +299,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
                         weights_only: bool | None = None) -> dict[str, Any]:
+        """Load and check ``path`` (``check_checkpoint``).
+
+        A file that ``torch.load`` cannot read, that is not a Lightning checkpoint (no ``state_dict``: a Hugging
+        Face weights file, a JSON file …) or whose checksum does not match raises ``CheckpointError`` naming the
+        file. Files without a checksum (older ones, or written without this plugin) load unverified, with a
+        warning.
+        """
         try:
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         except FileNotFoundError:
@@ -343,7 +345,13 @@ def _read(path: Path, weights_only: bool | None) -> Any:
 
 
 def verify_checkpoint(path: str | os.PathLike, weights_only: bool | None = True) -> None:
-    """Raise ``CheckpointError`` unless ``path`` is an intact checkpoint file or distributed checkpoint folder."""
+    """Raise ``CheckpointError`` unless ``path`` is an intact checkpoint file or distributed checkpoint folder.
+
+    A file is checked as ``AtomicCheckpointIO.load_checkpoint`` checks it. A distributed checkpoint folder is
+    complete when its ``.metadata`` and ``meta.pt`` exist, ``meta.pt`` loads and no shard is newer than
+    ``meta.pt``, which Lightning writes last (a later save interrupted while overwriting the folder leaves newer
+    shards).
+    """
     path = Path(path)
     if not path.is_dir():
         check_checkpoint(_read(path, weights_only), path)
@@ -413,7 +421,16 @@ def newest_intact_checkpoint(folders: Iterable[str | os.PathLike], weights_only:
 def resolve_last(trainer: Any, weights_only: bool | None = True) -> Path | None:
     """``--ckpt_path last``: the newest intact checkpoint of the configuration's folders (logged, with what was
     skipped); ``None`` with a warning when there is none (the run starts from scratch, as Lightning does);
-    ``CheckpointError`` when checkpoints exist but none is intact."""
+    ``CheckpointError`` when checkpoints exist but none is intact.
+
+    ``main.py`` resolves ``last`` with it before Lightning does. Lightning takes the newest ``last*.ckpt`` in the
+    ModelCheckpoint folder of the *new* run (with a logger: a fresh ``version_N`` that never holds the previous
+    run's checkpoints, so it silently starts from scratch) and does not check it. Here
+    ``newest_intact_checkpoint`` looks at every ``*.ckpt`` in the ``checkpoint_folders`` of the configuration
+    (each ``ModelCheckpoint.dirpath``, and ``checkpoints/`` of every version of the logger, or of
+    ``default_root_dir`` without a logger), newest modification time first, and returns the first that
+    verifies, with the skipped ones and why.
+    """
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     folders = checkpoint_folders(trainer)

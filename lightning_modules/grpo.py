@@ -1,32 +1,14 @@
 """``GRPOModule``: GRPO with clinically grounded rewards (RadVLM-GRPO, docs/paper.md §2), manual optimization.
 
-One training step on a batch of ``B`` prompts:
-
-1. rollout: ``G`` sampled completions per prompt from the current policy through the configured
-   ``engine`` (``radvlm.rollout.RolloutEngine``: Hugging Face by default, ``FastHFEngine``, vLLM), with the
-   ``Sampling`` built from the flat arguments (temperature ``temperature``, stop at ``<|im_end|>``, at most
-   ``max_new_tokens``; vision special tokens suppressed);
-2. reward: ``radvlm.rewards.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the terms
-   of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
-3. advantages ``radvlm.grpo.group_advantages`` (``scale_rewards``); optional zero-variance group filter and
-   masking of truncated completions;
-4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
-   π_old = π_θ and the detached current log-probs are used) and, with ``beta > 0``, under the reference
-   (LoRA: adapters disabled; full fine-tune: a frozen copy of the policy made at setup, sharded alike);
-5. ``ppo_epochs`` × (B / ``ppo_mini_batch_size``) optimizer updates, each accumulating micro-batches of
-   ``micro_batch_size`` rollouts: ``policy_loss + beta · k3`` aggregated over the whole mini-batch, gradient
-   clipping, and a skipped step on a non-finite loss or gradient norm.
+One training step (``GRPOModule.training_step``): rollouts, rewards, group advantages, π_old and reference
+log-probs, then ``ppo_epochs`` × mini-batch optimizer updates.
 
 Paper settings (configs/grpo_report.yaml): G = 8, 512 prompts per step, mini-batch 128 prompts (4 updates),
 lr 1e-6 constant, β = 0.01 k3 as a loss, ε 0.20/0.28, dual clip 3, token-mean, temperature 1.
 
-Deviations: in data-parallel runs ``ppo_mini_batch_size`` is divided by the world size and each rank
-aggregates over its own tokens (gradients are then averaged across ranks, as verl does per rank). With
-several processes, rows removed by ``filter_zero_std_groups`` (or fully masked) still run with a zero mask so
-every rank makes the same number of forward/backward passes; generation under FSDP uses ``synced_gpus``; a
-non-finite loss is still back-propagated (all ranks then skip the step together on the non-finite norm).
-An optimizer step happens only when a mini-batch has a trainable row, so a batch of only zero-variance groups
-under ``filter_zero_std_groups`` does not advance ``global_step``.
+Deviations (data-parallel runs; details in ``GRPOModule``): ``ppo_mini_batch_size`` is divided by the world
+size and each rank aggregates over its own tokens; filtered rows and non-finite losses still run forward and
+backward, so every rank makes the same passes.
 """
 
 from __future__ import annotations
@@ -58,6 +40,17 @@ class RewardFailureError(RuntimeError):
 
 
 class GRPOModule(PolicyModule):
+    """GRPO on a ``PolicyModule`` (manual optimization); one training step: ``training_step``.
+
+    Deviations: in data-parallel runs ``ppo_mini_batch_size`` is divided by the world size and each rank
+    aggregates over its own tokens (gradients are then averaged across ranks, as verl does per rank). With
+    several processes, rows removed by ``filter_zero_std_groups`` (or fully masked) still run with a zero mask
+    so every rank makes the same number of forward/backward passes; generation under FSDP uses ``synced_gpus``;
+    a non-finite loss is still back-propagated (all ranks then skip the step together on the non-finite norm).
+    An optimizer step happens only when a mini-batch has a trainable row, so a batch of only zero-variance
+    groups under ``filter_zero_std_groups`` does not advance ``global_step``.
+    """
+
     collator_type = PromptCollator  # checked at setup against the data module's collator
 
     def __init__(
@@ -246,6 +239,23 @@ class GRPOModule(PolicyModule):
                         temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        """One GRPO step on a batch of ``B`` prompts.
+
+        1. rollout: ``G`` sampled completions per prompt from the current policy through the configured
+           ``engine`` (``radvlm.rollout.RolloutEngine``: Hugging Face by default, ``FastHFEngine``, vLLM), with
+           the ``Sampling`` built from the flat arguments (temperature ``temperature``, stop at ``<|im_end|>``,
+           at most ``max_new_tokens``; vision special tokens suppressed);
+        2. reward: ``radvlm.rewards.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the
+           terms of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
+        3. advantages ``radvlm.grpo.group_advantages`` (``scale_rewards``); optional zero-variance group filter
+           and masking of truncated completions;
+        4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
+           π_old = π_θ and the detached current log-probs are used) and, with ``beta > 0``, under the reference
+           (LoRA: adapters disabled; full fine-tune: a frozen copy of the policy made at setup, sharded alike);
+        5. ``ppo_epochs`` × (B / ``ppo_mini_batch_size``) optimizer updates, each accumulating micro-batches of
+           ``micro_batch_size`` rollouts: ``policy_loss + beta · k3`` aggregated over the whole mini-batch,
+           gradient clipping, and a skipped step on a non-finite loss or gradient norm.
+        """
         self.count_dropped(batch)
         if batch.get("empty"):
             return None

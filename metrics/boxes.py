@@ -2,33 +2,9 @@
 
 Boxes are ``[x1, y1, x2, y2]`` normalised to [0, 1] by image width and height (docs/paper.md §4, §8).
 
-- ``parse_boxes(text, style="reward")`` finds every bracket group of exactly four numbers (sign, decimals and
-  exponent allowed) and returns them in text order: the grounding reward's parser (docs/paper.md §4). A group
-  holding a number that is not finite once read (``1e999``) is skipped; anything that is not a plain decimal
-  number (``nan``, ``inf``, ``0x1``, ``1_0``) does not form a group at all. Coordinates are returned as
-  written: no clipping, no reordering (IoU handles inverted boxes). It never raises on a string, whatever its
-  content or length.
-- ``parse_boxes(text, style="radvlm_eval")`` is RadVLM's evaluation parser (docs/paper.md §5, §8b: its
-  ``extract_bounding_boxes``: ``RADVLM_EVAL_PATTERN``, its regex character for character but ASCII digits, each
-  number read with ``float``): numbers of digits and dots only, so no sign and no exponent (``[-0.01, 0.2, 0.3, 0.4]`` is no box,
-  nor is ``[1e-3, ...]``), no space after ``[`` or before ``,`` and ``]``. Deviation, to stay total: RadVLM's
-  ``float`` raises on a matched number such as ``1.2.3`` or ``.`` and ends the evaluation; here that group is
-  skipped. A group whose number overflows (300+ digits) is kept, as RadVLM keeps it: ``pairwise_iou`` gives it
-  IoU 0 with every box, so it counts as a false positive (RadVLM's own arithmetic gives 0 too, or NaN when two
-  infinities are subtracted).
-- Digits are ASCII only in both styles (``[0-9]``): Python's ``\\d`` and ``float`` also read other Unicode
-  decimal digits (Arabic-Indic ``٣``, full-width ``１``), so a model could write boxes no human reads as
-  numbers. Deviation from RadVLM's regex (``\\d``), which would read them.
-- ``format_boxes`` writes boxes the way the RadVLM answers do: each coordinate is ``round(x, ndigits)``
-  printed by Python's ``repr`` of that float, so trailing zeros are dropped (``0.3``, not ``0.30``) and an
-  integral value keeps one decimal (``1.0``, ``0.0``), exactly as ``str([round(x, 2) ...])`` prints;
-  ``-0.0`` is written ``0.0``. Several boxes are joined by ``", "`` with ``" and "`` before the last.
-- ``pairwise_iou`` is the vectorised IoU of docs/paper.md §4 (areas clamped at 0, IoU 0 when the union is
-  <= 0) in float64. Deviation needed to keep it total: coordinates are clamped to +-1e150 so that no product
-  overflows (a normalised box never comes near), and a box with a NaN or infinite coordinate has IoU 0 with
-  every box. The result is always finite and in [0, 1]. RadVLM's evaluation IoU does not clamp areas; it
-  agrees with this one on every pair it does not divide by zero on (a box inverted on an axis has no
-  intersection, so its IoU is 0 either way).
+Deviations from RadVLM: a group its evaluation parser would crash on is skipped, and digits are ASCII only
+(``parse_boxes``); IoU clamps huge coordinates and gives 0 to a non-finite box (``pairwise_iou``). Both keep
+the functions total: no string makes them raise, no box makes IoU NaN.
 """
 
 from __future__ import annotations
@@ -41,7 +17,7 @@ from typing import Literal
 import numpy as np
 
 Box = tuple[float, float, float, float]
-#: ``"reward"``: the soft-F1 reward's parser; ``"radvlm_eval"``: RadVLM's evaluation regex (module docstring)
+#: ``"reward"``: the soft-F1 reward's parser; ``"radvlm_eval"``: RadVLM's evaluation regex (``parse_boxes``)
 BoxStyle = Literal["reward", "radvlm_eval"]
 BOX_STYLES: tuple[str, ...] = ("reward", "radvlm_eval")
 
@@ -70,6 +46,25 @@ def parse_boxes(text: str, style: BoxStyle = "reward") -> list[Box]:
     ``style="reward"`` (default, the soft-F1 reward): sign and exponent allowed, non-finite groups skipped.
     ``style="radvlm_eval"``: RadVLM's evaluation regex (no sign, no exponent); a group ``float`` cannot read
     (``1.2.3``) is skipped where RadVLM would crash. Never raises on a string.
+
+    ``"reward"`` finds every bracket group of exactly four numbers (sign, decimals and exponent allowed) and
+    returns them in text order: the grounding reward's parser (docs/paper.md §4). A group holding a number that
+    is not finite once read (``1e999``) is skipped; anything that is not a plain decimal number (``nan``,
+    ``inf``, ``0x1``, ``1_0``) does not form a group at all. Coordinates are returned as written: no clipping,
+    no reordering (IoU handles inverted boxes). It never raises on a string, whatever its content or length.
+
+    ``"radvlm_eval"`` is RadVLM's evaluation parser (docs/paper.md §5, §8b: its ``extract_bounding_boxes``:
+    ``RADVLM_EVAL_PATTERN``, its regex character for character but ASCII digits, each number read with
+    ``float``): numbers of digits and dots only, so no sign and no exponent (``[-0.01, 0.2, 0.3, 0.4]`` is no
+    box, nor is ``[1e-3, ...]``), no space after ``[`` or before ``,`` and ``]``. Deviation, to stay total:
+    RadVLM's ``float`` raises on a matched number such as ``1.2.3`` or ``.`` and ends the evaluation; here that
+    group is skipped. A group whose number overflows (300+ digits) is kept, as RadVLM keeps it:
+    ``pairwise_iou`` gives it IoU 0 with every box, so it counts as a false positive (RadVLM's own arithmetic
+    gives 0 too, or NaN when two infinities are subtracted).
+
+    Digits are ASCII only in both styles (``[0-9]``): Python's ``\\d`` and ``float`` also read other Unicode
+    decimal digits (Arabic-Indic ``٣``, full-width ``１``), so a model could write boxes no human reads as
+    numbers. Deviation from RadVLM's regex (``\\d``), which would read them.
     """
     if not isinstance(text, str):
         raise TypeError(f"parse_boxes expects a str, got {type(text).__name__}")
@@ -109,7 +104,12 @@ def _format_number(value: float, ndigits: int) -> str:
 
 
 def format_box(box: Sequence[float], ndigits: int = 2) -> str:
-    """One box as ``[0.12, 0.3, 0.5, 0.71]`` (see the module docstring for the number style)."""
+    """One box as ``[0.12, 0.3, 0.5, 0.71]``, the way the RadVLM answers write it.
+
+    Each coordinate is ``round(x, ndigits)`` printed by Python's ``repr`` of that float, so trailing zeros are
+    dropped (``0.3``, not ``0.30``) and an integral value keeps one decimal (``1.0``, ``0.0``), exactly as
+    ``str([round(x, 2) ...])`` prints; ``-0.0`` is written ``0.0``.
+    """
     if len(box) != 4:
         raise ValueError(f"a box has 4 coordinates [x1, y1, x2, y2], got {len(box)}: {box!r}")
     values = [float(v) for v in box]
@@ -138,7 +138,14 @@ def as_box_array(boxes: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:  
 
 def pairwise_iou(pred: Sequence[Sequence[float]] | np.ndarray,
                  gt: Sequence[Sequence[float]] | np.ndarray) -> np.ndarray:  # (P, G) float64
-    """IoU of every predicted box with every ground-truth box; finite, in [0, 1], never NaN."""
+    """IoU of every predicted box with every ground-truth box; finite, in [0, 1], never NaN.
+
+    The vectorised IoU of docs/paper.md §4 (areas clamped at 0, IoU 0 when the union is <= 0) in float64.
+    Deviation needed to keep it total: coordinates are clamped to +-1e150 so that no product overflows (a
+    normalised box never comes near), and a box with a NaN or infinite coordinate has IoU 0 with every box.
+    RadVLM's evaluation IoU does not clamp areas; it agrees with this one on every pair it does not divide by
+    zero on (a box inverted on an axis has no intersection, so its IoU is 0 either way).
+    """
     p = _sanitise(as_box_array(pred))  # (P, 4), finite and clamped; bad rows NaN-free
     g = _sanitise(as_box_array(gt))  # (G, 4)
     lt = np.maximum(p[:, None, :2], g[None, :, :2])  # (P, G, 2) top-left of the intersection

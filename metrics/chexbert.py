@@ -1,31 +1,9 @@
 """CheXbert labeler and encoder (our implementation) and the metrics built on it: CheXbert F1 and RadCliQ's
 semantic embedding similarity.
 
-Model (docs/paper.md §7, Smit et al. 2020): a bert-base-uncased ``BertModel`` and 14 linear heads on the
-last-layer [CLS] state (dropout before them at training): 13 observations with 4 classes (0 blank,
-1 positive, 2 negative, 3 uncertain) and "No Finding" with 2. The public ``chexbert.pth`` holds
-``model_state_dict`` with ``module.``-prefixed keys (``bert.*``, ``linear_heads.N.*``); it is read with
-``torch.load(weights_only=True)``. Input: whitespace collapsed, WordPiece ids cut to 510, [CLS] … [SEP]
-(at most 512, "511 + [SEP]" as the original), so the model's cost per text is bounded whatever its length;
-:func:`metrics.base.check_cancelled` is checked before every batch. Config and tokenizer come from
-``bert_name_or_path``.
-
-Metrics (the model is loaded lazily once per process in a module-level cache, never as a submodule, so it
-is not in ``state_dict()``; reference outputs are cached per distinct reference, ``stats`` counts them):
-
-- ``CheXbertF1``: ``compute()`` returns micro and macro F1 over the 14 observations and over the 5
-  (Cardiomegaly, Edema, Consolidation, Atelectasis, Pleural Effusion); a label is positive when the class is
-  1 or 3 (for "No Finding": 1). Per-class F1 with no positives on either side counts 0 in the macro mean
-  (sklearn's zero_division=0). State: per-sample predicted and reference label tensors (N, 14) (−1 rows
-  where the model was unavailable, excluded). Per-sample ``score`` (our definition, for rewards):
-  2·TP / (2·TP + FP + FN) over that sample's 14 binary labels, and 1.0 when neither report has a positive
-  label (full agreement).
-- ``CheXbertSimilarity``: cosine similarity of the [CLS] embeddings (last hidden state, token 0) of
-  prediction and reference, RadCliQ's "semb" feature.
-
-A missing checkpoint gives NaN scores and one warning saying where to put ``chexbert.pth``
-(``strict=True`` raises). ``checkpoint=None`` looks in ``~/.cache/radvlm/chexbert.pth`` and then tries
-``hf_hub_download("StanfordAIMI/RRG_scorers", "chexbert.pth")``.
+Model: docs/paper.md §7, Smit et al. 2020 (``CheXbertModel``, ``CheXbert``); metrics: ``CheXbertF1`` and
+``CheXbertSimilarity``. Deviation: the per-sample F1 that ``CheXbertF1.score`` gives rewards is our definition
+(``sample_f1``); the paper's CheXbert F1 is the corpus-level one of ``compute``.
 """
 
 from __future__ import annotations
@@ -54,7 +32,14 @@ _ENGINES: dict[tuple, object] = {}
 
 
 class CheXbertModel(nn.Module):
-    """BERT encoder + 14 linear heads on [CLS] (13 × 4 classes, "No Finding" × 2)."""
+    """BERT encoder + 14 linear heads on [CLS] (13 × 4 classes, "No Finding" × 2).
+
+    Model (docs/paper.md §7, Smit et al. 2020): a bert-base-uncased ``BertModel`` and 14 linear heads on the
+    last-layer [CLS] state (dropout before them at training): 13 observations with 4 classes (0 blank,
+    1 positive, 2 negative, 3 uncertain) and "No Finding" with 2. The public ``chexbert.pth`` holds
+    ``model_state_dict`` with ``module.``-prefixed keys (``bert.*``, ``linear_heads.N.*``); it is read with
+    ``torch.load(weights_only=True)`` (``load_state``).
+    """
 
     def __init__(self, config, dropout: float = 0.1) -> None:
         super().__init__()
@@ -81,7 +66,11 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
 
 
 def resolve_checkpoint(checkpoint: str | None) -> str:
-    """A readable ``chexbert.pth`` path: the given one, the default cache file, or a hub download."""
+    """A readable ``chexbert.pth`` path: the given one, the default cache file, or a hub download.
+
+    ``checkpoint=None`` looks in ``~/.cache/radvlm/chexbert.pth`` and then tries
+    ``hf_hub_download("StanfordAIMI/RRG_scorers", "chexbert.pth")``.
+    """
     if checkpoint is not None:
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"CheXbert checkpoint not found: {checkpoint}")
@@ -94,7 +83,12 @@ def resolve_checkpoint(checkpoint: str | None) -> str:
 
 
 class CheXbert:
-    """A loaded CheXbert: ``labels(texts) -> (N, 14)`` classes and ``embeddings(texts) -> (N, H)`` [CLS] states."""
+    """A loaded CheXbert: ``labels(texts) -> (N, 14)`` classes and ``embeddings(texts) -> (N, H)`` [CLS] states.
+
+    Input: whitespace collapsed, WordPiece ids cut to 510, [CLS] … [SEP] (at most 512, "511 + [SEP]" as the
+    original), so the model's cost per text is bounded whatever its length; :func:`metrics.base.check_cancelled`
+    is checked before every batch. Config and tokenizer come from ``bert_name_or_path``.
+    """
 
     def __init__(self, checkpoint: str | None = None, bert_name_or_path: str = "bert-base-uncased",
                  device: str | None = None, batch_size: int = 32) -> None:
@@ -186,7 +180,13 @@ def micro_macro_f1(pred: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor,
 
 
 class _CheXbertMetric(PerSampleMetric):
-    """Shared loading and reference caching of the CheXbert metrics."""
+    """Shared loading and reference caching of the CheXbert metrics.
+
+    The model is loaded lazily once per process in a module-level cache (``get_chexbert``), never as a
+    submodule, so it is not in ``state_dict()``; reference outputs are cached per distinct reference,
+    ``stats`` counts them. A missing checkpoint gives NaN scores and one warning saying where to put
+    ``chexbert.pth`` (``strict=True`` raises).
+    """
 
     def __init__(self, checkpoint: str | None = None, bert_name_or_path: str = "bert-base-uncased",
                  device: str | None = None, batch_size: int = 32, strict: bool = False,
@@ -245,7 +245,15 @@ class _CheXbertMetric(PerSampleMetric):
 
 
 class CheXbertF1(_CheXbertMetric):
-    """CheXbert label agreement: per-sample F1 as reward, micro/macro F1 over 14 and 5 from ``compute``."""
+    """CheXbert label agreement: per-sample F1 as reward, micro/macro F1 over 14 and 5 from ``compute``.
+
+    ``compute()`` returns micro and macro F1 over the 14 observations and over the 5 (Cardiomegaly, Edema,
+    Consolidation, Atelectasis, Pleural Effusion); a label is positive when the class is 1 or 3 (for "No
+    Finding": 1). Per-class F1 with no positives on either side counts 0 in the macro mean (sklearn's
+    zero_division=0). State: per-sample predicted and reference label tensors (N, 14) (−1 rows where the model
+    was unavailable, excluded). Per-sample ``score`` (our definition, for rewards): 2·TP / (2·TP + FP + FN)
+    over that sample's 14 binary labels, and 1.0 when neither report has a positive label (full agreement).
+    """
 
     higher_is_better = True
     worst_value = 0.0
@@ -294,7 +302,10 @@ class CheXbertF1(_CheXbertMetric):
 
 
 class CheXbertSimilarity(_CheXbertMetric):
-    """Cosine similarity of CheXbert [CLS] embeddings of prediction and reference (RadCliQ's "semb")."""
+    """Cosine similarity of CheXbert [CLS] embeddings of prediction and reference (RadCliQ's "semb").
+
+    The embedding is the last hidden state of token 0 ([CLS]).
+    """
 
     higher_is_better = True
     worst_value = -1.0

@@ -1,26 +1,9 @@
 """Abnormality classification as RadVLM evaluates it: labels found in the answer text, micro and macro P/R/F1.
 
-RadVLM's definition (docs/paper.md §8b; its ``evaluate_classification``):
-- a label of the label set counts as predicted when its lower-cased name occurs in the lower-cased answer
-  (plain substring test: "No cardiomegaly." predicts Cardiomegaly; nothing else is parsed);
-- the truth is the record's ``labels`` (lower-cased; names outside the label set are ignored);
-- the label set is the dataset's pathology list (a RadVLM record's ``pathologies``; CheXpert's 13, sorted, is
-  ``CHEXPERT_PATHOLOGIES``);
-- precision, recall and F1 as scikit-learn's ``precision_recall_fscore_support`` on the (N, L) indicator
-  matrices with ``zero_division=0``: per label P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2TP/(2TP+FP+FN), each 0
-  when its denominator is 0; micro = the same on TP, FP, FN summed over labels; macro = the unweighted mean
-  of the per-label values (labels without any positive count, with 0), so macro F1 is not the F1 of macro P
-  and macro R. ``precision_recall_f1`` implements it in torch (float64).
-
-``AbnormalityClassification`` is the torchmetrics class (validation, ``radvlm.tools.evaluate``): ``labels`` (the label
-set) is fixed at construction; a target is either the reference answer text (``target_format="text"``, the
-default: truth = labels found in it by the same rule, which is what a validation loop has) or the record's
-label list (``"labels"``: a JSON list ``'["Cardiomegaly", "Edema"]'`` or names joined by ``", "``; ``""``
-for none). ``score`` gives a per-sample F1 of the label sets (2TP/(2TP+FP+FN), 1.0 when neither side has a
-label, as ``metrics.chexbert.sample_f1``; our addition: RadVLM reports no per-sample value). State: per-label
-TP, FP, FN counts (``(L,)`` long tensors, summed across processes) and the per-sample values; ``compute`` gives
-``micro_*``, ``macro_*`` precision/recall/F1 and ``f1/<label>`` per label. ``record_indicators`` is the
-evaluation's view of whole records (truth from their ``labels``, label set from their ``pathologies``).
+RadVLM's definition (docs/paper.md §8b; its ``evaluate_classification``): predicted labels ``predicted_labels``,
+truth ``true_labels``, scores ``precision_recall_f1``; the metric class is ``AbnormalityClassification``.
+Deviation: its per-sample ``score`` (label-set F1, for rewards) is our addition; RadVLM reports no per-sample
+value.
 """
 
 from __future__ import annotations
@@ -41,14 +24,22 @@ CHEXPERT_PATHOLOGIES: tuple[str, ...] = tuple(sorted((
 
 
 def predicted_labels(texts: Sequence[str], labels: Sequence[str]) -> torch.Tensor:  # (N, L) bool
-    """RadVLM's rule: label j is predicted for text i when ``labels[j].lower()`` occurs in ``texts[i].lower()``."""
+    """RadVLM's rule: label j is predicted for text i when ``labels[j].lower()`` occurs in ``texts[i].lower()``.
+
+    A plain substring test: "No cardiomegaly." predicts Cardiomegaly; nothing else is parsed. The label set is
+    the dataset's pathology list (a RadVLM record's ``pathologies``; CheXpert's 13, sorted, is
+    ``CHEXPERT_PATHOLOGIES``).
+    """
     names = [label.lower() for label in labels]
     rows = [[name in text.lower() for name in names] for text in texts]
     return torch.tensor(rows, dtype=torch.bool).reshape(len(texts), len(names))
 
 
 def true_labels(label_lists: Sequence[Sequence[str]], labels: Sequence[str]) -> torch.Tensor:  # (N, L) bool
-    """Indicator of each sample's ground-truth names (case-insensitive) over ``labels``; others are ignored."""
+    """Indicator of each sample's ground-truth names (case-insensitive) over ``labels``; others are ignored.
+
+    RadVLM's truth is the record's ``labels`` (lower-cased; names outside the label set are ignored).
+    """
     names = [label.lower() for label in labels]
     sets = [{x.lower() for x in row} for row in label_lists]
     return torch.tensor([[name in s for name in names] for s in sets], dtype=torch.bool).reshape(len(sets), len(names))
@@ -115,7 +106,13 @@ def _divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:  # zero_divis
 
 def precision_recall_f1(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> dict[str, torch.Tensor]:
     """scikit-learn's ``precision_recall_fscore_support`` (``zero_division=0``) from per-label counts (L,):
-    ``precision``, ``recall``, ``f1`` (L,) and ``micro_*``, ``macro_*`` scalars, float64."""
+    ``precision``, ``recall``, ``f1`` (L,) and ``micro_*``, ``macro_*`` scalars, float64.
+
+    As scikit-learn on the (N, L) indicator matrices with ``zero_division=0``: per label P = TP/(TP+FP),
+    R = TP/(TP+FN), F1 = 2TP/(2TP+FP+FN), each 0 when its denominator is 0; micro = the same on TP, FP, FN
+    summed over labels; macro = the unweighted mean of the per-label values (labels without any positive
+    count, with 0), so macro F1 is not the F1 of macro P and macro R.
+    """
     out = {"precision": _divide(tp, tp + fp), "recall": _divide(tp, tp + fn), "f1": _divide(2 * tp, 2 * tp + fp + fn)}
     t, p, n = tp.sum(), fp.sum(), fn.sum()
     micro = {"precision": _divide(t, t + p), "recall": _divide(t, t + n), "f1": _divide(2 * t, 2 * t + p + n)}
@@ -135,8 +132,19 @@ def sample_f1(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:  # (N, L)
 
 
 class AbnormalityClassification(PerSampleMetric):
-    """RadVLM's abnormality classification (module docstring): per-sample label-set F1 from ``score``;
-    ``compute`` gives micro/macro precision, recall, F1 and per-label F1."""
+    """RadVLM's abnormality classification: per-sample label-set F1 from ``score``; ``compute`` gives
+    micro/macro precision, recall, F1 and per-label F1.
+
+    The torchmetrics class (validation, ``radvlm.tools.evaluate``): ``labels`` (the label set) is fixed at
+    construction; a target is either the reference answer text (``target_format="text"``, the default: truth =
+    labels found in it by the same rule, which is what a validation loop has) or the record's label list
+    (``"labels"``: a JSON list ``'["Cardiomegaly", "Edema"]'`` or names joined by ``", "``; ``""`` for none).
+    ``score`` gives a per-sample F1 of the label sets (2TP/(2TP+FP+FN), 1.0 when neither side has a label, as
+    ``metrics.chexbert.sample_f1``; our addition: RadVLM reports no per-sample value). State: per-label TP, FP,
+    FN counts (``(L,)`` long tensors, summed across processes) and the per-sample values; ``compute`` gives
+    ``micro_*``, ``macro_*`` precision/recall/F1 and ``f1/<label>`` per label. ``record_indicators`` is the
+    evaluation's view of whole records (truth from their ``labels``, label set from their ``pathologies``).
+    """
 
     higher_is_better = True
     worst_value = 0.0

@@ -1,48 +1,14 @@
 """GREEN (Ostmeier et al. 2024): an LLM judge counts the errors of a candidate report against a reference.
 
 Published definition (Stanford-AIMI/GREEN ``green_score``, identical in RadEval 2.x; docs/paper.md §11):
-- prompt: ``GREEN_PROMPT`` below, the published text verbatim, each report cut to its first 300 words
-  (``" ".join(text.split()[:300])``, which also collapses whitespace);
-- judge ``StanfordAIMI/GREEN-radllama2-7b``, the published chat template (``GREEN_CHAT_TEMPLATE``: one human
-  turn, an empty assistant turn, then the generation prompt), greedy decoding, 2048 tokens in all (prompt
-  included), left-padded batches of 8, float16 on GPU;
-- parsing (``parse_green``): the text after ``[Category]:`` up to the first blank line (or the end); a body
-  starting with "No" counts 0 everywhere; in ``[Clinically Significant Errors]`` (and ``[Clinically
-  Insignificant Errors]``) the lines ``(a) …`` … ``(f) …`` (or ``(1)`` … ``(6)`` when no lettered line is
-  present), each counting the first ``: N.`` of its line (a number without the final ``.`` is not counted:
-  0); matched findings = the first line of the ``[Matched Findings]`` body that starts with ``N.``;
-- score = matched / (matched + Σ clinically significant errors (a)–(f)), 0 when matched = 0.
+prompt ``green_prompt``, judge ``HFJudge``, parsing ``parse_green``, score ``GreenCounts.score`` = matched /
+(matched + Σ clinically significant errors (a)–(f)); the metric is ``GREEN``.
 
-Judges: a local causal LM (``HFJudge``: a folder or hub id, loaded once under ``metrics.base.load_once``, so
-hub downloads only with ``RADVLM_ALLOW_DOWNLOADS=1``) or an OpenAI-compatible endpoint (``EndpointJudge``,
-temperature 0, through ``metrics.judge.ChatClient``, the project's one such client); or any callable
-``list[str] -> list[str | Exception]`` passed as ``judge``. ``GREEN`` picks: ``judge`` if given, else
-``endpoint`` if given, else ``HFJudge(model)``.
-
-Deviations, all on purpose:
-- a judge output that cannot be parsed (no ``[Clinically Significant Errors]`` or no ``[Matched Findings]``
-  section, or a matched-findings body that neither starts with "No" nor has a line starting ``N.``) is NaN
-  and counted in ``stats["unparsable"]``; the published scorer gives such an output 0 (its
-  ``for_reward=True`` path gives None). A judge error (endpoint down after retries) is NaN, counted in
-  ``stats["failed"]``; a judge that cannot be loaded makes every value NaN with one warning
-  (``stats["unavailable"]``; ``strict=True`` raises instead). Unavailable is not low (DESIGN.md).
-- matched findings are read from the first line of the section starting ``N.`` (RadEval's reading, multiline);
-  the original GREEN only reads ``N.`` at the very start of the section body (the same for a well-formed
-  answer).
-- the local judge decodes only the new tokens (the published code decodes prompt + completion and keeps what
-  follows the last ``<|assistant|>``; the same text); ``</s>`` and ``<unk>`` strings are removed as published.
-  The prompt ids get the tokenizer's own special tokens plus a final EOS (``append_eos``, the effect of the
-  published ``add_eos_token=True`` Llama tokenizer); ``trust_remote_code`` is never set.
-- an endpoint judge sends the prompt as one user message: the server renders its own chat template. To
-  reproduce the published setting serve the GREEN model with ``GREEN_CHAT_TEMPLATE`` and a 2048-token context
-  (vLLM: ``--chat-template``, ``--max-model-len 2048``); ``max_tokens`` is left to the server unless given.
-- identical (reference, candidate) pairs within one ``score`` call are judged once.
-- bounded input: after the 300-word cut each report is also cut to ``max_chars`` characters (4096: never
-  reached by 300 words of ordinary length, which the published cut allows to be arbitrarily long), so an
-  endpoint request is bounded too; the local judge's prompt is at most ``max_length`` tokens as published.
-- cancellation (``metrics.base.check_cancelled``): checked before every local batch, by a stopping criterion
-  of ``generate`` at every new token, and before every endpoint request (a request in flight ends at the
-  client's ``timeout``).
+Deviations, all on purpose (each described where it is made): an unparsable judge output or a judge error is
+NaN, not 0 (``parse_green``, ``GREEN``); matched findings are read as RadEval reads them (``matched_count``);
+the local judge decodes only the new tokens (``HFJudge``); an endpoint judge lets the server render the chat
+template (``EndpointJudge``); identical pairs are judged once, reports are also cut to ``max_chars``
+characters and scoring can be cancelled (``GREEN``).
 """
 
 from __future__ import annotations
@@ -153,7 +119,11 @@ def cut_words(text: str, max_words: int = MAX_WORDS, max_chars: int | None = Non
 
 
 def green_prompt(reference: str, candidate: str, max_words: int = MAX_WORDS, max_chars: int | None = None) -> str:
-    """The published GREEN prompt for one pair, each report cut to ``max_words`` words (and ``max_chars``)."""
+    """The published GREEN prompt for one pair, each report cut to ``max_words`` words (and ``max_chars``).
+
+    ``GREEN_PROMPT`` is the published text verbatim; each report is cut to its first 300 words
+    (``" ".join(text.split()[:300])``, which also collapses whitespace).
+    """
     return GREEN_PROMPT.format(reference=cut_words(reference, max_words, max_chars),
                                candidate=cut_words(candidate, max_words, max_chars))
 
@@ -202,7 +172,12 @@ def error_counts(body: str) -> tuple[int, ...]:
 
 
 def matched_count(body: str) -> int | None:
-    """Matched findings: 0 for a "No…" body, else the first line starting ``N.``; None when there is none."""
+    """Matched findings: 0 for a "No…" body, else the first line starting ``N.``; None when there is none.
+
+    Deviation: matched findings are read from the first line of the section starting ``N.`` (RadEval's reading,
+    multiline); the original GREEN only reads ``N.`` at the very start of the section body (the same for a
+    well-formed answer).
+    """
     if body.startswith("No"):
         return 0
     number = re.search(r"^\b\d+\b(?=\.)", body, re.MULTILINE)
@@ -210,7 +185,19 @@ def matched_count(body: str) -> int | None:
 
 
 def parse_green(text: str) -> GreenCounts | None:
-    """The counts of a judge output in the published format, or None when it cannot be parsed (module doc)."""
+    """The counts of a judge output in the published format, or None when it cannot be parsed.
+
+    Published parsing: the text after ``[Category]:`` up to the first blank line (or the end); a body starting
+    with "No" counts 0 everywhere; in ``[Clinically Significant Errors]`` (and ``[Clinically Insignificant
+    Errors]``) the lines ``(a) …`` … ``(f) …`` (or ``(1)`` … ``(6)`` when no lettered line is present), each
+    counting the first ``: N.`` of its line (a number without the final ``.`` is not counted: 0); matched
+    findings = the first line of the ``[Matched Findings]`` body that starts with ``N.`` (``matched_count``).
+
+    Deviation: an output that cannot be parsed (no ``[Clinically Significant Errors]`` or no ``[Matched
+    Findings]`` section, or a matched-findings body that neither starts with "No" nor has a line starting
+    ``N.``) gives None, hence NaN (``green_value``); the published scorer gives such an output 0 (its
+    ``for_reward=True`` path gives None).
+    """
     text = clean_response(text)
     significant, matched = section(text, SIGNIFICANT), section(text, MATCHED)
     if significant is None or matched is None:
@@ -249,7 +236,18 @@ def _load_causal_lm(model: str, device: str, dtype: str, chat_template: str | No
 
 
 class HFJudge:
-    """A local Hugging Face causal LM judge (folder or hub id): batched greedy ``generate``."""
+    """A local Hugging Face causal LM judge (folder or hub id): batched greedy ``generate``.
+
+    The published judge: ``StanfordAIMI/GREEN-radllama2-7b``, the published chat template
+    (``GREEN_CHAT_TEMPLATE``: one human turn, an empty assistant turn, then the generation prompt), greedy
+    decoding, 2048 tokens in all (prompt included), left-padded batches of 8, float16 on GPU. Loaded once under
+    ``metrics.base.load_once``, so hub downloads only with ``RADVLM_ALLOW_DOWNLOADS=1``.
+
+    Deviation: it decodes only the new tokens (the published code decodes prompt + completion and keeps what
+    follows the last ``<|assistant|>``; the same text); ``</s>`` and ``<unk>`` strings are removed as
+    published. The prompt ids get the tokenizer's own special tokens plus a final EOS (``append_eos``, the
+    effect of the published ``add_eos_token=True`` Llama tokenizer); ``trust_remote_code`` is never set.
+    """
 
     def __init__(self, model: str = DEFAULT_JUDGE, device: str | None = None, dtype: str | None = None,
                  batch_size: int = 8, max_length: int = MAX_LENGTH, max_new_tokens: int | None = None,
@@ -322,7 +320,13 @@ class HFJudge:
 
 
 class EndpointJudge:
-    """An OpenAI-compatible endpoint judge: one user message per prompt, temperature 0, ``workers`` threads."""
+    """An OpenAI-compatible endpoint judge: one user message per prompt, temperature 0, ``workers`` threads.
+
+    Requests go through ``metrics.judge.ChatClient``, the project's one such client. Deviation: the prompt is
+    sent as one user message, so the server renders its own chat template. To reproduce the published setting
+    serve the GREEN model with ``GREEN_CHAT_TEMPLATE`` and a 2048-token context (vLLM: ``--chat-template``,
+    ``--max-model-len 2048``); ``max_tokens`` is left to the server unless given.
+    """
 
     def __init__(self, endpoint: str, model: str = DEFAULT_JUDGE, api_key: str | None = None,
                  max_tokens: int | None = None, timeout: float | None = 300.0, retries: int = 2, backoff: float = 1.0,
@@ -350,7 +354,26 @@ class EndpointJudge:
 
 # ------------------------------------------------------------------------------------------------- metric
 class GREEN(PerSampleMetric):
-    """Per-sample GREEN (module docstring); NaN where the judge failed or its output could not be parsed."""
+    """Per-sample GREEN; NaN where the judge failed or its output could not be parsed.
+
+    Judges: a local causal LM (``HFJudge``) or an OpenAI-compatible endpoint (``EndpointJudge``), or any
+    callable ``list[str] -> list[str | Exception]`` passed as ``judge``. ``GREEN`` picks: ``judge`` if given,
+    else ``endpoint`` if given, else ``HFJudge(model)``.
+
+    Deviations, all on purpose:
+
+    - an unparsable judge output (``parse_green``) is NaN and counted in ``stats["unparsable"]``. A judge error
+      (endpoint down after retries) is NaN, counted in ``stats["failed"]``; a judge that cannot be loaded
+      makes every value NaN with one warning (``stats["unavailable"]``; ``strict=True`` raises instead).
+      Unavailable is not low (DESIGN.md).
+    - identical (reference, candidate) pairs within one ``score`` call are judged once.
+    - bounded input: after the 300-word cut each report is also cut to ``max_chars`` characters (4096: never
+      reached by 300 words of ordinary length, which the published cut allows to be arbitrarily long), so an
+      endpoint request is bounded too; the local judge's prompt is at most ``max_length`` tokens as published.
+    - cancellation (``metrics.base.check_cancelled``): checked before every local batch, by a stopping
+      criterion of ``generate`` at every new token, and before every endpoint request (a request in flight
+      ends at the client's ``timeout``).
+    """
 
     higher_is_better = True
     worst_value = 0.0

@@ -1,37 +1,12 @@
 """Grounding metrics: the authors' Hungarian soft-F1 reward, RadVLM's per-sample mAP@0.5, a box-format reward.
 
 Inputs are answer texts (the part after ``</think>`` for thinking models: splitting it off is the caller's
-job, and a completion without ``</think>`` receives ``worst_value``). Boxes come from ``parse_boxes`` with the
-metric's ``box_style``: ``"reward"`` (sign and exponent allowed) for ``SoftF1`` and ``BoxFormat``,
-``"radvlm_eval"`` (RadVLM's evaluation regex: a negative coordinate makes no box) for ``GroundingMAP``.
-Ground truth: the boxes of the target text, or, per sample, the record's unrounded ``boxes`` passed as
-``gt_boxes`` to ``score`` / ``update`` (RadVLM's evaluation compares with the dataset's boxes, not with the
-two-decimal text); an empty or ``None`` entry falls back to the target text.
+job, and a completion without ``</think>`` receives ``worst_value``); boxes are parsed with the metric's
+``box_style`` and compared with the target text's boxes or the record's (``ground_truth``).
 
-**soft-F1** (docs/paper.md §4, the authors' released reward): Hungarian matching of predicted to ground-truth
-boxes with cost ``1 - IoU`` (``scipy.optimize.linear_sum_assignment``); matched pairs with IoU > ``min_iou``
-are valid; ``TP_mass`` = sum of their IoU, ``FP`` = n_pred - n_valid, recall = TP_mass / n_gt, precision =
-TP_mass / (TP_mass + FP), soft-F1 = 2PR / (P + R), 0 when P + R = 0. No box on either side gives 0, also when
-both sides are empty (the authors' choice: a correct "no finding" answer earns nothing, so negative samples
-give no learning signal). One box each side gives 2·IoU / (1 + IoU).
-
-**mAP** (docs/paper.md §5, RadVLM's evaluation): per sample, predictions in output order (no confidences)
-each take the ground-truth box of highest IoU (first one on ties); a TP when IoU >= threshold and that box is
-not yet taken, else an FP. AP is the VOC all-point interpolated area under the precision/recall curve, 0 when
-either side has no box; mAP is the mean of per-sample AP. ``mean_iou`` is RadVLM's "average IoU": the sum of
-IoU over all predicted x ground-truth pairs of all samples divided by the number of such pairs
-(Σ IoU / Σ n_pred·n_gt). Our decision where that is 0 / 0 (samples were seen but none has a predicted and a
-ground-truth box, e.g. a model that writes no box at all): 0, the value of a model that localises nothing,
-not NaN (which tables show as "undefined" and averages skip); NaN only before any sample.
-
-**BoxFormat** (our own, not in the paper): a format reward in [0, 1] that ignores the target.
-- No parsable box: 1.0 for exactly the RadVLM negative sentence ``NEGATIVE_ANSWER`` (after stripping outer
-  whitespace), 0.5 for the same sentence up to case, whitespace and the final period, else 0.0.
-- With boxes: 0.5 · (fraction of boxes with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1)
-  + 0.25 · style (every coordinate written as ``0``/``1`` or ``0.d``/``0.dd``/``1.0``-like with at most two
-  decimals, no sign or exponent, and boxes joined exactly as ``format_boxes`` joins them)
-  + 0.25 · clean (once the box groups are cut out, no ``[`` or ``]`` is left, so no unbalanced bracket, no
-  malformed or non-finite group, and no negative sentence beside the boxes).
+soft-F1: docs/paper.md §4 (``soft_f1``, ``SoftF1``); mAP: docs/paper.md §5 (``average_precision``,
+``GroundingMAP``). Deviations: ``mean_iou`` is 0, not NaN, when samples were seen but none has both a predicted
+and a ground-truth box (``GroundingMAP``); ``BoxFormat`` is our own reward, not in the paper.
 """
 
 from __future__ import annotations
@@ -62,7 +37,15 @@ _STYLE_GROUP = re.compile(r"\[(.*?), (.*?), (.*?), (.*?)\]")
 
 def soft_f1(pred_boxes: Sequence[Sequence[float]] | np.ndarray,
             gt_boxes: Sequence[Sequence[float]] | np.ndarray, min_iou: float = 0.0) -> float:
-    """The authors' Hungarian soft-F1 between two box lists (see the module docstring); in [0, 1]."""
+    """The authors' Hungarian soft-F1 between two box lists; in [0, 1].
+
+    docs/paper.md §4, the authors' released reward: Hungarian matching of predicted to ground-truth boxes with
+    cost ``1 - IoU`` (``scipy.optimize.linear_sum_assignment``); matched pairs with IoU > ``min_iou`` are
+    valid; ``TP_mass`` = sum of their IoU, ``FP`` = n_pred - n_valid, recall = TP_mass / n_gt, precision =
+    TP_mass / (TP_mass + FP), soft-F1 = 2PR / (P + R), 0 when P + R = 0. No box on either side gives 0, also
+    when both sides are empty (the authors' choice: a correct "no finding" answer earns nothing, so negative
+    samples give no learning signal). One box each side gives 2·IoU / (1 + IoU).
+    """
     iou = pairwise_iou(pred_boxes, gt_boxes)  # (P, G), finite
     n_pred, n_gt = iou.shape
     if n_pred == 0 or n_gt == 0:
@@ -81,7 +64,13 @@ def soft_f1(pred_boxes: Sequence[Sequence[float]] | np.ndarray,
 
 def average_precision(pred_boxes: Sequence[Sequence[float]] | np.ndarray,
                       gt_boxes: Sequence[Sequence[float]] | np.ndarray, iou_threshold: float = 0.5) -> float:
-    """RadVLM's per-sample AP: predictions in output order, greedy best-IoU assignment, VOC all-point area."""
+    """RadVLM's per-sample AP: predictions in output order, greedy best-IoU assignment, VOC all-point area.
+
+    docs/paper.md §5, RadVLM's evaluation: predictions in output order (no confidences) each take the
+    ground-truth box of highest IoU (first one on ties); a TP when IoU >= threshold and that box is not yet
+    taken, else an FP. AP is the VOC all-point interpolated area under the precision/recall curve
+    (``voc_area``), 0 when either side has no box.
+    """
     iou = pairwise_iou(pred_boxes, gt_boxes)  # (P, G)
     n_pred, n_gt = iou.shape
     if n_pred == 0 or n_gt == 0:
@@ -110,7 +99,16 @@ def voc_area(recall: np.ndarray, precision: np.ndarray) -> float:
 
 
 def box_format_score(text: str) -> float:
-    """The BoxFormat reward of one answer (see the module docstring); in [0, 1]."""
+    """The BoxFormat reward of one answer; in [0, 1] (our own, not in the paper).
+
+    - No parsable box: 1.0 for exactly the RadVLM negative sentence ``NEGATIVE_ANSWER`` (after stripping outer
+      whitespace), 0.5 for the same sentence up to case, whitespace and the final period, else 0.0.
+    - With boxes: 0.5 · (fraction of boxes with 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1)
+      + 0.25 · style (every coordinate written as ``0``/``1`` or ``0.d``/``0.dd``/``1.0``-like with at most two
+      decimals, no sign or exponent, and boxes joined exactly as ``format_boxes`` joins them)
+      + 0.25 · clean (once the box groups are cut out, no ``[`` or ``]`` is left, so no unbalanced bracket, no
+      malformed or non-finite group, and no negative sentence beside the boxes).
+    """
     spans = box_spans(text)
     boxes = parse_boxes(text)
     if not boxes:
@@ -150,7 +148,14 @@ def _style_group_ok(group: str) -> bool:
 
 
 def ground_truth(targets: Sequence[str], gt_boxes: GtBoxes | None, style: BoxStyle) -> list[list[Box]]:
-    """Per sample the given ``gt_boxes`` entry when non-empty, else the boxes parsed from the target text."""
+    """Per sample the given ``gt_boxes`` entry when non-empty, else the boxes parsed from the target text.
+
+    ``gt_boxes``, passed to ``score`` / ``update``, holds per sample the record's unrounded ``boxes`` (RadVLM's
+    evaluation compares with the dataset's boxes, not with the two-decimal text); an empty or ``None`` entry
+    falls back to the target text. Box styles (``parse_boxes``): ``"reward"`` (sign and exponent allowed) for
+    ``SoftF1`` and ``BoxFormat``, ``"radvlm_eval"`` (RadVLM's evaluation regex: a negative coordinate makes no
+    box) for ``GroundingMAP``.
+    """
     if gt_boxes is None:
         return [parse_boxes(t, style) for t in targets]
     if len(gt_boxes) != len(targets):
@@ -191,6 +196,12 @@ class GroundingMAP(PerSampleMetric):
 
     ``box_style="radvlm_eval"`` (default) parses boxes as RadVLM's evaluation does; ``"reward"`` as the reward.
     ``gt_boxes`` (optional, per sample) replaces the boxes of the target text by the record's unrounded boxes.
+
+    mAP is the mean of per-sample AP (``average_precision``). ``mean_iou`` is RadVLM's "average IoU": the sum
+    of IoU over all predicted x ground-truth pairs of all samples divided by the number of such pairs
+    (Σ IoU / Σ n_pred·n_gt). Our decision where that is 0 / 0 (samples were seen but none has a predicted and a
+    ground-truth box, e.g. a model that writes no box at all): 0, the value of a model that localises nothing,
+    not NaN (which tables show as "undefined" and averages skip); NaN only before any sample.
     """
 
     higher_is_better = True
@@ -246,13 +257,13 @@ class GroundingMAP(PerSampleMetric):
         mean_ap = finite.mean() if finite.numel() else nan
         if self.pair_count > 0:
             mean_iou = (self.iou_sum / self.pair_count).float()
-        else:  # samples but no predicted x ground-truth pair: 0 (module docstring); no sample: NaN
+        else:  # samples but no predicted x ground-truth pair: 0 (class docstring); no sample: NaN
             mean_iou = torch.zeros((), dtype=torch.float32, device=self.device) if vals.numel() else nan
         return {"map": mean_ap, "mean_iou": mean_iou}
 
 
 class BoxFormat(PerSampleMetric):
-    """Format reward for grounding answers in [0, 1] (definition in the module docstring); ignores targets."""
+    """Format reward for grounding answers in [0, 1] (definition: ``box_format_score``); ignores targets."""
 
     higher_is_better = True
     worst_value = 0.0

@@ -1,37 +1,13 @@
 """RadGraph-F1 rewards and the RadGraph feature of RadCliQ, on the ``radgraph`` package (0.1.18).
 
 The package annotates a report with entities ``{"tokens", "label", "relations": [[type, target_id], …]}``
-(labels ANAT-DP, OBS-DP, OBS-U, OBS-DA; relations modify, located_at, suggestive_of). On top of it:
+(labels ANAT-DP, OBS-DP, OBS-U, OBS-DA; relations modify, located_at, suggestive_of). ``RadGraphF1`` scores
+pairs of reports with the package's ``compute_reward`` or with RadCliQ's feature (docs/paper.md §3,
+``radgraph_feature``).
 
-- ``RadGraphF1(reward_level="simple"|"partial"|"complete")``: the package's ``compute_reward`` per pair
-  (the RadGraph-F1 of the paper's table and of the "complete" ablation reward). As ``F1RadGraph`` does, a pair
-  with an empty prediction or reference scores 0, and so does a pair where either side has no entity.
-- ``reward_level="radcliq"``: ``radgraph_feature`` = (entity F1 + relation F1) / 2, RadCliQ's RadGraph
-  feature (docs/paper.md §3): entities are (tokens, label), relations ((tokens, label), (tokens, label),
-  type); F1 = 2PR/(P+R), 0 when empty.
-
-Batching and caching: one ``score`` call annotates every distinct text once, one report at a time as the
-package's ``RadGraph.forward`` does (its word split ``preprocess_reports``, reader and model; then the
-annotation dict of its ``postprocess_reports``, built by :func:`entities_of` in linear time: the package's
-``get_entity`` is quadratic in entities × relations, minutes on one 2 KB junk report); reference annotations
-are kept in an LRU cache (``stats["reference_annotations"]`` counts references actually annotated).
-Cancellation (``metrics.base.check_cancelled``) is checked before each report.
-
-Bounded input (``max_tokens``, default 512: the BERT window of the RadGraph models): a report whose word
-pieces, with [CLS] and [SEP], exceed it is cut to its longest prefix of words (the package's words) that
-fits; shorter reports are unchanged. Deviation: the package folds longer inputs into 512-piece windows and
-scores every span and span pair of the whole text, so its cost and memory grow with the square of the length
-(relation pruning keeps 0.5 spans per word and scores every pair). A text without word pieces (nothing after
-the cut, only characters the tokenizer drops) is an empty report: entities {}, value 0 (the real low score,
-not NaN). ``max_tokens=None`` cuts nothing. The annotator is loaded lazily once per (model, folder, device) in a
-module-level cache, never as a submodule, so it is not in ``state_dict()``.
-
-Weights: ``model_dir`` is a folder holding the extracted ``<model_type>.tar.gz`` of the hub repo
-``StanfordAIMI/RRG_scorers`` (``config.json``, ``vocabulary/``, ``weights.th``); without it the package's
-cache folder is used and downloaded into when the network allows. The model config also names a BERT
-(hub id or folder) whose config and tokenizer must be reachable. When loading fails, scores are NaN with one
-warning saying where to put the weights (``strict=True`` raises). transformers 5 removed two tokenizer
-methods the package calls; ``metrics._compat`` restores them.
+Deviation from the package: each report is cut to ``max_tokens`` word pieces (default 512, the BERT window)
+where the package folds longer inputs into windows at a cost that grows with the square of the length
+(``annotate_text``); the entity dict is built in linear time (``entities_of``).
 """
 
 from __future__ import annotations
@@ -83,7 +59,11 @@ def set_f1(pred: set, ref: set) -> float:
 
 
 def radgraph_feature(pred_annotation: Annotation, ref_annotation: Annotation) -> float:
-    """RadCliQ's RadGraph feature: (entity F1 + relation F1) / 2."""
+    """RadCliQ's RadGraph feature: (entity F1 + relation F1) / 2.
+
+    docs/paper.md §3: entities are (tokens, label), relations ((tokens, label), (tokens, label), type);
+    F1 = 2PR/(P+R), 0 when empty (``set_f1``).
+    """
     pred_ents, pred_rels = entity_relation_sets(pred_annotation)
     ref_ents, ref_rels = entity_relation_sets(ref_annotation)
     return (set_f1(pred_ents, ref_ents) + set_f1(pred_rels, ref_rels)) / 2
@@ -95,7 +75,10 @@ def entities_of(ner: list, relations: list, words: list[str]) -> dict:
 
     ``ner`` items ``[start, end, label, ...]``; ``relations`` items ``[start, end, obj_start, obj_end, label,
     ...]``. As the package: entity ids count from 1 in ``ner`` order; a relation names the first entity with
-    its object span and is dropped when there is none; relations keep their order."""
+    its object span and is dropped when there is none; relations keep their order.
+
+    This is the annotation dict of the package's ``postprocess_reports``; the package's ``get_entity`` is
+    quadratic in entities × relations, minutes on one 2 KB junk report."""
     first: dict[tuple, int] = {}
     for idx, item in enumerate(ner):
         first.setdefault((item[0], item[1]), idx + 1)
@@ -131,7 +114,19 @@ def cap_words(words: list[str], tokenizer, max_tokens: int | None) -> tuple[list
 
 
 def annotate_text(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> Annotation:
-    """The package's annotation of one report (``RadGraph.forward`` of one text), cut to ``max_tokens``."""
+    """The package's annotation of one report (``RadGraph.forward`` of one text), cut to ``max_tokens``.
+
+    As the package's ``RadGraph.forward`` does: its word split ``preprocess_reports``, reader and model; then
+    the annotation dict of its ``postprocess_reports`` (``entities_of``).
+
+    Bounded input (``max_tokens``, default 512: the BERT window of the RadGraph models): a report whose word
+    pieces, with [CLS] and [SEP], exceed it is cut to its longest prefix of words (the package's words) that
+    fits (``cap_words``); shorter reports are unchanged. Deviation: the package folds longer inputs into
+    512-piece windows and scores every span and span pair of the whole text, so its cost and memory grow with
+    the square of the length (relation pruning keeps 0.5 spans per word and scores every pair). A text without
+    word pieces (nothing after the cut, only characters the tokenizer drops) is an empty report: entities {},
+    value 0 (the real low score, not NaN). ``max_tokens=None`` cuts nothing.
+    """
     from radgraph.allennlp.data.dataloader import PyTorchDataLoader
     from radgraph.allennlp.data.dataset_readers import AllennlpDataset
     from radgraph.utils import batch_to_device, preprocess_reports
@@ -167,7 +162,14 @@ def missing_weights_message(model_type: str, model_dir: str | None, exc: BaseExc
 
 
 def load_annotator(model_type: str, model_dir: str | None, device: str):
-    """A ``radgraph.RadGraph`` annotator, cached per process; raises what loading raised."""
+    """A ``radgraph.RadGraph`` annotator, cached per process; raises what loading raised.
+
+    Weights: ``model_dir`` is a folder holding the extracted ``<model_type>.tar.gz`` of the hub repo
+    ``StanfordAIMI/RRG_scorers`` (``config.json``, ``vocabulary/``, ``weights.th``); without it the package's
+    cache folder is used and downloaded into when the network allows. The model config also names a BERT (hub
+    id or folder) whose config and tokenizer must be reachable. transformers 5 removed two tokenizer methods the
+    package calls; ``metrics._compat`` restores them.
+    """
     key = (model_type, os.path.abspath(model_dir) if model_dir else "", device)
     return load_once(_ENGINES, key, lambda: _build_annotator(model_type, model_dir, device))
 
@@ -195,7 +197,20 @@ def _build_annotator(model_type: str, model_dir: str | None, device: str):
 
 # -------------------------------------------------------------------------------------------- metric
 class RadGraphF1(PerSampleMetric):
-    """Per-sample RadGraph reward (see the module docstring); ``compute`` is the mean over scored samples."""
+    """Per-sample RadGraph reward; ``compute`` is the mean over scored samples.
+
+    - ``reward_level="simple"|"partial"|"complete"``: the package's ``compute_reward`` per pair (the
+      RadGraph-F1 of the paper's table and of the "complete" ablation reward). As ``F1RadGraph`` does, a pair
+      with an empty prediction or reference scores 0, and so does a pair where either side has no entity.
+    - ``reward_level="radcliq"``: ``radgraph_feature``, RadCliQ's RadGraph feature (docs/paper.md §3).
+
+    Batching and caching: one ``score`` call annotates every distinct text once, one report at a time
+    (``annotate_text``); reference annotations are kept in an LRU cache (``stats["reference_annotations"]``
+    counts references actually annotated). Cancellation (``metrics.base.check_cancelled``) is checked before
+    each report. The annotator is loaded lazily once per (model, folder, device) in a module-level cache
+    (``load_annotator``), never as a submodule, so it is not in ``state_dict()``. When loading fails, scores
+    are NaN with one warning saying where to put the weights (``strict=True`` raises).
+    """
 
     higher_is_better = True
     worst_value = 0.0

@@ -1,26 +1,12 @@
 """N-gram text metrics of one prediction against one reference: GLEU, sentence BLEU and ROUGE-L.
 
 The n-gram and LCS arithmetic is ours (pure Python); tokenizers come from the packages that define them, and
-the tests cross-check every value against the reference package.
+the tests cross-check every value against the reference package. GLEU: the GLEU ablation reward
+(docs/paper.md §3, ``gleu``); BLEU: RadCliQ's BLEU term is BLEU-2 (``bleu``); ROUGE-L: ``rouge_l``. Empty texts:
+every score is 0 when either side has no token (a bad output is a real low score, not NaN).
 
-- **GLEU** (docs/paper.md §3, the GLEU ablation reward): sacrebleu "13a" tokens, case kept; n-grams of orders
-  1..4 pooled; ``matched / max(total hypothesis n-grams, total reference n-grams)`` with clipped matches.
-  Equals ``nltk.translate.gleu_score.sentence_gleu([ref], hyp)`` (and NLTK corpus GLEU of one pair).
-- **BLEU** (sentence BLEU, uniform weights 1/n): by default exactly the BLEU feature of the original RadCliQ
-  code (rajpurkarlab/CXR-Report-Metric): text lower-cased, ``"."`` replaced by ``" ."``, split on single
-  spaces, empty tokens dropped, then ``fast_bleu.BLEU`` with its default smoothing 1, which is NLTK's
-  ``SmoothingFunction().method1``: a zero n-gram count becomes 0.1 / (number of hypothesis n-grams), and the
-  score is 0 when no unigram matches. RadCliQ's BLEU term is BLEU-2 (``BLEU(n=2)``). ``tokenizer="13a"``
-  uses sacrebleu 13a tokens with case kept instead. Deviation: RadEval's RadCliQ copy takes BLEU-2 from the
-  pycocoevalcap scorer (BLEU-4 before RadEval 0.1.8; other tokens and smoothing); we do not reproduce it (its
-  RadCliQ weight is 4e-12).
-- **ROUGE-L** F-measure, equal to ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)``
-  (RadEval's setting; the paper does not state its own, we assume RadEval): lower case, runs of characters
-  outside ``[a-z0-9]`` become spaces, Porter stemming (NLTK, as rouge_score) of tokens longer than 3
-  characters. LCS by the bit-parallel algorithm of Allison–Dix / Hyyrö (one big-integer update per
-  hypothesis token), equal to the DP table.
-
-Empty texts: every score is 0 when either side has no token (a bad output is a real low score, not NaN).
+Deviations: BLEU follows the original RadCliQ code, not RadEval's copy (``bleu``); the paper does not state its
+ROUGE-L setting, we assume RadEval's (``rouge_l``).
 """
 
 from __future__ import annotations
@@ -93,7 +79,12 @@ def gleu_tokens(hyp: Sequence[str], ref: Sequence[str], min_n: int = 1, max_n: i
 
 
 def gleu(pred: str, ref: str) -> float:
-    """Sentence GLEU (n = 1..4) over sacrebleu 13a tokens, case kept; 0 when both are empty."""
+    """Sentence GLEU (n = 1..4) over sacrebleu 13a tokens, case kept; 0 when both are empty.
+
+    docs/paper.md §3, the GLEU ablation reward: n-grams of orders 1..4 pooled; ``matched / max(total
+    hypothesis n-grams, total reference n-grams)`` with clipped matches. Equals
+    ``nltk.translate.gleu_score.sentence_gleu([ref], hyp)`` (and NLTK corpus GLEU of one pair).
+    """
     return gleu_tokens(tokens_13a(pred), tokens_13a(ref))
 
 
@@ -116,7 +107,16 @@ def bleu_tokens(hyp: Sequence[str], ref: Sequence[str], n: int = 4) -> float:
 
 
 def bleu(pred: str, ref: str, n: int = 4, tokenizer: Literal["radcliq", "13a"] = "radcliq") -> float:
-    """Sentence BLEU-n of two texts (see the module docstring for tokenizers and smoothing)."""
+    """Sentence BLEU-n of two texts, uniform weights 1/n.
+
+    By default exactly the BLEU feature of the original RadCliQ code (rajpurkarlab/CXR-Report-Metric): text
+    lower-cased, ``"."`` replaced by ``" ."``, split on single spaces, empty tokens dropped, then
+    ``fast_bleu.BLEU`` with its default smoothing 1, which is NLTK's ``SmoothingFunction().method1``: a zero
+    n-gram count becomes 0.1 / (number of hypothesis n-grams), and the score is 0 when no unigram matches.
+    RadCliQ's BLEU term is BLEU-2 (``BLEU(n=2)``). ``tokenizer="13a"`` uses sacrebleu 13a tokens with case kept
+    instead. Deviation: RadEval's RadCliQ copy takes BLEU-2 from the pycocoevalcap scorer (BLEU-4 before
+    RadEval 0.1.8; other tokens and smoothing); we do not reproduce it (its RadCliQ weight is 4e-12).
+    """
     tokenize = _bleu_tokenizer(tokenizer)
     return bleu_tokens(tokenize(pred), tokenize(ref), n)
 
@@ -157,7 +157,14 @@ def rouge_l_tokens(hyp: Sequence[str], ref: Sequence[str]) -> float:
 
 
 def rouge_l(pred: str, ref: str, use_stemmer: bool = True) -> float:
-    """ROUGE-L F-measure as rouge_score computes it (default: with the Porter stemmer, as RadEval)."""
+    """ROUGE-L F-measure as rouge_score computes it (default: with the Porter stemmer, as RadEval).
+
+    Equal to ``rouge_score.rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)`` (RadEval's setting; the
+    paper does not state its own, we assume RadEval): lower case, runs of characters outside ``[a-z0-9]``
+    become spaces, Porter stemming (NLTK, as rouge_score) of tokens longer than 3 characters. LCS by the
+    bit-parallel algorithm of Allison–Dix / Hyyrö (one big-integer update per hypothesis token), equal to the
+    DP table (``lcs_length``).
+    """
     return rouge_l_tokens(tokens_rouge(pred, use_stemmer), tokens_rouge(ref, use_stemmer))
 
 

@@ -1,24 +1,8 @@
 """Conversations → Qwen3-VL chat-template token ids with assistant-only labels; the thinking convention.
 
-Rendering follows the checkpoint's own chat template (``tokenizer.chat_template``, which
-``radvlm.policy.load_processor`` fills from the folder's ``chat_template.jinja`` / ``chat_template.json``):
-the turns become Hugging Face multimodal messages (:func:`chat_messages`) and are rendered with
-``tokenizer.apply_chat_template``. The image opens the first user turn and is followed by a newline, as
-RadVLM's ``<image>\\nQuestion`` is rendered by the authors' pipeline::
-
-    <|im_start|>user\\n<|vision_start|><|image_pad|>×K<|vision_end|>\\nPROMPT<|im_end|>\\n
-    <|im_start|>assistant\\nANSWER<|im_end|>\\n ...
-
-(a Qwen3-VL *Thinking* template opens the generated assistant turn with ``<think>\\n`` and drops the traces of
-assistant turns before the last user turn; both are the checkpoint's own choices and kept). K is the number
-of merged visual tokens of the image (``image_grid_thw.prod() / merge_size²``): the template's single
-``<|image_pad|>`` is expanded to K. The whole text is tokenised once. Labels are -100 everywhere except on the
-content of every assistant turn and its closing ``<|im_end|>`` (the model must learn to stop); the header
-(what the template's generation prompt adds: ``<|im_start|>assistant\\n``, plus ``<think>\\n`` for Thinking
-templates) and the newline after ``<|im_end|>`` are not trained. Turns are located by rendering the
-conversation prefix by prefix. A token that straddles a span border (e.g. a ``\\n\\n`` token joining the
-header's last newline and the content's first) is trained. A checkpoint without a chat template gets the
-built-in layout above (:func:`render_segments`, the Qwen3-VL Instruct output; logged once).
+Rendering follows the checkpoint's own chat template (``render_conversation``; without one, the built-in
+Qwen3-VL Instruct layout of ``render_segments``); labels cover the content of every assistant turn and its
+closing ``<|im_end|>`` (``encode_conversation``).
 
 Thinking convention (one place for the whole code base): the user prompt ends with `` /think``; the
 assistant answer is ``<think>\\nTRACE\\n</think>\\n\\nANSWER``. Whether a prompt is a thinking prompt is a
@@ -196,7 +180,27 @@ def _expand_image(text: str, image_tokens: int) -> str:
 
 def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], image_tokens: int = 0,
                         add_generation_prompt: bool = False) -> Rendered:
-    """The chat text of ``turns`` and the character spans that are trained (see module docstring)."""
+    """The chat text of ``turns`` and the character spans that are trained.
+
+    Rendering follows the checkpoint's own chat template (``tokenizer.chat_template``, which
+    ``radvlm.policy.load_processor`` fills from the folder's ``chat_template.jinja`` / ``chat_template.json``):
+    the turns become Hugging Face multimodal messages (:func:`chat_messages`) and are rendered with
+    ``tokenizer.apply_chat_template``. The image opens the first user turn and is followed by a newline, as
+    RadVLM's ``<image>\\nQuestion`` is rendered by the authors' pipeline::
+
+        <|im_start|>user\\n<|vision_start|><|image_pad|>×K<|vision_end|>\\nPROMPT<|im_end|>\\n
+        <|im_start|>assistant\\nANSWER<|im_end|>\\n ...
+
+    (a Qwen3-VL *Thinking* template opens the generated assistant turn with ``<think>\\n`` and drops the
+    traces of assistant turns before the last user turn; both are the checkpoint's own choices and kept). K is
+    the number of merged visual tokens of the image (``image_grid_thw.prod() / merge_size²``): the template's
+    single ``<|image_pad|>`` is expanded to K. Trained spans: the content of every assistant turn and its
+    closing ``<|im_end|>`` (the model must learn to stop); the header (what the template's generation prompt
+    adds: ``<|im_start|>assistant\\n``, plus ``<think>\\n`` for Thinking templates) and the newline after
+    ``<|im_end|>`` are not trained. Turns are located by rendering the conversation prefix by prefix. A
+    checkpoint without a chat template gets the built-in layout above (:func:`render_segments`, the Qwen3-VL
+    Instruct output; logged once).
+    """
     if not has_chat_template(tokenizer):
         _warn_builtin_once()
         text, trained = "", []
@@ -251,10 +255,12 @@ class Encoded:
 def encode_conversation(
     tokenizer, turns: Sequence[tuple[str, str]], image_tokens: int = 0, add_generation_prompt: bool = False
 ) -> Encoded:
-    """Token ids and assistant-only labels of a conversation (see module docstring for the layout).
+    """Token ids and assistant-only labels of a conversation (layout: ``render_conversation``).
 
-    The rendered text is tokenised as a whole (ids equal ``tokenizer(text)`` of the chat template's text);
-    a token is labelled when its characters overlap a trained span (offsets of a fast tokenizer).
+    The rendered text is tokenised as a whole, once (ids equal ``tokenizer(text)`` of the chat template's
+    text); a token is labelled when its characters overlap a trained span (offsets of a fast tokenizer).
+    Labels are -100 everywhere else. A token that straddles a span border (e.g. a ``\\n\\n`` token joining the
+    header's last newline and the content's first) is trained.
     """
     rendered = render_conversation(tokenizer, turns, image_tokens, add_generation_prompt)
     enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)

@@ -1,24 +1,9 @@
 """``FastHFEngine``: Hugging Face rollouts with LoRA merged, memory-budgeted decode chunks, optional static cache.
 
-The same ``Policy.generate`` loop as ``radvlm.rollout.HFEngine`` (shared prefill by default), with three changes:
-
-1. **LoRA merged for the rollout** (``merge_lora``): every LoRA layer's base weight becomes
-   ``W + s · (B @ A)`` and the adapters are switched off, so a decode step runs one matmul per layer instead of
-   three. A copy of the base weights of the merged layers is kept and copied back afterwards, so the weights
-   are bit-identical after the rollout (peft's ``merge_adapter``/``unmerge_adapter`` subtract the delta
-   again, which is not exact in floating point). Cost: one copy of those weights while generating. Merged
-   weights round differently from ``W x + s·B(A x)``: samples equal the unmerged path's up to near-ties of
-   the logits, not bit for bit. Sharded (FSDP ``DTensor``) weights are never merged (the adapters stay on).
-2. **Decode chunked by a memory budget** (``decode_memory_gib``): prompts are decoded in chunks as large as
-   the KV cache of their ``G`` rows, ``P + max_new_tokens`` positions each, allows, instead of one fixed
-   batch: the most rows decode together that fit. ``None`` decodes all prompts at once. Chunks draw their
-   samples in turn, so a chunked rollout differs from an unchunked one for the same seed. Under
-   ``synced_gpus`` (FSDP) there is one chunk, so every process steps the same number of times.
-3. **Static KV cache** (``static_cache``, off by default, only with ``shared_prefill=False``): a preallocated
-   cache whose decode step Hugging Face compiles (``torch.compile``) on GPU; ``compile=True`` compiles on any
-   device. On CPU (transformers 5.24, torch 2.13) the static cache gives the same greedy ids as the dynamic
-   one at the same speed, and compiling the decode step had not finished after 5 minutes on 2 cores (tiny
-   model), hence off by default; the compiled path is unmeasured.
+The same ``Policy.generate`` loop as ``radvlm.rollout.HFEngine`` (shared prefill by default), with three
+changes, each described in ``FastHFEngine``. What they change in the samples: merged LoRA weights round
+differently (samples equal the unmerged path's up to near-ties of the logits), and a chunked rollout draws
+other samples than an unchunked one for the same seed.
 """
 
 from __future__ import annotations
@@ -86,7 +71,26 @@ def prompt_chunks(num_prompts: int, g: int, row_bytes: int, budget_bytes: float 
 
 
 class FastHFEngine(HFEngine):
-    """Hugging Face rollouts made faster (see the module docstring).
+    """Hugging Face rollouts made faster.
+
+    1. **LoRA merged for the rollout** (``merge_lora``): every LoRA layer's base weight becomes
+       ``W + s · (B @ A)`` and the adapters are switched off, so a decode step runs one matmul per layer
+       instead of three. A copy of the base weights of the merged layers is kept and copied back afterwards,
+       so the weights are bit-identical after the rollout (peft's ``merge_adapter``/``unmerge_adapter``
+       subtract the delta again, which is not exact in floating point). Cost: one copy of those weights while
+       generating. Merged weights round differently from ``W x + s·B(A x)``: samples equal the unmerged path's
+       up to near-ties of the logits, not bit for bit. Sharded (FSDP ``DTensor``) weights are never merged
+       (the adapters stay on).
+    2. **Decode chunked by a memory budget** (``decode_memory_gib``): prompts are decoded in chunks as large as
+       the KV cache of their ``G`` rows, ``P + max_new_tokens`` positions each, allows, instead of one fixed
+       batch: the most rows decode together that fit. ``None`` decodes all prompts at once. Chunks draw their
+       samples in turn, so a chunked rollout differs from an unchunked one for the same seed. Under
+       ``synced_gpus`` (FSDP) there is one chunk, so every process steps the same number of times.
+    3. **Static KV cache** (``static_cache``, off by default, only with ``shared_prefill=False``): a
+       preallocated cache whose decode step Hugging Face compiles (``torch.compile``) on GPU; ``compile=True``
+       compiles on any device. On CPU (transformers 5.24, torch 2.13) the static cache gives the same greedy
+       ids as the dynamic one at the same speed, and compiling the decode step had not finished after 5
+       minutes on 2 cores (tiny model), hence off by default; the compiled path is unmeasured.
 
     Args:
         shared_prefill: encode each image and prefill each prompt once (as ``HFEngine``); default on.

@@ -1,66 +1,14 @@
 """Pure GRPO math: group advantages, the clipped policy loss, the k3 KL term and loss aggregation.
 
 Every function here is a pure function of tensors (no model, no optimizer, no Lightning), so the step logic
-in ``lightning_modules/grpo.py`` stays thin and this file can be tested against hand-computed numbers.
+in ``lightning_modules/grpo.py`` stays thin and this file can be tested against hand-computed numbers. One GRPO
+step as the paper runs it (docs/paper.md §2): :func:`group_advantages`, then :func:`policy_loss` + β·:func:`kl_k3`,
+each reduced by :func:`aggregate`; the formulas are in those functions.
 
-Algorithm (one GRPO step as the paper runs it, docs/paper.md §2)
-----------------------------------------------------------------
-1. Sample ``B`` prompts and ``G`` rollouts per prompt (paper: B = 512, G = 8) with the current policy, which
-   at this moment is the "old" policy π_old. Rows are contiguous: rollouts of prompt i are rows
-   i·G … i·G+G−1.
-2. Score every rollout with the reward metric → ``rewards (B*G,)``; an unavailable reward is NaN.
-3. Advantage of rollout j of prompt i (:func:`group_advantages`, ``scale="group"``)::
-
-       A_ij = (r_ij − mean_j r_ij) / (std_j r_ij + 1e-6)          std unbiased (divides by n − 1)
-
-   The same scalar advantage is used for every token of the rollout. Groups whose rewards are all equal
-   have A = 0 and carry no gradient; :func:`group_reward_std` finds them (filter / logging).
-4. Record ``old_logp`` (π_old) and ``ref_logp`` (frozen reference policy) per response token.
-5. Split the B·G rollouts into mini-batches (paper: 128 prompts → 4 optimizer updates, 1 PPO epoch); each
-   mini-batch may be split again into micro-batches for gradient accumulation. For every token::
-
-       ratio   = exp(clamp(logp − old_logp, −20, 20))
-       L_clip  = max(−A·ratio, −A·clamp(ratio, 1 − ε_low, 1 + ε_high))     ε_low 0.20, ε_high 0.28
-       L_tok   = min(L_clip, −A·c)   if A < 0   (dual clip, c = 3.0)       else L_clip
-       k3      = exp(ref − logp) − (ref − logp) − 1, clamped to [−10, 10]
-
-   loss = aggregate(L_tok) + β·aggregate(k3), β = 0.01, aggregation "token-mean" over the mini-batch
-   (:func:`policy_loss`, :func:`kl_k3`, :func:`aggregate`). No KL in the reward, no entropy bonus.
-
-Aggregation modes (:func:`aggregate`; ``m`` is the 0/1 response mask, ``N'`` the number of rows with at
-least one response token)::
-
-    "token-mean"              Σ_i Σ_t m·x / Σ_i Σ_t m                 (paper, DAPO)
-    "seq-mean-token-mean"     (1/N') Σ_i [Σ_t m·x / Σ_t m]            (original GRPO)
-    "seq-mean-token-sum-norm" (1/N') Σ_i [Σ_t m·x / max_len]          (Dr. GRPO; max_len a constant)
-
-Gradient accumulation: pass ``denominator=aggregation_denominator(mini_batch_mask, agg)`` to every
-micro-batch call; the sum of the micro-batch results then equals the whole mini-batch result (up to float
-summation order), whatever the micro-batches' padding lengths.
-
-Deviations from the paper and from verl (whose ``core_algos`` the paper's settings are written for)
------------------------------------------------------------------------------------------------------
-- Unavailable (NaN) rewards: left out of their group's mean and std, advantage 0 (DESIGN.md). A group with
-  fewer than 2 valid rewards gets advantage 0 everywhere; verl gives a one-sample group mean 0 and std 1,
-  i.e. the raw reward as advantage. ±inf rewards are rejected with an error (they are bugs, not
-  "unavailable").
-- Group mean and std are computed in float64 after subtracting the group's first valid reward (a shift
-  that leaves both unchanged mathematically), so a group of identical rewards gets a std of exactly 0 and
-  advantages of exactly 0. A plain float32 mean of eight copies of 0.1 is off by one ulp, which the
-  1e-6 denominator turns into advantages of −0.0074 instead of 0.
-- ``scale="batch"`` divides by the unbiased std of all valid rewards in the batch; ``scale="none"`` is the
-  Dr. GRPO advantage (centred only). The paper uses ``"group"``.
-- The log-ratio clamp to ±20 (and hence zero gradient beyond it) is not in the paper; verl does the same.
-- Masked positions are replaced by 0 before any arithmetic, so NaN/inf log-probs at padding never reach the
-  loss or its gradient (verl multiplies by the mask, where a NaN at a padded position poisons the loss).
-- ``seq-mean-*`` modes average over rows that have at least one response token; verl averages over all
-  rows (and its "seq-mean-token-mean" divides 0 by 0 for an empty row). "seq-mean-token-sum-norm" here
-  divides by the constant ``max_len`` and takes the *mean* over sequences as Dr. GRPO writes it; verl sums
-  over sequences and divides by the padded length of the batch.
-- ``approx_kl`` in the stats is the k3 estimate of KL(π_old ‖ π_θ) on the sampled tokens,
-  mean of (ratio − 1 − log ratio) (≥ 0, unbiased because the tokens were sampled from π_old); verl's
-  ``ppo_kl`` is the k1 estimate mean(old − logp).
-- An all-zero mask gives a loss of exactly 0 (and zero gradient) instead of NaN.
+Deviations from the paper and from verl (whose ``core_algos`` the paper's settings are written for), each
+described where it is made: unavailable (NaN) rewards and exact zeros for identical rewards
+(:func:`group_advantages`); the log-ratio clamp and the ``approx_kl`` statistic (:func:`policy_loss`); masked
+positions, the ``seq-mean-*`` modes and an all-zero mask (:func:`aggregate`).
 """
 
 from __future__ import annotations
@@ -131,8 +79,8 @@ def _shifted_group_moments(values: Tensor, valid: Tensor) -> tuple[Tensor, Tenso
 
     Returns ``(centred (B, G), std (B,), count (B,))``: ``centred`` is r − mean of the group (0 where the
     reward is invalid), ``std`` the unbiased std of the valid rewards (0 where count < 2), ``count`` the
-    number of valid rewards. Values are shifted by the group's first valid reward before summing (see the
-    module docstring) so identical rewards give exactly 0.
+    number of valid rewards. Values are shifted by the group's first valid reward before summing (see
+    :func:`group_advantages`) so identical rewards give exactly 0.
     """
     count = valid.sum(dim=1)  # (B,)
     first = valid.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1) index of the first valid reward
@@ -173,6 +121,29 @@ def group_advantages(
     NaN rewards are left out of their group's mean and std and get advantage 0; a group with fewer than 2
     valid rewards gets 0 everywhere. Returned in the dtype of ``rewards`` (float32 for integer rewards);
     no gradient flows back to ``rewards``.
+
+    The paper's step (docs/paper.md §2): ``B`` prompts and ``G`` rollouts per prompt (paper: B = 512, G = 8)
+    are sampled with the current policy, which at this moment is the "old" policy π_old. Rows are contiguous:
+    rollouts of prompt i are rows i·G … i·G+G−1. Every rollout is scored with the reward metric →
+    ``rewards (B*G,)``; an unavailable reward is NaN. Advantage of rollout j of prompt i (``scale="group"``)::
+
+        A_ij = (r_ij − mean_j r_ij) / (std_j r_ij + 1e-6)          std unbiased (divides by n − 1)
+
+    The same scalar advantage is used for every token of the rollout. Groups whose rewards are all equal have
+    A = 0 and carry no gradient; :func:`group_reward_std` finds them (filter / logging).
+
+    Deviations from the paper and from verl:
+
+    - Unavailable (NaN) rewards: left out of their group's mean and std, advantage 0 (DESIGN.md). A group
+      with fewer than 2 valid rewards gets advantage 0 everywhere; verl gives a one-sample group mean 0 and
+      std 1, i.e. the raw reward as advantage. ±inf rewards are rejected with an error (they are bugs, not
+      "unavailable").
+    - Group mean and std are computed in float64 after subtracting the group's first valid reward (a shift
+      that leaves both unchanged mathematically), so a group of identical rewards gets a std of exactly 0 and
+      advantages of exactly 0. A plain float32 mean of eight copies of 0.1 is off by one ulp, which the 1e-6
+      denominator turns into advantages of −0.0074 instead of 0.
+    - ``scale="batch"`` divides by the unbiased std of all valid rewards in the batch; ``scale="none"`` is the
+      Dr. GRPO advantage (centred only). The paper uses ``"group"``.
     """
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
@@ -268,12 +239,33 @@ def aggregate(
     max_len: int | None = None,
     denominator: Tensor | float | None = None,
 ) -> Tensor:
-    """Reduce per-token ``values (N, L)`` over the 0/1 ``mask (N, L)`` to a scalar (formulas: module doc).
+    """Reduce per-token ``values (N, L)`` over the 0/1 ``mask (N, L)`` to a scalar (formulas below).
 
     ``max_len`` is used (and required) only by ``"seq-mean-token-sum-norm"``. ``denominator`` replaces the
     count this call would divide by (see :func:`aggregation_denominator`); a denominator of 0 gives 0.
     Masked entries never reach the result or its gradient, even when they are NaN or inf. An all-zero mask
     gives exactly 0. The result is float32 for half-precision ``values``, else their dtype.
+
+    Modes (``m`` is the 0/1 response mask, ``N'`` the number of rows with at least one response token)::
+
+        "token-mean"              Σ_i Σ_t m·x / Σ_i Σ_t m                 (paper, DAPO)
+        "seq-mean-token-mean"     (1/N') Σ_i [Σ_t m·x / Σ_t m]            (original GRPO)
+        "seq-mean-token-sum-norm" (1/N') Σ_i [Σ_t m·x / max_len]          (Dr. GRPO; max_len a constant)
+
+    Gradient accumulation: pass ``denominator=aggregation_denominator(mini_batch_mask, agg)`` to every
+    micro-batch call; the sum of the micro-batch results then equals the whole mini-batch result (up to float
+    summation order), whatever the micro-batches' padding lengths.
+
+    Deviations from verl:
+
+    - Masked positions are replaced by 0 before any arithmetic, so NaN/inf log-probs at padding never reach
+      the loss or its gradient (verl multiplies by the mask, where a NaN at a padded position poisons the
+      loss).
+    - ``seq-mean-*`` modes average over rows that have at least one response token; verl averages over all
+      rows (and its "seq-mean-token-mean" divides 0 by 0 for an empty row). "seq-mean-token-sum-norm" here
+      divides by the constant ``max_len`` and takes the *mean* over sequences as Dr. GRPO writes it; verl sums
+      over sequences and divides by the padded length of the batch.
+    - An all-zero mask gives a loss of exactly 0 (and zero gradient) instead of NaN.
     """
     _check_agg(agg, max_len)
     _check_2d(values, "values")
@@ -360,6 +352,25 @@ def policy_loss(
     ``clip_frac_dual`` (A < 0 and ratio > dual_clip), ``ratio_mean`` and ``approx_kl`` (k3 estimate of
     KL(π_old ‖ π_θ): mean of ratio − 1 − log ratio). Computed in at least float32 (bf16 log-probs are
     upcast, the gradient still reaches them).
+
+    The paper's update (docs/paper.md §2): ``old_logp`` (π_old) and ``ref_logp`` (frozen reference policy) are
+    recorded per response token; the B·G rollouts are split into mini-batches (paper: 128 prompts → 4
+    optimizer updates, 1 PPO epoch), each maybe split again into micro-batches for gradient accumulation. For
+    every token::
+
+        ratio   = exp(clamp(logp − old_logp, −20, 20))
+        L_clip  = max(−A·ratio, −A·clamp(ratio, 1 − ε_low, 1 + ε_high))     ε_low 0.20, ε_high 0.28
+        L_tok   = min(L_clip, −A·c)   if A < 0   (dual clip, c = 3.0)       else L_clip
+        k3      = exp(ref − logp) − (ref − logp) − 1, clamped to [−10, 10]
+
+    loss = aggregate(L_tok) + β·aggregate(k3), β = 0.01, aggregation "token-mean" over the mini-batch
+    (this function, :func:`kl_k3`, :func:`aggregate`). No KL in the reward, no entropy bonus.
+
+    Deviations from the paper and from verl: the log-ratio clamp to ±20 (and hence zero gradient beyond it) is
+    not in the paper; verl does the same. ``approx_kl`` is the k3 estimate of KL(π_old ‖ π_θ) on the sampled
+    tokens, mean of (ratio − 1 − log ratio) (≥ 0, unbiased because the tokens were sampled from π_old); verl's
+    ``ppo_kl`` is the k1 estimate mean(old − logp). An all-zero mask gives a loss of exactly 0 (and zero
+    gradient) instead of NaN.
     """
     _check_2d(logp, "logp")
     _check_2d(old_logp, "old_logp")

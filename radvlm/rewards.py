@@ -1,29 +1,9 @@
 """Rewards of rollouts: reward terms, per-task routing, thinking-aware answers, failure masking.
 
-A GRPO run is configured with a list of ``RewardTerm`` s, each a metric (any object with
-``score(preds, targets) -> Tensor[N]``, ``higher_is_better`` and ``worst_value``, i.e. the classes of
-``metrics/``), a weight and the tasks it scores. Every prompt is scored by the terms of its task and the
-reward is the weighted sum of the signed values (``value`` if higher is better, else ``−value``)::
-
-    reward_i = Σ_terms w · sign · value_term(answer_i, reference_i)       over the terms of task_i
-
-- For thinking prompts the answer is the text after the first or the last ``</think>`` (case-insensitive),
-  per term: ``RewardTerm(think_split=...)``, by default the metric class's ``think_split`` attribute, which
-  follows the authors' reward of that metric (grounding metrics: first; RadCliQ and text metrics: last;
-  ``"last"`` for a metric without one). A completion without ``</think>`` gets the term's ``worst_value``
-  (RadCliQ: 3 → reward −3, as the authors did; soft-F1: 0). Evaluation splits by task the same way
-  (``radvlm.tasks.task_think_split``).
-- A term that raises or exceeds ``timeout`` seconds yields NaN for the rows it had to score: the reward of
-  those rows is NaN ("unavailable", DESIGN.md), masked out of the advantage by ``radvlm.grpo``, and counted.
-  A timed-out call is stopped, not left running (:func:`score_with_timeout`): it runs in a thread of its own
-  whose cancellation event is set at the deadline; the metrics of ``metrics/`` check it between batches and
-  stop (their per-sample inputs are capped in tokens, so a batch is bounded). A metric that never checks
-  runs on to its end, abandoned; while it runs, further calls of that metric object (and of any metric once
-  ``MAX_ABANDONED`` calls are abandoned) are refused (NaN) instead of starting more threads.
-- A prompt whose task no term scores is a configuration error and raises.
-- Rewards are float32 whatever the caller's default dtype: under ``bf16-true`` training the default dtype is
-  bfloat16 (8 bits of mantissa), so every tensor here names its dtype and the scoring runs with a float32
-  default (:func:`float32_default`), which the metrics' own float32 guard then leaves untouched.
+A GRPO run is configured with a list of ``RewardTerm`` s, each a metric, a weight and the tasks it scores;
+:func:`compute_rewards` scores every prompt by the terms of its task and sums the signed, weighted values. A
+term that fails or runs past its timeout makes the reward of its rows NaN ("unavailable", DESIGN.md), masked
+out of the advantage, and a timed-out call is stopped (:func:`score_with_timeout`).
 
 This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls it.
 """
@@ -51,6 +31,14 @@ class ScoringMetric(Protocol):
 
 class RewardTerm:
     """One weighted reward: ``metric`` scores the answers of the prompts whose task is in ``tasks``.
+
+    The metric is any object with ``score(preds, targets) -> Tensor[N]``, ``higher_is_better`` and
+    ``worst_value``, i.e. the classes of ``metrics/``. For thinking prompts the answer is the text after the
+    first or the last ``</think>`` (case-insensitive), per term: ``think_split``, by default the metric class's
+    ``think_split`` attribute, which follows the authors' reward of that metric (grounding metrics: first;
+    RadCliQ and text metrics: last; ``"last"`` for a metric without one). A completion without ``</think>``
+    gets the term's ``worst_value`` (RadCliQ: 3 → reward −3, as the authors did; soft-F1: 0). Evaluation splits
+    by task the same way (``radvlm.tasks.task_think_split``).
 
     Args:
         metric: a ``metrics`` class instance (``SoftF1``, ``RadCliQ``, ``GLEU`` …).
@@ -118,7 +106,11 @@ def score_with_timeout(metric: ScoringMetric, preds: list[str], targets: list[st
     cancellation check, so nothing of a cooperative metric keeps running once this raises. A thread still
     alive after that is abandoned and counted: while one of the same metric object is alive (its caches are
     not made for two threads), or ``MAX_ABANDONED`` of any, calls raise ``RewardError`` without starting a
-    thread, so repeated timeouts never add threads beyond one per metric object."""
+    thread, so repeated timeouts never add threads beyond one per metric object.
+
+    The metrics of ``metrics/`` check the cancellation event between batches and stop (their per-sample
+    inputs are capped in tokens, so a batch is bounded). A metric that never checks runs on to its end,
+    abandoned; while it runs, further calls are refused (NaN in ``compute_rewards``)."""
     if timeout is None:
         return metric.score(preds, targets)
     name = type(metric).__name__
@@ -181,9 +173,22 @@ def compute_rewards(
     thinking: Sequence[bool],
     timeout: float | None = None,
 ) -> RewardResult:
-    """Rewards of ``N`` completions (see module docstring). ``targets``/``tasks``/``thinking`` are per row.
+    """Rewards of ``N`` completions. ``targets``/``tasks``/``thinking`` are per row.
 
-    Every tensor of the result is float32 (``closed`` bool), whatever the default dtype of the caller."""
+    Every prompt is scored by the terms of its task and the reward is the weighted sum of the signed values
+    (``value`` if higher is better, else ``−value``)::
+
+        reward_i = Σ_terms w · sign · value_term(answer_i, reference_i)       over the terms of task_i
+
+    For thinking prompts the answer is cut as each ``RewardTerm`` says. A term that raises or exceeds
+    ``timeout`` seconds (:func:`score_with_timeout`) yields NaN for the rows it had to score: the reward of
+    those rows is NaN ("unavailable", DESIGN.md), masked out of the advantage by ``radvlm.grpo``, and counted
+    in ``failed``. A prompt whose task no term scores is a configuration error and raises.
+
+    Every tensor of the result is float32 (``closed`` bool), whatever the default dtype of the caller: under
+    ``bf16-true`` training the default dtype is bfloat16 (8 bits of mantissa), so every tensor here names its
+    dtype and the scoring runs with a float32 default (:func:`float32_default`), which the metrics' own float32
+    guard then leaves untouched."""
     with float32_default():
         return _compute_rewards(terms, completions, targets, tasks, thinking, timeout)
 

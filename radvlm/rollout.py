@@ -6,17 +6,8 @@ A GRPO step samples ``G`` completions per prompt through a ``RolloutEngine``::
     rollout = engine.generate(policy, prompt_batch, sampling)   # a Rollout of B·G rows
 
 and everything after (rewards, advantages, log-probs, the update) reads the ``Rollout`` only, so engines are
-interchangeable by ``class_path`` in the config:
-
-- ``HFEngine`` (here, the default): ``Policy.generate`` — Hugging Face's own sampling loop; with
-  ``shared_prefill`` each image is encoded and each prompt prefilled once and the G rows decode from copies of
-  its KV cache (``radvlm.policy.shared_prefill_generate``).
-- ``radvlm.fast_engine.FastHFEngine``: the same loop with LoRA merged into the weights for the rollout
-  (restored bit-exactly after), decoding chunked by a memory budget, optional static cache + compile.
-- ``radvlm.vllm_engine.VLLMEngine``: vLLM colocated with training (optional extra ``radvlm[vllm]``).
-
-Rows are grouped contiguously (prompt ``i`` → rows ``i·G … i·G+G−1``) in every engine. Sampling settings are
-one typed ``Sampling``; vision special tokens are always suppressed and generation stops at ``<|im_end|>``.
+interchangeable by ``class_path`` in the config (the engines: ``RolloutEngine``). Sampling settings are one
+typed ``Sampling``.
 
 Rewards live in ``radvlm.rewards``, row operations on batches in ``radvlm.batch``.
 """
@@ -109,7 +100,20 @@ class Rollout:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What produces rollouts. ``sync_weights`` is called before every ``generate`` of a training step."""
+    """What produces rollouts. ``sync_weights`` is called before every ``generate`` of a training step.
+
+    Engines, interchangeable by ``class_path`` in the config:
+
+    - ``HFEngine`` (here, the default): ``Policy.generate`` — Hugging Face's own sampling loop; with
+      ``shared_prefill`` each image is encoded and each prompt prefilled once and the G rows decode from copies
+      of its KV cache (``radvlm.policy.shared_prefill_generate``).
+    - ``radvlm.fast_engine.FastHFEngine``: the same loop with LoRA merged into the weights for the rollout
+      (restored bit-exactly after), decoding chunked by a memory budget, optional static cache + compile.
+    - ``radvlm.vllm_engine.VLLMEngine``: vLLM colocated with training (optional extra ``radvlm[vllm]``).
+
+    Rows are grouped contiguously (prompt ``i`` → rows ``i·G … i·G+G−1``) in every engine; vision special
+    tokens are always suppressed and generation stops at ``<|im_end|>``.
+    """
 
     def sync_weights(self, policy: Any) -> None: ...
 

@@ -1,29 +1,13 @@
 """Write a tiny, complete Qwen3-VL checkpoint folder offline (for tests and the CPU demo).
 
 ``python -m radvlm.tiny OUT_DIR [--corpus FILE] [--seed 0]`` writes, without any network access, a folder
-in exactly the Hugging Face layout of a real Qwen3-VL checkpoint:
-
-- ``config.json`` + ``model.safetensors``: a randomly initialised ``Qwen3VLForConditionalGeneration``
-  (text 128 wide × 2 layers, vision 64 wide × 2 blocks, about 0.8 M parameters);
-- ``tokenizer.json`` / ``tokenizer_config.json``: a byte-level BPE tokenizer trained here on chest X-ray
-  prompt and report text (digits split one by one, as Qwen's pre-tokenizer does), carrying the Qwen special
-  tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<think>`` …);
-- ``preprocessor_config.json``: the Qwen2-VL image processor (patch 16, merge 2, as Qwen3-VL uses); pixels
-  are normalised with ``image_mean`` / ``image_std`` (Qwen's 0.5 / 0.5 by default; ``--image-stats-from DIR``
-  takes the mean and standard deviation of the images in DIR, as the demo does with the phantom's training
-  images);
-- ``chat_template.jinja``: a compact chat template that renders our conversations exactly as the Qwen3-VL
-  Instruct template does (``CHAT_TEMPLATE``).
-
+in exactly the Hugging Face layout of a real Qwen3-VL checkpoint (the files: ``write_tiny_checkpoint``).
 Because it is a normal checkpoint folder, ``Policy.from_pretrained(OUT_DIR)`` loads it through the very
 same code path as ``Qwen/Qwen3-VL-8B-Instruct``. Everything is deterministic for a given seed and corpus.
 
-Why the data's own pixel statistics matter for a vision tower trained from scratch: phantom radiographs are
-dark (pixel mean 0.26, std 0.16 on [0, 1]). With Qwen's 0.5 / 0.5 every patch is mostly one large negative
-offset, which the random patch projection maps to nearly one direction, so the tower's output at
-initialisation is almost the same for every image (it varies by about 1 % across images); SFT then grew that
-constant part and the images were ignored (greedy answers identical on own and shuffled images). Centred and
-scaled by the data's statistics the patches keep their differences and the tower learns (configs/demo/sft.yaml).
+Deviations from the paper's Qwen3-VL: random weights of a miniature shape, a tokenizer trained here on chest
+X-ray text, and (``--image-stats-from DIR``) pixels normalised by the training images' own statistics instead
+of Qwen's 0.5 / 0.5 (why: ``image_stats``).
 """
 
 from __future__ import annotations
@@ -198,7 +182,15 @@ def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision
 
 def image_stats(folder: str | Path, pattern: str = "*.png") -> tuple[float, float]:
     """Mean and standard deviation of the pixel values (on [0, 1], grey level of RGB) of the images in
-    ``folder``: the normalisation of a tiny checkpoint trained from scratch on those images."""
+    ``folder``: the normalisation of a tiny checkpoint trained from scratch on those images.
+
+    Why the data's own pixel statistics matter for a vision tower trained from scratch: phantom radiographs are
+    dark (pixel mean 0.26, std 0.16 on [0, 1]). With Qwen's 0.5 / 0.5 every patch is mostly one large negative
+    offset, which the random patch projection maps to nearly one direction, so the tower's output at
+    initialisation is almost the same for every image (it varies by about 1 % across images); SFT then grew
+    that constant part and the images were ignored (greedy answers identical on own and shuffled images).
+    Centred and scaled by the data's statistics the patches keep their differences and the tower learns
+    (configs/demo/sft.yaml)."""
     import numpy as np
     from PIL import Image
 
@@ -249,7 +241,20 @@ def write_tiny_checkpoint(
     text_layers: int = 2,
     rope_theta: float = 5_000_000.0,
 ) -> Path:
-    """Write the tiny checkpoint folder and return its path. Same seed and corpus → same files."""
+    """Write the tiny checkpoint folder and return its path. Same seed and corpus → same files.
+
+    - ``config.json`` + ``model.safetensors``: a randomly initialised ``Qwen3VLForConditionalGeneration``
+      (text 128 wide × 2 layers, vision 64 wide × 2 blocks, about 0.8 M parameters);
+    - ``tokenizer.json`` / ``tokenizer_config.json``: a byte-level BPE tokenizer trained here on chest X-ray
+      prompt and report text (digits split one by one, as Qwen's pre-tokenizer does), carrying the Qwen special
+      tokens (``<|im_start|>``, ``<|im_end|>``, ``<|vision_start|>``, ``<|image_pad|>``, ``<think>`` …);
+    - ``preprocessor_config.json``: the Qwen2-VL image processor (patch 16, merge 2, as Qwen3-VL uses); pixels
+      are normalised with ``image_mean`` / ``image_std`` (Qwen's 0.5 / 0.5 by default; ``--image-stats-from
+      DIR`` takes the mean and standard deviation of the images in DIR, as the demo does with the phantom's
+      training images: ``image_stats``);
+    - ``chat_template.jinja``: a compact chat template that renders our conversations exactly as the Qwen3-VL
+      Instruct template does (``CHAT_TEMPLATE``).
+    """
     from transformers import Qwen3VLForConditionalGeneration
 
     out = Path(out_dir)

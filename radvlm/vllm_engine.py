@@ -1,24 +1,10 @@
 """``VLLMEngine``: rollouts from vLLM colocated with training (optional: ``pip install radvlm[vllm]``).
 
 Unmeasured on hardware: the plumbing below is tested on CPU against a stand-in for vLLM's ``LLM``; no GPU run
-has checked its speed or its samples yet.
-
-- **Colocated**: one ``vllm.LLM`` per training process, on the same GPU (``gpu_memory_utilization`` is its
-  share; ``enable_sleep_mode`` lets it release that memory between rollouts), built lazily from the policy's
-  checkpoint folder on the first rollout, or injected (``llm=``).
-- **Weights** (``sync_weights``, every step): the training policy's weights, LoRA merged
-  (``radvlm.lora.merge_lora_state_dict``: ``W + s·B@A``, peft prefixes and ``.base_layer`` dropped), under
-  their Hugging Face checkpoint names (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``), which
-  vLLM's Qwen3-VL ``load_weights`` maps onto its own layout. Then the prefix cache is reset. A frozen
-  vision tower is sent too (a few hundred MB; simpler than tracking what changed).
-- **Prompts**: each prompt's own chat-template text (its ids decoded with special tokens kept, the run of
-  ``<|image_pad|>`` collapsed to one, as vLLM expands it again) with its image, processed by vLLM with the
-  policy processor's ``min_pixels``/``max_pixels`` (``mm_processor_kwargs``): the same pixel budget.
-- **Sampling**: ``SamplingParams(n=G, temperature, top_p, top_k (-1: off), max_tokens, stop_token_ids)``,
-  vision special tokens suppressed by ``logit_bias`` −100 (vLLM's limit), special tokens skipped in texts.
-- **Output**: the ``n`` completions of prompt ``i`` become rows ``i·G … i·G+G−1``; a completion that stopped
-  gets its stop token back if vLLM left it out; mask, truncation and texts as ``Policy.generate`` makes them.
-  Log-probs of the update are recomputed by the training model, as with every engine.
+has checked its speed or its samples yet. One ``vllm.LLM`` per training process (``VLLMEngine.build``) takes
+the policy's weights before every rollout (``VLLMEngine.sync_weights``); prompts, sampling and outputs are made
+to match ``Policy.generate`` (``VLLMEngine.requests``, ``VLLMEngine.sampling_kwargs``, ``rollout_from_outputs``).
+Log-probs of the update are recomputed by the training model, as with every engine.
 """
 
 from __future__ import annotations
@@ -66,7 +52,7 @@ def prompt_texts(policy: Any, prompt_batch: dict[str, Any]) -> list[str]:
 
 
 class VLLMEngine:
-    """Rollouts from vLLM (see the module docstring). Unmeasured on hardware.
+    """Rollouts from vLLM, colocated with training. Unmeasured on hardware.
 
     Args:
         gpu_memory_utilization: vLLM's share of the GPU memory (the rest is training's).
@@ -95,7 +81,13 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ engine
     def build(self, policy: Any, max_model_len: int) -> Any:
-        """The colocated ``vllm.LLM`` for the policy's checkpoint (built once)."""
+        """The colocated ``vllm.LLM`` for the policy's checkpoint (built once).
+
+        One ``vllm.LLM`` per training process, on the same GPU (``gpu_memory_utilization`` is its share;
+        ``enable_sleep_mode`` lets it release that memory between rollouts), built lazily from the policy's
+        checkpoint folder on the first rollout, or injected (``llm=``). Images are processed with the policy
+        processor's ``min_pixels``/``max_pixels`` (``mm_processor_kwargs``): the same pixel budget.
+        """
         if self.llm is None:
             vllm = require_vllm()
             image = policy.processor.image_processor
@@ -108,7 +100,14 @@ class VLLMEngine:
         return self.llm
 
     def sync_weights(self, policy: Any) -> None:
-        """Load the policy's current weights (LoRA merged) into vLLM; done before every rollout."""
+        """Load the policy's current weights (LoRA merged) into vLLM; done before every rollout.
+
+        The training policy's weights, LoRA merged (``radvlm.lora.merge_lora_state_dict``: ``W + s·B@A``, peft
+        prefixes and ``.base_layer`` dropped), under their Hugging Face checkpoint names
+        (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``), which vLLM's Qwen3-VL ``load_weights``
+        maps onto its own layout. Then the prefix cache is reset. A frozen vision tower is sent too (a few
+        hundred MB; simpler than tracking what changed).
+        """
         if self.llm is None:  # built on the first rollout from the checkpoint: already the current weights
             return
         if self.enable_sleep_mode and hasattr(self.llm, "wake_up"):
@@ -125,6 +124,8 @@ class VLLMEngine:
 
     @staticmethod
     def sampling_kwargs(policy: Any, sampling: Sampling) -> dict[str, Any]:
+        """``SamplingParams(n=G, temperature, top_p, top_k (-1: off), max_tokens, stop_token_ids)``, vision
+        special tokens suppressed by ``logit_bias`` −100 (vLLM's limit), special tokens skipped in texts."""
         greedy = not sampling.do_sample
         return {"n": sampling.num_generations, "temperature": 0.0 if greedy else sampling.temperature,
                 "top_p": 1.0 if greedy else sampling.top_p, "top_k": -1 if greedy else (sampling.top_k or -1),
@@ -133,6 +134,8 @@ class VLLMEngine:
                 "skip_special_tokens": True}
 
     def requests(self, policy: Any, prompt_batch: dict[str, Any]) -> list[dict[str, Any]]:
+        """Each prompt's own chat-template text (its ids decoded with special tokens kept, the run of
+        ``<|image_pad|>`` collapsed to one, as vLLM expands it again: ``prompt_texts``) with its image."""
         from PIL import Image
 
         out = []
@@ -159,7 +162,11 @@ class VLLMEngine:
 
 
 def rollout_from_outputs(policy: Any, prompt_batch: dict[str, Any], sampling: Sampling, outputs: list[Any]) -> Rollout:
-    """vLLM ``RequestOutput`` s (one per prompt, ``n`` completions each) → a ``Rollout`` (rows grouped)."""
+    """vLLM ``RequestOutput`` s (one per prompt, ``n`` completions each) → a ``Rollout`` (rows grouped).
+
+    The ``n`` completions of prompt ``i`` become rows ``i·G … i·G+G−1``; a completion that stopped gets its
+    stop token back if vLLM left it out; mask, truncation and texts as ``Policy.generate`` makes them.
+    """
     from radvlm.policy import completion_mask_from_ids
 
     g = sampling.num_generations
