@@ -1,39 +1,8 @@
 """``RadVLMDataModule``: RadVLM JSON/JSONL files (or a phantom folder) → resumable train/val/test loaders.
 
-- Sources: lists of JSON/JSONL files per split, or ``phantom_dir`` (the folder written by
-  ``datamodules.phantom``: ``train.json``/``val.json``/``test.json``, ``*_thinking.json`` with ``thinking``).
-- Tasks: a record's ``task`` key, else the task its RadVLM id prefix names (``radvlm.tasks``; RadVLM's
-  released records carry no task key). Records whose task is unknown are counted per split
-  (``self.untasked``) and reported at setup with example ids, never dropped silently.
-- Task filter and mixing: ``tasks`` keeps only those tasks; ``task_weights`` are per-task repeat factors
-  applied to the training set once at setup (RadVLM's own mixture is written this way: VinDr ×3, MS-CXR ×3 …;
-  2.0 repeats every record twice, 0.5 keeps a seeded half). Both take canonical task names or aliases. A
-  filter that keeps no record of a split that has records is an error naming the tasks found.
-- Bad records: with ``bad_records="error"`` (default) a malformed record (JSON line, roles, image tag, boxes,
-  id ...) raises ``RecordError`` naming file, index and id (``datamodules.records``); with ``"skip"`` it is
-  left out. ``normalize_conversations`` (default False, strict; recommended True for RadVLM's released data)
-  first applies LLaVA's preprocessing: a leading gpt turn and a trailing human turn are dropped and counted.
-- Images: with ``check_images`` every image of the kept records is decoded at setup; a bad one (missing,
-  undecodable or truncated, side < 28 px, aspect ratio > 200) raises ``RecordError`` naming file, index, id
-  and path, or is skipped with ``bad_records="skip"`` or ``max_bad_fraction`` > 0 (the latter as before
-  ``bad_records`` existed). Without ``check_images`` a bad image surfaces when its batch is collated, as an
-  ``ImageError`` naming the path and the record.
-- One account per split (``self.load_reports[split]``, a ``LoadReport``) holds skipped records of both kinds
-  with their reason and the normalisation counts; it is logged (counts per reason, first records) and written
-  as JSONL, one line per skipped record with split, file, index, id, reason, message, image, to
-  ``bad_records_report`` (default ``bad_records.jsonl`` in the trainer's ``default_root_dir``, which Lightning
-  sets to the working directory unless given; none for a data module used without a trainer), rewritten after
-  each split by rank 0 whenever ``bad_records="skip"`` or anything was skipped. ``max_bad_fraction`` is the
-  one limit: once the split's lost fraction (``LoadReport.bad_fraction``: malformed of the records read,
-  combined with bad images of the records checked) passes it, setup fails listing counts per reason; it is
-  checked after reading (before any image is decoded) and after the image check. ``self.n_bad`` counts all.
-- Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
-  stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
-- ``collator`` is injected (``datamodules.collate.CollatorFactory``): ``SFTCollator`` (default: conversation +
-  labels; validation batches also carry the prompts for greedy generation) or, in a config,
-  ``{class_path: datamodules.collate.PromptCollator}`` (RL: left-padded prompts and references). It is called
-  at setup with the processor and ``max_length``, ``overlong``, ``thinking_mode`` and kept as ``self.collator``;
-  prediction batches are always prompts (``Collator.for_prediction``).
+Records without a ``task`` key take the task their RadVLM id prefix names (``radvlm.tasks``; RadVLM's released
+records carry none). Not in the paper: lenient reading with a per-reason report (``bad_records``,
+``max_bad_fraction``), an injected collator, and the shuffle control (``shuffle_images``). Details: the class.
 """
 
 from __future__ import annotations
@@ -97,6 +66,44 @@ def apply_task_weights(records: list[Record], weights: dict[str, float], seed: i
 
 
 class RadVLMDataModule(L.LightningDataModule):
+    """Sources, task filter and mixing, bad records and images, loaders and the collator.
+
+    - Sources: lists of JSON/JSONL files per split, or ``phantom_dir`` (the folder written by
+      ``datamodules.phantom``: ``train.json``/``val.json``/``test.json``, ``*_thinking.json`` with ``thinking``).
+    - Tasks: a record's ``task`` key, else the task its RadVLM id prefix names (``radvlm.tasks``; RadVLM's
+      released records carry no task key). Records whose task is unknown are counted per split
+      (``self.untasked``) and reported at setup with example ids, never dropped silently.
+    - Task filter and mixing: ``tasks`` keeps only those tasks; ``task_weights`` are per-task repeat factors
+      applied to the training set once at setup (RadVLM's own mixture is written this way: VinDr ×3, MS-CXR ×3 …;
+      2.0 repeats every record twice, 0.5 keeps a seeded half). Both take canonical task names or aliases. A
+      filter that keeps no record of a split that has records is an error naming the tasks found.
+    - Bad records: with ``bad_records="error"`` (default) a malformed record (JSON line, roles, image tag, boxes,
+      id ...) raises ``RecordError`` naming file, index and id (``datamodules.records``); with ``"skip"`` it is
+      left out. ``normalize_conversations`` (default False, strict; recommended True for RadVLM's released data)
+      first applies LLaVA's preprocessing: a leading gpt turn and a trailing human turn are dropped and counted.
+    - Images: with ``check_images`` every image of the kept records is decoded at setup; a bad one (missing,
+      undecodable or truncated, side < 28 px, aspect ratio > 200) raises ``RecordError`` naming file, index, id
+      and path, or is skipped with ``bad_records="skip"`` or ``max_bad_fraction`` > 0 (the latter as before
+      ``bad_records`` existed). Without ``check_images`` a bad image surfaces when its batch is collated, as an
+      ``ImageError`` naming the path and the record.
+    - One account per split (``self.load_reports[split]``, a ``LoadReport``) holds skipped records of both kinds
+      with their reason and the normalisation counts; it is logged (counts per reason, first records) and written
+      as JSONL, one line per skipped record with split, file, index, id, reason, message, image, to
+      ``bad_records_report`` (default ``bad_records.jsonl`` in the trainer's ``default_root_dir``, which Lightning
+      sets to the working directory unless given; none for a data module used without a trainer), rewritten after
+      each split by rank 0 whenever ``bad_records="skip"`` or anything was skipped. ``max_bad_fraction`` is the
+      one limit: once the split's lost fraction (``LoadReport.bad_fraction``: malformed of the records read,
+      combined with bad images of the records checked) passes it, setup fails listing counts per reason; it is
+      checked after reading (before any image is decoded) and after the image check. ``self.n_bad`` counts all.
+    - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
+      stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
+    - ``collator`` is injected (``datamodules.collate.CollatorFactory``): ``SFTCollator`` (default: conversation +
+      labels; validation batches also carry the prompts for greedy generation) or, in a config,
+      ``{class_path: datamodules.collate.PromptCollator}`` (RL: left-padded prompts and references). It is called
+      at setup with the processor and ``max_length``, ``overlong``, ``thinking_mode`` and kept as ``self.collator``;
+      prediction batches are always prompts (``Collator.for_prediction``).
+    """
+
     def __init__(
         self,
         processor_path: str,

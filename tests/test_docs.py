@@ -23,3 +23,17 @@ def test_cited_paper_sections_exist():
 def test_no_source_cites_files_outside_the_repository():
     offenders = [p.relative_to(ROOT).as_posix() for p in SOURCES if "REFERENCE.md" in p.read_text(encoding="utf-8")]
     assert not offenders, offenders
+
+
+def test_module_docstrings_are_short():
+    # docs/design.md: a module docstring says the purpose and the deviations from the paper; details live with
+    # the functions they describe
+    import ast
+
+    long = {}
+    for path in SOURCES:
+        if path.suffix == ".py":
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+            if doc and len(doc.splitlines()) > 20:
+                long[path.relative_to(ROOT).as_posix()] = len(doc.splitlines())
+    assert not long, f"module docstrings over 20 lines: {long}"
