@@ -106,6 +106,23 @@ def set_peak_lr(optimizer: torch.optim.Optimizer, scheduler: Any, lr: float) -> 
             group[key] *= ratio
 
 
+def check_schedule_length(scheduler: Any, max_steps: int) -> None:
+    """``OneCycleLR`` must span the run: with ``total_steps`` below the trainer's ``max_steps`` (optimizer steps)
+    torch raises at step ``total_steps + 1``, hours into a run, so this raises at setup instead; above it, the
+    rate never anneals, which is warned about. Other schedulers, and runs bounded by epochs (``max_steps`` −1),
+    are not checked."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR) or max_steps is None or max_steps <= 0:
+        return
+    total = int(scheduler.total_steps)
+    if total < max_steps:
+        raise ValueError(f"OneCycleLR total_steps={total} is below trainer.max_steps={max_steps}: the scheduler "
+                         f"would fail at optimizer step {total + 1}; set "
+                         f"--model.init_args.lr_scheduler.init_args.total_steps {max_steps}")
+    if total > max_steps:
+        log.warning("OneCycleLR total_steps=%d is above trainer.max_steps=%d: the learning rate stops at %.0f%% "
+                    "of its schedule and never anneals fully", total, max_steps, 100 * max_steps / total)
+
+
 class PolicyModule(L.LightningModule):
     #: the batch layout the stage trains and evaluates on (``datamodules.collate``); each stage sets its own
     collator_type: type[Collator] = Collator
@@ -181,6 +198,8 @@ class PolicyModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
+        if self._trainer is not None:
+            check_schedule_length(scheduler, self.trainer.max_steps)
         if self.lr is not None:
             set_peak_lr(optimizer, scheduler, self.lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,36 @@
+import logging
+
+import pytest
+import torch
+
+from lightning_modules.common import check_schedule_length
+
+
+def one_cycle(total_steps):
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total_steps)
+
+
+def test_a_one_cycle_schedule_shorter_than_the_run_is_refused_at_setup():
+    with pytest.raises(ValueError, match=r"total_steps=10 is below trainer.max_steps=12.*step 11"):
+        check_schedule_length(one_cycle(10), 12)
+    # and it is a real trap: torch fails at step total_steps + 1
+    sched = one_cycle(2)
+    for _ in range(2):
+        sched.optimizer.step()
+        sched.step()
+    with pytest.raises(ValueError, match="Tried to step"):
+        sched.step()
+
+
+def test_longer_schedule_warns_and_matching_or_epoch_bounded_runs_pass(caplog):
+    with caplog.at_level(logging.WARNING):
+        check_schedule_length(one_cycle(20), 10)
+    assert "never anneals" in caplog.text and "50%" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        check_schedule_length(one_cycle(10), 10)
+        check_schedule_length(one_cycle(10), -1)  # bounded by epochs: not checked
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        check_schedule_length(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 100)  # other schedulers
+    assert not caplog.text
