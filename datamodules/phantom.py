@@ -284,12 +284,25 @@ def split_assignment(n: int, seed: int, splits: tuple[float, float, float]) -> l
     return names.tolist()
 
 
+def _write_case(job: tuple[Path, int, int, int]) -> tuple[list, list, list]:
+    """Render and save image i; return its plain and thinking records and its findings (one worker's job)."""
+    out, i, seed, size = job
+    image_id = f"phantom-{i:05d}"
+    case_rng, render_rng = np.random.default_rng([seed, 0, i]), np.random.default_rng([seed, 1, i])
+    anat, findings = sample_case(case_rng)
+    pixels, boxes, regions = render_case(anat, findings, size, render_rng)
+    Image.fromarray(pixels).save(out / "images" / f"{image_id}.png")
+    p, t = case_records(image_id, f"images/{image_id}.png", findings, boxes, regions, case_rng)
+    return p, t, findings
+
+
 def write_phantom(out_dir: str | Path, n: int = 2000, seed: int = 0, size: int = 128,
-                  splits: tuple[float, float, float] = (0.8, 0.1, 0.1)) -> dict:
+                  splits: tuple[float, float, float] = (0.8, 0.1, 0.1), workers: int = 1) -> dict:
     """Write images, the split JSON files (plain and thinking) and meta.json; return the meta dict.
 
     Everything derives from numpy RNGs seeded with `[seed, stream, image index]`, so the same seed gives the
-    same bytes and image i does not depend on `n`.
+    same bytes and image i does not depend on `n` nor on ``workers`` (processes rendering images in parallel;
+    results are collected in image order).
     """
     if n < 1 or size < MIN_SIZE:
         raise ValueError(f"need n >= 1 and size >= {MIN_SIZE}, got n={n}, size={size}")
@@ -303,13 +316,15 @@ def write_phantom(out_dir: str | Path, n: int = 2000, seed: int = 0, size: int =
     kind_counts = {k: 0 for k in FINDINGS}
     n_findings = [0, 0, 0, 0]
     faint = 0
-    for i in range(n):
-        image_id = f"phantom-{i:05d}"
-        case_rng, render_rng = np.random.default_rng([seed, 0, i]), np.random.default_rng([seed, 1, i])
-        anat, findings = sample_case(case_rng)
-        pixels, boxes, regions = render_case(anat, findings, size, render_rng)
-        Image.fromarray(pixels).save(out / "images" / f"{image_id}.png")
-        p, t = case_records(image_id, f"images/{image_id}.png", findings, boxes, regions, case_rng)
+    jobs = [(out, i, seed, size) for i in range(n)]
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            cases = list(pool.map(_write_case, jobs, chunksize=max(1, n // (8 * workers))))
+    else:
+        cases = [_write_case(job) for job in jobs]
+    for i, (p, t, findings) in enumerate(cases):
         plain[split_of[i]] += p
         think[split_of[i]] += t
         n_findings[len(findings)] += 1
@@ -347,8 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
     parser.add_argument("--corpus-out", help="also write phantom_text_corpus() here, one line per sentence")
+    parser.add_argument("--workers", type=int, default=1, help="processes rendering images (same output)")
     args = parser.parse_args(argv)
-    meta = write_phantom(args.out_dir, n=args.n, seed=args.seed, size=args.size)
+    meta = write_phantom(args.out_dir, n=args.n, seed=args.seed, size=args.size, workers=args.workers)
     if args.corpus_out:
         write_corpus(args.corpus_out)
     print(json.dumps({k: meta[k] for k in ("n", "size", "images", "findings", "findings_per_image")}))

@@ -7,9 +7,10 @@ real command line (``python main.py fit|predict --config configs/demo/…``):
 2. plain: SFT (``configs/demo/sft.yaml``) — thinking: cold start on ``<think>`` data
    (``configs/demo/coldstart.yaml``; the demo starts it from the tiny checkpoint, i.e. stages 1 and 2 in one);
 3. GRPO on abnormality grounding with the soft-F1 reward (``configs/demo/grpo.yaml`` / ``grpo_thinking.yaml``);
-4. greedy predictions of both checkpoints on the same held-out test images (``configs/demo/predict.yaml``),
-   scored with the metric classes used for training, printed as a table and written to
-   ``OUT/summary.json`` as ``{"sft": {...}, "grpo": {...}}`` (``soft_f1``, ``map``, ``gleu``, ...).
+4. greedy predictions of both checkpoints on the same held-out test images (``configs/demo/predict.yaml``), and
+   of the grounding records on deranged images (the shuffle control), scored with the metric classes used for
+   training, printed as a table and written to ``OUT/summary.json`` (``{"sft": {...}, "grpo": {...},
+   "paired": {...}}``). The first model's predictions run beside GRPO (two cores, one thread each).
 
 Everything runs offline; TensorBoard logs go to ``OUT/tensorboard``.
 """
@@ -30,17 +31,30 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]  # the repository: main.py, configs/demo
 
 
+def start(args: list[str], what: str, log: Path | None = None) -> subprocess.Popen:
+    """Start a command from the repository root, its output streamed (or written to ``log``)."""
+    print(f"\n==> {what}\n    $ {' '.join(args)}" + (f"\n    (output: {log})" if log else ""), flush=True)
+    env = dict(os.environ)
+    # tiny models: one intra-op thread per process is fastest (the data worker or a second job takes the other core)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    if log is None:
+        return subprocess.Popen(args, cwd=ROOT, env=env)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def wait(job: subprocess.Popen, what: str, log: Path | None = None) -> None:
+    if job.wait() != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:]) if log and log.is_file() else ""
+        raise SystemExit(f"{tail}demo step failed ({what}): exit code {job.returncode}")
+
+
 def run(args: list[str], what: str) -> float:
     """Run a command from the repository root, streaming its output; return seconds taken."""
-    print(f"\n==> {what}\n    $ {' '.join(args)}", flush=True)
-    start = time.perf_counter()
-    env = dict(os.environ)
-    # tiny models: one intra-op thread per process is fastest (the data worker takes the other core)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    done = subprocess.run(args, cwd=ROOT, env=env)
-    if done.returncode != 0:
-        raise SystemExit(f"demo step failed ({what}): exit code {done.returncode}")
-    return time.perf_counter() - start
+    t0 = time.perf_counter()
+    wait(start(args, what), what)
+    return time.perf_counter() - t0
 
 
 def main_py(*args: str) -> list[str]:
@@ -54,8 +68,8 @@ def prepare(out: Path) -> None:
 
     phantom, tiny = out / "phantom", out / "tiny"
     if not (phantom / "meta.json").is_file():
-        run([sys.executable, "-m", "datamodules.phantom", str(phantom), "--n", "2000", "--corpus-out",
-             str(out / "corpus.txt")], "phantom chest X-ray dataset")
+        run([sys.executable, "-m", "datamodules.phantom", str(phantom), "--n", "2000", "--workers", "2",
+             "--corpus-out", str(out / "corpus.txt")], "phantom chest X-ray dataset")
     mean, _ = image_stats(phantom / "images")
     config = tiny / "preprocessor_config.json"
     if not (tiny / "model.safetensors").is_file() or json.loads(config.read_text())["image_mean"][0] != mean:
@@ -165,9 +179,9 @@ def main(argv: list[str] | None = None) -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
+    t_prepare = time.perf_counter()
     prepare(out)
-    seconds["data+checkpoint"] = time.perf_counter() - start
+    seconds["data+checkpoint"] = time.perf_counter() - t_prepare
 
     thinking = args.variant == "thinking"
     first_cfg = "configs/demo/coldstart.yaml" if thinking else "configs/demo/sft.yaml"
@@ -176,29 +190,36 @@ def main(argv: list[str] | None = None) -> None:
     grpo_model = out / ("grpo_thinking_model" if thinking else "grpo_model")
     rerun = ("--model.init_args.overwrite_export", "true")  # the demo owns runs/demo: a rerun replaces it
     seconds["sft"] = run(main_py("fit", "--config", first_cfg, *rerun), "cold start SFT" if thinking else "SFT")
-    seconds["grpo"] = run(main_py("fit", "--config", grpo_cfg, *rerun), "GRPO")
-
-    # held-out predictions on the records' own images, and the grounding records again on deranged images
+    # held-out greedy predictions on the records' own images and, for the shuffle control, of the grounding records
+    # on deranged images (``--data.init_args.shuffle_images 0``). Two cores: the first model's predictions run
+    # beside GRPO, the second model's two sets beside each other (outputs in OUT/predictions/*.log).
     preds: dict[str, Path] = {}
     shuffled: dict[str, Path] = {}
+
+    def predict(name: str, model: Path, images: str) -> tuple[subprocess.Popen, str, Path]:
+        suffix = "" if images == "own" else "_shuffled"
+        path = out / "predictions" / f"{args.variant}_{name}{suffix}.jsonl"
+        if path.exists():
+            path.unlink()
+        extra = () if images == "own" else ("--data.init_args.shuffle_images", "0",
+                                            "--data.init_args.tasks", "[abnormality_grounding]")
+        (preds if images == "own" else shuffled)[name] = path
+        what, log = f"held-out predictions ({name}, {images} images)", path.with_suffix(".log")
+        return start(main_py("predict", "--config", "configs/demo/predict.yaml",
+                             "--model.init_args.policy.name_or_path", str(model),
+                             "--data.init_args.thinking", str(thinking).lower(),
+                             "--trainer.callbacks.init_args.output", str(path), *extra), what, log), what, log
+
     t0 = time.perf_counter()
-    for name, model in (("sft", first_model), ("grpo", grpo_model)):
-        for images, target, extra in (
-            ("own", preds, ()),
-            ("shuffled", shuffled, ("--data.init_args.shuffle_images", "0",
-                                    "--data.init_args.tasks", "[abnormality_grounding]")),
-        ):
-            suffix = "" if images == "own" else "_shuffled"
-            path = out / "predictions" / f"{args.variant}_{name}{suffix}.jsonl"
-            if path.exists():
-                path.unlink()
-            run(main_py("predict", "--config", "configs/demo/predict.yaml",
-                        "--model.init_args.policy.name_or_path", str(model),
-                        "--data.init_args.thinking", str(thinking).lower(),
-                        "--trainer.callbacks.init_args.output", str(path), *extra),
-                f"held-out predictions ({name}, {images} images)")
-            target[name] = path
-    seconds["predict"] = time.perf_counter() - t0
+    grpo = start(main_py("fit", "--config", grpo_cfg, *rerun), "GRPO")
+    for images in ("own", "shuffled"):  # beside GRPO, one after the other
+        wait(*predict("sft", first_model, images))
+    wait(grpo, "GRPO")
+    seconds["grpo (+ SFT predictions beside it)"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for job in [predict("grpo", grpo_model, images) for images in ("own", "shuffled")]:
+        wait(*job)
+    seconds["grpo predictions"] = time.perf_counter() - t0
     summary = summarise(preds, shuffled)
     result = {**summary, "variant": args.variant, "seconds": seconds}
     name = "summary.json" if not thinking else "summary_thinking.json"

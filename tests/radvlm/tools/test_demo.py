@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from radvlm.tools.demo import format_summary, summarise
 
@@ -59,3 +60,45 @@ def test_the_demo_runs_from_the_repository_root():
     assert (ROOT / "main.py").is_file() and (ROOT / "Makefile").is_file()
     for name in ("sft.yaml", "grpo.yaml", "predict.yaml", "coldstart.yaml", "grpo_thinking.yaml"):
         assert (ROOT / "configs" / "demo" / name).is_file()
+
+
+def test_the_demo_driver_runs_the_stages_in_order_and_writes_the_summary(tmp_path, monkeypatch, capsys):
+    # every subprocess is faked: the test checks the driver (order, overlap, arguments, summary), not training
+    import radvlm.tools.demo as demo
+
+    events = []
+
+    class FakeJob:
+        def __init__(self, args, **kwargs):
+            self.args, self.returncode = args, 0
+            kind = "predict" if "predict" in args else ("grpo" if any("grpo" in a for a in args) else "sft")
+            shuffled = "--data.init_args.shuffle_images" in args
+            events.append(("start", kind, shuffled, "sft_model" in " ".join(args)))
+            if kind == "predict":
+                out = args[args.index("--trainer.callbacks.init_args.output") + 1]
+                answers = [f"at {OTHER}", f"at {BOX}"] if shuffled else [f"at {BOX}", f"at {OTHER}"]
+                rows = [row(i, a, r) for i, (a, r) in enumerate(zip(answers, [f"at {BOX}", f"at {OTHER}"]))]
+                if not shuffled:
+                    rows.append(row(9, "The heart is normal.", "The heart is normal.", "report_generation"))
+                write(Path(out), rows)
+
+        def wait(self):
+            events.append(("wait", " ".join(self.args)))
+            return 0
+
+    monkeypatch.setattr(demo, "prepare", lambda out: None)
+    monkeypatch.setattr(demo.subprocess, "Popen", FakeJob)
+    (tmp_path / "predictions").mkdir()
+    demo.main(["--out", str(tmp_path)])
+    starts = [e[1:] for e in events if e[0] == "start"]
+    assert [s[0] for s in starts] == ["sft", "grpo", "predict", "predict", "predict", "predict"]
+    # the SFT model's predictions start while GRPO runs (before GRPO is waited for), own then shuffled images
+    grpo_wait = next(i for i, e in enumerate(events) if e[0] == "wait" and "grpo.yaml" in e[1])
+    sft_predicts = [i for i, e in enumerate(events) if e[0] == "start" and e[1] == "predict" and e[3]]
+    assert len(sft_predicts) == 2 and all(i < grpo_wait for i in sft_predicts)
+    assert [s[1] for s in starts[2:]] == [False, True, False, True]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for name in ("sft", "grpo"):  # own answers are right on both records, shuffled ones on none
+        assert summary[name]["shuffle"]["soft_f1"]["own"] == 1.0
+        assert summary[name]["shuffle"]["soft_f1"]["shuffled"] == 0.0
+    assert "image-dependent" in capsys.readouterr().out
