@@ -126,7 +126,7 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 1024):
 
 
 def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision_hidden: int = 64,
-                patch_size: int = 16, vision_depth: int = 2, text_layers: int = 2, rope_theta: float = 5_000_000.0):
+                patch_size: int = 16, vision_depth: int = 2, text_layers: int = 2):
     """A valid miniature ``Qwen3VLConfig`` whose special token ids match ``tokenizer``."""
     from transformers import Qwen3VLConfig
 
@@ -145,7 +145,7 @@ def tiny_config(tokenizer, image_size: int = 128, text_hidden: int = 128, vision
         max_position_embeddings=4096,
         rope_parameters={
             "rope_type": "default",
-            "rope_theta": rope_theta,
+            "rope_theta": 5_000_000.0,
             "mrope_section": [2, 3, 3],
             "mrope_interleaved": True,
         },
@@ -239,7 +239,6 @@ def write_tiny_checkpoint(
     patch_size: int = 16,
     vision_depth: int = 2,
     text_layers: int = 2,
-    rope_theta: float = 5_000_000.0,
 ) -> Path:
     """Write the tiny checkpoint folder and return its path. Same seed and corpus → same files.
 
@@ -262,8 +261,7 @@ def write_tiny_checkpoint(
     texts = list(DEFAULT_CORPUS) + list(corpus or [])
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     config = tiny_config(tokenizer, image_size=image_size, text_hidden=text_hidden, vision_hidden=vision_hidden,
-                         patch_size=patch_size, vision_depth=vision_depth, text_layers=text_layers,
-                         rope_theta=rope_theta)
+                         patch_size=patch_size, vision_depth=vision_depth, text_layers=text_layers)
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [config.eos_token_id, config.pad_token_id]
