@@ -212,8 +212,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t0 = time.perf_counter()
     grpo = start(main_py("fit", "--config", grpo_cfg, *rerun), "GRPO")
-    for images in ("own", "shuffled"):  # beside GRPO, one after the other
-        wait(*predict("sft", first_model, images))
+    try:
+        for images in ("own", "shuffled"):  # beside GRPO, one after the other
+            wait(*predict("sft", first_model, images))
+    except BaseException:  # a failed prediction (or Ctrl-C) does not leave GRPO running on its own
+        grpo.terminate()
+        grpo.wait()
+        raise
     wait(grpo, "GRPO")
     seconds["grpo (+ SFT predictions beside it)"] = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -102,3 +102,28 @@ def test_the_demo_driver_runs_the_stages_in_order_and_writes_the_summary(tmp_pat
         assert summary[name]["shuffle"]["soft_f1"]["own"] == 1.0
         assert summary[name]["shuffle"]["soft_f1"]["shuffled"] == 0.0
     assert "image-dependent" in capsys.readouterr().out
+
+
+def test_a_failed_prediction_stops_the_grpo_run_beside_it(tmp_path, monkeypatch):
+    import pytest
+
+    import radvlm.tools.demo as demo
+
+    stopped = []
+
+    class FakeJob:
+        def __init__(self, args, **kwargs):
+            self.args = args
+            self.returncode = 1 if "predict" in args else 0
+
+        def wait(self):
+            return self.returncode
+
+        def terminate(self):
+            stopped.append(" ".join(self.args))
+
+    monkeypatch.setattr(demo, "prepare", lambda out: None)
+    monkeypatch.setattr(demo.subprocess, "Popen", FakeJob)
+    with pytest.raises(SystemExit, match="held-out predictions"):
+        demo.main(["--out", str(tmp_path)])
+    assert len(stopped) == 1 and "grpo.yaml" in stopped[0]
