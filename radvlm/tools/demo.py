@@ -70,9 +70,10 @@ def prepare(out: Path) -> None:
     if not (phantom / "meta.json").is_file():
         run([sys.executable, "-m", "datamodules.phantom", str(phantom), "--n", "2000", "--workers", "2",
              "--corpus-out", str(out / "corpus.txt")], "phantom chest X-ray dataset")
-    mean, _ = image_stats(phantom / "images")
     config = tiny / "preprocessor_config.json"
-    if not (tiny / "model.safetensors").is_file() or json.loads(config.read_text())["image_mean"][0] != mean:
+    # the statistics are read once: by radvlm.tiny when it writes the checkpoint, here only to check an old one
+    if (not (tiny / "model.safetensors").is_file()
+            or json.loads(config.read_text())["image_mean"][0] != image_stats(phantom / "images")[0]):
         run([sys.executable, "-m", "radvlm.tiny", str(tiny), "--corpus", str(out / "corpus.txt"),
              "--image-stats-from", str(phantom / "images")], "tiny Qwen3-VL checkpoint")
 
