@@ -160,6 +160,8 @@ class PolicyModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Refuse a ``RadVLMDataModule`` whose collator makes another batch layout than ``collator_type`` (before
         fit, validate and test; prediction batches are always prompts), naming the one to configure."""
+        if stage == "fit" and self._trainer is not None:
+            self._keep_master_weights()
         data = self.trainer.datamodule if self._trainer is not None else None
         if stage == "predict" or not isinstance(data, RadVLMDataModule) or data.collator is None:
             return
@@ -169,12 +171,38 @@ class PolicyModule(L.LightningModule):
                             f"module's collator is a {type(data.collator).__name__}: set "
                             f"data.init_args.collator to {{class_path: {expected}}}")
 
+    def _keep_master_weights(self) -> None:
+        """Fit under ``bf16-true``/``16-true`` would cast the whole module, master weights included, to 16 bits
+        (Lightning's ``HalfPrecision.convert_module``) so that AdamW updates bf16 weights (one step at lr 1e-6
+        moves ~2 % of them). Unless ``policy.master_dtype`` asks for that dtype itself, the run uses the mixed
+        precision of the same dtype instead (float32 weights, 16-bit compute), with a warning; a run that does
+        ask for 16-bit master weights is warned about what it costs."""
+        from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+
+        strategy = self.trainer.strategy
+        master, compute = self.policy_config.dtypes(train=True)
+        plugin = strategy.precision_plugin
+        low = (torch.bfloat16, torch.float16)
+        if isinstance(plugin, HalfPrecision) and master != plugin._desired_input_dtype:
+            mixed = "bf16-mixed" if plugin._desired_input_dtype == torch.bfloat16 else "16-mixed"
+            log.warning("precision=%s would train %s master weights; using precision=%s instead (master weights "
+                        "%s, compute %s, docs/distributed.md). To train 16-bit weights on purpose set "
+                        "--model.init_args.policy.master_dtype %s", plugin.precision,
+                        str(plugin._desired_input_dtype).removeprefix("torch."), mixed,
+                        str(master).removeprefix("torch."), str(compute).removeprefix("torch."),
+                        str(plugin._desired_input_dtype).removeprefix("torch."))
+            strategy.precision_plugin = MixedPrecision(mixed, device=strategy.root_device.type)
+        elif master in low:
+            log.warning("training %s master weights (policy.master_dtype): AdamW updates smaller than ~0.4%% of a "
+                        "weight round away (at lr 1e-6 one step moves only a few %% of them); float32 master "
+                        "weights (the default) avoid it", str(master).removeprefix("torch."))
+
     # ------------------------------------------------------------------ model and optimizers
     def configure_model(self) -> None:
         """Build the policy; under ``FSDP2Strategy`` (a device mesh is set) shard every ``Policy`` of this
         module (the policy, and GRPO's frozen reference copy) with ``strategies.shard_policy``."""
         if self.policy is None:
-            self.policy = self.policy_config.build()
+            self.policy = self.policy_config.build(train=self._fitting())
         mesh = self._data_parallel_mesh()
         if mesh is not None:
             from lightning_modules.strategies import shard_policy
@@ -182,8 +210,16 @@ class PolicyModule(L.LightningModule):
             for module in [m for m in self.modules() if isinstance(m, Policy)]:
                 shard_policy(module, mesh)
 
+    def _fitting(self) -> bool:
+        """Whether the trainer is fitting (the policy then keeps master weights); ``True`` without a trainer."""
+        return self._trainer is None or self.trainer.state.fn == "fit"
+
     def _data_parallel_mesh(self):
-        """The data-parallel device mesh of ``ModelParallelStrategy`` / ``FSDP2Strategy``; ``None`` otherwise."""
+        """The mesh FSDP2 shards over (``FSDP2Strategy.fsdp_mesh``: 1-D, or 2-D for hybrid sharding), else the
+        data-parallel dimension of a ``ModelParallelStrategy`` mesh; ``None`` without a device mesh."""
+        mesh = getattr(self.trainer.strategy, "fsdp_mesh", None) if self._trainer is not None else None
+        if mesh is not None:
+            return mesh
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
             return None
@@ -224,8 +260,12 @@ class PolicyModule(L.LightningModule):
         Returns ``(stepped, grad_norm)``. Gradients are zeroed in both cases.
         """
         optimizer = self.optimizers()
-        norm = float(self.grad_norm()) if loss_finite else float("nan")
-        stepped = loss_finite and math.isfinite(norm)
+        # the norm is a collective under FSDP2 (DTensor shards): every process computes it, finite loss or not,
+        # and the step is taken only if it is finite on every process (one all-reduce decides for all)
+        norm = float(self.grad_norm())
+        if not loss_finite:
+            norm = float("nan")
+        stepped = self.agree_all(loss_finite and math.isfinite(norm))
         if stepped:
             optimizer.step()
             scheduler = self.lr_schedulers()
@@ -241,6 +281,57 @@ class PolicyModule(L.LightningModule):
         if self.consecutive_skips >= self.max_consecutive_skips:
             self._stop_non_finite()
         return stepped, norm
+
+    # ------------------------------------------------------------------ decisions all processes agree on
+    @property
+    def world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def agree_all(self, flag: bool) -> bool:
+        """``True`` on every process iff ``flag`` is ``True`` on every process (one all-reduce when
+        distributed): a decision that skips or reshapes work is taken on it, never on a local value."""
+        if self.world <= 1:
+            return bool(flag)
+        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
+
+    def gather_values(self, values: list[float]) -> torch.Tensor:
+        """``values`` of every process as a ``(world, len(values))`` float64 tensor, the same on every process
+        (one all-gather); ``(1, n)`` in a single process. Every process must pass as many values."""
+        local = torch.tensor([values], dtype=torch.float64, device=self.device)  # (1, n)
+        if self.world <= 1:
+            return local.cpu()
+        return self.trainer.strategy.all_gather(local).reshape(self.world, len(values)).cpu()
+
+    def agreed_max(self, counts: list[int]) -> list[int]:
+        """Element-wise maximum over the processes of ``counts`` (lists may differ in length: shorter ones count
+        as 0 beyond their end): two all-gathers when distributed."""
+        if self.world <= 1:
+            return list(counts)
+        length = int(self.gather_values([float(len(counts))]).max())
+        padded = list(counts) + [0] * (length - len(counts))
+        return [int(v) for v in self.gather_values([float(c) for c in padded]).max(0).values] if length else []
+
+    def shared_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
+        """``(batch to run, is_filler)``. Single process: ``(None, False)`` for an empty batch (skipped).
+        Distributed: ``(None, False)`` everywhere when every process's batch is empty; otherwise a process whose
+        batch is empty (every sample over ``max_length``) receives the batch of the first process that has one,
+        to run with zero weight (``is_filler``), so every process makes the same passes and collectives."""
+        empty = bool(batch.get("empty"))
+        if self.world <= 1:
+            return (None if empty else batch), False
+        flags = self.gather_values([float(empty)])[:, 0]  # (world,)
+        if bool(flags.all()):
+            return None, False
+        if not bool(flags.any()):
+            return batch, False
+        donor = int((flags == 0).nonzero()[0])
+        sent = _to_device(batch, "cpu") if self.global_rank == donor else None
+        received = self.trainer.strategy.broadcast(sent, src=donor)  # CPU tensors: no device of the donor's
+        if not empty:
+            return batch, False
+        filler = _to_device(received, self.device)
+        filler["n_dropped"] = batch.get("n_dropped", 0)
+        return filler, True
 
     def _stop_non_finite(self) -> None:
         path = None
@@ -261,12 +352,14 @@ class PolicyModule(L.LightningModule):
 
     @property
     def synced_generation(self) -> bool:
-        """Generation must keep all processes stepping together when FSDP shards the weights."""
+        """Generation must keep all processes stepping together under FSDP1 (``FSDPStrategy``), which gathers
+        the weights in every forward. FSDP2 (``FSDP2Strategy``) needs none: ``Policy.generate`` gathers its
+        weights once per call (``radvlm.sharding.whole_weights``) and each process decodes on its own."""
         if self._trainer is None or self.trainer.world_size <= 1:
             return False
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+        from lightning.pytorch.strategies import FSDPStrategy
 
-        return isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
+        return isinstance(self.trainer.strategy, FSDPStrategy)
 
     # ------------------------------------------------------------------ prediction
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
@@ -274,10 +367,13 @@ class PolicyModule(L.LightningModule):
         from radvlm.chat import split_thinking
         from radvlm.tasks import task_think_split
 
-        if batch.get("empty"):
+        batch, filler = self.shared_batch(batch)  # generation is a collective under FSDP2
+        if batch is None:
             return []
         gen = self.policy.generate(batch, max_new_tokens=self.predict_max_new_tokens,
                                    synced_gpus=self.synced_generation)
+        if filler:
+            return []
         rows = []
         # the record's classification truth and label set (PromptCollator; None where a batch has none)
         extra = {k: batch[k] if isinstance(batch.get(k), list) else [None] * len(gen.texts)
@@ -414,3 +510,16 @@ class PolicyModule(L.LightningModule):
         from lightning_modules.callbacks import log_step  # the run's one step axis (training batches)
 
         experiment.add_text(tag, "\n".join(lines), global_step=log_step(self.trainer))
+
+
+def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A shallow copy of ``batch`` with its tensors (also one level down, e.g. SFT's ``prompt``) on ``device``."""
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device)
+        elif isinstance(value, dict):
+            out[key] = _to_device(value, device)
+        else:
+            out[key] = value
+    return out

@@ -45,8 +45,10 @@ class GRPOModule(PolicyModule):
     Deviations: in data-parallel runs ``ppo_mini_batch_size`` is divided by the world size and each rank
     aggregates over its own tokens (gradients are then averaged across ranks, as verl does per rank). With
     several processes, rows removed by ``filter_zero_std_groups`` (or fully masked) still run with a zero mask
-    so every rank makes the same number of forward/backward passes; generation under FSDP uses ``synced_gpus``;
-    a non-finite loss is still back-propagated (all ranks then skip the step together on the non-finite norm).
+    so every rank makes the same number of forward/backward passes, and a rank with fewer micro-batches (dropped
+    prompts) or none (an empty batch) makes zero-loss passes to match (``_update_plan``, ``shared_batch``);
+    generation gathers the FSDP2 weights once per rollout; a non-finite loss is still back-propagated and all
+    ranks skip the step together; π_old and reference log-probs are computed in eval mode (no dropout).
     An optimizer step happens only when a mini-batch has a trainable row, so a batch of only zero-variance
     groups under ``filter_zero_std_groups`` does not advance ``global_step``.
     """
@@ -131,6 +133,11 @@ class GRPOModule(PolicyModule):
         elif shared_prefill:
             raise ValueError("shared_prefill=True with an explicit engine: set it on the engine instead "
                              "(engine: {class_path: radvlm.rollout.HFEngine, init_args: {shared_prefill: true}})")
+        lora = getattr(policy, "lora", None)
+        if lora is not None and getattr(lora, "dropout", 0.0) > 0:
+            warnings.warn(f"GRPO with LoRA dropout {lora.dropout}: the update pass runs in train mode, so its "
+                          f"log-probs are not those of the rollout policy (ratios ≠ 1 on-policy, clip fractions "
+                          f"inflated); the GRPO configs use dropout 0.0", UserWarning, stacklevel=2)
         self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine"])  # checkpoints hold plain values
         self.engine = engine
         self.rewards = list(rewards)
@@ -146,11 +153,14 @@ class GRPOModule(PolicyModule):
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
         if self.policy is None:
-            self.policy = self.policy_config.build()
+            self.policy = self.policy_config.build(train=self._fitting())
         if self.hparams.beta > 0 and not self.policy.is_lora and self.reference_model is None:
-            # a frozen Policy of its own, copied before sharding; PolicyModule.configure_model then shards it
-            # like the policy (FSDP2Strategy), so it is never a full copy per process
-            ref = Policy(copy.deepcopy(self.policy.hf_model), self.policy.processor)
+            # a frozen Policy of its own, copied before sharding and kept in the compute dtype (nothing updates
+            # it: no float32 master copy); PolicyModule.configure_model then shards it like the policy
+            # (FSDP2Strategy), so it is never a full copy per process
+            compute = self.policy.compute_dtype or next(self.policy.parameters()).dtype
+            ref = Policy(copy.deepcopy(self.policy.hf_model).to(compute), self.policy.processor,
+                         compute_dtype=compute)
             ref.requires_grad_(False)
             ref.eval()
             self.reference_model = ref
@@ -214,11 +224,19 @@ class GRPOModule(PolicyModule):
 
     @torch.no_grad()
     def _no_grad_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, rows: list[int], reference: bool):
+        """π_old or reference log-probs (N, C), in eval mode (no dropout: on-policy ratios are exactly 1), in
+        as many forward passes as the process with the most micro-batches makes (the others repeat a row of
+        theirs and discard it: every pass gathers weights under FSDP)."""
         out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, C)
-        for mb in self._micro_batches(rows):
-            sub = select_rows(batch, mb)
-            fn = self._reference_logprobs if reference else self._logprobs
-            out[mb] = fn(sub, mask[mb]).float()
+        fn = self._reference_logprobs if reference else self._logprobs
+        micro = self._micro_batches(rows)
+        passes = self.agreed_max([len(micro)])[0] if self._is_distributed() else len(micro)
+        with eval_mode(self.policy, self.reference_model):
+            for k in range(passes):
+                mb = micro[k] if k < len(micro) else None
+                value = fn(select_rows(batch, mb or [0]), mask[mb or [0]])
+                if mb is not None:
+                    out[mb] = value.float()
         return out
 
     def _mini_batches(self, num_prompts: int) -> list[list[int]]:
@@ -257,39 +275,59 @@ class GRPOModule(PolicyModule):
            gradient clipping, and a skipped step on a non-finite loss or gradient norm.
         """
         self.count_dropped(batch)
-        if batch.get("empty"):
+        # every process runs a batch, or none does: one whose prompts were all over max_length runs another
+        # process's prompts with zero weight (shared_batch), so all make the same passes and collectives
+        batch, filler = self.shared_batch(batch)
+        if batch is None:
             return None
         times: dict[str, float] = {}
         with _timed(times, "generate"):
             rollout = self._rollout(batch)  # B·G rows
         with _timed(times, "reward"):
-            result = self._rewards(rollout)
+            result = self._rewards(rollout, filler=filler)
         rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
         advantages, group_std, mask, rows = self._advantages(rollout, rewards)
+        if filler:  # borrowed prompts: no loss, no statistics
+            mask, advantages = torch.zeros_like(mask), torch.zeros_like(advantages)
         model_batch = rollout.model_batch()  # (B*G, P+C)
         updates = self._mini_batches(len(batch["ids"]))
         with _timed(times, "logprobs"):
             old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates)
         with _timed(times, "update"):
             stats = self._update(model_batch, mask, advantages, old_logp, ref_logp, updates, set(rows))
-        self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, stats, times)
+        if not filler:
+            self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, stats, times)
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         self.engine.sync_weights(self.policy)
         rollout = self.engine.generate(self.policy, batch, self.sampling, synced_gpus=self.synced_generation)
         return rollout.to(self.device)
 
-    def _rewards(self, rollout: Rollout) -> RewardResult:
+    def _rewards(self, rollout: Rollout, filler: bool = False) -> RewardResult:
+        """Rewards of the rollout (none computed for a ``filler`` batch: zeros, never trained on). Whether the
+        run stops on unavailable rewards is decided on every process's fraction (one all-gather), so all stop
+        together with the same ``RewardFailureError``."""
         hp = self.hparams
-        result = compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
-                                 timeout=hp.reward_timeout)
-        unavailable = float(result.unavailable.float().mean())
-        self.log("train/reward_unavailable_frac", unavailable, on_step=True, on_epoch=False)
-        if unavailable > hp.max_unavailable_fraction:
+        n = len(rollout)
+        if filler:
+            result = RewardResult(total=torch.zeros(n), values={}, failed={}, closed=torch.ones(n, dtype=torch.bool))
+        else:
+            result = compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
+                                     timeout=hp.reward_timeout)
+        unavailable = float(result.unavailable.float().mean()) if n else 0.0
+        if not filler:
+            self.log("train/reward_unavailable_frac", unavailable, on_step=True, on_epoch=False)
+        names = list(dict.fromkeys(t.name for t in self.rewards))
+        shared = self.gather_values([unavailable] + [float(result.failed.get(k, 0)) for k in names])  # (world, 1+T)
+        fractions = shared[:, 0]  # (world,)
+        if bool((fractions > hp.max_unavailable_fraction).any()):
+            worst = int(fractions.argmax())
+            where = f" on rank {worst} (per rank: {[round(float(f), 3) for f in fractions]})" if self.world > 1 else ""
+            failed = {k: int(v) for k, v in zip(names, shared[:, 1:].sum(0).tolist())}
             raise RewardFailureError(
-                f"{unavailable:.0%} of the rewards of step {self.global_step} could not be computed "
-                f"(limit max_unavailable_fraction={hp.max_unavailable_fraction}); failures per term: "
-                f"{result.failed}"
+                f"{float(fractions[worst]):.0%} of the rewards of step {self.global_step} could not be computed"
+                f"{where} (limit max_unavailable_fraction={hp.max_unavailable_fraction}); failures per term"
+                f"{' over all ranks' if self.world > 1 else ''}: {failed}"
             )
         return result
 
@@ -320,7 +358,8 @@ class GRPOModule(PolicyModule):
                           updates: list[list[int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """π_old log-probs (``None`` with a single update per rollout batch: π_old = π_θ, detached current
         log-probs are used) and reference log-probs (``None`` when ``beta`` is 0), each (B*G, C)."""
-        single_update = len(updates) == 1 and self.hparams.ppo_epochs == 1
+        n_updates = self.agreed_max([len(updates)])[0] if self._is_distributed() else len(updates)
+        single_update = n_updates == 1 and self.hparams.ppo_epochs == 1
         old = None if single_update else self._no_grad_logprobs(model_batch, mask, rows, reference=False)
         ref = self._no_grad_logprobs(model_batch, mask, rows, reference=True) if self.hparams.beta > 0 else None
         return old, ref
@@ -330,14 +369,19 @@ class GRPOModule(PolicyModule):
         agg_kw = {"agg": hp.loss_agg, "max_len": hp.max_new_tokens}
         sums: dict[str, float] = {}
         count = 0
+        plan = self._update_plan(updates, allowed, mask)
         for _ in range(hp.ppo_epochs):
-            for rows in updates:
-                rows = [r for r in rows if r in allowed and (self._keep_empty_rows or bool(mask[r].any()))]
-                if not rows:
+            for micro in plan:
+                if not micro:
                     continue
-                den = grpo.aggregation_denominator(mask[rows], hp.loss_agg)
+                rows = [r for mb in micro if mb is not None for r in mb]
+                den = grpo.aggregation_denominator(mask[rows], hp.loss_agg) if rows else None
                 finite = True
-                for mb in self._micro_batches(rows):
+                for mb in micro:
+                    if mb is None:  # a pass another process makes: the same graph, zero loss
+                        logp = self._logprobs(select_rows(rollout, [0]), mask[[0]])  # (1, C)
+                        self.manual_backward(logp.sum() * 0.0)
+                        continue
                     sub = select_rows(rollout, mb)
                     logp, entropy = self._logprobs(sub, mask[mb], entropy=True)  # (n, C)
                     old = logp.detach() if old_logp is None else old_logp[mb]
@@ -361,6 +405,21 @@ class GRPOModule(PolicyModule):
                 self.log_lr()
                 self.guarded_step(loss_finite=finite)
         return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def _update_plan(self, updates: list[list[int]], allowed: set[int], mask: torch.Tensor) -> list[list[Any]]:
+        """The micro-batches (row lists) of each optimizer update. A single process drops rows that cannot
+        train. Distributed, every process makes as many updates and, in each, as many forward/backward passes
+        as the process with the most (one agreement): missing passes are ``None`` (run on a row of this
+        process with zero loss), so FSDP's gathers and reductions match on every process."""
+        plan = []
+        for rows in updates:
+            rows = [r for r in rows if r in allowed and (self._keep_empty_rows or bool(mask[r].any()))]
+            plan.append(self._micro_batches(rows) if rows else [])
+        if not self._is_distributed():
+            return plan
+        counts = self.agreed_max([len(p) for p in plan])  # (updates,) the most passes of any process
+        plan += [[] for _ in range(len(counts) - len(plan))]
+        return [p + [None] * (c - len(p)) for p, c in zip(plan, counts)]
 
     # ------------------------------------------------------------------ logging
     def _log_step(self, batch, gen, result, rewards, advantages, group_std, mask, stats, times) -> None:
@@ -421,10 +480,13 @@ class GRPOModule(PolicyModule):
         """Greedy generation, scored by the validation metrics. Returns the batch's grounding samples
         ``{"samples": [{"image", "answer", "gt_boxes", "prompt", "task", "reference"}, ...]}`` for callbacks
         (``on_validation_batch_end``'s ``outputs``; ``callbacks.BoxPictures`` draws them)."""
-        if batch.get("empty"):
+        batch, filler = self.shared_batch(batch)  # generation gathers the weights: a collective under FSDP2
+        if batch is None:
             return None
         budget = self.hparams.val_max_new_tokens or self.hparams.max_new_tokens
         gen = self.policy.generate(batch, max_new_tokens=budget, synced_gpus=self.synced_generation)  # greedy
+        if filler:
+            return None
         # the answer of a thinking completion is cut where each metric's reward cuts it (RewardTerm.think_split);
         # pictures, lengths and logged rows use the split of the sample's task (task_think_split)
         by_split = {split: [answer_of(t, th, split)[0] for t, th in zip(gen.texts, batch["thinking"])]
@@ -464,7 +526,8 @@ class GRPOModule(PolicyModule):
 
     def _log_eval(self, prefix: str) -> None:
         for name, metric in self.val_metric_modules.items():
-            if not metric.update_called:  # no row of its tasks in this evaluation
+            # no row of its tasks in this evaluation, on any process (compute() syncs: all or none call it)
+            if self.agree_all(not metric.update_called):
                 continue
             value = metric.compute()  # synced across processes by torchmetrics
             if isinstance(value, dict):
@@ -513,3 +576,16 @@ def _timed(times: dict[str, float], name: str) -> Iterator[None]:
         times[name] = times.get(name, 0.0) + time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """``modules`` in eval mode inside the block (dropout off, LoRA dropout included), their own modes after."""
+    present = [m for m in modules if m is not None]
+    modes = [[(sub, sub.training) for sub in m.modules()] for m in present]
+    for m in present:
+        m.eval()
+    try:
+        yield
+    finally:
+        for saved in modes:
+            for sub, training in saved:
+                sub.train(training)

@@ -70,14 +70,18 @@ class SFTModule(PolicyModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.count_dropped(batch)
-        if batch.get("empty"):
+        # every process runs a batch, or none does: one whose samples were all over max_length runs another
+        # process's batch with zero weight (shared_batch), so all make the same forward/backward collectives
+        batch, filler = self.shared_batch(batch)
+        if batch is None:
             return None
         start = self._t_last or time.perf_counter()
         loss_sum, n_tokens = self.policy.sft_loss(batch)
         loss = loss_sum / max(n_tokens, 1)
-        finite = bool(torch.isfinite(loss))
-        # backward even when non-finite: every process must join the gradient all-reduce (the step is skipped)
-        self.manual_backward(loss / self.accumulate)
+        finite = filler or bool(torch.isfinite(loss))
+        # backward even when non-finite: every process must join the gradient all-reduce (the step is skipped
+        # on every process together, guarded_step)
+        self.manual_backward((loss * 0.0 if filler else loss) / self.accumulate)
         self._loss_finite = getattr(self, "_loss_finite", True) and finite
         # an accumulation window never spans an epoch boundary (so checkpoints fall between windows)
         last_micro = (batch_idx + 1) % self.accumulate == 0 or self.trainer.is_last_batch
@@ -85,6 +89,8 @@ class SFTModule(PolicyModule):
             self.log_lr()
             self.guarded_step(loss_finite=self._loss_finite)
             self._loss_finite = True
+        if filler:
+            return None
         now = time.perf_counter()
         tokens = int(batch["attention_mask"].sum())
         self.log("train/tokens_per_s", tokens / max(now - start, 1e-9), on_step=True, on_epoch=False)
@@ -112,21 +118,26 @@ class SFTModule(PolicyModule):
         self._gen_rows = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if batch.get("empty"):
+        """Validation loss, and greedy generations for the first ``num_generation_samples`` prompts. Which
+        batches generate is decided on counts agreed across processes (generation gathers the weights: a
+        collective under FSDP2), and an empty batch runs another process's batch unlogged (``shared_batch``)."""
+        batch, filler = self.shared_batch(batch)
+        if batch is None:
             return
         loss_sum, n_tokens = self.policy.sft_loss(batch)
-        self.log("val/loss", loss_sum / max(n_tokens, 1), on_epoch=True, prog_bar=True,
-                 batch_size=max(n_tokens, 1), sync_dist=True)
-        want = self.num_generation_samples - self._shown
+        if not filler:
+            self.log("val/loss", loss_sum / max(n_tokens, 1), on_epoch=True, prog_bar=True,
+                     batch_size=max(n_tokens, 1), sync_dist=True)
+        want = self.num_generation_samples - self._shown  # the same on every process
         if want > 0 and "prompt" in batch and not batch["prompt"].get("empty"):
             prompt = _take(batch["prompt"], want)
             out = self.policy.generate(prompt, max_new_tokens=self.max_new_tokens,
                                        synced_gpus=self.synced_generation)
-            for i, text in enumerate(out.texts):
+            for i, text in enumerate(out.texts if not filler else []):
                 answer, _ = answer_of(text, prompt["thinking"][i])
                 self._gen_rows.append({"id": prompt["ids"][i], "task": prompt["tasks"][i],
                                        "generated": answer, "reference": prompt["targets"][i]})
-            self._shown += len(out.texts)
+            self._shown += self.agreed_max([len(out.texts)])[0]
 
     def on_validation_epoch_end(self) -> None:
         self.text_table("val/generations", self._gen_rows)

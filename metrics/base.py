@@ -176,9 +176,73 @@ class PerSampleMetric(Metric):
 _WARNED: set[str] = set()
 
 
+#: environment variable naming the process's GPU on its node (set by torchrun, Lightning's launcher, SLURM setups)
+LOCAL_RANK_ENV = "LOCAL_RANK"
+
+
+def rank_cuda_index(device_count: int, local_rank_env: str | None, current_device: int | None) -> int:
+    """The CUDA index of this process: the current device when CUDA is initialised and it is not 0, else a valid
+    ``LOCAL_RANK``, else the current device or 0 (pure: no torch call, so it is tested without a GPU).
+
+    ``current_device`` is None when CUDA is not initialised yet (``torch.cuda.current_device()`` would initialise
+    it). Device 0 is what an initialised process reports when ``set_device`` was never called, so a current
+    device 0 gives way to ``LOCAL_RANK``. A non-integer ``LOCAL_RANK``, or one outside ``[0, device_count)``,
+    raises a ValueError naming it when it is needed (CUDA not initialised); once a device is current it is
+    ignored, as under per-rank ``CUDA_VISIBLE_DEVICES`` binding, where each rank sees one device (a process
+    that sees a single device uses it whatever ``LOCAL_RANK`` says).
+    """
+    if current_device is not None and current_device != 0:
+        return int(current_device)
+    raw = (local_rank_env or "").strip()
+    if not raw:
+        return 0 if current_device is None else int(current_device)
+    try:
+        rank = int(raw)
+    except ValueError:
+        rank = None
+    if rank is not None and 0 <= rank < device_count:
+        return rank
+    if rank is not None and rank >= 0 and device_count == 1:  # per-rank CUDA_VISIBLE_DEVICES: its one GPU
+        return 0
+    if current_device is not None:  # a device is current: a LOCAL_RANK that names no visible device is not used
+        return int(current_device)
+    raise ValueError(
+        f"{LOCAL_RANK_ENV}={local_rank_env!r} names no CUDA device of this process ({device_count} visible): "
+        f"expected an integer in [0, {device_count}); pass an explicit device such as 'cuda:0' "
+        f"(e.g. under per-rank CUDA_VISIBLE_DEVICES) or fix {LOCAL_RANK_ENV}"
+    )
+
+
+def rank_device(cuda_available: bool, device_count: int, local_rank_env: str | None,
+                current_device: int | None) -> str:
+    """``cuda:{rank_cuda_index(...)}`` when CUDA is available, else ``cpu`` (pure, see :func:`rank_cuda_index`)."""
+    if not cuda_available:
+        return "cpu"
+    return f"cuda:{rank_cuda_index(device_count, local_rank_env, current_device)}"
+
+
+def _current_cuda_device() -> int | None:
+    """``torch.cuda.current_device()`` when CUDA is initialised, else None (never initialises CUDA itself)."""
+    return torch.cuda.current_device() if torch.cuda.is_initialized() else None
+
+
 def default_device() -> str:
-    """Where a model-based metric runs when no device is given: ``cuda`` when available, else ``cpu``."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """This process's own device for a model-based metric: ``cuda:{rank's index}`` (:func:`rank_device`), else cpu."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return rank_device(True, torch.cuda.device_count(), os.environ.get(LOCAL_RANK_ENV), _current_cuda_device())
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    """``device`` with the rank's CUDA index filled in: None -> :func:`default_device`, ``"cuda"`` -> ``"cuda:{i}"``
+    of this rank (kept as ``"cuda"`` without CUDA, so loading fails as before); ``"cuda:3"``, ``"cpu"`` as given."""
+    if device is None:
+        return default_device()
+    text = str(device)
+    dev = torch.device(text)
+    if dev.type != "cuda" or dev.index is not None or not torch.cuda.is_available():
+        return text
+    return default_device()
 
 
 def warn_once(key: str, message: str) -> None:

@@ -26,8 +26,8 @@ from metrics.base import (
     ReferenceCache,
     check_cancelled,
     check_pairs,
-    default_device,
     load_once,
+    resolve_device,
     warn_once,
 )
 
@@ -170,7 +170,8 @@ class BERTScore(PerSampleMetric):
     against one reference, so the reference side is encoded once per distinct reference;
     ``stats["reference_encodings"]`` counts reference texts actually encoded. The model is loaded lazily, once
     per (model, layers, device) in this process, in a module-level cache and never as a submodule: it is not in
-    ``state_dict()`` and never reaches a Lightning checkpoint.
+    ``state_dict()`` and never reaches a Lightning checkpoint. Device: None or ``"cuda"`` is this process's own
+    GPU (``LOCAL_RANK``, ``metrics.base.resolve_device``).
 
     With ``rescale_with_baseline`` each value becomes ``(x - b) / (1 - b)`` with the baseline row
     ``num_layers`` of bert-score's table (or ``baseline_path``).
@@ -225,7 +226,7 @@ class BERTScore(PerSampleMetric):
         self.idf = idf
         self.batch_size = batch_size
         self.max_tokens = max_tokens
-        self.model_device = device or default_device()
+        self.model_device = resolve_device(device)  # this rank's GPU for None or "cuda"
         self.strict = strict
         self.rescale_with_baseline = rescale_with_baseline
         self.baseline: torch.Tensor | None = None  # (3,)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, default_device, load_once, warn_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once, resolve_device, warn_once
 
 CONDITIONS = (
     "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
@@ -94,7 +94,7 @@ class CheXbert:
                  device: str | None = None, batch_size: int = 32) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        self.device = device or default_device()
+        self.device = resolve_device(device)  # this rank's GPU for None or "cuda"
         self.batch_size = batch_size
         path = resolve_checkpoint(checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(bert_name_or_path)
@@ -186,6 +186,7 @@ class _CheXbertMetric(PerSampleMetric):
     submodule, so it is not in ``state_dict()``; reference outputs are cached per distinct reference,
     ``stats`` counts them. A missing checkpoint gives NaN scores and one warning saying where to put
     ``chexbert.pth`` (``strict=True`` raises).
+    Device: None or ``"cuda"`` is this process's own GPU (``LOCAL_RANK``, ``metrics.base.resolve_device``).
     """
 
     def __init__(self, checkpoint: str | None = None, bert_name_or_path: str = "bert-base-uncased",
@@ -194,7 +195,7 @@ class _CheXbertMetric(PerSampleMetric):
         super().__init__(**kwargs)
         self.checkpoint = checkpoint
         self.bert_name_or_path = bert_name_or_path
-        self.model_device = device or default_device()
+        self.model_device = resolve_device(device)  # this rank's GPU for None or "cuda"
         self.batch_size = batch_size
         self.strict = strict
         self.reference_cache_size = reference_cache_size

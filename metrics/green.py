@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from metrics.base import PerSampleMetric, cancel_event, check_cancelled, check_pairs, load_once, warn_once
+from metrics.base import PerSampleMetric, cancel_event, check_cancelled, check_pairs, load_once, resolve_device, warn_once
 from metrics.judge import ChatClient
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-radllama2-7b"
@@ -241,7 +241,8 @@ class HFJudge:
     The published judge: ``StanfordAIMI/GREEN-radllama2-7b``, the published chat template
     (``GREEN_CHAT_TEMPLATE``: one human turn, an empty assistant turn, then the generation prompt), greedy
     decoding, 2048 tokens in all (prompt included), left-padded batches of 8, float16 on GPU. Loaded once under
-    ``metrics.base.load_once``, so hub downloads only with ``RADVLM_ALLOW_DOWNLOADS=1``.
+    ``metrics.base.load_once``, so hub downloads only with ``RADVLM_ALLOW_DOWNLOADS=1``. Device: None or
+    ``"cuda"`` is this process's own GPU (``LOCAL_RANK``, ``metrics.base.resolve_device``).
 
     Deviation: it decodes only the new tokens (the published code decodes prompt + completion and keeps what
     follows the last ``<|assistant|>``; the same text); ``</s>`` and ``<unk>`` strings are removed as
@@ -255,7 +256,7 @@ class HFJudge:
         if batch_size < 1 or max_length < 1:
             raise ValueError("HFJudge: batch_size and max_length must be >= 1")
         self.model, self.batch_size, self.max_length = model, batch_size, max_length
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)  # this rank's GPU for None or "cuda"
         self.dtype = dtype or ("float16" if self.device.startswith("cuda") else "float32")
         self.max_new_tokens, self.append_eos, self.chat_template = max_new_tokens, append_eos, chat_template
         self.name = f"local:{model}"

@@ -57,7 +57,7 @@ class RadCliQ(PerSampleMetric):
     - ``bleu``: ``BLEU(n=bleu_n)`` of ``metrics.text`` with ``bleu_n=2``: the original RadCliQ's BLEU term is
       BLEU-2 (its weight is 4e-12, so the choice hardly matters).
 
-    ``device``: that of the default components (None: cuda when available). Texts are lower-cased
+    ``device``: that of the default components (None, "cuda": this rank's GPU). Texts are lower-cased
     (``lowercase``) and cut to ``max_chars`` before scoring; the short-text floor (``min_chars``) counts the
     characters as given, whitespace included, as the authors' reward does for plain answers (``"  None.  "``
     is scored, not floored); for thinking completions the caller passes the answer after ``</think>``, which

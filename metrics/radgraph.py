@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from metrics import _compat
-from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, default_device, load_once, warn_once
+from metrics.base import PerSampleMetric, ReferenceCache, check_cancelled, check_pairs, load_once, resolve_device, warn_once
 
 RADGRAPH_REPO = "StanfordAIMI/RRG_scorers"
 MODEL_TYPES = ("radgraph", "radgraph-xl", "modern-radgraph-xl", "echograph")
@@ -174,6 +174,17 @@ def load_annotator(model_type: str, model_dir: str | None, device: str):
     return load_once(_ENGINES, key, lambda: _build_annotator(model_type, model_dir, device))
 
 
+def radgraph_cuda_index(device: str) -> int:
+    """The package's ``cuda`` argument for ``device``: -1 on cpu, else the CUDA index of :func:`resolve_device`
+    (``"cuda"`` -> this rank's GPU, never a silent 0 for another rank)."""
+    dev = torch.device(resolve_device(device))
+    if dev.type == "cpu":
+        return -1
+    if dev.type != "cuda":
+        raise ValueError(f"RadGraphF1: the radgraph package runs on cpu or cuda, not {device!r}")
+    return 0 if dev.index is None else dev.index  # index None only without CUDA: the package then fails itself
+
+
 def _build_annotator(model_type: str, model_dir: str | None, device: str):
     _compat.apply()
     from radgraph import RadGraph
@@ -189,8 +200,7 @@ def _build_annotator(model_type: str, model_dir: str | None, device: str):
         else:  # the package reads <cache_dir>/<model_type>: point a symlink of that name at the folder
             cache_dir = tempfile.mkdtemp(prefix="radgraph-")
             os.symlink(model_dir, os.path.join(cache_dir, model_type))
-    dev = torch.device(device)
-    cuda = -1 if dev.type == "cpu" else (dev.index or 0)
+    cuda = radgraph_cuda_index(device)
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints its device
         return RadGraph(model_type=model_type, model_cache_dir=cache_dir, cuda=cuda)
 
@@ -209,7 +219,8 @@ class RadGraphF1(PerSampleMetric):
     counts references actually annotated). Cancellation (``metrics.base.check_cancelled``) is checked before
     each report. The annotator is loaded lazily once per (model, folder, device) in a module-level cache
     (``load_annotator``), never as a submodule, so it is not in ``state_dict()``. When loading fails, scores
-    are NaN with one warning saying where to put the weights (``strict=True`` raises).
+    are NaN with one warning saying where to put the weights (``strict=True`` raises). Device: None or
+    ``"cuda"`` is this process's own GPU (``LOCAL_RANK``, ``metrics.base.resolve_device``; ``radgraph_cuda_index``).
     """
 
     higher_is_better = True
@@ -236,7 +247,7 @@ class RadGraphF1(PerSampleMetric):
         self.model_type = model_type
         self.reward_level = reward_level
         self.model_dir = model_dir
-        self.model_device = device or default_device()
+        self.model_device = resolve_device(device)  # this rank's GPU for None or "cuda"
         self.strict = strict
         self.max_tokens = max_tokens
         self.reference_cache_size = reference_cache_size

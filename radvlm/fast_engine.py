@@ -16,6 +16,7 @@ from torch import nn
 
 from radvlm.batch import pad_right, select_rows
 from radvlm.rollout import HFEngine, Rollout, Sampling
+from radvlm.sharding import whole_weights
 
 
 @contextlib.contextmanager
@@ -51,11 +52,12 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     return type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor"
 
 
-def kv_bytes_per_row(hf_model: nn.Module, positions: int) -> int:
-    """Bytes of the KV cache of one row holding ``positions`` positions (all layers, keys and values)."""
+def kv_bytes_per_row(hf_model: nn.Module, positions: int, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the KV cache of one row holding ``positions`` positions (all layers, keys and values), in
+    ``dtype`` (the compute dtype; default: the weights' own)."""
     cfg = hf_model.config.get_text_config(decoder=True)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    elem = next(hf_model.parameters()).element_size()
+    elem = torch.empty((), dtype=dtype).element_size() if dtype is not None else next(hf_model.parameters()).element_size()
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * elem * positions
 
 
@@ -79,8 +81,8 @@ class FastHFEngine(HFEngine):
        so the weights are bit-identical after the rollout (peft's ``merge_adapter``/``unmerge_adapter``
        subtract the delta again, which is not exact in floating point). Cost: one copy of those weights while
        generating. Merged weights round differently from ``W x + s·B(A x)``: samples equal the unmerged path's
-       up to near-ties of the logits, not bit for bit. Sharded (FSDP ``DTensor``) weights are never merged
-       (the adapters stay on).
+       up to near-ties of the logits, not bit for bit. FSDP2 weights are merged in their gathered copy
+       (freed after the rollout; the shards never change); FSDP1 shards are never merged.
     2. **Decode chunked by a memory budget** (``decode_memory_gib``): prompts are decoded in chunks as large as
        the KV cache of their ``G`` rows, ``P + max_new_tokens`` positions each, allows, instead of one fixed
        batch: the most rows decode together that fit. ``None`` decodes all prompts at once. Chunks draw their
@@ -116,10 +118,12 @@ class FastHFEngine(HFEngine):
         inputs = policy.model_inputs(prompt_batch)
         n, width = inputs["input_ids"].shape
         budget = None if (self.decode_memory_gib is None or synced_gpus) else self.decode_memory_gib * 2**30
-        chunks = prompt_chunks(n, g, kv_bytes_per_row(policy.hf_model, width + sampling.max_new_tokens), budget)
+        row_bytes = kv_bytes_per_row(policy.hf_model, width + sampling.max_new_tokens, policy.compute_dtype)
+        chunks = prompt_chunks(n, g, row_bytes, budget)
         merge = merged_lora(policy.model) if (self.merge_lora and policy.is_lora) else contextlib.nullcontext()
         outs = []
-        with merge:
+        # FSDP2: the weights are gathered once for every chunk (and merged whole); no collective per token
+        with whole_weights(policy), merge:
             for rows in chunks:
                 sub = inputs if len(chunks) == 1 else select_rows(inputs, rows)
                 outs.append(policy.generate(sub, shared_prefill=self.shared_prefill, synced_gpus=synced_gpus,

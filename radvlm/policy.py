@@ -58,7 +58,12 @@ class PolicyConfig:
 
     Args:
         name_or_path: checkpoint folder or hub id (``Qwen/Qwen3-VL-8B-Instruct``, a tiny folder, an SFT export).
-        dtype: ``bfloat16`` on GPU; ``float32`` for CPU tests.
+        dtype: the compute dtype of the forward passes: ``bfloat16`` on GPU; ``float32`` for CPU tests.
+        master_dtype: the dtype of the trainable weights, i.e. of what the optimizer updates and of its state
+            (``float32``, the default: bf16 compute over fp32 master weights). ``None`` trains the weights in
+            ``dtype`` itself (pure bf16: an AdamW step at lr 1e-6 moves only a few % of bf16 weights; warned).
+            Frozen weights (LoRA's base, a frozen vision tower, GRPO's reference) are kept in ``dtype``.
+            Evaluation and prediction load everything in ``dtype``.
         lora: LoRA settings, or ``None`` for a full fine-tune.
         gradient_checkpointing: recompute activations in backward (on in real configs).
         freeze_vision: keep the vision tower fixed.
@@ -68,6 +73,7 @@ class PolicyConfig:
 
     name_or_path: str
     dtype: str = "bfloat16"
+    master_dtype: str | None = "float32"
     lora: LoRASettings | None = None
     gradient_checkpointing: bool = False
     freeze_vision: bool = False
@@ -75,12 +81,31 @@ class PolicyConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
 
-    def build(self) -> "Policy":
-        return Policy.from_pretrained(
-            self.name_or_path, dtype=self.dtype, lora=self.lora, gradient_checkpointing=self.gradient_checkpointing,
+    def dtypes(self, train: bool = True) -> tuple[torch.dtype, torch.dtype]:
+        """``(master, compute)``: the dtype of trainable weights and of the forward passes (equal when not
+        training or when ``master_dtype`` is ``None``)."""
+        compute = resolve_dtype(self.dtype)
+        master = resolve_dtype(self.master_dtype) if (train and self.master_dtype is not None) else compute
+        return master, compute
+
+    def build(self, train: bool = True) -> "Policy":
+        """The policy, trainable weights in the master dtype and the rest in the compute dtype (``train``);
+        everything in the compute dtype otherwise."""
+        from radvlm.sharding import apply_master_dtype
+
+        master, compute = self.dtypes(train)
+        # a full fine-tune trains (nearly) every weight: load it in the master dtype (no bf16 round trip of
+        # a float32 checkpoint); LoRA trains only adapters: load the frozen base in the compute dtype
+        load = master if self.lora is None else compute
+        policy = Policy.from_pretrained(
+            self.name_or_path, dtype=load, lora=self.lora, gradient_checkpointing=self.gradient_checkpointing,
             freeze_vision=self.freeze_vision, attn_implementation=self.attn_implementation,
             min_pixels=self.min_pixels, max_pixels=self.max_pixels,
         )
+        if master != compute or load != compute:
+            apply_master_dtype(policy.model, master, compute)
+        policy.compute_dtype = compute
+        return policy
 
 
 def load_processor(name_or_path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -163,10 +188,14 @@ class GenerationOutput:
 class Policy(nn.Module):
     """A Qwen3-VL model and its processor. ``model`` may be a peft ``PeftModel`` (LoRA)."""
 
-    def __init__(self, model: nn.Module, processor: Any) -> None:
+    def __init__(self, model: nn.Module, processor: Any, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
         self.processor = processor
+        #: the dtype of the forward passes; ``None``: the weights' own. When weights are stored in another
+        #: dtype (float32 master weights), unsharded passes run under autocast to it and ``shard_policy``
+        #: gives FSDP2 a ``MixedPrecisionPolicy`` with it as ``param_dtype``.
+        self.compute_dtype = compute_dtype
         tok = processor.tokenizer
         self.stop_token_ids = [i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS) if i is not None]
         self.suppress_token_ids = [tok.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS
@@ -244,15 +273,29 @@ class Policy(nn.Module):
         self.processor.save_pretrained(str(path))
 
     # ------------------------------------------------------------------ forward passes
+    def compute_context(self) -> contextlib.AbstractContextManager:
+        """Autocast to ``compute_dtype`` when some weight is stored in another dtype (float32 master weights);
+        a no-op otherwise. Under FSDP2 the gathered weights already are in the compute dtype and the autocast
+        only keeps the few ops that read stored weights (none in Qwen3-VL) consistent."""
+        from radvlm.sharding import local_dtype
+
+        dtype = self.compute_dtype
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        if dtype is None or not params or all(local_dtype(p) == dtype for p in params):
+            return contextlib.nullcontext()
+        return torch.autocast(params[0].device.type, dtype=dtype)
+
     @staticmethod
     def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, V) logits
-        return self.hf_model(**self.model_inputs(batch), use_cache=False).logits
+        with self.compute_context():
+            return self.hf_model(**self.model_inputs(batch), use_cache=False).logits
 
     def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, H)
-        out = self.hf_model.model(**self.model_inputs(batch), use_cache=False)
+        with self.compute_context():
+            out = self.hf_model.model(**self.model_inputs(batch), use_cache=False)
         return out.last_hidden_state
 
     def token_logprobs(
@@ -277,12 +320,14 @@ class Policy(nn.Module):
         targets = ids[:, -c:]  # (N, C)
         head = self.hf_model.lm_head
         logps, ents = [], []
+        autocast = self.compute_context()
         for start in range(0, c, chunk_size):
             hs, ts = h[:, start : start + chunk_size], targets[:, start : start + chunk_size]
-            if torch.is_grad_enabled():
-                lp, ent = checkpoint(_chunk_logprobs, head, hs, ts, temperature, use_reentrant=False)
-            else:
-                lp, ent = _chunk_logprobs(head, hs, ts, temperature)
+            with autocast:
+                if torch.is_grad_enabled():
+                    lp, ent = checkpoint(_chunk_logprobs, head, hs, ts, temperature, use_reentrant=False)
+                else:
+                    lp, ent = _chunk_logprobs(head, hs, ts, temperature)
             logps.append(lp)
             ents.append(ent)
         logp = torch.cat(logps, dim=1) * completion_mask  # (N, C)
@@ -303,12 +348,14 @@ class Policy(nn.Module):
         y = labels[keep]  # (K,)
         head = self.hf_model.lm_head
         total = hidden.new_zeros((), dtype=torch.float32)
+        autocast = self.compute_context()
         for start in range(0, y.numel(), chunk_size):
             hs, ys = h[start : start + chunk_size], y[start : start + chunk_size]
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_ce_sum, head, hs, ys, use_reentrant=False)
-            else:
-                total = total + _chunk_ce_sum(head, hs, ys)
+            with autocast:
+                if torch.is_grad_enabled():
+                    total = total + checkpoint(_chunk_ce_sum, head, hs, ys, use_reentrant=False)
+                else:
+                    total = total + _chunk_ce_sum(head, hs, ys)
         return total, int(y.numel())
 
     # ------------------------------------------------------------------ generation
@@ -329,8 +376,10 @@ class Policy(nn.Module):
     ) -> GenerationOutput:
         """Greedy or sampled completions, ``num_return_sequences`` per prompt, grouped contiguously.
 
-        ``synced_gpus``: keep stepping until every process has finished (needed when the weights are sharded
-        with FSDP: a process that stopped early would leave the others waiting in an all-gather).
+        FSDP2-sharded weights are gathered once for the whole call (``radvlm.sharding.whole_weights``: one
+        all-gather per unit, none per token), so every process decodes on its own and stops at its own length;
+        the call itself is a collective then (every process must make it). ``synced_gpus``: keep stepping
+        until every process has finished, for FSDP1 (``FSDPStrategy``), which gathers per forward.
 
         ``shared_prefill``: encode each image and prefill each prompt once, then decode the G rollouts from
         copies of its KV cache (``shared_prefill_generate``); same samples for the same seed, less compute.
@@ -367,15 +416,13 @@ class Policy(nn.Module):
             use_cache=True,
             **compile_kw,
         )
+        from radvlm.sharding import whole_weights
+
         was_training = self.model.training
         self.model.eval()
         try:
-            if shared_prefill:
-                sequences = shared_prefill_generate(self.hf_model, prompt_inputs, num_return_sequences,
-                                                    config, synced_gpus=synced_gpus)  # (N*G, P+C)
-            else:  # every prompt (and its image patches) repeated G times
-                sequences = self.hf_model.generate(**repeat_batch(prompt_inputs, num_return_sequences),
-                                                   generation_config=config, synced_gpus=synced_gpus)  # (N*G, P+C)
+            with whole_weights(self), self.compute_context():
+                sequences = self._decode(prompt_inputs, num_return_sequences, config, shared_prefill, synced_gpus)
         finally:
             self.model.train(was_training)
         prompt_len = prompt_inputs["input_ids"].shape[1]
@@ -391,6 +438,14 @@ class Policy(nn.Module):
             truncated=truncated,
             texts=texts,
         )
+
+    def _decode(self, prompt_inputs: dict[str, Any], g: int, config: Any, shared_prefill: bool,
+                synced_gpus: bool) -> torch.Tensor:  # (N*G, P+C)
+        if shared_prefill:
+            return shared_prefill_generate(self.hf_model, prompt_inputs, g, config, synced_gpus=synced_gpus)
+        # every prompt (and its image patches) repeated G times
+        return self.hf_model.generate(**repeat_batch(prompt_inputs, g), generation_config=config,
+                                      synced_gpus=synced_gpus)
 
 
 def mrope_position_ids(hf_model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:  # (4, N, P)

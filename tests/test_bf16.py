@@ -1,15 +1,17 @@
-"""The real configs' precision (``bf16-true``) through ``main.py`` on CPU with the tiny checkpoint.
+"""The real configs' precisions through ``main.py`` on CPU with the tiny checkpoint.
 
-Every real config (``configs/*.yaml``) trains and predicts in ``bf16-true``, where Lightning makes bfloat16
-the default dtype for the steps: every tensor created without a dtype is bfloat16 (8 bits of mantissa). Here
-each stage runs a few steps through the CLI in that precision: SFT (full and LoRA), the thinking cold start,
-GRPO (full fine-tune with a frozen reference, LoRA with the adapters-off reference, joint rewards with a
-model-based metric), validation, ``predict`` and ``test``. The runs must finish with weights that changed and
-are finite, and every tensor of the RL math (rewards, advantages, log-probs, loss terms) must be float32.
+The real training configs (``configs/{sft,coldstart,grpo_*}.yaml``) fit in ``bf16-mixed`` with
+``policy.dtype: bfloat16``: float32 master weights (what AdamW updates and keeps state for), bf16 compute
+(autocast here, FSDP2's ``MixedPrecisionPolicy`` on many GPUs); the evaluation configs predict in ``bf16-true``.
+Here each stage runs a few steps through the CLI in those precisions: SFT (full and LoRA), the thinking cold
+start, GRPO (full fine-tune with a frozen bf16 reference, LoRA with the adapters-off reference, joint rewards
+with a model-based metric), validation, ``predict`` and ``test``. The runs must finish with weights that
+changed and are finite, trainable weights must be float32, and every tensor of the RL math (rewards,
+advantages, log-probs, loss terms) must be float32. ``bf16-true`` given to a fit is turned into
+``bf16-mixed`` unless ``policy.master_dtype`` asks for bf16 weights.
 
 Tolerance against float32: the same weights and batch give an SFT loss within 2 % and GRPO log-probs within
-0.1 nats on average of a float32 run (bfloat16 rounds every weight and activation to ~3 significant digits;
-measured here: 0.1–0.3 % and ~0.02 nats).
+0.1 nats on average of a float32 run (measured here: 0.1–0.3 % and ~0.02 nats).
 """
 
 from __future__ import annotations
@@ -27,22 +29,34 @@ import radvlm.grpo as grpo_math
 from lightning_modules import grpo as grpo_module
 
 ROOT = Path(__file__).resolve().parent.parent
-REAL_CONFIGS = ("sft.yaml", "coldstart.yaml", "grpo_report.yaml", "grpo_grounding.yaml", "grpo_joint.yaml",
-                "eval_mimic_reports.yaml", "eval_vindr.yaml")
+TRAIN_CONFIGS = ("sft.yaml", "coldstart.yaml", "grpo_report.yaml", "grpo_grounding.yaml", "grpo_joint.yaml")
+EVAL_CONFIGS = ("eval_mimic_reports.yaml", "eval_vindr.yaml")
 
 
-def real_precision() -> str:
-    """The precision every real config uses (they must agree)."""
-    found = {yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]["precision"] for name in REAL_CONFIGS}
+def real_precision(names) -> str:
+    """The precision every config of ``names`` uses (they must agree)."""
+    found = {yaml.safe_load((ROOT / "configs" / name).read_text())["trainer"]["precision"] for name in names}
     assert len(found) == 1, f"real configs disagree on precision: {found}"
     return found.pop()
 
 
-PRECISION = real_precision()
+PRECISION = real_precision(TRAIN_CONFIGS)  # fit
+EVAL_PRECISION = real_precision(EVAL_CONFIGS)  # validate / test / predict
 
 
-def test_real_configs_train_in_bf16_true():
-    assert PRECISION == "bf16-true"
+def test_real_configs_train_over_float32_master_weights_and_predict_in_bf16():
+    assert PRECISION == "bf16-mixed" and EVAL_PRECISION == "bf16-true"
+    for name in TRAIN_CONFIGS:
+        policy = yaml.safe_load((ROOT / "configs" / name).read_text())["model"]["init_args"]["policy"]
+        assert (policy["dtype"], policy["master_dtype"]) == ("bfloat16", "float32"), name
+
+
+def assert_master_float32(policy) -> None:
+    """Trainable weights float32, frozen ones bfloat16, forward passes in bfloat16."""
+    assert policy.compute_dtype == torch.bfloat16
+    dtypes = {(p.requires_grad, p.dtype) for p in policy.parameters()}
+    assert {d for trainable, d in dtypes if trainable} == {torch.float32}, dtypes
+    assert {d for trainable, d in dtypes if not trainable} <= {torch.bfloat16}, dtypes
 
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -90,24 +104,37 @@ def sft_args(tmp_path, tiny_ckpt, phantom_dir, config="configs/demo/sft.yaml", s
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sft_runs_in_bf16_true_and_trains(tiny_ckpt, phantom_dir, tmp_path, lora):
+def test_sft_runs_in_real_precision_and_trains(tiny_ckpt, phantom_dir, tmp_path, lora):
     args = sft_args(tmp_path, tiny_ckpt, phantom_dir)
     if lora:
         args += ["--model.init_args.policy.lora", "{r: 4, alpha: 8, dropout: 0.0}"]
     trainer = run(*args)
     assert trainer.global_step == 3
     assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
-    assert trainer.lightning_module.policy.hf_model.dtype == torch.bfloat16
+    assert_master_float32(trainer.lightning_module.policy)
     assert_trained(tiny_ckpt, tmp_path / "export")
 
 
-def test_cold_start_runs_in_bf16_true(tiny_ckpt, phantom_dir, tmp_path):
+def test_bf16_true_fit_keeps_float32_master_weights_unless_asked(tiny_ckpt, phantom_dir, tmp_path, caplog):
+    """``bf16-true`` would cast the master weights to bf16: a fit uses ``bf16-mixed`` instead (warned), unless
+    ``master_dtype: bfloat16`` asks for bf16 weights (then they are bf16, also warned)."""
+    trainer = run(*sft_args(tmp_path / "default", tiny_ckpt, phantom_dir, steps=1, precision="bf16-true"))
+    assert trainer.precision == "bf16-mixed" and "using precision=bf16-mixed instead" in caplog.text
+    assert_master_float32(trainer.lightning_module.policy)
+    caplog.clear()
+    trainer = run(*sft_args(tmp_path / "asked", tiny_ckpt, phantom_dir, steps=1, precision="bf16-true"),
+                  "--model.init_args.policy.master_dtype", "bfloat16")
+    assert trainer.precision == "bf16-true" and "training bfloat16 master weights" in caplog.text
+    assert {p.dtype for p in trainer.lightning_module.policy.parameters()} == {torch.bfloat16}
+
+
+def test_cold_start_runs_in_real_precision(tiny_ckpt, phantom_dir, tmp_path):
     trainer = run(*sft_args(tmp_path, tiny_ckpt, phantom_dir, config="configs/demo/coldstart.yaml", steps=2))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["val/loss"])
     assert_trained(tiny_ckpt, tmp_path / "export")
 
 
-def test_sft_loss_in_bf16_true_matches_float32(tiny_ckpt, phantom_dir, tmp_path):
+def test_sft_loss_in_real_precision_matches_float32(tiny_ckpt, phantom_dir, tmp_path):
     """The same weights and validation batches: bf16 loss within 2 % of the float32 loss."""
     losses = {}
     for precision in ("32-true", PRECISION):
@@ -167,7 +194,7 @@ def assert_rl_math_float32(spy: DtypeSpy) -> None:
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full-frozen-reference", "lora-adapters-off-reference"])
-def test_grpo_runs_in_bf16_true_with_float32_rl_math(tiny_ckpt, phantom_dir, tmp_path, monkeypatch, lora):
+def test_grpo_runs_in_real_precision_with_float32_rl_math(tiny_ckpt, phantom_dir, tmp_path, monkeypatch, lora):
     spy = DtypeSpy(monkeypatch)
     args = grpo_args(tmp_path, tiny_ckpt, phantom_dir)
     if lora:
@@ -176,6 +203,9 @@ def test_grpo_runs_in_bf16_true_with_float32_rl_math(tiny_ckpt, phantom_dir, tmp
     module = trainer.lightning_module
     assert trainer.global_step == 2  # one rollout batch of 2 prompts, 1 prompt per update: 2 optimizer steps
     assert (module.reference_model is None) == lora
+    assert_master_float32(module.policy)
+    if not lora:  # nothing updates the reference: no float32 copy of it
+        assert {p.dtype for p in module.reference_model.parameters()} == {torch.bfloat16}
     assert torch.isfinite(trainer.callback_metrics["train/kl"])
     assert "val/soft_f1" in trainer.callback_metrics
     assert_rl_math_float32(spy)
@@ -205,7 +235,7 @@ data:
 """
 
 
-def test_grpo_joint_rewards_with_a_model_based_metric_in_bf16_true(tiny_ckpt, phantom_dir, bert_dir, tmp_path,
+def test_grpo_joint_rewards_with_a_model_based_metric_in_real_precision(tiny_ckpt, phantom_dir, bert_dir, tmp_path,
                                                                      monkeypatch):
     spy = DtypeSpy(monkeypatch)
     joint = tmp_path / "joint.yaml"
@@ -248,7 +278,7 @@ def test_grpo_logprobs_in_bf16_match_float32(tiny_ckpt, phantom_dir):
 
 
 def test_validate_test_and_predict_in_bf16_true(tiny_ckpt, phantom_dir, tmp_path):
-    base = common(tmp_path, tiny_ckpt, phantom_dir)
+    base = common(tmp_path, tiny_ckpt, phantom_dir, precision=EVAL_PRECISION)
     grpo = ["--config", "configs/demo/grpo.yaml", *base, "--trainer.callbacks", "null",
             "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
             "--model.init_args.val_max_new_tokens", "8", "--data.init_args.eval_batch_size", "2"]
