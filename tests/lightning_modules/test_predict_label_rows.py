@@ -40,7 +40,8 @@ def test_prompt_batches_carry_the_records_labels_pathologies_and_boxes(tiny_ckpt
 
 def _fake_module(texts):
     gen = SimpleNamespace(texts=texts, completion_mask=torch.ones(len(texts), 3), truncated=torch.zeros(len(texts)))
-    return SimpleNamespace(policy=SimpleNamespace(generate=lambda *a, **k: gen), synced_generation=False, shared_batch=lambda b: (b, False),
+    return SimpleNamespace(policy=SimpleNamespace(generate=lambda *a, **k: gen), synced_generation=False,
+                           shared_batch=lambda b: (b, False),
                            predict_max_new_tokens=8)
 
 

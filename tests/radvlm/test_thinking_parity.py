@@ -154,7 +154,8 @@ def test_datamodule_passes_thinking_mode_to_its_collators(tiny_ckpt, phantom_dir
 
 def _fake_module(texts, **extra):
     gen = SimpleNamespace(texts=texts, completion_mask=torch.ones(len(texts), 3), truncated=torch.zeros(len(texts)))
-    return SimpleNamespace(policy=SimpleNamespace(generate=lambda *a, **k: gen), synced_generation=False, shared_batch=lambda b: (b, False), **extra)
+    return SimpleNamespace(policy=SimpleNamespace(generate=lambda *a, **k: gen), synced_generation=False,
+                           shared_batch=lambda b: (b, False), **extra)
 
 
 def _prompt_batch(tasks, thinking):
