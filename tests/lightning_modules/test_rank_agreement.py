@@ -1,0 +1,395 @@
+"""No rank can hang or split the job: ``FSDP2Strategy`` fits on 2 (and 4) CPU processes (gloo) where one rank
+takes another path than the others.
+
+This file run as a script (``python test_rank_agreement.py CKPT DATA OUT DEVICES SCENARIO...``) fits the real
+``SFTModule`` / ``GRPOModule`` under the real ``FSDP2Strategy``; Lightning's own launcher starts the other
+processes, as ``python main.py fit`` does on one node. The scenarios, each on rank 1 only:
+
+- ``sft_nan``: a non-finite loss at the second batch (the step is skipped on both ranks, weights unchanged);
+- ``sft_empty`` / ``grpo_empty``: the first batch is empty (every sample over ``max_length``);
+- ``grpo_drop``: one prompt of every batch dropped, so rank 1 has fewer mini-batches and micro-batches;
+- ``grpo_reward_fail``: every reward of rank 1 unavailable (both ranks stop with the same error);
+- ``precision``: one AdamW step at lr 1e-6 under the real configs' precision (float32 master weights) and
+  under pure bf16 (``bf16-true`` + ``master_dtype: bfloat16``): which weights moved;
+- ``hybrid_sft`` / ``hybrid_grpo`` (4 processes): hybrid sharding as a 2 × 2 mesh.
+
+Every process has a hard timeout (``faulthandler`` prints the stacks of a hang and exits); the test kills the
+process group past its own limit. Each rank writes what it saw to ``OUT/SCENARIO/rankR.json``.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from datamodules.collate import PromptCollator, SFTCollator
+
+# sibling test modules by file name: run as a script, ``tests`` is not an importable package here
+for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "radvlm"):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+from test_sharded_training import LengthReward, _Record  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = Path(__file__).resolve()
+HANG_S = 150  # per process: a collective that waits this long is a hang
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    from tests.helpers import report_record, write_records
+
+    folder = tmp_path_factory.mktemp("agreedata")
+    answers = ["The heart is enlarged.", "No pleural effusion.", "Small left apical pneumothorax."]
+    return write_records(folder, [report_record(i, answers[i % 3]) for i in range(16)])
+
+
+def _launch(ckpt, data, out: Path, devices: int, scenarios: list[str], timeout: float) -> None:
+    """Run the scenarios with Lightning's launcher (the script starts rank 0; Lightning the others)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), str(ckpt), str(data), str(out), str(devices), *scenarios]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        log, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGKILL)
+        log, _ = proc.communicate(timeout=30)
+        pytest.fail(f"{scenarios} did not finish in {timeout} s (a hang):\n{log[-5000:]}")
+    (out / "log.txt").write_text(log)
+
+
+def _ranks(out: Path, scenario: str, n: int = 2) -> list[dict]:
+    folder = out / scenario
+    missing = [r for r in range(n) if not (folder / f"rank{r}.json").is_file()]
+    assert not missing, f"{scenario}: ranks {missing} wrote nothing:\n{(out / 'log.txt').read_text()[-5000:]}"
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.fixture(scope="module")
+def agreement_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("agreement")
+    _launch(tiny_ckpt, data_file, out, 2, ["sft_nan", "sft_empty", "grpo_empty", "grpo_drop", "precision"], 280)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reward_failure_run(tiny_ckpt, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rewardfail")
+    _launch(tiny_ckpt, data_file, out, 2, ["grpo_reward_fail"], 200)  # last: the error ends the processes
+    return out
+
+
+@pytest.fixture(scope="module")
+def hybrid_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("hybrid")
+    _launch(tiny_ckpt, data_file, out, 4, ["hybrid_sft", "hybrid_grpo"], 280)
+    return out
+
+
+def _same_run(ranks: list[dict]) -> None:
+    """Every rank stepped as often, saw the same gradient norms and ends with the same finite weights."""
+    first = ranks[0]
+    for info in ranks:
+        assert info["global_step"] == first["global_step"] > 0
+        assert info["grad_norms"] == first["grad_norms"] and all(math.isfinite(x) for x in info["grad_norms"])
+        assert info["weights"] == first["weights"] and info["finite"]
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(agreement_runs):
+    ranks = _ranks(agreement_runs, "sft_nan")
+    for info in ranks:
+        assert info["skipped_steps"] == 1 and info["global_step"] == 2  # 3 batches, one skipped
+        assert info["skipped_batch_unchanged"]  # the skipped batch moved no weight, on any shard
+        assert info["logged_grad_norms"][1] == -1.0  # logged as non-finite on both ranks
+    assert ranks[0]["weights"] == ranks[1]["weights"] and all(r["finite"] for r in ranks)
+
+
+@pytest.mark.parametrize("scenario", ["sft_empty", "grpo_empty"])
+def test_an_empty_batch_on_one_rank_runs_a_zero_weight_filler(agreement_runs, scenario):
+    ranks = _ranks(agreement_runs, scenario)
+    _same_run(ranks)
+    assert ranks[1]["dropped_samples"] == 2 and ranks[0]["dropped_samples"] == 0  # counted where dropped
+    assert ranks[1]["batches"] == ranks[0]["batches"]
+
+
+def test_a_dropped_prompt_on_one_rank_keeps_the_passes_equal(agreement_runs):
+    ranks = _ranks(agreement_runs, "grpo_drop")
+    _same_run(ranks)
+    assert ranks[1]["dropped_samples"] == ranks[1]["batches"] and ranks[0]["dropped_samples"] == 0
+    # rank 0 has 2 prompts (2 updates of 1 prompt), rank 1 one: both make 2 optimizer steps per batch
+    assert ranks[0]["global_step"] == 2 * ranks[0]["batches"]
+
+
+def test_failed_rewards_on_one_rank_stop_every_rank_with_the_same_error(reward_failure_run):
+    ranks = _ranks(reward_failure_run, "grpo_reward_fail")
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert ranks[0]["error_type"] == "RewardFailureError"
+    assert "100% of the rewards of step 0 could not be computed on rank 1" in ranks[0]["error"]
+    assert "'length': 8" in ranks[0]["error"]  # failures per term, summed over the ranks
+
+
+def test_float32_master_weights_learn_at_lr_1e_6_where_bf16_weights_do_not(agreement_runs):
+    for info in _ranks(agreement_runs, "precision"):
+        master, pure = info["bf16-mixed"], info["bf16-true"]
+        assert master["dtypes"] == ["torch.float32"] and pure["dtypes"] == ["torch.bfloat16"]
+        # measured: 85 % of float32 weights move (the rest had no gradient in this batch, e.g. embeddings of
+        # absent tokens) against 1.9 % of bf16 weights: the rest of their updates rounds away
+        assert master["changed_frac"] > 0.5, master
+        assert pure["changed_frac"] < 0.1, pure
+        assert master["changed_frac"] > 10 * pure["changed_frac"]
+
+
+@pytest.mark.parametrize("scenario", ["hybrid_sft", "hybrid_grpo"])
+def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scenario):
+    ranks = _ranks(hybrid_runs, scenario, n=4)
+    _same_run(ranks)
+    for info in ranks:
+        assert info["mesh"] == {"shape": [2, 2], "names": ["replicate", "shard"]}
+        assert 0 < info["local_numel"] < info["full_numel"]
+    # ranks 0 and 2 hold the same shard, as do 1 and 3: the replicas stayed identical
+    assert ranks[0]["shard"] == ranks[2]["shard"] and ranks[1]["shard"] == ranks[3]["shard"]
+    assert ranks[0]["shard"] != ranks[1]["shard"]
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+#: what rank 1's collator does in the running scenario: None, "drop_one", "empty_first"
+MISBEHAVE: dict[str, str | None] = {"mode": None}
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+class _Misbehaving:
+    """A collator mixin: on rank 1, drop one record of every batch or make the first batch empty (as the real
+    collator does with samples over ``max_length``), counted in ``n_dropped``."""
+
+    def __call__(self, records):
+        mode = MISBEHAVE["mode"] if _rank() == 1 else None
+        self.calls = getattr(self, "calls", 0) + 1
+        if mode == "empty_first" and self.calls == 1:
+            return {"n_dropped": len(records), "empty": True}
+        if mode == "drop_one":
+            batch = super().__call__(records[1:])
+            batch["n_dropped"] = batch.get("n_dropped", 0) + 1
+            return batch
+        return super().__call__(records)
+
+
+class MisbehavingPrompts(_Misbehaving, PromptCollator):
+    pass
+
+
+class MisbehavingSFT(_Misbehaving, SFTCollator):
+    pass
+
+
+class FailOnRank1(LengthReward):
+    """Answer length / 10 on rank 0; unavailable (NaN) on rank 1."""
+
+    def score(self, preds, targets):
+        values = super().score(preds, targets)
+        return torch.full_like(values, float("nan")) if _rank() == 1 else values
+
+
+class _Watch(_Record):
+    """Loss and grad norm per step (``_Record``), plus: batches run, and the weights around one batch."""
+
+    def __init__(self, watch_batch: int | None = None) -> None:
+        super().__init__()
+        self.batches = 0
+        self.watch_batch = watch_batch
+        self.before = None
+        self.unchanged = None
+        self.logged_grad_norms: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.watch_batch:
+            self.before = _full_weights(pl_module.policy)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.batches += 1
+        if "train/grad_norm" in trainer.callback_metrics:
+            self.logged_grad_norms.append(float(trainer.callback_metrics["train/grad_norm"]))
+        if batch_idx == self.watch_batch:
+            after = _full_weights(pl_module.policy)
+            self.unchanged = all(torch.equal(self.before[k], after[k]) for k in after)
+
+
+class _NaNAt(L.Callback):
+    """Rank 1's SFT loss is NaN at batch ``index``."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        policy = pl_module.policy
+        if trainer.global_rank != 1:
+            return
+        if batch_idx == self.index:
+            original = policy.sft_loss
+
+            def nan_loss(b, **kw):
+                loss, n = original(b, **kw)
+                return loss * float("nan"), n
+
+            policy.sft_loss = nan_loss
+            self._original = original
+        elif hasattr(self, "_original"):
+            policy.sft_loss = self._original
+            del self._original
+
+
+class _ErrorNote(L.Callback):
+    """Writes the error this rank stops with, then waits for the other ranks (who must stop with it too)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        note = {"error": str(exception), "error_type": type(exception).__name__}
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps(note))
+        torch.distributed.barrier()  # every rank got here: none waits in a collective of the step
+
+
+def _full_weights(policy) -> dict[str, torch.Tensor]:
+    """Full weights on every rank (a collective), float32 copies on CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _module(kind: str, ckpt: str, lr: float = 1e-2, **policy_kw):
+    from lightning_modules.grpo import GRPOModule
+    from lightning_modules.sft import SFTModule
+    from radvlm.policy import PolicyConfig
+    from radvlm.rewards import RewardTerm
+
+    optimizer = lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.0)  # noqa: E731
+    policy = PolicyConfig(ckpt, **{"dtype": "float32", **policy_kw})
+    if kind == "sft":
+        return SFTModule(policy, optimizer=optimizer, num_generation_samples=0)
+    reward = FailOnRank1() if MISBEHAVE.get("reward_fail") else LengthReward()
+    return GRPOModule(policy, rewards=[RewardTerm(reward, name="length")], optimizer=optimizer, num_generations=4,
+                      max_new_tokens=8, micro_batch_size=3, beta=0.1, ppo_mini_batch_size=_world(),
+                      max_unavailable_fraction=0.5)
+
+
+def _world() -> int:
+    return int(os.environ.get("RADVLM_TEST_DEVICES", "2"))
+
+
+def _fit(kind: str, ckpt: str, data_file: str, folder: Path, callbacks, max_steps: int = -1, batches: int = 2,
+         collator=None, strategy=None, precision="32-true", module=None, batch_size: int = 2):
+    from datamodules.datamodule import RadVLMDataModule
+    from lightning_modules.strategies import FSDP2Strategy
+
+    L.seed_everything(0)
+    module = module or _module(kind, ckpt)
+    collator = collator or (MisbehavingSFT if kind == "sft" else MisbehavingPrompts)
+    data = RadVLMDataModule(ckpt, train_files=[data_file], collator=collator, batch_size=batch_size)
+    trainer = L.Trainer(accelerator="cpu", devices=_world(), strategy=strategy or FSDP2Strategy(),
+                        max_steps=max_steps, max_epochs=1, limit_train_batches=batches, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=folder, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+                        precision=precision)
+    trainer.fit(module, data)
+    return trainer, module
+
+
+def _summary(trainer, module, record: _Watch) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    weights = _full_weights(module.policy)
+    params = list(module.policy.parameters())
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    return {"global_step": trainer.global_step, "grad_norms": record.grad_norms, "batches": record.batches,
+            "logged_grad_norms": record.logged_grad_norms, "skipped_steps": module.skipped_steps,
+            "dropped_samples": module.dropped_samples, "weights": _digest(weights[k] for k in sorted(weights)),
+            "finite": all(bool(torch.isfinite(v).all()) for v in weights.values()), "shard": _digest(local),
+            "local_numel": sum(t.numel() for t in local), "full_numel": sum(v.numel() for v in weights.values()),
+            "skipped_batch_unchanged": record.unchanged}
+
+
+def _precision(ckpt: str, data_file: str, folder: Path) -> dict:
+    """One AdamW step at lr 1e-6 (weight decay 0): the fraction of weights that moved, per precision."""
+    out = {}
+    start = _full_weights_of_checkpoint(ckpt)
+    for precision, master in (("bf16-mixed", "float32"), ("bf16-true", "bfloat16")):
+        module = _module("sft", ckpt, lr=1e-6, dtype="bfloat16", master_dtype=master)
+        trainer, module = _fit("sft", ckpt, data_file, folder / precision, [_Watch()], max_steps=1, batches=1,
+                               precision=precision, module=module)
+        after = _full_weights(module.policy)
+        moved = sum(int((after[k] != start[k].to(torch.bfloat16).float() if master == "bfloat16"
+                         else after[k] != start[k]).sum()) for k in after)
+        total = sum(v.numel() for v in after.values())
+        out[precision] = {"changed_frac": moved / total, "global_step": trainer.global_step,
+                          "dtypes": sorted({str(p.dtype) for p in module.policy.parameters()})}
+    return out
+
+
+def _full_weights_of_checkpoint(ckpt: str) -> dict[str, torch.Tensor]:
+    from radvlm.policy import Policy
+
+    return {k: v.float() for k, v in Policy.from_pretrained(ckpt).model.state_dict().items()}
+
+
+def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) -> None:
+    from lightning_modules.strategies import FSDP2Strategy
+
+    faulthandler.dump_traceback_later(HANG_S, exit=True)
+    os.environ["RADVLM_TEST_DEVICES"] = devices
+    torch.set_num_threads(1)
+    for scenario in scenarios:
+        folder = Path(out) / scenario
+        folder.mkdir(parents=True, exist_ok=True)
+        MISBEHAVE.clear()
+        MISBEHAVE["mode"] = {"sft_empty": "empty_first", "grpo_empty": "empty_first", "grpo_drop": "drop_one"}.get(
+            scenario)
+        kind = "sft" if "sft" in scenario else "grpo"
+        if scenario == "precision":
+            info = _precision(ckpt, data_file, folder)
+            rank = torch.distributed.get_rank()
+        elif scenario == "grpo_reward_fail":
+            MISBEHAVE["reward_fail"] = True
+            _fit(kind, ckpt, data_file, folder, [_Watch(), _ErrorNote(folder)])
+            raise AssertionError("the run should have stopped with RewardFailureError")
+        else:
+            watch = _Watch(watch_batch=1 if scenario == "sft_nan" else None)
+            callbacks = [watch] + ([_NaNAt(1)] if scenario == "sft_nan" else [])
+            strategy = FSDP2Strategy(hybrid_shard=True, shard_size=2) if scenario.startswith("hybrid") else None
+            trainer, module = _fit(kind, ckpt, data_file, folder, callbacks, strategy=strategy,
+                                   batches=3 if scenario == "sft_nan" else 2)
+            info = _summary(trainer, module, watch)
+            mesh = trainer.strategy.fsdp_mesh
+            info["mesh"] = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names)}
+            rank = trainer.global_rank
+        (folder / f"rank{rank}.json").write_text(json.dumps(info))
+
+
+if __name__ == "__main__":
+    _worker(*sys.argv[1:])
