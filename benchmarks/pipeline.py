@@ -199,9 +199,10 @@ def has_weights(folder: Path) -> bool:
 class Pipeline:
     """The stages of one run in ``work``, each started from the latest export that exists.
 
-    The real configs are used as they are, with command-line overrides only: one device, ``strategy auto``
-    (the configs' FSDP needs several processes), short runs, the work folder for data, logs and exports, and a
-    few sizes (batch, G, new tokens). Precision (bf16-true), gradient checkpointing, SDPA, pixel budgets,
+    The real configs are used as they are, with command-line overrides only: one device (``strategy auto``
+    for SFT and LoRA GRPO; full GRPO keeps the config's ``FSDP2Strategy`` on one process), short runs, the work
+    folder for data, logs and exports, and a few sizes (batch, G, new tokens). Precision (bf16-mixed: float32
+    master weights), gradient checkpointing, SDPA, pixel budgets,
     optimizers, losses and callbacks stay the configs'. Without ``tensorboard`` installed, the configs'
     TensorBoard logger is replaced by ``CSVLogger`` (said on the stage's line). Each stage's Lightning
     checkpoint (``save_last``) is written, measured and deleted after the stage unless ``keep_checkpoints``
@@ -227,13 +228,19 @@ class Pipeline:
             self.env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: one thread per process is fastest
 
     # ------------------------------------------------------------------ stage commands
-    def trainer_flags(self, name: str, optimizer_steps: int, val_after: int) -> dict[str, Any]:
-        """One device, short run, one validation batch after ``val_after`` training batches, logs in WORK."""
+    def trainer_flags(self, name: str, optimizer_steps: int, val_after: int, fsdp2: bool = False) -> dict[str, Any]:
+        """One device, short run, one validation batch after ``val_after`` training batches, logs in WORK;
+        ``fsdp2`` keeps the config's ``FSDP2Strategy`` (one process: its precision policy and whole-weight
+        decoding run as on many GPUs) instead of ``strategy auto``."""
         out: dict[str, Any] = {
             "trainer.accelerator": self.s.accelerator, "trainer.devices": 1, "trainer.num_nodes": 1,
-            "trainer.strategy": "auto", "trainer.max_steps": optimizer_steps, "trainer.val_check_interval": val_after,
+            "trainer.max_steps": optimizer_steps, "trainer.val_check_interval": val_after,
             "trainer.limit_val_batches": 1, "trainer.default_root_dir": self.work / "runs" / name,
         }
+        if fsdp2:
+            out["trainer.strategy.init_args.hybrid_shard"] = False  # one node, one process
+        else:
+            out["trainer.strategy"] = "auto"
         if self.tensorboard:
             out.update({"trainer.logger.init_args.save_dir": self.work / "runs", "trainer.logger.init_args.name": name})
         else:
@@ -263,7 +270,7 @@ class Pipeline:
     def grpo_args(self, name: str, lora: bool) -> list[str]:
         s = self.s
         values = {
-            **self.trainer_flags(name, s.grpo_steps * s.updates, s.grpo_steps),
+            **self.trainer_flags(name, s.grpo_steps * s.updates, s.grpo_steps, fsdp2=not lora),
             "model.init_args.policy.name_or_path": self.latest_export(("sft",)),
             "model.init_args.num_generations": s.g, "model.init_args.max_new_tokens": s.max_new_tokens,
             "model.init_args.val_max_new_tokens": s.max_new_tokens,

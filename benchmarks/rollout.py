@@ -191,8 +191,10 @@ def make_engine(mode: str):
     Modes are rollout engines (``radvlm.rollout``): ``plain`` = ``HFEngine()`` (every prompt repeated G times,
     vision tower and prefill G times), ``shared`` = ``HFEngine(shared_prefill=True)`` (vision tower and prefill
     once per prompt, KV cache copied G times), ``fast`` = ``FastHFEngine()`` (shared prefill + LoRA merged for
-    the rollout, restored after; its merge/restore cost is inside its time), ``vllm`` = ``VLLMEngine()``
-    (needs vLLM and a GPU).
+    the rollout, restored after; its merge/restore cost is inside its time), ``fsdp2`` = ``HFEngine(shared_prefill=
+    True)`` on a copy of the policy sharded by FSDP2 over this one process (``sharded_copy``): its time and peak
+    memory include gathering the whole weights once per call (``radvlm.sharding.whole_weights``), as on many
+    GPUs, where the gather crosses the GPUs; ``vllm`` = ``VLLMEngine()`` (needs vLLM and a GPU).
     """
     from radvlm.fast_engine import FastHFEngine
     from radvlm.rollout import HFEngine
@@ -202,7 +204,40 @@ def make_engine(mode: str):
 
         return VLLMEngine()
     return {"plain": lambda: HFEngine(), "shared": lambda: HFEngine(shared_prefill=True),
-            "fast": lambda: FastHFEngine()}[mode]()
+            "fsdp2": lambda: HFEngine(shared_prefill=True), "fast": lambda: FastHFEngine()}[mode]()
+
+
+def sharded_copy(policy, device: str):
+    """A copy of ``policy`` sharded with the project's ``shard_policy`` over a one-process mesh (a process group
+    of one is started if none exists; ``end_process_group`` ends it)."""
+    import copy
+    import socket
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_modules.strategies import shard_policy
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # an explicit address, not MASTER_ADDR/MASTER_PORT: processes started later must not inherit them
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        sharded_copy.started = True
+    clone = copy.deepcopy(policy)
+    shard_policy(clone, init_device_mesh("cuda" if device.startswith("cuda") else "cpu", (1,)))
+    return clone
+
+
+def end_process_group() -> None:
+    """End the process group ``sharded_copy`` started (a test process must not stay "distributed")."""
+    import torch.distributed as dist
+
+    if getattr(sharded_copy, "started", False) and dist.is_initialized():
+        dist.destroy_process_group()
+        sharded_copy.started = False
 
 
 def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool | str, seed: int, device: str,
@@ -364,7 +399,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4], help="prompts per call")
     parser.add_argument("--g", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "fast", "vllm"],
+    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "fast", "fsdp2", "vllm"],
                         help="rollout engines; the first is the baseline of speedup and identical_samples")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank on the language model (0: none)")
     parser.add_argument("--warmup", type=int, default=1, help="discarded repetitions (every mode) per batch size")
@@ -436,7 +471,17 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if "lora_B" in name:
                     p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
     engines = {m: make_engine(m) for m in args.modes}
-    build_s = time.perf_counter() - t0
+    policies = {m: policy for m in args.modes}
+    if "fsdp2" in args.modes:
+        policies["fsdp2"] = sharded_copy(policy, args.device)
+    try:
+        return _run_modes(args, work, policy, policies, engines, dtype, time.perf_counter() - t0)
+    finally:
+        end_process_group()
+
+
+def _run_modes(args, work: Path, policy, policies: dict, engines: dict, dtype, build_s: float) -> list[dict]:
+    """The timed repetitions of ``run`` (``policies``: the policy each mode generates with)."""
     records = write_prompt_records(work / "data", max(args.batch_sizes), args.image_size)
     bandwidth = copy_bandwidth(args.device, 1024 if args.device.startswith("cuda") else 256)
     params = sum(p.numel() for p in policy.parameters())
@@ -449,8 +494,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         ids: dict[str, list[torch.Tensor]] = {m: [] for m in args.modes}
         for rep in range(args.warmup + args.reps):  # modes alternate, so a busy machine slows both alike
             for mode in args.modes:
-                call, completion = time_generate(policy, batch, args.g, args.max_new_tokens, mode, args.seed,
-                                                 args.device, engine=engines[mode])
+                call, completion = time_generate(policies[mode], batch, args.g, args.max_new_tokens, mode,
+                                                 args.seed, args.device, engine=engines[mode])
                 if rep >= args.warmup:  # the warm-up repetitions are discarded
                     calls[mode].append(call)
                     ids[mode].append(completion.cpu())

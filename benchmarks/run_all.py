@@ -38,7 +38,8 @@ if __package__ in (None, ""):  # run as a script: the repo root, not benchmarks/
 PRESETS: dict[str, dict[str, list[str]]] = {
     "quick": {
         "rollout": ["--size", "tiny", "--image-size", "128", "--batch-sizes", "1", "2", "--g", "2",
-                    "--max-new-tokens", "4", "--warmup", "1", "--reps", "2", "--greedy-tokens", "4", "--threads", "1"],
+                    "--max-new-tokens", "4", "--warmup", "1", "--reps", "2", "--greedy-tokens", "4", "--threads", "1",
+                    "--modes", "plain", "shared", "fsdp2"],
         "grpo_step": ["--size", "tiny", "--image-size", "128", "--batch-size", "2", "--g", "2",
                       "--max-new-tokens", "4", "--warmup", "1", "--reps", "2", "--threads", "1"],
         "metrics": ["--n", "8"],
@@ -54,14 +55,16 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     },
     "gpu-8b": {
         "rollout": ["--size", "8b", "--device", "cuda", "--batch-sizes", "4", "16", "--g", "8",
-                    "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32"],
+                    "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32",
+                    "--modes", "plain", "shared", "fsdp2"],
         "grpo_step": ["--size", "8b", "--device", "cuda", "--lora", "--gradient-checkpointing", "--batch-size", "4",
                       "--g", "8", "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--reward", "radcliq"],
         "metrics": ["--n", "256", "--device", "cuda"],
     },
     "gpu-2b": {
         "rollout": ["--size", "2b", "--device", "cuda", "--batch-sizes", "4", "16", "--g", "8",
-                    "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32"],
+                    "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32",
+                    "--modes", "plain", "shared", "fsdp2"],
         "grpo_step": ["--size", "2b", "--device", "cuda", "--gradient-checkpointing", "--batch-size", "8",
                       "--g", "8", "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--reward", "radcliq"],
         "metrics": ["--n", "256", "--device", "cuda"],

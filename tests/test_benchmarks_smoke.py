@@ -25,7 +25,7 @@ def results(tmp_path_factory):
 def test_rollout_benchmark_times_both_paths_and_finds_identical_samples(results):
     data = json.loads((results / "rollout.json").read_text())
     rows = data["rows"]
-    assert [(r["mode"], r["prompts"]) for r in rows] == [("plain", 1), ("shared", 1), ("plain", 2), ("shared", 2)]
+    assert [(r["mode"], r["prompts"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("plain", "shared", "fsdp2")]
     assert data["meta"]["statistic"] == "median" and data["meta"]["warmup"] == 1
     for r in rows:
         assert r["rows"] == 2 * r["prompts"]  # G = 2
@@ -39,6 +39,7 @@ def test_rollout_benchmark_times_both_paths_and_finds_identical_samples(results)
         assert r["greedy_gap_plain"] <= rollout.GREEDY_TIE_TOLERANCE
         assert r["image_tokens"] == 16  # 128² image → 8×8 patches → 4×4 merged tokens
     assert rows[1]["speedup"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], rel=1e-2)
+    assert not torch.distributed.is_initialized()  # the one-process group of the fsdp2 mode was ended
     assert data["meta"]["copy_bandwidth_gb_s"] > 0
 
 
@@ -111,8 +112,8 @@ def test_stage_past_its_limit_is_killed(tmp_path):
 
 @pytest.mark.timeout(600)  # about 75 s on 2 idle cores (seven processes, mostly imports); allow a busy machine
 def test_gpu_pipeline_runs_every_stage_on_cpu_in_smoke_mode(tmp_path, capsys):
-    """phantom → SFT → GRPO (LoRA, full) → predict → evaluate through main.py and the real configs, bf16-true,
-    tiny checkpoint on CPU: the plumbing of ``gpu_check.sh pipeline``."""
+    """phantom → SFT → GRPO (LoRA, full under FSDP2Strategy) → predict → evaluate through main.py and the real
+    configs (bf16-mixed fits, bf16-true predictions), tiny checkpoint on CPU: the plumbing of ``gpu_check.sh pipeline``."""
     summary = pipeline.main(["--cpu-smoke", "--work", str(tmp_path), "--results", str(tmp_path / "results")])
     out = capsys.readouterr().out
     stages = {r["stage"]: r for r in summary["stages"]}
@@ -125,7 +126,8 @@ def test_gpu_pipeline_runs_every_stage_on_cpu_in_smoke_mode(tmp_path, capsys):
         assert stages[name]["peak_gib"] is None and stages[name]["peak_rss_gib"] > 0  # no CUDA on CPU
     for name in ("sft", "grpo_lora", "grpo_full"):
         assert pipeline.has_weights(tmp_path / "exports" / name)
-        assert "--trainer.strategy auto" in (tmp_path / "logs" / f"{name}.cmd").read_text()
+        # full GRPO keeps the config's FSDP2Strategy (one process): precision policy and whole-weight decoding
+        assert ("--trainer.strategy auto" in (tmp_path / "logs" / f"{name}.cmd").read_text()) == (name != "grpo_full")
         assert not list((tmp_path / "runs" / name).glob("**/checkpoints"))  # written, measured, deleted
     assert "from sft" in stages["grpo_full"]["note"] and "model grpo_full" in stages["predict"]["note"]
     lines = (tmp_path / "predictions" / "vindr.jsonl").read_text().splitlines()
