@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200, offline, with random-initialised Qwen3-VL of the real shapes. Two runs, each
-# under 9 minutes (a device session of 15 minutes fits one of them with time to spare):
+# under 10 minutes (a device session of 15 minutes fits one of them with time to spare):
 #
 #   bash benchmarks/gpu_check.sh pipeline [2b|8b]   the whole pipeline through main.py and the real configs
 #   bash benchmarks/gpu_check.sh [8b|2b]            the benchmarks (rollout, GRPO step, metrics)
@@ -12,20 +12,24 @@
 #   checkpoint (2B random weights, bf16, built on the GPU, saved as safetensors with the tiny tokenizer;   60 s)
 #   → phantom data (24 images of 672²; 40 s) → SFT (configs/sft.yaml, 3 steps + 1 validation batch; 100 s)
 #   → GRPO LoRA r=16 and GRPO full (configs/grpo_grounding.yaml, soft-F1 reward, 2 steps of 4 prompts × G=8,
-#   64 new tokens, 2 updates per step, 1 validation batch; 100 s and 110 s) → predict (configs/eval_vindr.yaml,
+#   64 new tokens, 2 updates per step, 1 validation batch; 100 s and 110 s; the full one under the config's
+#   FSDP2Strategy on one process: MixedPrecisionPolicy over float32 master weights, whole-weight rollouts) → predict (configs/eval_vindr.yaml,
 #   greedy, on the full-GRPO export; 60 s) → evaluate (python -m radvlm.tools.evaluate; 40 s). Every stage is its own
 #   process under `main.py` with command-line overrides only (1 device, strategy auto, short runs, paths,
-#   sizes): bf16-true, gradient checkpointing, SDPA, optimizers and callbacks are the configs'. One line per
-#   stage (PASS/FAIL/TIMEOUT, seconds, peak GPU GiB of that process), then a table. 8b: same stages, ≈ 20
+#   sizes): bf16-mixed (fp32 master weights), gradient checkpointing, SDPA, optimizers and callbacks are the
+#   configs'. One line per
+#   stage (PASS/FAIL/TIMEOUT, seconds, peak GPU GiB of that process), then a table. 8b: same stages (the full
+#   fine-tunes need 140 GB of fp32 weights, gradients and AdamW state: more than one GPU holds), ≈ 20
 #   minutes and ≈ 120 GB of disk at the peak (4 weight folders of 17.5 GB and a full fine-tune's Lightning
 #   checkpoint with its AdamW state): only on a machine where both allow.
 #
-# benchmarks (each in its own process under a time limit; limits add up to 8.3 minutes plus the checks):
+# benchmarks (each in its own process under a time limit; limits add up to 9.3 minutes plus the checks):
 #   1. benchmarks.rollout    8B bf16, 672² noise images (441 visual tokens), G = 8, 128 new tokens, 4 and 16
 #                            prompts, plain vs shared prefill: one discarded warm-up repetition of each mode,
 #                            then 2 alternating repetitions (median); tokens/s, peak memory, the decode bandwidth
 #                            bound from a measured device copy; same samples: exact ids (holds in fp32 only) and
-#                            greedy arg-max consistency against a cache-free forward (holds in bf16)       (210 s)
+#                            greedy arg-max consistency against a cache-free forward (holds in bf16); mode
+#                            fsdp2: shared prefill on an FSDP2-sharded copy (whole weights gathered per call)  (270 s)
 #   2. benchmarks.grpo_step  8B bf16 + LoRA r=16 + gradient checkpointing, 4 prompts × G = 8, 128 new tokens,
 #                            2 updates/step, RadCliQ reward (tiny RadGraph/CheXbert; BERTScore MiniLM if its
 #                            package is installed, else tiny BERT); steps alternate plain/shared, the first of
@@ -132,7 +136,7 @@ run() {  # name, seconds
         status=1
     fi
 }
-run rollout 210
+run rollout 270
 run grpo_step 200
 if [[ -f benchmarks/metrics.py ]]; then run metrics 90; fi
 "$PY" -m benchmarks.run_all --summary-only --results "$RESULTS"
