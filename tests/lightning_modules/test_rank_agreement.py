@@ -37,6 +37,7 @@ from datamodules.collate import PromptCollator, SFTCollator
 for _folder in (Path(__file__).resolve().parent, Path(__file__).resolve().parents[1] / "radvlm"):
     if str(_folder) not in sys.path:
         sys.path.append(str(_folder))
+from test_sharded_generation import run_with_hard_timeout  # noqa: E402
 from test_sharded_training import LengthReward, _Record  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,22 +56,8 @@ def data_file(tmp_path_factory):
 
 def _launch(ckpt, data, out: Path, devices: int, scenarios: list[str], timeout: float) -> None:
     """Run the scenarios with Lightning's launcher (the script starts rank 0; Lightning the others)."""
-    import subprocess
-
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(SCRIPT), str(ckpt), str(data), str(out), str(devices), *scenarios]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        import signal
-
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate(timeout=30)
-        pytest.fail(f"{scenarios} did not finish in {timeout} s (a hang):\n{log[-5000:]}")
-    (out / "log.txt").write_text(log)
+    (out / "log.txt").write_text(run_with_hard_timeout(cmd, timeout).stdout)
 
 
 def _ranks(out: Path, scenario: str, n: int = 2) -> list[dict]:
@@ -152,6 +139,9 @@ def test_float32_master_weights_learn_at_lr_1e_6_where_bf16_weights_do_not(agree
         assert master["changed_frac"] > 0.5, master
         assert pure["changed_frac"] < 0.1, pure
         assert master["changed_frac"] > 10 * pure["changed_frac"]
+        lora = info["lora"]  # float32 adapters and a bf16 base share FSDP2 units, and the adapters train
+        assert lora["trainable"] == ["torch.float32"] and lora["frozen"] == ["torch.bfloat16"]
+        assert lora["global_step"] == 1 and lora["lora_b_moved"]
 
 
 @pytest.mark.parametrize("scenario", ["hybrid_sft", "hybrid_grpo"])
@@ -349,6 +339,18 @@ def _precision(ckpt: str, data_file: str, folder: Path) -> dict:
         total = sum(v.numel() for v in after.values())
         out[precision] = {"changed_frac": moved / total, "global_step": trainer.global_step,
                           "dtypes": sorted({str(p.dtype) for p in module.policy.parameters()})}
+    # LoRA: float32 adapters beside the frozen bf16 base in the same FSDP2 units
+    from radvlm.lora import LoRASettings
+
+    module = _module("sft", ckpt, lr=1e-3, dtype="bfloat16", lora=LoRASettings(r=4, alpha=8, dropout=0.0))
+    trainer, module = _fit("sft", ckpt, data_file, folder / "lora", [_Watch()], max_steps=1, batches=1,
+                           precision="bf16-mixed", module=module)
+    after = _full_weights(module.policy)
+    params = dict(module.policy.model.named_parameters())
+    out["lora"] = {"global_step": trainer.global_step,
+                   "trainable": sorted({str(p.dtype) for p in params.values() if p.requires_grad}),
+                   "frozen": sorted({str(p.dtype) for p in params.values() if not p.requires_grad}),
+                   "lora_b_moved": any(bool(after[k].abs().sum() > 0) for k in after if "lora_B" in k)}
     return out
 
 

@@ -38,21 +38,30 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_distributed(script: Path, args: list[str], nproc: int, timeout: float) -> subprocess.CompletedProcess:
-    """``script args`` on ``nproc`` CPU processes (``torch.distributed.run``), killed as a group at ``timeout``."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), str(script), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+def worker_env() -> dict[str, str]:
+    """The environment of a test's worker processes: the repository importable, offline, one thread."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def run_with_hard_timeout(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """``cmd`` in its own process group, all of it killed at ``timeout`` (the test then fails: a hang)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
-        pytest.fail(f"distributed run did not finish in {timeout} s (a hang):\n{out[-4000:]}")
+        pytest.fail(f"{cmd[-3:]} did not finish in {timeout} s (a hang):\n{out[-5000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, "")
+
+
+def run_distributed(script: Path, args: list[str], nproc: int, timeout: float) -> subprocess.CompletedProcess:
+    """``script args`` on ``nproc`` CPU processes (``torch.distributed.run``), killed as a group at ``timeout``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), str(script), *args]
+    return run_with_hard_timeout(cmd, timeout)
 
 
 @pytest.fixture(scope="module")
