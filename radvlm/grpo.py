@@ -334,6 +334,7 @@ def policy_loss(
     agg: AggMode = "token-mean",
     max_len: int | None = None,
     denominator: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped (asymmetric, dual-clip) GRPO policy loss and its statistics.
 
@@ -345,6 +346,8 @@ def policy_loss(
         eps_low, eps_high: the ratio is clipped to [1 − eps_low, 1 + eps_high].
         dual_clip: for A < 0 the token loss is capped at −A·dual_clip (> 1); None disables it.
         agg, max_len, denominator: see :func:`aggregate`.
+        token_weights: ``(N, L)`` detached weights of each token's loss (rollout correction:
+            ``radvlm.rollout_correction``); ``None``: all 1.
 
     Returns ``(loss, stats)``: ``loss`` a 0-d tensor with gradient; ``stats`` detached 0-d tensors, means
     over this call's selected tokens (0 when there are none): ``clip_frac_high`` (A > 0 and
@@ -412,6 +415,8 @@ def policy_loss(
         loss_tok = torch.where(negative, torch.minimum(loss_tok, loss_cap), loss_tok)  # (N, L)
     else:
         dual_active = torch.zeros_like(m)  # (N, L)
+    if token_weights is not None:  # importance weights π_old/π_rollout of an engine other than the trainer
+        loss_tok = loss_tok * token_weights.detach().to(dtype)  # (N, L)
     loss = aggregate(loss_tok, m, agg, max_len=max_len, denominator=denominator)  # ()
 
     with torch.no_grad():
