@@ -264,6 +264,14 @@ def time_generate(policy, batch: dict, g: int, max_new_tokens: int, shared: bool
     rows = out.completion_mask.shape[0]
     row = {"seconds": round(seconds, 4), "cpu_seconds": round(cpu_seconds, 4), "tokens": tokens,
            "tokens_per_s": round(tokens / seconds, 2), "completion_len_mean": round(tokens / rows, 1)}
+    if out.logprobs is not None:  # an engine with log-probs of its own (vLLM): how far from the trainer's
+        from radvlm.rollout_correction import logprob_agreement
+
+        with torch.no_grad():
+            trainer = policy.token_logprobs(out.model_batch(), out.completion_mask, temperature=temperature)
+        known = torch.isfinite(out.logprobs) & out.completion_mask.bool()
+        mean, top = logprob_agreement(trainer.float(), torch.nan_to_num(out.logprobs), known.long())
+        row.update(logprob_diff_mean=round(mean, 4), logprob_diff_max=round(top, 4))
     if device.startswith("cuda"):
         row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return row, out.completion_ids
@@ -424,6 +432,9 @@ def summarize_mode(calls: list[dict], device: str) -> dict:
            "rep_tokens_per_s": [c["tokens_per_s"] for c in calls]}
     if device.startswith("cuda"):
         row["peak_gib"] = max(c["peak_gib"] for c in calls)
+    if all("logprob_diff_mean" in c for c in calls):
+        row["logprob_diff_mean"] = round(median([c["logprob_diff_mean"] for c in calls]), 4)
+        row["logprob_diff_max"] = max(c["logprob_diff_max"] for c in calls)
     return row
 
 
@@ -471,6 +482,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 if "lora_B" in name:
                     p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
     engines = {m: make_engine(m) for m in args.modes}
+    if "vllm" in engines:  # built before the timings, as GRPOModule builds it at the start of fit
+        engines["vllm"].setup(policy, max_model_len=2048 + args.max_new_tokens, seed=args.seed)
     policies = {m: policy for m in args.modes}
     if "fsdp2" in args.modes:
         policies["fsdp2"] = sharded_copy(policy, args.device)
@@ -507,7 +520,8 @@ def _run_modes(args, work: Path, policy, policies: dict, engines: dict, dtype, b
             bound = n_rows * bandwidth / decode_bytes_per_step(policy, n_rows, context)
             rows.append({"mode": mode, "prompts": b, "g": args.g, "rows": n_rows, "prompt_tokens": prompt_len,
                          "image_tokens": image_tokens, "warmup": args.warmup, **row,
-                         "bandwidth_bound_tokens_per_s": round(bound, 1)})
+                         "bandwidth_bound_tokens_per_s": round(bound, 1),
+                         "share_of_bound": round(row["tokens_per_s"] / bound, 4)})
         if len(args.modes) >= 2:  # same seed: the same token ids unless rounding (bf16, merged LoRA) tipped a draw
             base = args.modes[0]
             greedy = {"plain", "shared"} <= set(args.modes) and args.greedy_tokens > 0
@@ -532,12 +546,13 @@ def _run_modes(args, work: Path, policy, policies: dict, engines: dict, dtype, b
           f"{meta['copy_bandwidth_gb_s']} GB/s; median of {args.reps} alternating repetitions after "
           f"{args.warmup} discarded")
     print(f"{'mode':<7}{'prompts':>8}{'rows':>6}{'prompt tok':>11}{'seconds':>9}{'tokens':>8}{'tok/s':>9}"
-          f"{'bound tok/s':>12}{'speedup':>8}{'same ids':>9}{'greedy ok':>10}{'peak GiB':>9}")
+          f"{'bound tok/s':>12}{'of bound':>9}{'speedup':>8}{'same ids':>9}{'greedy ok':>10}{'peak GiB':>9}"
+          f"{'lp diff':>8}")
     for r in rows:
         print(f"{r['mode']:<7}{r['prompts']:>8}{r['rows']:>6}{r['prompt_tokens']:>11}{r['seconds']:>9.3f}"
               f"{r['tokens']:>8}{r['tokens_per_s']:>9.1f}{r['bandwidth_bound_tokens_per_s']:>12.0f}"
-              f"{r.get('speedup', ''):>8}{r.get('identical_samples', '')!s:>9}{r.get('greedy_consistent', '')!s:>10}"
-              f"{r.get('peak_gib', ''):>9}")
+              f"{r['share_of_bound']:>9.1%}{r.get('speedup', ''):>8}{r.get('identical_samples', '')!s:>9}"
+              f"{r.get('greedy_consistent', '')!s:>10}{r.get('peak_gib', ''):>9}{r.get('logprob_diff_mean', ''):>8}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -45,15 +45,16 @@ class EncodedSample:
     labels: list[int]  # (T,)
     pixel_values: torch.Tensor | None  # (patches, D)
     image_grid_thw: torch.Tensor | None  # (1, 3)
+    image: Any = None  # the decoded RGB image (prompts keep it for engines that process images themselves)
 
 
-def _image_inputs(record: Record, image_processor) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+def _image_inputs(record: Record, image_processor) -> tuple[torch.Tensor | None, torch.Tensor | None, int, Any]:
     if record.image is None:
-        return None, None, 0
+        return None, None, 0, None
     image = load_image(record.image)
     out = image_processor(images=[image], return_tensors="pt")
     grid = out["image_grid_thw"]  # (1, 3)
-    return out["pixel_values"], grid, image_token_count(grid[0], image_processor.merge_size)
+    return out["pixel_values"], grid, image_token_count(grid[0], image_processor.merge_size), image
 
 
 def turns_of(record: Record) -> list[tuple[str, str]]:
@@ -62,7 +63,7 @@ def turns_of(record: Record) -> list[tuple[str, str]]:
 
 def encode_sft(record: Record, processor) -> EncodedSample:
     """Whole conversation, labels on every assistant turn."""
-    pixels, grid, k = _image_inputs(record, processor.image_processor)
+    pixels, grid, k, _ = _image_inputs(record, processor.image_processor)
     enc = encode_conversation(processor.tokenizer, turns_of(record), image_tokens=k)
     return EncodedSample(record.id, enc.input_ids, enc.labels, pixels, grid)
 
@@ -72,9 +73,9 @@ def encode_prompt(record: Record, processor) -> EncodedSample:
     turns = turns_of(record)
     if turns and turns[-1][0] == "assistant":
         turns = turns[:-1]
-    pixels, grid, k = _image_inputs(record, processor.image_processor)
+    pixels, grid, k, image = _image_inputs(record, processor.image_processor)
     enc = encode_conversation(processor.tokenizer, turns, image_tokens=k, add_generation_prompt=True)
-    return EncodedSample(record.id, enc.input_ids, enc.labels, pixels, grid)
+    return EncodedSample(record.id, enc.input_ids, enc.labels, pixels, grid, image)
 
 
 def pad_stack(rows: Sequence[Sequence[int]], value: int, left: bool) -> torch.Tensor:  # (N, T_max)
@@ -126,6 +127,8 @@ class Collator(ABC):
     """
 
     left = False
+    #: whether batches carry the decoded images (``batch["pil_images"]``) beside the model inputs
+    keeps_images = False
 
     def __init__(self, processor, max_length: int | None = None, overlong: Overlong = "drop",
                  thinking_mode: ThinkingMode = "auto") -> None:
@@ -194,6 +197,8 @@ class Collator(ABC):
         batch = stack_samples([s for _, s in kept], self.pad_id, self.image_token_id, self.left)
         batch["n_dropped"] = n_dropped
         batch["tasks"] = [r.task for r, _ in kept]
+        if self.keeps_images:
+            batch["pil_images"] = [s.image for _, s in kept]
         self.extend(batch, [r for r, _ in kept])
         return batch
 
@@ -238,6 +243,7 @@ class PromptCollator(Collator):
     ``<think>`` itself (Qwen3-VL Thinking) a warning says to set ``"on"``."""
 
     left = True
+    keeps_images = True  # an engine that processes images itself (vLLM) gets the image decoded as here
 
     def __init__(self, processor, max_length: int | None = None, overlong: Overlong = "drop",
                  thinking_mode: ThinkingMode = "auto") -> None:

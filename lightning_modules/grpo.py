@@ -32,11 +32,16 @@ from radvlm.chat import answer_of, split_thinking
 from radvlm.policy import Policy, PolicyConfig
 from radvlm.rewards import RewardResult, RewardTerm, compute_rewards
 from radvlm.rollout import HFEngine, Rollout, RolloutEngine, Sampling
+from radvlm.rollout_correction import RolloutCorrection, logprob_agreement
 from radvlm.tasks import is_box_task, task_think_split
 
 
 class RewardFailureError(RuntimeError):
     """Too large a fraction of rewards could not be computed."""
+
+
+class RolloutMismatchError(RuntimeError):
+    """At the first step, the rollout engine's log-probs differ from the trainer's by more than allowed."""
 
 
 class GRPOModule(PolicyModule):
@@ -90,6 +95,8 @@ class GRPOModule(PolicyModule):
         lr: float | None = None,
         overwrite_export: bool = False,
         engine: RolloutEngine | None = None,
+        rollout_correction: RolloutCorrection | bool | None = None,
+        max_rollout_logprob_diff: float | None = 0.5,
     ) -> None:
         """
         Args:
@@ -121,6 +128,13 @@ class GRPOModule(PolicyModule):
                 its KV cache: the same samples for the same seed, without G-fold vision and prefill compute.
             engine: what generates the rollouts (``class_path`` in the config): ``radvlm.rollout.HFEngine``
                 (default), ``radvlm.fast_engine.FastHFEngine``, ``radvlm.vllm_engine.VLLMEngine``.
+            rollout_correction: importance weights / rejection for an engine that reports its own log-probs
+                (``radvlm.rollout_correction.RolloutCorrection``); ``None``: the engine's default (vLLM:
+                token-level weights capped at 2; HF engines sample from the trainer itself and report none);
+                ``false``: off; ``true``: the default settings.
+            max_rollout_logprob_diff: at the first step of a run, the mean |log π_old − log π_rollout| over
+                the sampled tokens above which the run stops (a prompt, image or weight mismatch between
+                trainer and engine); ``None``: never. Logged every step as ``train/rollout_logprob_diff``.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -138,7 +152,8 @@ class GRPOModule(PolicyModule):
             warnings.warn(f"GRPO with LoRA dropout {lora.dropout}: the update pass runs in train mode, so its "
                           f"log-probs are not those of the rollout policy (ratios ≠ 1 on-policy, clip fractions "
                           f"inflated); the GRPO configs use dropout 0.0", UserWarning, stacklevel=2)
-        self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine"])  # checkpoints hold plain values
+        # checkpoints hold plain values
+        self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine", "rollout_correction"])
         self.engine = engine
         self.rewards = list(rewards)
         self.val_terms = list(rewards) + list(val_metrics or [])
@@ -148,6 +163,8 @@ class GRPOModule(PolicyModule):
         )
         self.reference_model: nn.Module | None = None
         self._keep_empty_rows = False
+        self.rollout_correction = RolloutCorrection() if rollout_correction is True else rollout_correction
+        self._agreement_checked = False
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
     # ------------------------------------------------------------------ setup
@@ -172,6 +189,13 @@ class GRPOModule(PolicyModule):
         per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
         if per_rank is not None:
             check_mini_batch(int(per_rank), self.trainer.world_size, self.hparams.ppo_mini_batch_size)
+        if hasattr(self.engine, "setup"):  # an engine of its own (vLLM): built now, before training memory is taken
+            max_length = getattr(getattr(data, "hparams", None), "max_length", None)
+            if max_length is None:
+                raise ValueError(f"{type(self.engine).__name__} needs data.init_args.max_length (its max_model_len "
+                                 f"is max_length + max_new_tokens)")
+            self.engine.setup(self.policy, max_model_len=int(max_length) + int(self.hparams.max_new_tokens),
+                              seed=int(torch.initial_seed()) % 2**31)
 
     @property
     def optimizer_steps_per_batch(self) -> float | None:
@@ -291,12 +315,18 @@ class GRPOModule(PolicyModule):
             mask, advantages = torch.zeros_like(mask), torch.zeros_like(advantages)
         model_batch = rollout.model_batch()  # (B*G, P+C)
         updates = self._mini_batches(len(batch["ids"]))
+        engine_logp = rollout.logprobs  # (B*G, C) or None: the same on every process (one engine class)
         with _timed(times, "logprobs"):
-            old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates)
+            old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates,
+                                                        need_old=engine_logp is not None)
+        weights, corrected = None, {}
+        if engine_logp is not None:
+            weights, mask, corrected = self._correct(old_logp, engine_logp, mask)
         with _timed(times, "update"):
-            stats = self._update(model_batch, mask, advantages, old_logp, ref_logp, updates, set(rows))
+            stats = self._update(model_batch, mask, advantages, old_logp, ref_logp, updates, set(rows), weights)
         if not filler:
-            self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, stats, times)
+            self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, {**stats, **corrected},
+                           times)
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         self.engine.sync_weights(self.policy)
@@ -355,16 +385,45 @@ class GRPOModule(PolicyModule):
         return advantages, group_std, mask, rows
 
     def _rollout_logprobs(self, model_batch: dict[str, Any], mask: torch.Tensor, rows: list[int],
-                          updates: list[list[int]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """π_old log-probs (``None`` with a single update per rollout batch: π_old = π_θ, detached current
-        log-probs are used) and reference log-probs (``None`` when ``beta`` is 0), each (B*G, C)."""
+                          updates: list[list[int]], need_old: bool = False,
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """π_old log-probs (``None`` with a single update per rollout batch, unless ``need_old``: π_old = π_θ,
+        detached current log-probs are used) and reference log-probs (``None`` when ``beta`` is 0), each
+        (B*G, C)."""
         n_updates = self.agreed_max([len(updates)])[0] if self._is_distributed() else len(updates)
-        single_update = n_updates == 1 and self.hparams.ppo_epochs == 1
+        single_update = n_updates == 1 and self.hparams.ppo_epochs == 1 and not need_old
         old = None if single_update else self._no_grad_logprobs(model_batch, mask, rows, reference=False)
         ref = self._no_grad_logprobs(model_batch, mask, rows, reference=True) if self.hparams.beta > 0 else None
         return old, ref
 
-    def _update(self, rollout, mask, advantages, old_logp, ref_logp, updates, allowed: set[int]) -> dict:
+    def _correct(self, old_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor):
+        """Trainer against engine log-probs: ``(token weights (B*G, C) or None, mask, stats)``. Logs their
+        agreement; at the first step of the run stops every process (one all-gather) when any process's mean
+        difference passes ``max_rollout_logprob_diff``."""
+        known = torch.isfinite(engine_logp)  # (B*G, C) NaN: the engine did not report it (ratio 1)
+        engine_logp = torch.where(known, engine_logp, old_logp)
+        mean, top = logprob_agreement(old_logp, engine_logp, mask * known.to(mask.dtype))
+        limit = self.hparams.max_rollout_logprob_diff
+        if not self._agreement_checked and limit is not None:
+            self._agreement_checked = True
+            diffs = self.gather_values([mean])[:, 0]  # (world,)
+            if bool((diffs > limit).any()):
+                raise RolloutMismatchError(
+                    f"the rollout engine's log-probs differ from the trainer's by {float(diffs.max()):.3f} nats per "
+                    f"token on average (per rank: {[round(float(d), 3) for d in diffs]}; limit "
+                    f"max_rollout_logprob_diff={limit}) at the first step: the engine sees other prompts, images "
+                    f"or weights than the trainer (chat template, pixel budget, weight sync)")
+        stats = {"rollout_logprob_diff": mean, "rollout_logprob_diff_max": top}
+        correction = self.rollout_correction
+        if correction is None:
+            correction = getattr(self.engine, "default_correction", None)
+        if not correction:  # None or False: agreement logged, no correction
+            return None, mask, stats
+        weights, mask, more = correction.apply(old_logp, engine_logp, mask)
+        return weights, mask, {**stats, **more}
+
+    def _update(self, rollout, mask, advantages, old_logp, ref_logp, updates, allowed: set[int],
+                weights: torch.Tensor | None = None) -> dict:
         hp = self.hparams
         agg_kw = {"agg": hp.loss_agg, "max_len": hp.max_new_tokens}
         sums: dict[str, float] = {}
@@ -386,8 +445,8 @@ class GRPOModule(PolicyModule):
                     logp, entropy = self._logprobs(sub, mask[mb], entropy=True)  # (n, C)
                     old = logp.detach() if old_logp is None else old_logp[mb]
                     loss, st = grpo.policy_loss(logp, old, advantages[mb], mask[mb], eps_low=hp.eps_low,
-                                                eps_high=hp.eps_high, dual_clip=hp.dual_clip,
-                                                denominator=den, **agg_kw)
+                                                eps_high=hp.eps_high, dual_clip=hp.dual_clip, denominator=den,
+                                                token_weights=None if weights is None else weights[mb], **agg_kw)
                     if ref_logp is not None:
                         kl = grpo.kl_k3(logp, ref_logp[mb], mask[mb])  # (n, C)
                         kl_term = grpo.aggregate(kl, mask[mb], denominator=den, **agg_kw)

@@ -69,13 +69,17 @@ class Rollout:
     targets: list[str] = field(default_factory=list)  # (N,) reference answer of each row's prompt
     tasks: list[str | None] = field(default_factory=list)  # (N,)
     thinking: list[bool] = field(default_factory=list)  # (N,)
+    #: (N, C) the engine's own log-probs of the sampled tokens (0 outside the mask), when it reports them
+    #: (vLLM): compared with the trainer's π_old and used by the rollout correction; ``None`` for HF engines
+    logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.completion_ids.shape[0])
 
     @classmethod
     def from_completions(cls, prompt_batch: dict[str, Any], g: int, completion_ids: torch.Tensor,
-                         completion_mask: torch.Tensor, truncated: torch.Tensor, texts: list[str]) -> "Rollout":
+                         completion_mask: torch.Tensor, truncated: torch.Tensor, texts: list[str],
+                         logprobs: torch.Tensor | None = None) -> "Rollout":
         """A rollout from a prompt batch (B rows) and its B·G completions (grouped contiguously)."""
         from radvlm.policy import Policy
 
@@ -84,7 +88,7 @@ class Rollout:
             per_row["thinking"] = [False] * completion_ids.shape[0]
         return cls(prompt_inputs=repeat_batch(Policy.model_inputs(prompt_batch), g),
                    completion_ids=completion_ids, completion_mask=completion_mask, truncated=truncated,
-                   texts=list(texts), num_generations=g, **per_row)
+                   texts=list(texts), num_generations=g, logprobs=logprobs, **per_row)
 
     def model_batch(self) -> dict[str, Any]:
         """Prompt + completion as one model batch (N, P+C)."""
@@ -95,7 +99,8 @@ class Rollout:
         return Rollout(prompt_inputs={k: move(v) for k, v in self.prompt_inputs.items()},
                        completion_ids=move(self.completion_ids), completion_mask=move(self.completion_mask),
                        truncated=move(self.truncated), texts=self.texts, num_generations=self.num_generations,
-                       ids=self.ids, targets=self.targets, tasks=self.tasks, thinking=self.thinking)
+                       ids=self.ids, targets=self.targets, tasks=self.tasks, thinking=self.thinking,
+                       logprobs=None if self.logprobs is None else move(self.logprobs))
 
 
 @runtime_checkable
@@ -112,7 +117,10 @@ class RolloutEngine(Protocol):
     - ``radvlm.vllm_engine.VLLMEngine``: vLLM colocated with training (optional extra ``radvlm[vllm]``).
 
     Rows are grouped contiguously (prompt ``i`` → rows ``i·G … i·G+G−1``) in every engine; vision special
-    tokens are always suppressed and generation stops at ``<|im_end|>``.
+    tokens are always suppressed and generation stops at ``<|im_end|>``. An engine that samples from a model
+    other than the trainer's reports its own log-probs (``Rollout.logprobs``) and may name the rollout
+    correction runs get by default (an optional attribute ``default_correction``: a
+    ``radvlm.rollout_correction.RolloutCorrection``; ``GRPOModule`` reads it).
     """
 
     def sync_weights(self, policy: Any) -> None: ...
