@@ -29,7 +29,10 @@
 #                            then 2 alternating repetitions (median); tokens/s, peak memory, the decode bandwidth
 #                            bound from a measured device copy; same samples: exact ids (holds in fp32 only) and
 #                            greedy arg-max consistency against a cache-free forward (holds in bf16); mode
-#                            fsdp2: shared prefill on an FSDP2-sharded copy (whole weights gathered per call)  (270 s)
+#                            fsdp2: shared prefill on an FSDP2-sharded copy (whole weights gathered per call);
+#                            vllm (VLLMEngine) only where vLLM 0.28-0.30 is already installed: its 315 MB wheel
+#                            is over what a device call carries (docs/vllm.md); each row's share of the bound
+#                            and, for vllm, the log-prob gap to the trainer                                    (270 s)
 #   2. benchmarks.grpo_step  8B bf16 + LoRA r=16 + gradient checkpointing, 4 prompts × G = 8, 128 new tokens,
 #                            2 updates/step, RadCliQ reward (tiny RadGraph/CheXbert; BERTScore MiniLM if its
 #                            package is installed, else tiny BERT); steps alternate plain/shared, the first of

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import json
 import sys
 import time
@@ -34,6 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: the repo root, not benchmarks/, must be importable
     sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, str(ROOT))
+
+#: the GPU presets' rollout modes: vLLM's too where it is installed (its 315 MB wheel cannot be carried to an
+#: offline device machine: docs/vllm.md)
+GPU_ROLLOUT_MODES = ["plain", "shared", "fsdp2"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     "quick": {
@@ -56,7 +61,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     "gpu-8b": {
         "rollout": ["--size", "8b", "--device", "cuda", "--batch-sizes", "4", "16", "--g", "8",
                     "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32",
-                    "--modes", "plain", "shared", "fsdp2"],
+                    "--modes", *GPU_ROLLOUT_MODES],
         "grpo_step": ["--size", "8b", "--device", "cuda", "--lora", "--gradient-checkpointing", "--batch-size", "4",
                       "--g", "8", "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--reward", "radcliq"],
         "metrics": ["--n", "256", "--device", "cuda"],
@@ -64,7 +69,7 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     "gpu-2b": {
         "rollout": ["--size", "2b", "--device", "cuda", "--batch-sizes", "4", "16", "--g", "8",
                     "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--greedy-tokens", "32",
-                    "--modes", "plain", "shared", "fsdp2"],
+                    "--modes", *GPU_ROLLOUT_MODES],
         "grpo_step": ["--size", "2b", "--device", "cuda", "--gradient-checkpointing", "--batch-size", "8",
                       "--g", "8", "--max-new-tokens", "128", "--warmup", "1", "--reps", "2", "--reward", "radcliq"],
         "metrics": ["--n", "256", "--device", "cuda"],
