@@ -483,6 +483,10 @@ def run(args: argparse.Namespace) -> list[dict]:
                     p.copy_((torch.randn(p.shape, generator=gen) * 0.01).to(p.dtype))
     engines = {m: make_engine(m) for m in args.modes}
     if "vllm" in engines:  # built before the timings, as GRPOModule builds it at the start of fit
+        if args.model is None:  # vLLM builds its model from a folder: the random model of this shape, saved
+            folder = work / "vllm_model"
+            policy.save_pretrained(folder, merge_lora=policy.is_lora)
+            policy.hf_model.config._name_or_path = str(folder)
         engines["vllm"].setup(policy, max_model_len=2048 + args.max_new_tokens, seed=args.seed)
     policies = {m: policy for m in args.modes}
     if "fsdp2" in args.modes:

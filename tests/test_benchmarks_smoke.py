@@ -135,3 +135,19 @@ def test_gpu_pipeline_runs_every_stage_on_cpu_in_smoke_mode(tmp_path, capsys):
     assert "mAP@0.5" in stages["evaluate"]["note"]  # the evaluator's JSON was read back
     assert json.loads((tmp_path / "results" / "pipeline-tiny.json").read_text())["passed"] is True
     assert "all stages passed" in out
+
+
+def test_rollout_benchmark_times_the_vllm_engine_on_the_stand_in(tmp_path, monkeypatch):
+    """The ``vllm`` mode through ``tests/fake_vllm.py``: built from a saved folder of the benchmark's model,
+    timed beside ``shared``, with its share of the bound and the log-prob gap to the trainer."""
+    from tests import fake_vllm
+
+    fake_vllm.install(monkeypatch)
+    rows = rollout.main(["--size", "tiny", "--image-size", "128", "--batch-sizes", "1", "--g", "2",
+                         "--max-new-tokens", "4", "--warmup", "1", "--reps", "2", "--greedy-tokens", "0",
+                         "--threads", "1", "--modes", "shared", "vllm", "--out", str(tmp_path / "r.json"),
+                         "--work", str(tmp_path / "work")])
+    by_mode = {r["mode"]: r for r in rows}
+    assert set(by_mode) == {"shared", "vllm"} and (tmp_path / "work" / "vllm_model" / "config.json").is_file()
+    assert 0 <= by_mode["vllm"]["logprob_diff_mean"] < 0.5 and "logprob_diff_mean" not in by_mode["shared"]
+    assert all(0 < r["share_of_bound"] < 1 for r in rows)

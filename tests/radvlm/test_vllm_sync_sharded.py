@@ -44,11 +44,11 @@ def test_streaming_sync_from_fsdp2_shards_gives_the_merged_full_weights(synced, 
 
 
 def _worker(ckpt: str, out: str) -> None:
+    import fake_vllm
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    import fake_vllm
     from lightning_modules.strategies import shard_policy
     from radvlm.lora import lora_scalings, merge_lora_state_dict
     from radvlm.policy import LoRASettings, PolicyConfig
