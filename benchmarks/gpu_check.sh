@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check on one H100/H200, offline, with random-initialised Qwen3-VL of the real shapes. Two runs, each
-# under 10 minutes (a device session of 15 minutes fits one of them with time to spare):
+# under 11 minutes (a device session of 15 minutes fits one of them):
 #
 #   bash benchmarks/gpu_check.sh pipeline [2b|8b]   the whole pipeline through main.py and the real configs
 #   bash benchmarks/gpu_check.sh [8b|2b]            the benchmarks (rollout, GRPO step, metrics)
@@ -23,7 +23,7 @@
 #   minutes and ≈ 120 GB of disk at the peak (4 weight folders of 17.5 GB and a full fine-tune's Lightning
 #   checkpoint with its AdamW state): only on a machine where both allow.
 #
-# benchmarks (each in its own process under a time limit; limits add up to 9.3 minutes plus the checks):
+# benchmarks (each in its own process under a time limit; limits add up to 10.3 minutes plus the checks):
 #   1. benchmarks.rollout    8B bf16, 672² noise images (441 visual tokens), G = 8, 128 new tokens, 4 and 16
 #                            prompts, plain vs shared prefill: one discarded warm-up repetition of each mode,
 #                            then 2 alternating repetitions (median); tokens/s, peak memory, the decode bandwidth
@@ -32,7 +32,7 @@
 #                            fsdp2: shared prefill on an FSDP2-sharded copy (whole weights gathered per call);
 #                            vllm (VLLMEngine) only where vLLM 0.28-0.30 is already installed: its 315 MB wheel
 #                            is over what a device call carries (docs/vllm.md); each row's share of the bound
-#                            and, for vllm, the log-prob gap to the trainer                                    (270 s)
+#                            and, for vllm, the log-prob gap to the trainer; modes plain, shared, fast, fsdp2     (330 s)
 #   2. benchmarks.grpo_step  8B bf16 + LoRA r=16 + gradient checkpointing, 4 prompts × G = 8, 128 new tokens,
 #                            2 updates/step, RadCliQ reward (tiny RadGraph/CheXbert; BERTScore MiniLM if its
 #                            package is installed, else tiny BERT); steps alternate plain/shared, the first of
@@ -139,7 +139,7 @@ run() {  # name, seconds
         status=1
     fi
 }
-run rollout 270
+run rollout 330
 run grpo_step 200
 if [[ -f benchmarks/metrics.py ]]; then run metrics 90; fi
 "$PY" -m benchmarks.run_all --summary-only --results "$RESULTS"

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: the repo root, not benchmarks/
 
 #: the GPU presets' rollout modes: vLLM's too where it is installed (its 315 MB wheel cannot be carried to an
 #: offline device machine: docs/vllm.md)
-GPU_ROLLOUT_MODES = ["plain", "shared", "fsdp2"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
+GPU_ROLLOUT_MODES = ["plain", "shared", "fast", "fsdp2"] + (["vllm"] if importlib.util.find_spec("vllm") else [])
 
 PRESETS: dict[str, dict[str, list[str]]] = {
     "quick": {
