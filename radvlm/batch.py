@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+#: a batch whose rows share images (rollouts): each distinct image once, and each row's image
+DISTINCT_KEYS = ("distinct_pixel_values", "distinct_image_grid_thw")
 
 
 def image_blocks(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
@@ -49,19 +51,51 @@ def repeat_batch(batch: dict[str, Any], n: int) -> dict[str, Any]:
 
 def select_rows(batch: dict[str, Any], rows: Sequence[int]) -> dict[str, Any]:
     """Rows ``rows`` of a model batch (one image per row): row tensors and their image blocks; other values
-    are dropped."""
+    are dropped. A batch whose rows share images (a rollout: ``distinct_pixel_values``, ``image_index``;
+    ``Rollout.model_batch``) keeps only the distinct images the selected rows use, renumbered."""
     idx = torch.as_tensor(list(rows), dtype=torch.long)
     out: dict[str, Any] = {}
     n = batch["input_ids"].shape[0]
     for key, value in batch.items():
-        if key in IMAGE_KEYS:
+        if key in IMAGE_KEYS or key in DISTINCT_KEYS:
             continue
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
             out[key] = value[idx.to(value.device)]
     if batch.get("pixel_values") is not None:
         blocks = image_blocks(batch)
         out["pixel_values"] = torch.cat([blocks[i] for i in idx.tolist()])  # (patches, D)
+    if batch.get("image_grid_thw") is not None:
         out["image_grid_thw"] = batch["image_grid_thw"][idx.to(batch["image_grid_thw"].device)]
+    if batch.get("distinct_pixel_values") is not None:
+        used = sorted(set(out["image_index"].tolist()))  # the distinct images these rows show
+        blocks = distinct_blocks(batch)
+        grid = batch["distinct_image_grid_thw"]
+        out["distinct_pixel_values"] = torch.cat([blocks[j] for j in used])  # (patches, D)
+        out["distinct_image_grid_thw"] = grid[torch.as_tensor(used, device=grid.device)]  # (images, 3)
+        renumber = {j: k for k, j in enumerate(used)}
+        out["image_index"] = torch.tensor([renumber[j] for j in out["image_index"].tolist()],
+                                          device=out["image_index"].device)  # (n,)
+    return out
+
+
+def distinct_blocks(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+    """The patches of each distinct image of a batch with shared images (``distinct_pixel_values``)."""
+    return torch.split(batch["distinct_pixel_values"], batch["distinct_image_grid_thw"].prod(-1).tolist())
+
+
+def share_images(batch: dict[str, Any], g: int) -> dict[str, Any]:
+    """A prompt batch's model inputs for its ``g``-fold repeated rows, the images kept once: rows repeated
+    (``repeat_batch`` without ``pixel_values``), ``distinct_pixel_values`` / ``distinct_image_grid_thw`` the
+    prompts' own images and ``image_index`` (N·g,) the image of each row (prompt ``i`` → rows ``i·g … i·g+g−1``
+    show image ``i``). ``Policy`` computes each distinct image's vision features once and gives them to its
+    rows: the same values and summed gradients as running the tower on every repeated copy."""
+    base = {k: v for k, v in batch.items() if k != "pixel_values"}
+    out = repeat_batch(base, g)
+    if batch.get("pixel_values") is not None:
+        out["distinct_pixel_values"] = batch["pixel_values"]  # (patches, D)
+        out["distinct_image_grid_thw"] = batch["image_grid_thw"]  # (B, 3)
+        out["image_index"] = torch.arange(batch["input_ids"].shape[0],
+                                          device=batch["input_ids"].device).repeat_interleave(g)  # (B*g,)
     return out
 
 

@@ -289,13 +289,33 @@ class Policy(nn.Module):
     def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: batch[k] for k in MODEL_INPUT_KEYS if batch.get(k) is not None}
 
+    def _forward_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``model_inputs``; for rows that share images (``distinct_pixel_values``, ``image_index``: rollouts),
+        the vision features computed once per distinct image instead of ``pixel_values``."""
+        inputs = self.model_inputs(batch)
+        if batch.get("distinct_pixel_values") is not None:
+            inputs["mm_encoder_outputs"] = {"image": self.shared_image_features(batch)}
+        return inputs
+
+    def shared_image_features(self, batch: dict[str, Any]) -> Any:
+        """Vision features of each distinct image once (``distinct_pixel_values``, ``distinct_image_grid_thw``),
+        handed to every row that shows it (``image_index``): the tower runs once per image, and in backward the
+        gradients of the rows of an image add up in its features, as over repeated copies. The model's own
+        ``get_image_features`` output, the per-image tuples re-indexed by row (pooled and deepstack)."""
+        out = self.hf_model.model.get_image_features(batch["distinct_pixel_values"], batch["distinct_image_grid_thw"],
+                                                     return_dict=True)
+        index = batch["image_index"].tolist()  # (N,) row → distinct image
+        out.pooler_output = tuple(out.pooler_output[j] for j in index)
+        out.deepstack_features = [tuple(layer[j] for j in index) for layer in out.deepstack_features]
+        return out
+
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, V) logits
         with self.compute_context():
-            return self.hf_model(**self.model_inputs(batch), use_cache=False).logits
+            return self.hf_model(**self._forward_inputs(batch), use_cache=False).logits
 
     def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, H)
         with self.compute_context():
-            out = self.hf_model.model(**self.model_inputs(batch), use_cache=False)
+            out = self.hf_model.model(**self._forward_inputs(batch), use_cache=False)
         return out.last_hidden_state
 
     def token_logprobs(

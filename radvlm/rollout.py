@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from radvlm.batch import append_completions, repeat_batch
+from radvlm.batch import append_completions, share_images
 
 #: per-row list fields a prompt batch carries into its rollout (repeated G times)
 ROW_FIELDS = ("ids", "targets", "tasks", "thinking")
@@ -55,8 +55,9 @@ class Sampling:
 class Rollout:
     """``B·G`` rollouts of ``B`` prompts, rows grouped contiguously (prompt i → rows i·G … i·G+G−1).
 
-    ``prompt_inputs`` are the prompts' model inputs repeated G times (left-padded; one image per row);
-    ``model_batch()`` appends the completions, the input of every log-prob pass.
+    ``prompt_inputs`` are the prompts' model inputs repeated G times (left-padded; one image per row), each
+    prompt's image kept once (``radvlm.batch.share_images``: vision features computed once per prompt in every
+    log-prob pass); ``model_batch()`` appends the completions, the input of every log-prob pass.
     """
 
     prompt_inputs: dict[str, Any]  # input_ids, attention_mask, mm_token_type_ids (N, P), pixel_values, grid
@@ -86,7 +87,7 @@ class Rollout:
         per_row = {k: [v for v in prompt_batch.get(k, []) for _ in range(g)] for k in ROW_FIELDS}
         if not per_row["thinking"]:
             per_row["thinking"] = [False] * completion_ids.shape[0]
-        return cls(prompt_inputs=repeat_batch(Policy.model_inputs(prompt_batch), g),
+        return cls(prompt_inputs=share_images(Policy.model_inputs(prompt_batch), g),
                    completion_ids=completion_ids, completion_mask=completion_mask, truncated=truncated,
                    texts=list(texts), num_generations=g, logprobs=logprobs, **per_row)
 
