@@ -97,7 +97,11 @@ def phase_recorder(modes: list[str]):
             self._last_end: float | None = None
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            pl_module.engine.shared_prefill = modes[len(self.steps) % len(modes)] == "shared"
+            mode = modes[len(self.steps) % len(modes)]
+            pl_module.engine.shared_prefill = mode != "plain"
+            # the training side as it was ("plain", "shared") or optimised: vision once per prompt in the
+            # log-prob passes, rewards beside the reference pass
+            pl_module.share_vision = pl_module.overlap_rewards = mode == "optimized"
             if self._last_end is None:
                 self._last_end = time.perf_counter()
 
@@ -208,6 +212,40 @@ def run_fit(args, work: Path, data_file: Path, terms: list) -> list[dict]:
     return rows
 
 
+def train_side_check(args, work: Path) -> dict:
+    """The correctness column: on one rollout batch of the benchmark's model, the optimised log-prob pass
+    (vision once per prompt) against the repeated one: max |Δ log-prob| and max |Δ gradient| of the vision
+    tower and of the rest (float32 on CPU: ~1e-6; bf16 rounds more)."""
+    from radvlm.batch import append_completions, repeat_batch
+    from radvlm.policy import Policy
+    from radvlm.rollout import Rollout
+
+    policy = build_policy(args.size, args.device, args.dtype, args.image_size, args.model, work, seed=args.seed + 1)
+    records = write_prompt_records(work / "check", 2, args.image_size)
+    from benchmarks.rollout import prompt_batch
+
+    batch = prompt_batch(policy, records, 2, args.device)
+    g = min(args.g, 4)
+    gen = torch.Generator().manual_seed(args.seed)
+    ids = torch.randint(300, 600, (2 * g, 8), generator=gen).to(args.device)
+    mask = torch.ones_like(ids)
+    shared = Rollout.from_completions(batch, g, ids, mask, torch.zeros(2 * g, dtype=torch.bool), [""] * 2 * g)
+    repeated = append_completions(repeat_batch(Policy.model_inputs(batch), g), ids, mask)
+    out = {}
+    for name, model_batch in (("shared", shared.model_batch()), ("repeated", repeated)):
+        policy.zero_grad(set_to_none=True)
+        logp = policy.token_logprobs(model_batch, mask)
+        logp.float().sum().backward()
+        out[name] = (logp.detach().float(), {n: p.grad.float().clone() for n, p in policy.named_parameters()
+                                             if p.grad is not None})
+    (lp_s, g_s), (lp_r, g_r) = out["shared"], out["repeated"]
+    diff = lambda keys: max((float((g_s[k] - g_r[k]).abs().max()) for k in keys), default=0.0)  # noqa: E731
+    del policy
+    return {"check_logprob_max_abs_diff": float((lp_s - lp_r).abs().max()),
+            "check_vision_grad_max_abs_diff": diff([k for k in g_r if ".visual." in k]),
+            "check_other_grad_max_abs_diff": diff([k for k in g_r if ".visual." not in k])}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="tiny", choices=sorted(SHAPES))
@@ -224,7 +262,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--reward", default="gleu", choices=["gleu", "radcliq"])
     parser.add_argument("--reward-device", default=None, help="default: --device")
-    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared"])
+    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "optimized"],
+                        help="plain: repeated prefill; shared: shared prefill; optimized: shared prefill, vision "
+                             "once per prompt in the log-prob passes, rewards beside them")
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on the language model (reference: adapters off)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     add_common_args(parser, "grpo_step.json")
@@ -249,9 +289,15 @@ def run(args: argparse.Namespace) -> list[dict]:
     data_file = write_prompt_records(work / "data", args.batch_size * steps, args.image_size)
     terms, reward_desc = reward_terms(args.reward, work, args.reward_device or args.device)
     rows = run_fit(args, work, data_file, terms)
-    if len(rows) == 2:
-        rows[1]["speedup_step"] = round(rows[0]["step_s"] / rows[1]["step_s"], 3)
-        rows[1]["speedup_generate"] = round(rows[1]["generate_tokens_per_s"] / rows[0]["generate_tokens_per_s"], 3)
+    for r in rows[1:]:
+        r["speedup_step"] = round(rows[0]["step_s"] / r["step_s"], 3)
+        r["speedup_generate"] = round(r["generate_tokens_per_s"] / rows[0]["generate_tokens_per_s"], 3)
+        train_side = lambda row: row["logprobs_s"] + row["update_s"]  # noqa: E731  π_old + reference + update
+        r["speedup_train_side"] = round(train_side(rows[0]) / train_side(r), 3)
+    if "optimized" in args.modes:
+        check = train_side_check(args, work)
+        for r in rows:
+            r.update(check)
 
     meta = {"date": date.today().isoformat(), "device": describe_device(args.device), "size": args.model or args.size,
             "dtype": args.dtype, "image_size": args.image_size, "prompts": args.batch_size, "g": args.g,
@@ -264,12 +310,17 @@ def run(args: argparse.Namespace) -> list[dict]:
           f"{args.updates} updates/step, reward {reward_desc}; modes alternate, median of {args.reps} steps "
           f"after {args.warmup} discarded")
     print(f"{'mode':<7}{'generate s':>11}{'reward s':>9}{'logprobs s':>11}{'update s':>9}{'phases s':>9}"
-          f"{'step s':>8}{'reward %':>9}{'tok/s':>8}{'gen tok/s':>10}{'len':>6}{'speedup':>8}{'peak GiB':>9}")
+          f"{'step s':>8}{'reward %':>9}{'tok/s':>8}{'gen tok/s':>10}{'len':>6}{'speedup':>8}{'train ×':>8}"
+          f"{'peak GiB':>9}")
     for r in rows:
         print(f"{r['mode']:<7}{r['generate_s']:>11.3f}{r['reward_s']:>9.3f}{r['logprobs_s']:>11.3f}"
               f"{r['update_s']:>9.3f}{r['phase_sum_s']:>9.3f}{r['step_s']:>8.3f}{100 * r['reward_fraction']:>8.1f}%"
               f"{r['tokens_per_s']:>8.1f}{r['generate_tokens_per_s']:>10.1f}{r['completion_len_mean']:>6.0f}"
-              f"{r.get('speedup_step', ''):>8}{r.get('peak_gib', ''):>9}")
+              f"{r.get('speedup_step', ''):>8}{r.get('speedup_train_side', ''):>8}{r.get('peak_gib', ''):>9}")
+    if "check_logprob_max_abs_diff" in rows[0]:
+        r = rows[0]
+        print(f"optimized vs repeated log-prob pass: max |Δ log-prob| {r['check_logprob_max_abs_diff']:.2e}, "
+              f"max |Δ grad| vision {r['check_vision_grad_max_abs_diff']:.2e}, rest {r['check_other_grad_max_abs_diff']:.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -97,6 +97,8 @@ class GRPOModule(PolicyModule):
         engine: RolloutEngine | None = None,
         rollout_correction: RolloutCorrection | bool | None = None,
         max_rollout_logprob_diff: float | None = 0.5,
+        share_vision: bool = True,
+        overlap_rewards: bool = True,
     ) -> None:
         """
         Args:
@@ -135,6 +137,11 @@ class GRPOModule(PolicyModule):
             max_rollout_logprob_diff: at the first step of a run, the mean |log π_old − log π_rollout| over
                 the sampled tokens above which the run stops (a prompt, image or weight mismatch between
                 trainer and engine); ``None``: never. Logged every step as ``train/rollout_logprob_diff``.
+            share_vision: log-prob passes run the vision tower once per prompt's image, not once per rollout
+                (``radvlm.batch.share_images``: the same values and gradients); ``False``: repeated (benchmarks).
+            overlap_rewards: compute the rewards in a thread of their own while the π_old and reference
+                log-probs run (the same rewards; not with ``filter_zero_std_groups`` in a single process, whose
+                log-prob passes skip the filtered rows).
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -165,6 +172,9 @@ class GRPOModule(PolicyModule):
         self._keep_empty_rows = False
         self.rollout_correction = RolloutCorrection() if rollout_correction is True else rollout_correction
         self._agreement_checked = False
+        self.share_vision = bool(share_vision)
+        self.overlap_rewards = bool(overlap_rewards)
+        self._reward_pool = None
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
     # ------------------------------------------------------------------ setup
@@ -307,18 +317,31 @@ class GRPOModule(PolicyModule):
         times: dict[str, float] = {}
         with _timed(times, "generate"):
             rollout = self._rollout(batch)  # B·G rows
-        with _timed(times, "reward"):
-            result = self._rewards(rollout, filler=filler)
+        if not self.share_vision:
+            rollout = rollout.repeated_images()
+        model_batch = rollout.model_batch()  # (B*G, P+C)
+        updates = self._mini_batches(len(batch["ids"]))
+        engine_logp = rollout.logprobs  # (B*G, C) or None: the same on every process (one engine class)
+        # rewards beside the π_old / reference passes: those need every row's log-probs whatever the rewards
+        # are (several processes keep every row; one process skips only zero-variance groups when filtering)
+        overlap = self.overlap_rewards and not filler and (self._is_distributed()
+                                                           or not self.hparams.filter_zero_std_groups)
+        pending = self._start_rewards(rollout) if overlap else None
+        if pending is not None:
+            all_rows = list(range(len(rollout)))
+            with _timed(times, "logprobs"):
+                old_logp, ref_logp = self._rollout_logprobs(model_batch, rollout.completion_mask, all_rows,
+                                                            updates, need_old=engine_logp is not None)
+        with _timed(times, "reward"):  # with the overlap: the wait for the rewards after the log-prob passes
+            result = self._rewards(rollout, filler=filler, computed=pending)
         rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
         advantages, group_std, mask, rows = self._advantages(rollout, rewards)
         if filler:  # borrowed prompts: no loss, no statistics
             mask, advantages = torch.zeros_like(mask), torch.zeros_like(advantages)
-        model_batch = rollout.model_batch()  # (B*G, P+C)
-        updates = self._mini_batches(len(batch["ids"]))
-        engine_logp = rollout.logprobs  # (B*G, C) or None: the same on every process (one engine class)
-        with _timed(times, "logprobs"):
-            old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates,
-                                                        need_old=engine_logp is not None)
+        if pending is None:
+            with _timed(times, "logprobs"):
+                old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates,
+                                                            need_old=engine_logp is not None)
         weights, corrected = None, {}
         if engine_logp is not None:
             weights, mask, corrected = self._correct(old_logp, engine_logp, mask)
@@ -333,14 +356,33 @@ class GRPOModule(PolicyModule):
         rollout = self.engine.generate(self.policy, batch, self.sampling, synced_gpus=self.synced_generation)
         return rollout.to(self.device)
 
-    def _rewards(self, rollout: Rollout, filler: bool = False) -> RewardResult:
-        """Rewards of the rollout (none computed for a ``filler`` batch: zeros, never trained on). Whether the
-        run stops on unavailable rewards is decided on every process's fraction (one all-gather), so all stop
-        together with the same ``RewardFailureError``."""
+    def _start_rewards(self, rollout: Rollout):
+        """The rollout's rewards computed in a thread of their own (a CUDA stream of its own on GPU); the
+        future's ``result()`` is ``compute_rewards``'s. Nothing in it is a collective or logs."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._reward_pool is None:
+            self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radvlm-rewards")
+        device = self.device
+
+        def score() -> RewardResult:
+            stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
+            with stream:
+                return compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
+                                       timeout=self.hparams.reward_timeout)
+
+        return self._reward_pool.submit(score)
+
+    def _rewards(self, rollout: Rollout, filler: bool = False, computed=None) -> RewardResult:
+        """Rewards of the rollout (none computed for a ``filler`` batch: zeros, never trained on; ``computed``:
+        the future of ``_start_rewards``). Whether the run stops on unavailable rewards is decided on every
+        process's fraction (one all-gather), so all stop together with the same ``RewardFailureError``."""
         hp = self.hparams
         n = len(rollout)
         if filler:
             result = RewardResult(total=torch.zeros(n), values={}, failed={}, closed=torch.ones(n, dtype=torch.bool))
+        elif computed is not None:
+            result = computed.result()
         else:
             result = compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
                                      timeout=hp.reward_timeout)

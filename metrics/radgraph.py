@@ -5,15 +5,19 @@ The package annotates a report with entities ``{"tokens", "label", "relations": 
 pairs of reports with the package's ``compute_reward`` or with RadCliQ's feature (docs/paper.md §3,
 ``radgraph_feature``).
 
-Deviation from the package: each report is cut to ``max_tokens`` word pieces (default 512, the BERT window)
+Deviations from the package: each report is cut to ``max_tokens`` word pieces (default 512, the BERT window)
 where the package folds longer inputs into windows at a cost that grows with the square of the length
-(``annotate_text``); the entity dict is built in linear time (``entities_of``).
+(``annotate_text``); the entity dict is built in linear time (``entities_of``); reports are annotated
+``batch_size`` at a time (default 16, reports of similar length together, ``length_batches``) as the sentences
+of one document, one forward per batch, each report's annotation equal to its own one-report forward
+(``annotate_words``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -28,6 +32,8 @@ RADGRAPH_REPO = "StanfordAIMI/RRG_scorers"
 MODEL_TYPES = ("radgraph", "radgraph-xl", "modern-radgraph-xl", "echograph")
 REQUIRED_FILES = ("config.json", "weights.th", "vocabulary")
 MAX_TOKENS = 512  # word pieces with [CLS] and [SEP]: the BERT window of the RadGraph models
+BATCH_SIZE = 16  # reports per forward
+MAX_BATCH_PAIRS = 256 ** 2  # relation pairs per forward: about those of one report at MAX_TOKENS (length_batches)
 
 _ENGINES: dict[tuple[str, str, str], object] = {}
 Annotation = dict  # {"text": str, "entities": {id: {"tokens", "label", "relations"}}}
@@ -113,11 +119,104 @@ def cap_words(words: list[str], tokenizer, max_tokens: int | None) -> tuple[list
     return words, used
 
 
+def report_words(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> tuple[list[str], int]:
+    """``(words, length)`` of one report as the model reads it: the package's word split
+    (``preprocess_reports``) cut to ``max_tokens`` word pieces (``cap_words``); ``length`` is its word pieces
+    (its words when ``max_tokens`` is None). ``([], 0)``: nothing for the model (an empty report)."""
+    from radgraph.utils import preprocess_reports
+
+    words = preprocess_reports([text], annotator.model_type)[0]["sentences"][0]
+    words, pieces = cap_words(words, annotator.reader._token_indexers["bert"]._tokenizer, max_tokens)
+    if not words or pieces == 0:
+        return [], 0
+    return words, len(words) if pieces is None else pieces
+
+
+def sentences_independent(model) -> bool:
+    """Whether the sentences of one document are annotated independently: no coreference or event heads (the
+    RadGraph configs), so reports can share a forward as the sentences of one document."""
+    weights = model._loss_weights
+    return weights["coref"] == 0 and weights["events"] == 0 and model._coref.coref_prop == 0
+
+
+def install_decoders(model) -> None:
+    """Replace the ``predict`` of the loaded model's NER and relation heads by tensor decoders (idempotent).
+
+    They give per sentence the package's predictions as plain lists in sentence offsets, ``[start, end,
+    label]`` and ``[start, end, obj_start, obj_end, label]``, in the package's order: the same arg-max
+    (``max`` over labels, label 0 / the dummy class is none), the NER span mask, relations between the first
+    ``num_spans_to_keep`` pruned spans, row-major. Two differences from the package's loops: the relation rows
+    are cut to ``num_spans_to_keep`` too (the package masks only the columns; in a document of several
+    sentences the pruner pads a shorter sentence's rows with a repeated span, which would add relations that
+    its one-sentence forward has not), and no per-item Python objects (``.item()`` per span and relation).
+    The model's ``make_output_human_readable`` is not used on these outputs."""
+    if getattr(model, "_radvlm_decoders", False):
+        return
+    ner, relation, vocab = model._ner, model._relation, model.vocab
+    names: dict[str, list[str]] = {}
+
+    def labels_of(namespace: str) -> list[str]:
+        if namespace not in names:
+            names[namespace] = [vocab.get_token_from_index(i, namespace) for i in range(vocab.get_vocab_size(namespace))]
+        return names[namespace]
+
+    def ner_predict(ner_scores, spans, span_mask, metadata):
+        label_names = labels_of(ner._active_namespace)
+        _, labels = ner_scores.max(dim=2)
+        hit = (labels != 0) & span_mask.bool()
+        out = []
+        for b in range(labels.size(0)):
+            idx = hit[b].nonzero().squeeze(1)
+            out.append([[start, end, label_names[label]]
+                        for (start, end), label in zip(spans[b, idx].tolist(), labels[b, idx].tolist())])
+        return out
+
+    def relation_predict(top_spans, relation_scores, num_spans_to_keep, metadata):
+        label_names = labels_of(relation._active_namespace)
+        _, labels = relation_scores.max(dim=-1)
+        labels -= 1  # the dummy (no relation) class becomes -1
+        out = []
+        for b, keep in enumerate(num_spans_to_keep.tolist()):
+            kept, lab = top_spans[b, :keep].tolist(), labels[b, :keep, :keep]
+            pairs = (lab >= 0).nonzero()
+            out.append([[*kept[i], *kept[j], label_names[label]]
+                        for (i, j), label in zip(pairs.tolist(), lab[pairs[:, 0], pairs[:, 1]].tolist())])
+        return None, out
+
+    ner.predict, relation.predict = ner_predict, relation_predict
+    model._radvlm_decoders = True
+
+
+def annotate_words(annotator, reports: list[list[str]]) -> list[Annotation]:
+    """The annotations of non-empty word lists (``report_words``) in one forward of the package's model.
+
+    The reports are the sentences of one document (the package's reader, ``text_to_instance``, and collation;
+    the model pads the sentences and masks word pieces, words and spans), so the forward and the decoding
+    (``install_decoders``) see each report as its own one-sentence document does: its annotation is the one of
+    ``annotate_words(annotator, [words])``, which is the package's ``RadGraph.forward`` of that report with the
+    annotation dict of its ``postprocess_reports`` (``entities_of``). Needs ``sentences_independent``."""
+    from radgraph.allennlp.data.dataloader import PyTorchDataLoader
+    from radgraph.allennlp.data.dataset_readers import AllennlpDataset
+    from radgraph.utils import batch_to_device
+
+    install_decoders(annotator.model)
+    instance = annotator.reader.text_to_instance({"doc_key": "0", "sentences": reports,
+                                                  "dataset": annotator.model_type})
+    data = AllennlpDataset([instance])
+    data.index_with(annotator.model.vocab)
+    (batch,) = list(PyTorchDataLoader(batch_size=1, dataset=data))
+    with torch.no_grad():
+        output = annotator.model(**batch_to_device(batch, annotator.device))
+    return [{"text": " ".join(words), "data_source": None, "data_split": "inference",
+             "entities": entities_of(ner, relations, words)}
+            for words, ner, relations in zip(reports, output["ner"]["predictions"], output["relation"]["predictions"])]
+
+
 def annotate_text(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> Annotation:
     """The package's annotation of one report (``RadGraph.forward`` of one text), cut to ``max_tokens``.
 
     As the package's ``RadGraph.forward`` does: its word split ``preprocess_reports``, reader and model; then
-    the annotation dict of its ``postprocess_reports`` (``entities_of``).
+    the annotation dict of its ``postprocess_reports`` (``entities_of``); ``annotate_words`` of one report.
 
     Bounded input (``max_tokens``, default 512: the BERT window of the RadGraph models): a report whose word
     pieces, with [CLS] and [SEP], exceed it is cut to its longest prefix of words (the package's words) that
@@ -127,25 +226,34 @@ def annotate_text(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> 
     word pieces (nothing after the cut, only characters the tokenizer drops) is an empty report: entities {},
     value 0 (the real low score, not NaN). ``max_tokens=None`` cuts nothing.
     """
-    from radgraph.allennlp.data.dataloader import PyTorchDataLoader
-    from radgraph.allennlp.data.dataset_readers import AllennlpDataset
-    from radgraph.utils import batch_to_device, preprocess_reports
-
-    words = preprocess_reports([text], annotator.model_type)[0]["sentences"][0]
-    words, pieces = cap_words(words, annotator.reader._token_indexers["bert"]._tokenizer, max_tokens)
-    if not words or pieces == 0:
+    words, _ = report_words(annotator, text, max_tokens)
+    if not words:
         return {"text": "", "entities": {}}
-    instance = annotator.reader.text_to_instance({"doc_key": "0", "sentences": [words],
-                                                  "dataset": annotator.model_type})
-    data = AllennlpDataset([instance])
-    data.index_with(annotator.model.vocab)
-    (batch,) = list(PyTorchDataLoader(batch_size=1, dataset=data))
-    with torch.no_grad():
-        output = annotator.model(**batch_to_device(batch, annotator.device))
-        doc = annotator.model.make_output_human_readable(output).to_json()
-    sentence = doc["sentences"][0]
-    return {"text": " ".join(sentence), "data_source": None, "data_split": "inference",
-            "entities": entities_of(doc["predicted_ner"][0], doc["predicted_relations"][0], sentence)}
+    return annotate_words(annotator, [words])[0]
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, widths: Sequence[int] | None = None,
+                   max_pairs: int = MAX_BATCH_PAIRS) -> list[list[int]]:
+    """Indices of ``lengths`` in batches of at most ``batch_size`` of similar length: sorted by length (ties in
+    input order), then cut in order; every index exactly once.
+
+    ``widths`` (pruned spans per report, optional): a batch also stops before ``len(batch) * max(width)²``
+    (the relation pairs the model scores, padded) passes ``max_pairs``, so a batch of long reports holds about
+    the memory of one longest report; a report alone is always a batch."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches: list[list[int]] = []
+    widest = 0
+    for i in sorted(range(len(lengths)), key=lambda k: lengths[k]):
+        width = widths[i] if widths is not None else 0
+        grown = max(widest, width)
+        if batches and len(batches[-1]) < batch_size and (len(batches[-1]) + 1) * grown ** 2 <= max_pairs:
+            batches[-1].append(i)
+            widest = grown
+        else:
+            batches.append([i])
+            widest = width
+    return batches
 
 
 # -------------------------------------------------------------------------------------------- loading
@@ -214,13 +322,16 @@ class RadGraphF1(PerSampleMetric):
       with an empty prediction or reference scores 0, and so does a pair where either side has no entity.
     - ``reward_level="radcliq"``: ``radgraph_feature``, RadCliQ's RadGraph feature (docs/paper.md §3).
 
-    Batching and caching: one ``score`` call annotates every distinct text once, one report at a time
-    (``annotate_text``); reference annotations are kept in an LRU cache (``stats["reference_annotations"]``
-    counts references actually annotated). Cancellation (``metrics.base.check_cancelled``) is checked before
-    each report. The annotator is loaded lazily once per (model, folder, device) in a module-level cache
-    (``load_annotator``), never as a submodule, so it is not in ``state_dict()``. When loading fails, scores
-    are NaN with one warning saying where to put the weights (``strict=True`` raises). Device: None or
-    ``"cuda"`` is this process's own GPU (``LOCAL_RANK``, ``metrics.base.resolve_device``; ``radgraph_cuda_index``).
+    Batching and caching: one ``score`` call annotates every distinct text once, ``batch_size`` reports per
+    forward (default 16; reports of similar length together, ``length_batches``; ``batch_size=1`` is one
+    report per forward, with the same annotations: ``annotate_words``); reference annotations are kept in an
+    LRU cache (``stats["reference_annotations"]`` counts references actually annotated). Cancellation
+    (``metrics.base.check_cancelled``) is checked before each batch. The annotator is loaded lazily once per
+    (model, folder, device) in a module-level cache (``load_annotator``), never as a submodule, so it is not in
+    ``state_dict()``. When loading fails, scores are NaN with one warning saying where to put the weights
+    (``strict=True`` raises); a report the model fails on is NaN (a failing batch is redone report by report).
+    Device: None or ``"cuda"`` is this process's own GPU (``LOCAL_RANK``, ``metrics.base.resolve_device``;
+    ``radgraph_cuda_index``).
     """
 
     higher_is_better = True
@@ -235,11 +346,14 @@ class RadGraphF1(PerSampleMetric):
         strict: bool = False,
         reference_cache_size: int = 16384,
         max_tokens: int | None = MAX_TOKENS,
+        batch_size: int = BATCH_SIZE,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         if max_tokens is not None and max_tokens < 3:
             raise ValueError(f"RadGraphF1: max_tokens must be >= 3 (room for [CLS], [SEP] and a piece), got {max_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"RadGraphF1: batch_size must be >= 1, got {batch_size}")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"RadGraphF1: model_type must be one of {MODEL_TYPES}, got {model_type!r}")
         if reward_level not in ("simple", "partial", "complete", "radcliq"):
@@ -250,6 +364,7 @@ class RadGraphF1(PerSampleMetric):
         self.model_device = resolve_device(device)  # this rank's GPU for None or "cuda"
         self.strict = strict
         self.max_tokens = max_tokens
+        self.batch_size = batch_size
         self.reference_cache_size = reference_cache_size
         self.reference_cache = ReferenceCache(reference_cache_size)
         self.stats = {"reference_annotations": 0, "prediction_annotations": 0}
@@ -264,18 +379,51 @@ class RadGraphF1(PerSampleMetric):
             warn_once(f"radgraph:{self.model_type}:{self.model_dir}", message)
             return None
 
+    def _failed(self, exc: Exception) -> None:
+        """A report the model failed on: raise when strict, else warn once; its annotation is None (NaN)."""
+        if self.strict:
+            raise exc
+        warn_once(f"radgraph-fail:{exc}", f"RadGraph failed on a report ({exc!r}); its scores are NaN")
+
+    def _annotate_alone(self, annotator, words: list[str]) -> Annotation | None:
+        try:
+            return annotate_words(annotator, [words])[0]
+        except Exception as exc:
+            self._failed(exc)
+            return None
+
     def _run(self, annotator, texts: list[str]) -> dict[str, Annotation | None]:
-        """Annotations of distinct non-empty ``texts``, one report at a time; a failing report gets None."""
+        """Annotations of distinct non-empty ``texts``, ``batch_size`` reports per forward (``length_batches``);
+        a failing report gets None. A batch whose forward fails is redone one report at a time, so only the
+        reports that fail alone are None. Cancellation is checked before each batch (and each redone report)."""
         out: dict[str, Annotation | None] = {}
+        todo: list[tuple[str, list[str], int]] = []
         for text in texts:
-            check_cancelled()
             try:
-                out[text] = annotate_text(annotator, text, self.max_tokens)
+                words, length = report_words(annotator, text, self.max_tokens)
             except Exception as exc:
-                if self.strict:
-                    raise
-                warn_once(f"radgraph-fail:{exc}", f"RadGraph failed on a report ({exc!r}); its scores are NaN")
+                self._failed(exc)
                 out[text] = None
+                continue
+            if words:
+                todo.append((text, words, length))
+            else:
+                out[text] = {"text": "", "entities": {}}
+        size = self.batch_size if sentences_independent(annotator.model) else 1
+        per_word = annotator.model._relation._spans_per_word
+        widths = [math.ceil(len(words) * per_word) for _, words, _ in todo]
+        for batch in length_batches([length for *_, length in todo], size, widths):
+            check_cancelled()
+            items = [todo[i] for i in batch]
+            if len(items) == 1:
+                out[items[0][0]] = self._annotate_alone(annotator, items[0][1])
+                continue
+            try:
+                out.update(zip((text for text, *_ in items), annotate_words(annotator, [w for _, w, _ in items])))
+            except Exception:
+                for text, words, _ in items:  # redo alone: only the reports that fail by themselves are NaN
+                    check_cancelled()
+                    out[text] = self._annotate_alone(annotator, words)
         return out
 
     def annotate(self, preds: Sequence[str], targets: Sequence[str]) -> dict[str, Annotation | None] | None:

@@ -14,12 +14,13 @@ Rewards live in ``radvlm.rewards``, row operations on batches in ``radvlm.batch`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from radvlm.batch import append_completions, share_images
+from radvlm.batch import append_completions, distinct_blocks, share_images
 
 #: per-row list fields a prompt batch carries into its rollout (repeated G times)
 ROW_FIELDS = ("ids", "targets", "tasks", "thinking")
@@ -90,6 +91,18 @@ class Rollout:
         return cls(prompt_inputs=share_images(Policy.model_inputs(prompt_batch), g),
                    completion_ids=completion_ids, completion_mask=completion_mask, truncated=truncated,
                    texts=list(texts), num_generations=g, logprobs=logprobs, **per_row)
+
+    def repeated_images(self) -> "Rollout":
+        """This rollout with every row carrying its own copy of its image (``pixel_values`` repeated G times,
+        as before vision features were shared): the log-prob passes then run the tower on every row."""
+        inputs = dict(self.prompt_inputs)
+        if inputs.get("distinct_pixel_values") is None:
+            return self
+        blocks = distinct_blocks(inputs)
+        inputs["pixel_values"] = torch.cat([blocks[j] for j in inputs["image_index"].tolist()])  # (patches*G, D)
+        for key in ("distinct_pixel_values", "distinct_image_grid_thw", "image_index"):
+            inputs.pop(key)
+        return dataclasses.replace(self, prompt_inputs=inputs)
 
     def model_batch(self) -> dict[str, Any]:
         """Prompt + completion as one model batch (N, P+C)."""
