@@ -121,7 +121,28 @@ class RadVLMCLI(LightningCLI):
         )
 
 
+#: list-valued init arguments whose items are objects: a flag that sets one field of "the" item lands on the
+#: last item only (jsonargparse), e.g. ``--model.init_args.rewards.init_args.tasks``
+OBJECT_LISTS = ("model.init_args.rewards", "model.init_args.val_metrics")
+
+
+def refuse_list_item_fields(argv: list[str]) -> None:
+    """Refuse ``--<list>.init_args.<field>`` / ``--<list>.class_path`` for the object lists above: it would
+    silently change only the last item (a three-task GRPO run trained on its format reward alone)."""
+    for arg in argv:
+        flag = arg.split("=", 1)[0].removeprefix("--")
+        for name in OBJECT_LISTS:
+            if flag.startswith(name + ".") and flag[len(name) + 1:].split(".")[0] in ("init_args", "class_path"):
+                raise SystemExit(f"error: {arg.split('=', 1)[0]} would change only the last item of {name} "
+                                 f"(one field of a list item cannot be set from the command line): edit the list in "
+                                 f"a config file, or give the whole list: --{name} '[{{class_path: ..., init_args: "
+                                 f"{{...}}}}, ...]'")
+
+
 def main(args=None) -> RadVLMCLI:
+    import sys
+
+    refuse_list_item_fields(list(sys.argv[1:] if args is None else args if isinstance(args, (list, tuple)) else []))
     from datamodules.datamodule import RadVLMDataModule
     from lightning_modules import grpo, sft  # noqa: F401  (imported so their classes resolve by class_path)
     from lightning_modules.common import PolicyModule

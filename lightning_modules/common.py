@@ -402,6 +402,7 @@ class PolicyModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["radvlm"] = {
+            "module": module_name(type(self)),
             "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
             "dropped_samples": self.dropped_samples, "run_seed": self.run_seed,
             "batches_trained": self.batches_trained,
@@ -413,6 +414,7 @@ class PolicyModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("radvlm", {})
+        check_checkpoint_module(state.get("module"), type(self), checkpoint.get("hyper_parameters"))
         self.skipped_steps = state.get("skipped_steps", 0)
         self.consecutive_skips = state.get("consecutive_skips", 0)
         self.dropped_samples = state.get("dropped_samples", 0)
@@ -443,6 +445,7 @@ class PolicyModule(L.LightningModule):
                 log.warning("resumed optimizer settings replaced by the configured ones: %s", "; ".join(changed))
         if self.run_seed is None:
             self.run_seed = torch.initial_seed()
+        warn_if_nothing_logged(self.trainer, getattr(self, "optimizer_steps_per_batch", None))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Lightning keeps no RNG state in checkpoints, and between two batches data loader iterators and
@@ -523,3 +526,46 @@ def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+def module_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+#: hyper-parameters only one stage has: they name the writer of a checkpoint that predates the "module" entry
+STAGE_MARKERS = {"lightning_modules.grpo.GRPOModule": "num_generations",
+                 "lightning_modules.sft.SFTModule": "accumulate_grad_batches"}
+
+
+def check_checkpoint_module(written_by: str | None, cls: type, hyper_parameters: dict | None) -> None:
+    """Refuse a checkpoint another stage wrote (``--ckpt_path`` of an SFT run given to GRPO would restore its
+    step counter and train nothing): the next stage starts from the previous one's export instead."""
+    if written_by is None and isinstance(hyper_parameters, dict):
+        written_by = next((name for name, key in STAGE_MARKERS.items() if key in hyper_parameters), None)
+    mine = module_name(cls)
+    if written_by is None or written_by == mine or issubclass_name(cls, written_by):
+        return
+    raise ValueError(f"--ckpt_path is a checkpoint of {written_by.rsplit('.', 1)[-1]}, this run is "
+                     f"{cls.__name__}: a checkpoint resumes the run that wrote it. To start {cls.__name__} from that "
+                     f"run, give its export folder (its export_dir) as --model.init_args.policy.name_or_path and no "
+                     f"--ckpt_path")
+
+
+def issubclass_name(cls: type, name: str) -> bool:
+    return any(module_name(base) == name for base in cls.__mro__)
+
+
+def warn_if_nothing_logged(trainer: Any, optimizer_steps_per_batch: float | None) -> None:
+    """A run shorter than ``log_every_n_steps`` training batches logs no ``train/*`` scalars: say so."""
+    every = int(getattr(trainer, "log_every_n_steps", 1) or 1)
+    batches = trainer.num_training_batches
+    epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+    limits = []
+    if isinstance(batches, int) and epochs is not None:
+        limits.append(batches * epochs)
+    if trainer.max_steps and trainer.max_steps > 0 and optimizer_steps_per_batch:
+        limits.append(math.ceil(trainer.max_steps / optimizer_steps_per_batch))
+    if limits and min(limits) < every:
+        log.warning("this run trains %d batch(es) but logs training scalars every %d (trainer.log_every_n_steps): "
+                    "TensorBoard would show no train/* curve; pass --trainer.log_every_n_steps 1",
+                    min(limits), every)

@@ -178,6 +178,20 @@ class GRPOModule(PolicyModule):
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
     # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        """The checks of ``PolicyModule.setup``, and before any model is loaded: every task of the training
+        data has a reward term (a run would otherwise stop at its first rollout, minutes in at 8B)."""
+        super().setup(stage)
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if stage != "fit" or data is None:
+            return
+        tasks = sorted({str(r.task) for r in getattr(data, "splits", {}).get("train", [])})
+        missing = [t for t in tasks if not any(term.applies(t) for term in self.rewards)]
+        if missing:
+            have = {term.name: sorted(term.tasks) if term.tasks is not None else "all" for term in self.rewards}
+            raise ValueError(f"no reward term scores the training task(s) {missing} (reward terms and their tasks: "
+                             f"{have}); add a RewardTerm for them or filter the data with data.init_args.tasks")
+
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = self.policy_config.build(train=self._fitting())

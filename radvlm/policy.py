@@ -81,6 +81,16 @@ class PolicyConfig:
     min_pixels: int | None = None
     max_pixels: int | None = None
 
+    def __post_init__(self) -> None:
+        path = Path(str(self.name_or_path))
+        lightning = path.suffix == ".ckpt" or (path.is_dir() and (path / "meta.pt").is_file()
+                                               and any(path.glob("*.distcp")))
+        if lightning:
+            raise ValueError(f"policy.name_or_path {str(path)!r} is a Lightning checkpoint (training state), not a "
+                             f"Hugging Face model folder: start the next stage from the run's export (its "
+                             f"export_dir, written when fit ends), e.g. --model.init_args.policy.name_or_path "
+                             f"runs/sft/hf_export; to continue the same run, keep its config and pass --ckpt_path")
+
     def dtypes(self, train: bool = True) -> tuple[torch.dtype, torch.dtype]:
         """``(master, compute)``: the dtype of trainable weights and of the forward passes (equal when not
         training or when ``master_dtype`` is ``None``)."""

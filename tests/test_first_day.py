@@ -1,0 +1,89 @@
+"""A researcher's first day with their own data (issue 26): runs that would silently do the wrong thing are
+refused at set-up, with a line that says what to do."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import main
+from lightning_modules.common import check_checkpoint_module
+from lightning_modules.grpo import GRPOModule
+from lightning_modules.sft import SFTModule
+from radvlm.policy import PolicyConfig
+
+
+def test_a_list_item_field_from_the_command_line_is_refused():
+    # jsonargparse would set it on the last reward term only: three tasks trained on the format reward alone
+    with pytest.raises(SystemExit, match="only the last item of model.init_args.rewards"):
+        main.main(args=["fit", "--config", "configs/demo/grpo.yaml",
+                        "--model.init_args.rewards.init_args.tasks", "[report_generation]"])
+    with pytest.raises(SystemExit, match="val_metrics"):
+        main.main(args=["fit", "--config", "configs/demo/grpo.yaml",
+                        "--model.init_args.val_metrics.class_path=metrics.text.ROUGEL"])
+
+
+def test_a_lightning_checkpoint_as_the_policy_gets_the_export_hint(tmp_path):
+    with pytest.raises(ValueError, match="is a Lightning checkpoint.*export_dir"):
+        PolicyConfig(str(tmp_path / "sft" / "last.ckpt"))
+    folder = tmp_path / "last.ckpt.d"  # a distributed checkpoint folder (FSDP2)
+    folder.mkdir()
+    (folder / "meta.pt").write_bytes(b"")
+    (folder / "__0_0.distcp").write_bytes(b"")
+    with pytest.raises(ValueError, match="Lightning checkpoint"):
+        PolicyConfig(str(folder))
+
+
+def test_a_checkpoint_of_another_stage_is_refused():
+    with pytest.raises(ValueError, match="checkpoint of SFTModule, this run is GRPOModule.*export folder"):
+        check_checkpoint_module("lightning_modules.sft.SFTModule", GRPOModule, None)
+    # checkpoints written before the module was recorded: told apart by a stage's own hyper-parameter
+    with pytest.raises(ValueError, match="checkpoint of SFTModule"):
+        check_checkpoint_module(None, GRPOModule, {"accumulate_grad_batches": 1, "policy": {}})
+    check_checkpoint_module("lightning_modules.sft.SFTModule", SFTModule, None)  # its own: resumes
+    check_checkpoint_module(None, SFTModule, {"policy": {}})  # unknown writer: nothing to refuse on
+
+
+def _grpo_args(tiny_ckpt, phantom_dir, tmp_path, *extra):
+    return ["fit", "--config", "configs/demo/grpo.yaml", "--model.init_args.policy.name_or_path", str(tiny_ckpt),
+            "--data.init_args.phantom_dir", str(phantom_dir), "--trainer.logger", "false",
+            "--trainer.callbacks", "null", "--trainer.enable_progress_bar", "false",
+            "--trainer.default_root_dir", str(tmp_path), "--model.init_args.export_dir", str(tmp_path / "export"),
+            "--data.init_args.batch_size", "2", "--trainer.limit_val_batches", "0", "--data.init_args.num_workers",
+            "0", "--model.init_args.num_generations", "2", "--model.init_args.max_new_tokens", "4", *extra]
+
+
+def test_grpo_from_an_sft_checkpoint_is_refused_before_training(tiny_ckpt, phantom_dir, tmp_path):
+    sft = ["fit", "--config", "configs/demo/sft.yaml", "--model.init_args.policy.name_or_path", str(tiny_ckpt),
+           "--data.init_args.phantom_dir", str(phantom_dir), "--trainer.logger", "false",
+           "--trainer.callbacks", "null", "--trainer.max_steps", "1", "--trainer.enable_progress_bar", "false",
+           "--trainer.default_root_dir", str(tmp_path / "sft"), "--data.init_args.batch_size", "2",
+           "--model.init_args.num_generation_samples", "0", "--trainer.limit_val_batches", "0",
+           "--data.init_args.num_workers", "0", "--model.init_args.export_dir", str(tmp_path / "sft" / "export"),
+           "--model.init_args.lr_scheduler", "null"]
+    cli = main.main(args=sft)
+    ckpt = tmp_path / "sft.ckpt"
+    cli.trainer.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=True)["radvlm"]["module"] == "lightning_modules.sft.SFTModule"
+    with pytest.raises(ValueError, match="checkpoint of SFTModule, this run is GRPOModule"):
+        main.main(args=_grpo_args(tiny_ckpt, phantom_dir, tmp_path / "grpo", "--trainer.max_steps", "2",
+                                  "--ckpt_path", str(ckpt)))
+
+
+def test_a_task_without_a_reward_is_refused_before_the_model_loads(tiny_ckpt, phantom_dir, tmp_path, monkeypatch):
+    built = []
+    monkeypatch.setattr(PolicyConfig, "build", lambda self, train=True: built.append(1))
+    with pytest.raises(ValueError, match=r"no reward term scores the training task\(s\) \['report_generation'\]"):
+        main.main(args=_grpo_args(tiny_ckpt, phantom_dir, tmp_path, "--trainer.max_steps", "1",
+                                  "--data.init_args.tasks", "[report_generation, abnormality_grounding]"))
+    assert built == []  # found at set-up, before any model was loaded
+
+
+def test_a_run_shorter_than_the_logging_interval_warns(tiny_ckpt, phantom_dir, tmp_path, caplog):
+    args = _grpo_args(tiny_ckpt, phantom_dir, tmp_path, "--trainer.max_steps", "2",
+                      "--trainer.log_every_n_steps", "50", "--model.init_args.ppo_mini_batch_size", "2")
+    with caplog.at_level(logging.WARNING):
+        main.main(args=args)
+    assert "logs training scalars every 50" in caplog.text and "--trainer.log_every_n_steps 1" in caplog.text
