@@ -338,10 +338,11 @@ class GRPOModule(PolicyModule):
         engine_logp = rollout.logprobs  # (B*G, C) or None: the same on every process (one engine class)
         # rewards beside the π_old / reference passes: those need every row's log-probs whatever the rewards
         # are (several processes keep every row; one process skips only zero-variance groups when filtering)
-        overlap = self.overlap_rewards and not filler and (self._is_distributed()
-                                                           or not self.hparams.filter_zero_std_groups)
-        pending = self._start_rewards(rollout) if overlap else None
-        if pending is not None:
+        # the order of the passes and of the rewards' all-gather is the same on every process whatever its batch
+        # (a filler process computes no rewards but makes the same collectives in the same order)
+        overlap = self.overlap_rewards and (self._is_distributed() or not self.hparams.filter_zero_std_groups)
+        pending = self._start_rewards(rollout) if overlap and not filler else None
+        if overlap:
             all_rows = list(range(len(rollout)))
             with _timed(times, "logprobs"):
                 old_logp, ref_logp = self._rollout_logprobs(model_batch, rollout.completion_mask, all_rows,
@@ -352,7 +353,7 @@ class GRPOModule(PolicyModule):
         advantages, group_std, mask, rows = self._advantages(rollout, rewards)
         if filler:  # borrowed prompts: no loss, no statistics
             mask, advantages = torch.zeros_like(mask), torch.zeros_like(advantages)
-        if pending is None:
+        if not overlap:
             with _timed(times, "logprobs"):
                 old_logp, ref_logp = self._rollout_logprobs(model_batch, mask, rows, updates,
                                                             need_old=engine_logp is not None)
