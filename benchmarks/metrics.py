@@ -85,6 +85,50 @@ def time_metric(factory, n: int, layout: str) -> dict:
             "first_call_s": round(load_s, 3), "nan": int(torch.isnan(values).sum())}
 
 
+def radgraph_batching(model_dir: str, n: int, device: str, reps: int = 5) -> dict:
+    """RadGraph samples/s with ``batch_size`` 16 (reports of similar length in one forward) against one report
+    per forward, on the same ``n`` distinct report pairs in the same process: the two modes alternate, each rep
+    on a fresh metric (empty reference cache) after one untimed warm-up of each; medians of ``reps``. The
+    ``max_abs_diff`` column is the largest difference between the two modes' scores (0: the same rewards)."""
+    from metrics.radgraph import RadGraphF1, load_annotator
+
+    preds, refs = make_pairs(n, "distinct", seed=7)
+    times: dict[int, list[float]] = {16: [], 1: []}
+    forward_times: dict[int, list[float]] = {16: [], 1: []}
+    scores: dict[int, torch.Tensor] = {}
+    in_forward = [0.0]
+    for rep in range(reps + 1):
+        for size in (16, 1):
+            metric = RadGraphF1(reward_level="partial", model_dir=model_dir, device=device, batch_size=size)
+            if rep == 0:  # the model's forward, timed apart from the data preparation and decoding around it
+                model = load_annotator(metric.model_type, model_dir, metric.model_device).model
+                if not hasattr(model, "_bench_forward"):
+                    model._bench_forward = model.forward
+
+                    def timed_forward(*a, _inner=model._bench_forward, **k):
+                        t = time.perf_counter()
+                        try:
+                            return _inner(*a, **k)
+                        finally:
+                            in_forward[0] += time.perf_counter() - t
+
+                    model.forward = timed_forward
+            in_forward[0] = 0.0
+            t0 = time.perf_counter()
+            scores[size] = metric.score(preds, refs)
+            if rep:  # rep 0 is the warm-up
+                times[size].append(time.perf_counter() - t0)
+                forward_times[size].append(in_forward[0])
+    median = {size: sorted(t)[len(t) // 2] for size, t in times.items()}
+    forward = {size: sorted(t)[len(t) // 2] for size, t in forward_times.items()}
+    return {"metric": "RadGraphF1 batching (tiny random)", "layout": "distinct", "n": n, "reps": reps,
+            "samples_per_s": round(n / median[16], 1), "one_per_forward_samples_per_s": round(n / median[1], 1),
+            "speedup": round(median[1] / median[16], 2), "forward_speedup": round(forward[1] / forward[16], 2),
+            "forward_share_batched": round(forward[16] / median[16], 3),
+            "max_abs_diff": float((scores[16] - scores[1]).abs().nan_to_num(0.0).max()),
+            "nan": int(torch.isnan(scores[16]).sum())}
+
+
 def fast_rows() -> list[dict]:
     """Rows of benchmarks/metrics_fast.py ``results()`` if that file exists (written separately)."""
     path = Path(__file__).resolve().parent / "metrics_fast.py"
@@ -112,6 +156,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "metrics.json"))
+    parser.add_argument("--only", choices=("all", "radgraph-batching"), default="all",
+                        help="radgraph-batching: only the batched vs one-report-per-forward RadGraph comparison")
+    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of the RadGraph batching comparison")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -137,7 +184,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             radgraph=RadGraphF1(reward_level="radcliq", model_dir=radgraph_dir, device=dev),
             bertscore=bertscore(), semb=CheXbertSimilarity(chexbert_ckpt, bert, device=dev), bleu=BLEU(n=2)),
     }
-    rows = []
+    if args.only == "radgraph-batching":
+        factories = {}
+    rows = [radgraph_batching(radgraph_dir, args.n, dev, args.reps)]
     for name, factory in factories.items():
         for layout in ("distinct", "grpo"):
             try:
@@ -145,7 +194,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             except Exception as exc:  # noqa: BLE001  (a missing optional model: report it, keep going)
                 rows.append({"metric": name, "layout": layout, "error": f"{type(exc).__name__}: {exc}"})
     try:
-        rows += fast_rows()
+        rows += fast_rows() if args.only == "all" else []
     except Exception as exc:  # noqa: BLE001  (the other benchmark is optional)
         rows.append({"metric": "metrics_fast", "error": f"{type(exc).__name__}: {exc}"})
 
@@ -160,6 +209,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             sps = f"{sps:.1f}" if isinstance(sps, (int, float)) else str(sps)
             first = r.get("first_call_s", "")
             print(f"{r['metric']:<52} {r.get('layout', ''):<9} {sps:>10} {first!s:>13}")
+            if "speedup" in r:
+                print(f"{'':<52} one report per forward {r['one_per_forward_samples_per_s']} samples/s: "
+                      f"batched x{r['speedup']} (model forward x{r['forward_speedup']}, "
+                      f"{r['forward_share_batched']:.0%} of the batched time), scores max |diff| {r['max_abs_diff']:.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": dev, "threads": torch.get_num_threads(), "platform": platform.platform(),

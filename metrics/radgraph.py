@@ -101,22 +101,82 @@ def entities_of(ner: list, relations: list, words: list[str]) -> dict:
     return out
 
 
-def cap_words(words: list[str], tokenizer, max_tokens: int | None) -> tuple[list[str], int | None]:
+class WordPieces:
+    """Word-piece ids of single words (each alone, no special tokens: the package's mismatched indexer), kept
+    per distinct word; the unseen words of a call are tokenized in one batched tokenizer call. At most
+    ``max_words`` words are kept (the table starts over when full). ``__call__(words) -> [ids per word]``."""
+
+    def __init__(self, tokenizer, max_words: int = 1 << 18) -> None:
+        self.tokenizer, self.max_words = tokenizer, max_words
+        self.table: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, words: Sequence[str]) -> list[tuple[int, ...]]:
+        new = [w for w in dict.fromkeys(words) if w not in self.table]
+        if new and len(self.table) + len(new) > self.max_words:
+            self.table.clear()
+            new = list(dict.fromkeys(words))
+        if new:
+            ids = self.tokenizer(new, add_special_tokens=False, return_attention_mask=False,
+                                 return_token_type_ids=False, verbose=False)["input_ids"]
+            self.table.update(zip(new, map(tuple, ids)))
+        return [self.table[w] for w in words]
+
+
+def cap_words(words: list[str], tokenizer, max_tokens: int | None,
+              pieces: WordPieces | None = None) -> tuple[list[str], int | None]:
     """``(longest prefix of words whose word pieces plus special tokens fit in max_tokens, its word pieces)``.
 
-    Words are tokenized as the package's mismatched indexer does (each alone, no special tokens), only as
-    far as the budget reaches, so the cost is bounded too. ``max_tokens=None``: ``(words, None)``."""
+    Words are tokenized as the package's mismatched indexer does (each alone, no special tokens; through
+    ``pieces`` when given), only as far as the budget reaches, so the cost is bounded too.
+    ``max_tokens=None``: ``(words, None)``."""
     if max_tokens is None:
         return words, None
+    pieces = pieces or WordPieces(tokenizer)
     budget = max_tokens - tokenizer.num_special_tokens_to_add(pair=False)
     used, step = 0, max(budget, 1)
     for start in range(0, len(words), step):
-        chunk = words[start: start + step]
-        for k, ids in enumerate(tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"]):
+        for k, ids in enumerate(pieces(words[start: start + step])):
             if used + len(ids) > budget:
                 return words[: start + k], used
             used += len(ids)
     return words, used
+
+
+def install_word_pieces(annotator) -> WordPieces:
+    """The annotator's ``WordPieces`` table, installed once as the ``intra_word_tokenize`` of the package's
+    tokenizer (idempotent). Same word pieces, offsets and type ids as the package's, which tokenizes word by
+    word (one tokenizer call and one ``dataclasses.replace`` per word piece): here each distinct word is
+    tokenized once, in batches, and its ``Token`` s are kept."""
+    indexer = annotator.reader._token_indexers["bert"]
+    wrapper = indexer._allennlp_tokenizer
+    if getattr(wrapper, "_radvlm_pieces", None) is not None:
+        return wrapper._radvlm_pieces
+    from radgraph.allennlp.data.tokenizers import Token
+
+    pieces = WordPieces(indexer._tokenizer)
+    tokens_of: dict[tuple[int, ...], tuple] = {}
+    type_id = wrapper.single_sequence_token_type_id
+    head, tail = wrapper.single_sequence_start_tokens, wrapper.single_sequence_end_tokens
+
+    def intra_word_tokenize(string_tokens):
+        tokens, offsets = list(head), []
+        for ids in pieces(string_tokens):
+            if not ids:
+                offsets.append(None)
+                continue
+            made = tokens_of.get(ids)
+            if made is None:
+                if len(tokens_of) >= pieces.max_words:
+                    tokens_of.clear()
+                made = tokens_of[ids] = tuple(Token(text=t, text_id=i, type_id=type_id) for i, t in
+                                              zip(ids, pieces.tokenizer.convert_ids_to_tokens(list(ids))))
+            offsets.append((len(tokens), len(tokens) + len(ids) - 1))
+            tokens.extend(made)
+        return tokens + list(tail), offsets
+
+    wrapper.intra_word_tokenize = intra_word_tokenize
+    wrapper._radvlm_pieces = pieces
+    return pieces
 
 
 def report_words(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> tuple[list[str], int]:
@@ -126,10 +186,11 @@ def report_words(annotator, text: str, max_tokens: int | None = MAX_TOKENS) -> t
     from radgraph.utils import preprocess_reports
 
     words = preprocess_reports([text], annotator.model_type)[0]["sentences"][0]
-    words, pieces = cap_words(words, annotator.reader._token_indexers["bert"]._tokenizer, max_tokens)
-    if not words or pieces == 0:
+    pieces = install_word_pieces(annotator)
+    words, count = cap_words(words, annotator.reader._token_indexers["bert"]._tokenizer, max_tokens, pieces)
+    if not words or count == 0:
         return [], 0
-    return words, len(words) if pieces is None else pieces
+    return words, len(words) if count is None else count
 
 
 def sentences_independent(model) -> bool:
@@ -200,6 +261,7 @@ def annotate_words(annotator, reports: list[list[str]]) -> list[Annotation]:
     from radgraph.utils import batch_to_device
 
     install_decoders(annotator.model)
+    install_word_pieces(annotator)
     instance = annotator.reader.text_to_instance({"doc_key": "0", "sentences": reports,
                                                   "dataset": annotator.model_type})
     data = AllennlpDataset([instance])
