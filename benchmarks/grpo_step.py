@@ -101,7 +101,8 @@ def phase_recorder(modes: list[str]):
             pl_module.engine.shared_prefill = mode != "plain"
             # the training side as it was ("plain", "shared") or optimised: vision once per prompt in the
             # log-prob passes, rewards beside the reference pass
-            pl_module.share_vision = pl_module.overlap_rewards = mode == "optimized"
+            pl_module.share_vision = pl_module.overlap_rewards = mode in ("optimized", "packed")
+            pl_module.packed_logprobs = mode == "packed"  # and the log-prob passes without padding
             if self._last_end is None:
                 self._last_end = time.perf_counter()
 
@@ -231,19 +232,28 @@ def train_side_check(args, work: Path) -> dict:
     mask = torch.ones_like(ids)
     shared = Rollout.from_completions(batch, g, ids, mask, torch.zeros(2 * g, dtype=torch.bool), [""] * 2 * g)
     repeated = append_completions(repeat_batch(Policy.model_inputs(batch), g), ids, mask)
+    mask[1, 5:] = 0  # completions of different lengths: padding for the packed pass to remove
+    mask[2, 3:] = 0
     out = {}
-    for name, model_batch in (("shared", shared.model_batch()), ("repeated", repeated)):
+    for name, model_batch, packed in (("shared", shared.model_batch(), False), ("repeated", repeated, False),
+                                      ("packed", shared.model_batch(), True)):
         policy.zero_grad(set_to_none=True)
-        logp = policy.token_logprobs(model_batch, mask)
+        logp = policy.token_logprobs(model_batch, mask, packed=packed)
         logp.float().sum().backward()
         out[name] = (logp.detach().float(), {n: p.grad.float().clone() for n, p in policy.named_parameters()
                                              if p.grad is not None})
-    (lp_s, g_s), (lp_r, g_r) = out["shared"], out["repeated"]
-    diff = lambda keys: max((float((g_s[k] - g_r[k]).abs().max()) for k in keys), default=0.0)  # noqa: E731
+    (lp_s, g_s), (lp_r, g_r), (lp_p, g_p) = out["shared"], out["repeated"], out["packed"]
+
+    def diff(grads, keys):
+        return max((float((grads[k] - g_r[k]).abs().max()) for k in keys), default=0.0)
+
+    vision, rest = [k for k in g_r if ".visual." in k], [k for k in g_r if ".visual." not in k]
     del policy
     return {"check_logprob_max_abs_diff": float((lp_s - lp_r).abs().max()),
-            "check_vision_grad_max_abs_diff": diff([k for k in g_r if ".visual." in k]),
-            "check_other_grad_max_abs_diff": diff([k for k in g_r if ".visual." not in k])}
+            "check_vision_grad_max_abs_diff": diff(g_s, vision), "check_other_grad_max_abs_diff": diff(g_s, rest),
+            "check_packed_logprob_max_abs_diff": float((lp_p - lp_r).abs().max()),
+            "check_packed_vision_grad_max_abs_diff": diff(g_p, vision),
+            "check_packed_other_grad_max_abs_diff": diff(g_p, rest)}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -262,9 +272,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--reward", default="gleu", choices=["gleu", "radcliq"])
     parser.add_argument("--reward-device", default=None, help="default: --device")
-    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "optimized"],
+    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "optimized", "packed"],
                         help="plain: repeated prefill; shared: shared prefill; optimized: shared prefill, vision "
-                             "once per prompt in the log-prob passes, rewards beside them")
+                             "once per prompt in the log-prob passes, rewards beside them; packed: optimized and "
+                             "the log-prob passes without padding (packed_logprobs)")
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on the language model (reference: adapters off)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     add_common_args(parser, "grpo_step.json")
@@ -294,7 +305,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         r["speedup_generate"] = round(r["generate_tokens_per_s"] / rows[0]["generate_tokens_per_s"], 3)
         train_side = lambda row: row["logprobs_s"] + row["update_s"]  # noqa: E731  π_old + reference + update
         r["speedup_train_side"] = round(train_side(rows[0]) / train_side(r), 3)
-    if "optimized" in args.modes:
+    if {"optimized", "packed"} & set(args.modes):
         check = train_side_check(args, work)
         for r in rows:
             r.update(check)
@@ -321,6 +332,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         r = rows[0]
         print(f"optimized vs repeated log-prob pass: max |Δ log-prob| {r['check_logprob_max_abs_diff']:.2e}, "
               f"max |Δ grad| vision {r['check_vision_grad_max_abs_diff']:.2e}, rest {r['check_other_grad_max_abs_diff']:.2e}")
+        print(f"packed vs repeated padded log-prob pass: max |Δ log-prob| {r['check_packed_logprob_max_abs_diff']:.2e}, "
+              f"max |Δ grad| vision {r['check_packed_vision_grad_max_abs_diff']:.2e}, "
+              f"rest {r['check_packed_other_grad_max_abs_diff']:.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

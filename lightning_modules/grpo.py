@@ -99,6 +99,7 @@ class GRPOModule(PolicyModule):
         max_rollout_logprob_diff: float | None = 0.5,
         share_vision: bool = True,
         overlap_rewards: bool = True,
+        packed_logprobs: bool | None = None,
     ) -> None:
         """
         Args:
@@ -142,6 +143,11 @@ class GRPOModule(PolicyModule):
             overlap_rewards: compute the rewards in a thread of their own while the π_old and reference
                 log-probs run (the same rewards; not with ``filter_zero_std_groups`` in a single process, whose
                 log-prob passes skip the filtered rows).
+            packed_logprobs: every log-prob pass packs its rows' real tokens into one sequence without padding
+                (``Policy.token_logprobs(packed=True)``: the same values and gradients); ``None`` (default):
+                packed where the attention is a varlen kernel (``flash_attention_2`` / ``_3``), padded (with
+                the all-padding columns trimmed) under ``sdpa`` / ``eager``, whose packed mask is quadratic in
+                the packed length (benchmarks/RESULTS.md).
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -174,6 +180,7 @@ class GRPOModule(PolicyModule):
         self._agreement_checked = False
         self.share_vision = bool(share_vision)
         self.overlap_rewards = bool(overlap_rewards)
+        self.packed_logprobs = packed_logprobs
         self._reward_pool = None
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
@@ -252,16 +259,24 @@ class GRPOModule(PolicyModule):
         missing[:] = [k for k in missing if not k.startswith(cls.NOT_CHECKPOINTED)]
 
     # ------------------------------------------------------------------ pieces of a step
+    @property
+    def packed(self) -> bool:
+        """Whether the log-prob passes pack their rows (``packed_logprobs``; ``None``: under a varlen kernel)."""
+        if self.packed_logprobs is not None:
+            return bool(self.packed_logprobs)
+        return uses_varlen_attention(self.policy.hf_model)
+
     def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False):
         return self.policy.token_logprobs(batch, mask, temperature=self.hparams.temperature,
-                                          return_entropy=entropy)
+                                          return_entropy=entropy, packed=self.packed)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
         if self.policy.is_lora:
             with self.policy.reference():
                 return self._logprobs(batch, mask)
-        return self.reference_model.token_logprobs(batch, mask, temperature=self.hparams.temperature)
+        return self.reference_model.token_logprobs(batch, mask, temperature=self.hparams.temperature,
+                                                   packed=self.packed)
 
     def _is_distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
@@ -654,6 +669,12 @@ class GRPOModule(PolicyModule):
         if self._val_chars:
             self.log(f"{prefix}/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
         self.text_table(f"{prefix}/generations", self._val_rows)
+
+
+def uses_varlen_attention(hf_model: nn.Module) -> bool:
+    """Whether the model's attention runs packed rows without a dense mask (Flash Attention's varlen kernels)."""
+    impl = str(getattr(getattr(hf_model, "config", None), "_attn_implementation", "") or "")
+    return "flash" in impl
 
 
 def takes_gt_boxes(metric: Any) -> bool:

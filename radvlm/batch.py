@@ -115,3 +115,54 @@ def pad_right(tensors: Sequence[torch.Tensor], value: int | float) -> torch.Tens
     width = max(t.shape[1] for t in tensors)
     padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value) for t in tensors]
     return torch.cat(padded, dim=0)  # (Σn_i, C)
+
+
+def pack_rows(batch: dict[str, Any], position_ids: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """The real tokens of every row (``attention_mask`` 1) back to back in one sequence, without padding.
+
+    ``position_ids`` (4, N, T): each row's text and M-RoPE positions (``policy.mrope_position_ids``); the text
+    row restarts at 0 with every packed row, which is how the model's mask finds the rows (a causal mask within
+    each row: Hugging Face's packed-sequence mask, or ``flash_attention_2``'s varlen kernels). Image tensors are
+    kept as they are: the image tokens stay in row order, so every row's features land on its own tokens.
+
+    Returns ``(packed, where)``: ``packed`` with ``input_ids`` / ``mm_token_type_ids`` (1, S), ``position_ids``
+    (4, 1, S), no ``attention_mask``; ``where`` (N, T) the index in the packed sequence of each token, −1 on
+    padding. Example: rows [p, a, b] and [c, d, e] with masks [0, 1, 1], [1, 1, 1] → [a, b, c, d, e] with
+    text positions [0, 1, 0, 1, 2] and ``where`` [[−1, 0, 1], [2, 3, 4]].
+    """
+    keep = batch["attention_mask"].bool()  # (N, T)
+    where = torch.cumsum(keep.flatten().long(), 0).view(keep.shape) - 1  # (N, T)
+    where = where.masked_fill(~keep, -1)
+    packed = {key: value for key, value in batch.items()
+              if key in IMAGE_KEYS or key in DISTINCT_KEYS or key == "image_index"}
+    packed["input_ids"] = batch["input_ids"][keep].unsqueeze(0)  # (1, S)
+    if batch.get("mm_token_type_ids") is not None:
+        packed["mm_token_type_ids"] = batch["mm_token_type_ids"][keep].unsqueeze(0)  # (1, S)
+    packed["position_ids"] = position_ids[:, keep].unsqueeze(1)  # (4, 1, S)
+    return packed, where
+
+
+def trim_padding(batch: dict[str, Any], completion_mask: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor, int]:
+    """The batch without the columns that are padding in every row: leading prompt columns whose
+    ``attention_mask`` is 0 in all rows, and trailing completion columns that ``completion_mask`` masks in all
+    rows (at least one completion column is kept). Exact for a causal model: positions come from the
+    attention mask, and no kept token attends to a removed one.
+
+    Returns ``(trimmed batch, trimmed completion mask (N, C'), right)``: pad the (N, C') results with
+    ``right`` zero columns to get (N, C) back. Example: masks [[0, 0, 1 | 1, 0, 0], [0, 1, 1 | 1, 1, 0]]
+    (prompt | completion) → one leading and one trailing column go: [[0, 1 | 1, 0], [1, 1 | 1, 1]], right 1."""
+    att = batch["attention_mask"]  # (N, T)
+    n, t = att.shape
+    c = completion_mask.shape[1]
+    used = att[:, : t - c].bool().any(0)  # (T - C,) prompt columns some row uses
+    lead = int(used.long().argmax()) if bool(used.any()) else t - c
+    filled = completion_mask.bool().any(0)  # (C,)
+    last = int(filled.nonzero().max()) if bool(filled.any()) else 0
+    right = c - 1 - last
+    if lead == 0 and right == 0:
+        return batch, completion_mask, 0
+    out = dict(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (n, t):
+            out[key] = value[:, lead : t - right]
+    return out, completion_mask[:, : c - right], right

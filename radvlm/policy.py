@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from radvlm.batch import repeat_batch  # noqa: F401  (re-exported: row operations live in radvlm.batch)
+from radvlm.batch import pack_rows, repeat_batch, trim_padding  # noqa: F401  (repeat_batch re-exported)
 from radvlm.lora import LoRASettings, lora_scalings, merge_lora_state_dict  # noqa: F401  (re-exported)
 
 #: tokens the policy must never sample: a sampled vision token breaks the next forward pass
@@ -328,6 +328,28 @@ class Policy(nn.Module):
             out = self.hf_model.model(**self._forward_inputs(batch), use_cache=False)
         return out.last_hidden_state
 
+    def packed_hidden_states(self, batch: dict[str, Any], completion_mask: torch.Tensor) -> torch.Tensor:  # (N, C, H)
+        """The hidden state before each completion token (the one that predicts it), from one forward of every
+        row's real tokens packed into one sequence (``radvlm.batch.pack_rows``): no compute on padding.
+
+        Each row keeps its own text and M-RoPE positions (``mrope_position_ids``: the positions the padded
+        forward uses) and attends only to itself (the packed-sequence mask the model builds from the restarting
+        text positions; varlen kernels under ``flash_attention_2``), so the values are those of the padded
+        forward up to float rounding. Slots outside ``completion_mask`` read the first packed state (their
+        log-probs are masked to 0 by the caller)."""
+        n, c = completion_mask.shape
+        rows = dict(batch)
+        if rows.get("distinct_image_grid_thw") is not None and rows.get("image_grid_thw") is None:
+            rows["image_grid_thw"] = rows["distinct_image_grid_thw"][rows["image_index"]]  # (N, 3): for the positions
+        positions = mrope_position_ids(self.hf_model, rows)  # (4, N, T)
+        packed, where = pack_rows(batch, positions)
+        with self.compute_context():
+            out = self.hf_model.model(**self._forward_inputs(packed), position_ids=packed["position_ids"],
+                                      use_cache=False)
+        hidden = out.last_hidden_state[0]  # (S, H)
+        before = (where[:, -c:] - 1).clamp(min=0)  # (N, C): the packed index of the state before each token
+        return hidden[before]  # (N, C, H)
+
     def token_logprobs(
         self,
         batch: dict[str, Any],
@@ -335,6 +357,7 @@ class Policy(nn.Module):
         temperature: float = 1.0,
         chunk_size: int = 256,
         return_entropy: bool = False,
+        packed: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the last ``C`` tokens of ``batch["input_ids"]`` (the completions).
 
@@ -342,11 +365,19 @@ class Policy(nn.Module):
         at a time for the completion positions only (never (N, T, V) at once), divided by ``temperature``
         (match the sampling temperature), and each chunk is recomputed in backward (checkpointed) so float32
         vocabulary-sized logits never pile up. ``return_entropy`` also gives the per-token entropy (detached).
+        ``packed``: one padding-free forward of all rows (``packed_hidden_states``) instead of the padded
+        (N, T) one; the same values and gradients up to float rounding.
         """
+        full_width = completion_mask.shape[1]
+        if not packed:  # columns that are padding in every row: none of the padded pass's compute goes to them
+            batch, completion_mask, _ = trim_padding(batch, completion_mask)
         ids = batch["input_ids"]  # (N, T)
         n, c = completion_mask.shape
-        hidden = self.hidden_states(batch)  # (N, T, H)
-        h = hidden[:, -c - 1 : -1]  # (N, C, H): the state before each completion token predicts it
+        if packed:
+            h = self.packed_hidden_states(batch, completion_mask)  # (N, C, H)
+        else:
+            hidden = self.hidden_states(batch)  # (N, T, H)
+            h = hidden[:, -c - 1 : -1]  # (N, C, H): the state before each completion token predicts it
         targets = ids[:, -c:]  # (N, C)
         head = self.hf_model.lm_head
         logps, ents = [], []
@@ -360,9 +391,10 @@ class Policy(nn.Module):
                     lp, ent = _chunk_logprobs(head, hs, ts, temperature)
             logps.append(lp)
             ents.append(ent)
-        logp = torch.cat(logps, dim=1) * completion_mask  # (N, C)
+        right = full_width - c  # the trimmed completion columns, given back as zeros: (N, C) whatever the trim
+        logp = torch.nn.functional.pad(torch.cat(logps, dim=1) * completion_mask, (0, right))  # (N, C)
         if return_entropy:
-            return logp, torch.cat(ents, dim=1).detach() * completion_mask
+            return logp, torch.nn.functional.pad(torch.cat(ents, dim=1).detach() * completion_mask, (0, right))
         return logp
 
     def sft_loss(self, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[torch.Tensor, int]:

@@ -1,10 +1,12 @@
 """The training-side options of a GRPO step change how fast it runs, not what it trains: a fit with vision once
 per prompt and rewards beside the log-prob passes (the defaults) logs the same losses, rewards and weights as
-one with repeated vision and rewards first (float32, CPU, same seed)."""
+one with repeated vision and rewards first (float32, CPU, same seed); so does one whose log-prob passes pack
+their rows without padding (``packed_logprobs``)."""
 
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 
 from datamodules.collate import PromptCollator
@@ -44,12 +46,16 @@ def _fit(tiny_ckpt, folder, **options):
     return seen, {k: v.clone() for k, v in module.policy.state_dict().items()}
 
 
-def test_vision_once_and_overlapped_rewards_train_as_the_plain_step(tiny_ckpt, tmp_path):
-    fast_log, fast_weights = _fit(tiny_ckpt, tmp_path / "fast")
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_vision_once_and_overlapped_rewards_train_as_the_plain_step(tiny_ckpt, tmp_path, packed):
+    fast_log, fast_weights = _fit(tiny_ckpt, tmp_path / "fast", packed_logprobs=packed)
     plain_log, plain_weights = _fit(tiny_ckpt, tmp_path / "plain", share_vision=False, overlap_rewards=False)
     assert len(fast_log) == len(plain_log) == 2  # 2 batches × 2 updates
     for fast, plain in zip(fast_log, plain_log):
         assert fast["train/reward_mean"] == plain["train/reward_mean"]  # the same rollouts and rewards
         assert abs(fast["train/loss"] - plain["train/loss"]) < 1e-5
+    from lightning_modules.grpo import uses_varlen_attention
+
+    assert not uses_varlen_attention(torch.nn.Linear(1, 1))  # sdpa / eager / unknown: padded by default
     for key in plain_weights:
         assert torch.allclose(fast_weights[key], plain_weights[key], atol=1e-5), key
