@@ -80,6 +80,7 @@ class GRPOModule(PolicyModule):
         ppo_mini_batch_size: int | None = None,
         ppo_epochs: int = 1,
         micro_batch_size: int = 8,
+        micro_batch_tokens: int | None = None,
         mask_truncated_completions: bool = False,
         filter_zero_std_groups: bool = False,
         reward_timeout: float | None = None,
@@ -114,6 +115,8 @@ class GRPOModule(PolicyModule):
             ppo_mini_batch_size: prompts per optimizer update (``None``: the whole batch, one update).
             ppo_epochs: passes over each rollout batch.
             micro_batch_size: rollouts per forward/backward (gradient accumulation inside a mini-batch).
+            micro_batch_tokens: also at most this many padded tokens (rows × longest row) per forward/backward,
+                rows of similar length together (``radvlm.grpo.token_micro_batches``); ``None``: rows only.
             mask_truncated_completions: truncated rollouts get no loss.
             filter_zero_std_groups: drop groups whose rewards are all equal (they carry no signal).
             reward_timeout: seconds a reward term may take per step before its rows become NaN.
@@ -281,9 +284,13 @@ class GRPOModule(PolicyModule):
     def _is_distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1
 
-    def _micro_batches(self, rows: list[int]) -> list[list[int]]:
-        size = max(1, int(self.hparams.micro_batch_size))
-        return [rows[i : i + size] for i in range(0, len(rows), size)]
+    def _micro_batches(self, rows: list[int], lengths: torch.Tensor | None = None) -> list[list[int]]:
+        """``rows`` in micro-batches of at most ``micro_batch_size`` rows and, with ``micro_batch_tokens``
+        and ``lengths`` (B*G,) (each row's real tokens), at most that many padded tokens, rows of similar
+        length together (``radvlm.grpo.token_micro_batches``)."""
+        budget = self.hparams.get("micro_batch_tokens")
+        lens = [int(lengths[r]) for r in rows] if lengths is not None and budget else [0] * len(rows)
+        return grpo.token_micro_batches(rows, lens, self.hparams.micro_batch_size, budget if lengths is not None else None)
 
     @torch.no_grad()
     def _no_grad_logprobs(self, batch: dict[str, Any], mask: torch.Tensor, rows: list[int], reference: bool):
@@ -292,7 +299,7 @@ class GRPOModule(PolicyModule):
         theirs and discard it: every pass gathers weights under FSDP)."""
         out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # (N, C)
         fn = self._reference_logprobs if reference else self._logprobs
-        micro = self._micro_batches(rows)
+        micro = self._micro_batches(rows, batch["attention_mask"].sum(-1))
         passes = self.agreed_max([len(micro)])[0] if self._is_distributed() else len(micro)
         with eval_mode(self.policy, self.reference_model):
             for k in range(passes):
@@ -500,7 +507,7 @@ class GRPOModule(PolicyModule):
         agg_kw = {"agg": hp.loss_agg, "max_len": hp.max_new_tokens}
         sums: dict[str, float] = {}
         count = 0
-        plan = self._update_plan(updates, allowed, mask)
+        plan = self._update_plan(updates, allowed, mask, rollout["attention_mask"].sum(-1))
         for _ in range(hp.ppo_epochs):
             for micro in plan:
                 if not micro:
@@ -537,7 +544,8 @@ class GRPOModule(PolicyModule):
                 self.guarded_step(loss_finite=finite)
         return {k: v / max(count, 1) for k, v in sums.items()}
 
-    def _update_plan(self, updates: list[list[int]], allowed: set[int], mask: torch.Tensor) -> list[list[Any]]:
+    def _update_plan(self, updates: list[list[int]], allowed: set[int], mask: torch.Tensor,
+                     lengths: torch.Tensor | None = None) -> list[list[Any]]:
         """The micro-batches (row lists) of each optimizer update. A single process drops rows that cannot
         train. Distributed, every process makes as many updates and, in each, as many forward/backward passes
         as the process with the most (one agreement): missing passes are ``None`` (run on a row of this
@@ -545,7 +553,7 @@ class GRPOModule(PolicyModule):
         plan = []
         for rows in updates:
             rows = [r for r in rows if r in allowed and (self._keep_empty_rows or bool(mask[r].any()))]
-            plan.append(self._micro_batches(rows) if rows else [])
+            plan.append(self._micro_batches(rows, lengths) if rows else [])
         if not self._is_distributed():
             return plan
         counts = self.agreed_max([len(p) for p in plan])  # (updates,) the most passes of any process

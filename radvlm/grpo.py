@@ -430,3 +430,29 @@ def policy_loss(
             "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m),  # () k3 of KL(π_old ‖ π_θ)
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def token_micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Micro-batches of ``rows`` balanced by tokens: rows sorted by ``lengths`` (their real tokens; ties in
+    the given order), then cut in order before a micro-batch passes ``max_rows`` rows or ``max_tokens`` padded
+    tokens (rows × its longest row: what the padded pass computes); a row alone is always a micro-batch.
+    ``max_tokens=None``: ``max_rows`` rows at a time in the given order (plain micro-batches).
+
+    Example: rows [0, 1, 2, 3], lengths [10, 2, 9, 3], max_rows 4, max_tokens 12 → sorted 1 (2), 3 (3),
+    2 (9), 0 (10): [1, 3] is 2 × 3 = 6, adding 2 gives 3 × 9 = 27 > 12, so [[1, 3], [2], [0]]."""
+    max_rows = max(1, int(max_rows))
+    if max_tokens is None:
+        return [rows[i : i + max_rows] for i in range(0, len(rows), max_rows)]
+    if max_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1 or None, got {max_tokens}")
+    out: list[list[int]] = []
+    longest = 0
+    for k in sorted(range(len(rows)), key=lambda i: lengths[i]):
+        grown = max(longest, lengths[k])
+        if out and len(out[-1]) < max_rows and (len(out[-1]) + 1) * grown <= max_tokens:
+            out[-1].append(rows[k])
+            longest = grown
+        else:
+            out.append([rows[k]])
+            longest = lengths[k]
+    return out

@@ -59,3 +59,15 @@ def test_vision_once_and_overlapped_rewards_train_as_the_plain_step(tiny_ckpt, t
     assert not uses_varlen_attention(torch.nn.Linear(1, 1))  # sdpa / eager / unknown: padded by default
     for key in plain_weights:
         assert torch.allclose(fast_weights[key], plain_weights[key], atol=1e-5), key
+
+
+def test_token_balanced_micro_batches_train_as_row_micro_batches(tiny_ckpt, tmp_path):
+    """Micro-batches cut by padded tokens (rows of similar length together) change the passes, not the update:
+    the loss is aggregated over the whole mini-batch whatever its micro-batches."""
+    tok_log, tok_weights = _fit(tiny_ckpt, tmp_path / "tokens", micro_batch_tokens=120)
+    row_log, row_weights = _fit(tiny_ckpt, tmp_path / "rows")
+    for a, b in zip(tok_log, row_log):
+        assert a["train/reward_mean"] == b["train/reward_mean"]
+        assert abs(a["train/loss"] - b["train/loss"]) < 1e-5
+    for key in row_weights:
+        assert torch.allclose(tok_weights[key], row_weights[key], atol=1e-5), key
