@@ -149,6 +149,11 @@ class PerSampleMetric(Metric):
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
         """Per-sample values, NaN where a value could not be computed."""
 
+    def available(self) -> bool:
+        """Whether the metric can score at all (a model-based metric: its model loads; loads it once). A
+        metric without a model is always available."""
+        return True
+
     @_in_float32
     def update(self, preds: Sequence[str], targets: Sequence[str]) -> None:
         check_pairs(preds, targets)

@@ -265,6 +265,9 @@ class BERTScore(PerSampleMetric):
             warn_once(f"bertscore:{self.model_type}:{self.num_layers}", message)
             return None
 
+    def available(self) -> bool:
+        return self._engine() is not None
+
     # ----------------------------------------------------------------------------------------- embedding
     def _encode(self, texts: Sequence[str], tokenizer, model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """text -> (token ids (L,), unit-norm embeddings (L, D)) for distinct ``texts``, batched by length."""

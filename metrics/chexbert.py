@@ -217,6 +217,9 @@ class _CheXbertMetric(PerSampleMetric):
             warn_once(f"chexbert:{self.checkpoint}:{self.bert_name_or_path}", message)
             return None
 
+    def available(self) -> bool:
+        return self._model() is not None
+
     def outputs(self, preds: Sequence[str], targets: Sequence[str]) -> tuple | None:
         """(pred labels (N,14), ref labels (N,14), pred emb (N,H), ref emb (N,H)), or None without a model."""
         check_pairs(preds, targets)

@@ -143,7 +143,15 @@ class RadCliQ(PerSampleMetric):
         return torch.tensor([self._short(self.prepare(p), self.prepare(t)) for p, t in zip(preds, targets)],
                             dtype=torch.bool)
 
+    def available(self) -> bool:
+        """Whether every component can score (their models load)."""
+        return all(getattr(getattr(self, name), "available", lambda: True)() for name in FEATURES)
+
     def score(self, preds: Sequence[str], targets: Sequence[str]) -> torch.Tensor:  # (N,)
+        """RadCliQ-v1 per pair; the short-text floor ``worst_value`` where the rule decides; all NaN when a
+        component's model is unavailable (the floor too: an unavailable metric logs no number)."""
+        if preds and not self.available():
+            return torch.full((len(preds),), float("nan"), dtype=torch.float32)
         feats = self.components(preds, targets)
         values = radcliq_v1(feats["radgraph"], feats["bertscore"], feats["semb"], feats["bleu"])
         values = values.masked_fill(self.short_mask(preds, targets), self.worst_value)

@@ -441,6 +441,9 @@ class RadGraphF1(PerSampleMetric):
             warn_once(f"radgraph:{self.model_type}:{self.model_dir}", message)
             return None
 
+    def available(self) -> bool:
+        return self._annotator() is not None
+
     def _failed(self, exc: Exception) -> None:
         """A report the model failed on: raise when strict, else warn once; its annotation is None (NaN)."""
         if self.strict:

@@ -1,6 +1,8 @@
 """RadCliQ-v1 (metrics/radcliq.py): the formula by hand, the short-text rule, NaN propagation, text
 preparation, and the composition of real (tiny) component models."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -203,3 +205,21 @@ def test_radeval_text_handling_keeps_case_length_and_short_answers():
     values = metric.score(["A" * 3000, "ok"], ["Pleural EFFUSION.", "Normal."])
     assert parts["bleu"].calls[0] == (["A" * 3000, "ok"], ["Pleural EFFUSION.", "Normal."])
     assert torch.isfinite(values).all() and values[1].item() != 3.0  # no short-answer floor
+
+
+def test_missing_model_makes_the_short_text_floor_nan_too(tmp_path):
+    """First-day trap: with RadCliQ's models missing, ``score`` gave [nan, nan, 3.] (the short-text floor) and
+    ``compute`` averaged it to 3.0, a measured-looking number for an unavailable metric."""
+    parts = fakes()
+    parts["bertscore"] = BERTScore(str(tmp_path / "absent"), num_layers=2, device="cpu")
+    metric = RadCliQ(**parts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        values = metric.score(REPORTS[:2] + ["ok"], REPORTS[2:4] + ["Normal chest."])  # the last pair is short
+        metric.update(REPORTS[:2] + ["ok"], REPORTS[2:4] + ["Normal chest."])
+        assert torch.isnan(values).all()
+        assert torch.isnan(metric.compute())
+        assert not metric.available()
+    ok = RadCliQ(**fakes())
+    assert ok.available()
+    assert ok.score(["ok"], ["Normal chest."]).tolist() == [3.0]  # models there: the floor is the authors' rule
