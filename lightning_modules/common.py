@@ -345,6 +345,25 @@ class PolicyModule(L.LightningModule):
             f"Lower the learning rate or check the data of the last batches."
         )
 
+    def log_measured(self, name: str, value: float) -> None:
+        """Log an evaluation value that was measured; a NaN (the metric could not be computed: its model is
+        missing, no row could be scored) is never logged as a number: ``unavailable/<name>`` is 1 instead and a
+        warning names it once per run."""
+        if math.isnan(value):
+            self.log(f"unavailable/{name}", 1.0, sync_dist=False)
+            if name not in self._unavailable_warned:
+                self._unavailable_warned.add(name)
+                log.warning("%s could not be computed (NaN: its model is unavailable or no sample could be "
+                            "scored); it is not logged as a number (see unavailable/%s)", name, name)
+            return
+        self.log(name, value, sync_dist=False)
+
+    @property
+    def _unavailable_warned(self) -> set[str]:
+        if not hasattr(self, "_unavailable_names"):
+            self._unavailable_names: set[str] = set()
+        return self._unavailable_names
+
     def log_lr(self) -> None:
         opt = self.optimizers()
         opt = getattr(opt, "optimizer", opt)

@@ -669,11 +669,9 @@ class GRPOModule(PolicyModule):
             if self.agree_all(not metric.update_called):
                 continue
             value = metric.compute()  # synced across processes by torchmetrics
-            if isinstance(value, dict):
-                for k, v in value.items():
-                    self.log(f"{prefix}/{name}/{k}", float(v), sync_dist=False)
-            else:
-                self.log(f"{prefix}/{name}", float(value), sync_dist=False)
+            values = {f"{name}/{k}": v for k, v in value.items()} if isinstance(value, dict) else {name: value}
+            for key, v in values.items():
+                self.log_measured(f"{prefix}/{key}", float(v))
         if self._val_chars:
             self.log(f"{prefix}/answer_chars_mean", sum(self._val_chars) / len(self._val_chars))
         self.text_table(f"{prefix}/generations", self._val_rows)

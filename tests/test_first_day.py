@@ -87,3 +87,19 @@ def test_a_run_shorter_than_the_logging_interval_warns(tiny_ckpt, phantom_dir, t
     with caplog.at_level(logging.WARNING):
         main.main(args=args)
     assert "logs training scalars every 50" in caplog.text and "--trainer.log_every_n_steps 1" in caplog.text
+
+
+def test_an_unavailable_metric_is_logged_as_unavailable_never_as_a_number(tiny_ckpt, caplog):
+    # the trap: val/radcliq logged 3.0 (the short-text floor) while RadCliQ's models were missing
+    from metrics.text import GLEU
+    from radvlm.rewards import RewardTerm
+
+    module = GRPOModule(PolicyConfig(str(tiny_ckpt), dtype="float32"), rewards=[RewardTerm(GLEU())])
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    with caplog.at_level(logging.WARNING):
+        module.log_measured("val/radcliq", float("nan"))
+        module.log_measured("val/radcliq", float("nan"))
+        module.log_measured("val/gleu", 0.25)
+    assert logged == {"unavailable/val/radcliq": 1.0, "val/gleu": 0.25}
+    assert sum("val/radcliq could not be computed" in r.getMessage() for r in caplog.records) == 1

@@ -44,6 +44,8 @@ def test_evaluation_logs_only_the_metrics_that_were_updated():
     module = SimpleNamespace(val_metric_modules={"gleu": updated, "idle": idle}, _val_chars=[4, 6], _val_rows=[],
                              log=lambda name, value, **kw: logged.__setitem__(name, value),
                              text_table=lambda *a: None, agree_all=bool)  # one process: its own decision
+    module.log_measured = lambda name, value: PolicyModule.log_measured(module, name, value)
+    module._unavailable_warned = set()
     GRPOModule._log_eval(module, "val")
     assert set(logged) == {"val/gleu", "val/answer_chars_mean"}  # nothing computed for a metric without rows
     assert logged["val/gleu"] == pytest.approx(1.0) and logged["val/answer_chars_mean"] == 5
