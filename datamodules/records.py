@@ -38,7 +38,7 @@ from datamodules.record_checks import Invalid as _Invalid
 from datamodules.record_checks import finite as _finite
 from datamodules.record_checks import image_path as _image_path
 from datamodules.record_checks import show as _show
-from radvlm.chat import THINK_OPEN, is_thinking_prompt
+from radvlm.chat import THINK_CLOSE, THINK_CLOSE_RE, THINK_OPEN, THINK_OPEN_RE, is_thinking_prompt
 from radvlm.tasks import BOX_TASKS, TASKS, canonical_task, task_from_id  # noqa: F401  (TASKS re-exported)
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,27 @@ def _parse_turns(conv: Any, has_image: bool, normalize: bool = False) -> tuple[l
     for k, t in enumerate(turns):
         if not t.text.strip() and not (k == 0 and has_image):
             raise _Invalid(f"turn {first + k} ({t.role}) is empty", "empty_answer" if t.role == ASSISTANT else "empty_prompt")
+        if t.role == ASSISTANT:
+            _check_thinking_block(t.text, first + k)
     return turns, fixes
+
+
+def _check_thinking_block(text: str, turn: int) -> None:
+    """An answer with a thinking tag must be one well-formed block then the answer: ``<think>`` at the start,
+    one ``</think>`` after it, a non-empty answer after that (cold-start traces, ``make_thinking_answer``);
+    tags match case-insensitively. Answers without any tag are not thinking answers and pass."""
+    opens, closes = list(THINK_OPEN_RE.finditer(text)), list(THINK_CLOSE_RE.finditer(text))
+    if not opens and not closes:
+        return
+    where = f"turn {turn} (gpt)"
+    if len(opens) != 1 or len(closes) != 1:
+        raise _Invalid(f"{where} needs one {THINK_OPEN} … {THINK_CLOSE} block, found {len(opens)} {THINK_OPEN} and "
+                       f"{len(closes)} {THINK_CLOSE}", "bad_thinking")
+    if text[: opens[0].start()].strip() or closes[0].start() < opens[0].end():
+        raise _Invalid(f"{where} must start with {THINK_OPEN} and close it with {THINK_CLOSE} before the answer",
+                       "bad_thinking")
+    if not text[closes[0].end():].strip():
+        raise _Invalid(f"{where} has no answer after {THINK_CLOSE}", "bad_thinking")
 
 
 def _parse_record(obj: Any, root: Path, normalize: bool = False, confine: bool = False) -> tuple[Record, list[str]]:
@@ -515,3 +535,67 @@ def save_records(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# ---------------------------------------------------------------------------------------------- checking
+
+
+def check_files(paths: Iterable[str | Path], image_root: str | Path | None = None, check_images: bool = True,
+                normalize_conversations: bool = False) -> tuple[dict[str, LoadReport], dict[str, Counter[str]]]:
+    """Every record of ``paths`` read as training would (``load_records`` with ``bad_records="skip"``):
+    ``({file: LoadReport}, {file: records kept per task})``; a task ``None`` (an unknown id prefix and no
+    ``task`` key) is counted as ``"(no task)"``."""
+    reports, tasks = {}, {}
+    for path in paths:
+        report = LoadReport()
+        kept = load_records(path, image_root, check_images, bad_records="skip",
+                            normalize_conversations=normalize_conversations, report=report)
+        reports[str(path)] = report
+        tasks[str(path)] = Counter(r.task or "(no task)" for r in kept)
+    return reports, tasks
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m datamodules.records --check FILE…``: validate records and images, report per file and task.
+    Exit status 1 when any record is bad (every bad record is listed), 0 when all are good."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m datamodules.records",
+                                     description="Validate RadVLM/LLaVA record files (fields, turns, boxes, "
+                                                 "thinking blocks, images) and count the records per task.")
+    parser.add_argument("--check", nargs="+", required=True, metavar="FILE", help=".json or .jsonl record files")
+    parser.add_argument("--image-root", default=None, help="folder the image paths are relative to "
+                                                           "(default: each file's folder)")
+    parser.add_argument("--no-images", action="store_true", help="do not open the images (paths only)")
+    parser.add_argument("--normalize-conversations", action="store_true",
+                        help="apply LLaVA's preprocessing first, as data.normalize_conversations does")
+    parser.add_argument("--max-listed", type=int, default=20, help="bad records listed per file")
+    args = parser.parse_args(argv)
+    bad = 0
+    for path in args.check:
+        try:
+            reports, tasks = check_files([path], args.image_root, not args.no_images, args.normalize_conversations)
+        except (RecordError, OSError) as exc:
+            print(f"{path}: unreadable: {exc}")
+            bad += 1
+            continue
+        report, counts = reports[path], tasks[path]
+        kept = sum(counts.values())
+        print(f"{path}: {report.records} records, {kept} good, {len(report.skipped)} bad"
+              f"{'' if args.no_images else f', {report.checked} images checked'}")
+        for task, n in sorted(counts.items()):
+            print(f"  {task}: {n}")
+        if report.skipped:
+            print(f"  bad per reason: {report.reasons()}")
+            for s in report.skipped[: args.max_listed]:
+                print(f"  {s.describe()}")
+            if len(report.skipped) > args.max_listed:
+                print(f"  … and {len(report.skipped) - args.max_listed} more")
+        if report.normalised:
+            print(f"  normalised conversations: {dict(report.normalised)}")
+        bad += len(report.skipped)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

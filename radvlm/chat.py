@@ -34,6 +34,7 @@ THINKING_MODES: tuple[str, ...] = ("on", "off", "auto")
 THINK_SPLITS: tuple[str, ...] = ("first", "last")
 _THINK_OPEN_RE = re.compile(re.escape(THINK_OPEN), re.IGNORECASE)
 _THINK_CLOSE_RE = re.compile(re.escape(THINK_CLOSE), re.IGNORECASE)
+THINK_OPEN_RE, THINK_CLOSE_RE = _THINK_OPEN_RE, _THINK_CLOSE_RE  # public: record checks use them
 
 
 def make_thinking_prompt(prompt: str, suffix: str = THINK_SUFFIX) -> str:
