@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.collate import Collator, CollatorFactory, SFTCollator
@@ -130,6 +131,8 @@ class RadVLMDataModule(L.LightningDataModule):
         normalize_conversations: bool = False,
         bad_records_report: str | None = None,
         max_val_samples: int | None = None,
+        max_test_samples: int | None = None,
+        max_predict_samples: int | None = None,
         shuffle_images: int | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
@@ -161,7 +164,9 @@ class RadVLMDataModule(L.LightningDataModule):
             normalize_conversations: drop a leading gpt turn and a trailing human turn as LLaVA does.
             bad_records_report: JSONL file listing the skipped records (default: ``bad_records.jsonl`` in the
                 trainer's ``default_root_dir``; without a trainer, no file).
-            max_val_samples: cap on validation/test records (first N after the task filter).
+            max_val_samples: cap on validation records (first N after the task filter); logged when it cuts.
+            max_test_samples, max_predict_samples: the same for ``test`` and ``predict``, which otherwise score
+                every record (the validation cap never applies to them).
             shuffle_images: the shuffle control (``datamodules.shuffle``): with a seed, every test and predict
                 record is answered on the image of another image group (a derangement, fixed by the seed);
                 ids, prompts and references stay. Score against the own-image predictions with
@@ -180,6 +185,7 @@ class RadVLMDataModule(L.LightningDataModule):
         self.processor = None
         self.n_bad = 0  # records skipped in all splits (malformed or bad image)
         self.load_reports: dict[str, LoadReport] = {}  # split → what was read, skipped and normalised
+        self.task_summary: dict[str, dict[str, dict[str, int]]] = {}  # split → task → read/kept/dropped
         self.untasked: dict[str, int] = {}  # split → records whose task is unknown (no key, unknown id prefix)
         self.splits: dict[str, list[Record]] = {}
 
@@ -204,12 +210,20 @@ class RadVLMDataModule(L.LightningDataModule):
                                         normalize_conversations=hp.normalize_conversations, report=report,
                                         allow_outside_image_root=hp.allow_outside_image_root))
         self._account(split, final=False)  # past the limit already: stop before decoding any image
+        read = Counter(str(r.task) if r.task else "(no task)" for r in records)
         records = self._filter_tasks(records, split)
         if hp.check_images:
             records = self._check_images(records, split)
         self._account(split)
-        if split != "train" and hp.max_val_samples is not None:
-            records = records[: hp.max_val_samples]
+        cap = {"val": hp.max_val_samples, "test": hp.get("max_test_samples"),
+               "predict": hp.get("max_predict_samples")}.get(split)
+        capped = 0
+        if cap is not None and len(records) > cap:
+            capped = len(records) - cap
+            records = records[:cap]
+            rank_zero_info(f"{split}: the first {cap} of {cap + capped} records are used (max_{split}_samples={cap})")
+        self.task_summary[split] = task_summary(read, records, report.skipped, capped)
+        rank_zero_info(format_task_summary(split, self.task_summary[split]))
         if split in ("test", "predict") and hp.shuffle_images is not None:
             records = shuffle_images(records, hp.shuffle_images)
             log.info("shuffle control: the %d %s records are answered on other records' images (seed %d)",
@@ -344,3 +358,23 @@ class RadVLMDataModule(L.LightningDataModule):
                                   batch_size=hp.eval_batch_size or hp.batch_size, shuffle=False,
                                   num_workers=hp.num_workers,
                                   collate_fn=self.collator.for_prediction())
+
+
+def task_summary(read: Counter, kept: list[Record], skipped: list, capped: int) -> dict[str, dict[str, int]]:
+    """Per task: records ``read`` (well-formed, before the task filter), ``kept`` (used), ``dropped`` (read
+    and not kept: the task filter, a bad image or the cap). ``skipped`` (malformed, task unknown) and
+    ``capped`` are totals under ``"(all)"``."""
+    used = Counter(str(r.task) if r.task else "(no task)" for r in kept)
+    out = {task: {"read": n, "kept": used.get(task, 0), "dropped": n - used.get(task, 0)}
+           for task, n in sorted(read.items())}
+    out["(all)"] = {"read": sum(read.values()), "kept": len(kept), "dropped": sum(read.values()) - len(kept),
+                    "malformed": sum(not s.is_image for s in skipped), "capped": capped}
+    return out
+
+
+def format_task_summary(split: str, summary: dict[str, dict[str, int]]) -> str:
+    """One line per task: ``split records per task (kept / read): report_generation 70/250, ...``."""
+    total = summary["(all)"]
+    tasks = ", ".join(f"{t} {v['kept']}/{v['read']}" for t, v in summary.items() if t != "(all)")
+    extra = "".join(f", {total[k]} {k}" for k in ("malformed", "capped") if total.get(k))
+    return f"{split} records per task (kept/read): {tasks or 'none'}; {total['kept']} of {total['read']} kept{extra}"

@@ -76,3 +76,35 @@ def test_check_runs_as_a_module(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "1 records, 1 good, 0 bad" in out.stdout and "report_generation: 1" in out.stdout
+
+
+def test_test_and_predict_score_every_record_unless_their_own_cap_is_set(tmp_path, tiny_ckpt):
+    from datamodules.datamodule import RadVLMDataModule
+
+    path = write_records(tmp_path, [report_record(i) for i in range(5)])
+    files = {"val_files": [str(path)], "test_files": [str(path)], "predict_files": [str(path)]}
+    data = RadVLMDataModule(str(tiny_ckpt), max_val_samples=2, check_images=False, **files)
+    data.setup("validate"), data.setup("test"), data.setup("predict")
+    assert [len(data.splits[s]) for s in ("val", "test", "predict")] == [2, 5, 5]  # the trap: 2, 2, 2
+    assert data.task_summary["val"]["(all)"]["capped"] == 3
+    capped = RadVLMDataModule(str(tiny_ckpt), max_test_samples=3, max_predict_samples=4, check_images=False, **files)
+    capped.setup("test"), capped.setup("predict")
+    assert len(capped.splits["test"]) == 3 and len(capped.splits["predict"]) == 4
+
+
+def test_setup_reports_records_kept_and_dropped_per_task(tmp_path, tiny_ckpt, capsys, caplog):
+    from datamodules.datamodule import RadVLMDataModule, format_task_summary
+
+    grounding = {"id": "vindr-cxr-mono-train1_3", "image": "img/g.png",
+                 "conversations": [{"from": "human", "value": "<image>\nWhere is the nodule?"},
+                                   {"from": "gpt", "value": "[0.1, 0.2, 0.3, 0.4]"}]}
+    path = write_records(tmp_path, [report_record(i) for i in range(3)] + [grounding])
+    data = RadVLMDataModule(str(tiny_ckpt), train_files=[str(path)], tasks=["report_generation"], check_images=False)
+    data.setup("fit")
+    summary = data.task_summary["train"]
+    assert summary["abnormality_grounding"] == {"read": 1, "kept": 0, "dropped": 1}
+    assert summary["report_generation"] == {"read": 3, "kept": 3, "dropped": 0}
+    assert summary["(all)"]["kept"] == 3 and summary["(all)"]["read"] == 4
+    line = format_task_summary("train", summary)
+    assert line == ("train records per task (kept/read): abnormality_grounding 0/1, report_generation 3/3; "
+                    "3 of 4 kept")
