@@ -21,6 +21,7 @@ checkpoint restores state (weights, optimizer moments, counters, data position),
 from __future__ import annotations
 
 import argparse
+import logging
 import warnings
 from pathlib import Path
 
@@ -33,6 +34,18 @@ from lightning.pytorch.cli import LightningCLI
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# - the frozen vision tower and the GRPO reference are in eval mode on purpose (Lightning warns at every fit);
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+class _NoAdvertisement(logging.Filter):
+    """Lightning 2.6 prints a cloud-logger tip at every run; it says nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvertisement())
 
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

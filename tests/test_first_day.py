@@ -103,3 +103,30 @@ def test_an_unavailable_metric_is_logged_as_unavailable_never_as_a_number(tiny_c
         module.log_measured("val/gleu", 0.25)
     assert logged == {"unavailable/val/radcliq": 1.0, "val/gleu": 0.25}
     assert sum("val/radcliq could not be computed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_known_noise_lines_are_silenced_and_real_lines_kept():
+    import warnings
+
+    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    try:
+        rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
+        rank_zero_info("train records per task (kept/read): report_generation 3/3; 3 of 3 kept")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["train records per task (kept/read): report_generation 3/3; 3 of 3 kept"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        import importlib
+
+        importlib.reload(main)  # re-installs main's filters after simplefilter reset them
+        rank_zero_warn("Found 76 module(s) in eval mode at the start of training. This may lead to ...")
+        rank_zero_warn("a real warning")
+    assert [str(w.message) for w in caught] == ["a real warning"]
