@@ -87,6 +87,7 @@ class RadVLMCLI(LightningCLI):
         from lightning_modules.checkpoint_io import with_atomic_checkpoint_io
 
         config = self._get(self.config_init, "trainer", default={})
+        check_accelerator(config.get("accelerator"), kwargs.get("accelerator"))
         plugins = kwargs["plugins"] if "plugins" in kwargs else config.get("plugins")
         kwargs["plugins"] = with_atomic_checkpoint_io(plugins, kwargs.get("strategy", config.get("strategy")))
         return super().instantiate_trainer(**kwargs)
@@ -132,6 +133,20 @@ class RadVLMCLI(LightningCLI):
                 }
             }
         )
+
+
+def check_accelerator(*asked: object) -> None:
+    """A config that asks for GPUs on a machine without CUDA stops with what to change (Lightning says only
+    "No supported gpu backend found!")."""
+    import torch
+
+    wanted = [a for a in asked if isinstance(a, str) and a in ("gpu", "cuda")]
+    if wanted and not torch.cuda.is_available():
+        raise SystemExit(
+            f"error: this config runs on GPUs (trainer.accelerator={wanted[0]}) and this machine has no CUDA GPU. "
+            "On a GPU machine, install the CUDA torch build (README); to try the pipeline on CPU use "
+            "configs/demo/*.yaml, or override --trainer.accelerator cpu --trainer.devices 1 "
+            "--trainer.strategy auto --trainer.precision 32-true (a real Qwen3-VL model is slow on CPU)")
 
 
 #: list-valued init arguments whose items are objects: a flag that sets one field of "the" item lands on the

@@ -130,3 +130,11 @@ def test_known_noise_lines_are_silenced_and_real_lines_kept():
         rank_zero_warn("Found 76 module(s) in eval mode at the start of training. This may lead to ...")
         rank_zero_warn("a real warning")
     assert [str(w.message) for w in caught] == ["a real warning"]
+
+
+def test_a_gpu_config_on_a_machine_without_cuda_says_what_to_change(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU.*configs/demo.*--trainer.accelerator cpu"):
+        main.check_accelerator("gpu", None)
+    main.check_accelerator("cpu", None)
+    main.check_accelerator(None, "auto")
