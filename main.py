@@ -191,5 +191,36 @@ def main(args=None) -> RadVLMCLI:
     )
 
 
+#: errors that mean the input or the configuration is wrong: one line, no stack (``--traceback`` or
+#: ``RADVLM_TRACEBACK=1`` shows it); names of the classes, so that nothing heavy is imported for this table
+USER_ERRORS = ("FileNotFoundError", "FileExistsError", "NotADirectoryError", "IsADirectoryError", "RecordError",
+               "ImageError", "SampleTooLongError", "CheckpointError", "RewardFailureError", "RolloutMismatchError",
+               "NonFiniteError", "ValueError", "OSError")
+
+
+def is_user_error(exc: BaseException) -> bool:
+    return any(cls.__name__ in USER_ERRORS for cls in type(exc).__mro__)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """``python main.py …``: ``main`` with user errors (``USER_ERRORS``) as one line on stderr and exit status 2;
+    ``--traceback`` (or ``RADVLM_TRACEBACK=1``) keeps Python's full report."""
+    import os
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    show = "--traceback" in argv or os.environ.get("RADVLM_TRACEBACK", "") not in ("", "0")
+    argv = [a for a in argv if a != "--traceback"]
+    try:
+        main(args=argv)
+    except Exception as exc:  # noqa: BLE001  (re-raised unless it is a user error)
+        if show or not is_user_error(exc):
+            raise
+        print(f"error: {type(exc).__name__}: {exc}\n(the full stack: add --traceback or set RADVLM_TRACEBACK=1)",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run())

@@ -138,3 +138,17 @@ def test_a_gpu_config_on_a_machine_without_cuda_says_what_to_change(monkeypatch)
         main.check_accelerator("gpu", None)
     main.check_accelerator("cpu", None)
     main.check_accelerator(None, "auto")
+
+
+def test_a_user_error_is_one_line_without_a_traceback(tmp_path, tiny_ckpt):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "main.py", "fit", "--config", "configs/demo/sft.yaml",
+           "--model.init_args.policy.name_or_path", str(tiny_ckpt), "--trainer.default_root_dir", str(tmp_path),
+           "--data.init_args.train_files", f"[{tmp_path / 'absent.json'}]", "--trainer.max_steps", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=main.CONFIG_DIR.parent)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert "absent.json" in out.stderr and "--traceback" in out.stderr
+    assert main.is_user_error(FileNotFoundError("x")) and not main.is_user_error(RuntimeError("x"))
