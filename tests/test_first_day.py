@@ -105,22 +105,28 @@ def test_an_unavailable_metric_is_logged_as_unavailable_never_as_a_number(tiny_c
     assert sum("val/radcliq could not be computed" in r.getMessage() for r in caplog.records) == 1
 
 
-def test_known_noise_lines_are_silenced_and_real_lines_kept():
+def test_known_noise_lines_are_silenced_and_real_lines_kept(monkeypatch):
     import warnings
 
-    from lightning.pytorch.utilities import rank_zero_info
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+    # Other tests (a Trainer, a simulated rank) may leave the level or the rank changed; pin both here.
+    monkeypatch.setattr(rank_zero_only, "rank", 0, raising=False)
     seen = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    monkeypatch.setattr(logger, "disabled", False)  # a library's dictConfig may have disabled it
+    level = logger.level
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
         rank_zero_info("train records per task (kept/read): report_generation 3/3; 3 of 3 kept")
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
     assert seen == ["train records per task (kept/read): report_generation 3/3; 3 of 3 kept"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
