@@ -5,7 +5,7 @@
 - ``main``: ``main.main(args=ARGS)``, the LightningCLI (``fit --config configs/sft.yaml --trainer.… …``);
 - ``evaluate``: ``radvlm.tools.evaluate.main(ARGS)``;
 - ``phantom``: ``datamodules.phantom.main(ARGS)``;
-- ``checkpoint``: ``benchmarks.pipeline.checkpoint_main(ARGS)`` (a random-weight checkpoint folder).
+- ``checkpoint``: ``benchmarks.checkpoint.checkpoint_main(ARGS)`` (a random-weight checkpoint folder).
 
 Whatever happens, the last line it prints is ``PIPELINE_STAGE {...}`` with ``ok``, ``seconds`` (the target
 alone, after this wrapper's imports), ``peak_gib`` (the largest ``torch.cuda.max_memory_allocated`` of the
@@ -75,7 +75,7 @@ def run_target(target: str, args: list[str]) -> None:
 
         phantom(args)
     elif target == "checkpoint":
-        from benchmarks.pipeline import checkpoint_main
+        from benchmarks.checkpoint import checkpoint_main
 
         checkpoint_main(args)
     else:

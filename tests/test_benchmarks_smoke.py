@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import grpo_step, pipeline, pipeline_stage, rollout, run_all
+from benchmarks import checkpoint, grpo_step, pipeline, pipeline_stage, rollout, run_all
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_checkpoint_writer_gives_a_loadable_folder_of_the_requested_shape(tmp_pa
     """The GPU pipeline's checkpoint path (shaped config + the tiny tokenizer files), at a CPU size."""
     from radvlm.policy import Policy
 
-    info = pipeline.write_checkpoint(tmp_path / "small", "small", "cpu", dtype="float32", work=tmp_path)
+    info = checkpoint.write_checkpoint(tmp_path / "small", "small", "cpu", dtype="float32", work=tmp_path)
     assert info["params_b"] > 0.01
     policy = Policy.from_pretrained(tmp_path / "small")
     text = policy.hf_model.config.text_config

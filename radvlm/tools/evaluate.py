@@ -34,38 +34,14 @@ import numpy as np
 import torch
 
 from radvlm import tasks
-from radvlm.chat import answer_of
-from radvlm.tasks import task_think_split
+from radvlm.tools.bootstrap import bootstrap_ci
 from radvlm.tools.draw import write_pictures
 from radvlm.tools.eval_metrics import Layer, Scorers, Unavailable
 from radvlm.tools.eval_tables import COLUMNS, UNDEFINED, Column, format_table, length_changes
-from radvlm.tools.prediction_files import read_prediction_file
+from radvlm.tools.prediction_files import read_prediction_file, scored_answer
 from radvlm.tools.shuffle_control import format_rows, image_dependence
 
 NAN = float("nan")
-
-
-# ------------------------------------------------------------------------------------------------ bootstrap
-def bootstrap_ci(values: Any, stat_fn: Callable[[np.ndarray], float], n: int = 2000, seed: int = 0,
-                 alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap CI of ``stat_fn(values)``: ``n`` resamples of the rows (axis 0) of ``values`` with
-    replacement (``numpy.random.default_rng(seed)``); the ``alpha/2`` and ``1 - alpha/2`` quantiles of the
-    finite resampled statistics, ``(nan, nan)`` when there are none or ``values`` is empty."""
-    if n < 1:
-        raise ValueError(f"bootstrap needs n >= 1 resamples, got {n}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
-    data = np.asarray(values)
-    m = data.shape[0] if data.ndim else 0
-    if m == 0:
-        return NAN, NAN
-    rng = np.random.default_rng(seed)
-    stats = np.array([stat_fn(data[rng.integers(0, m, size=m)]) for _ in range(n)])  # (n,) one per resample
-    finite = stats[np.isfinite(stats)]
-    if finite.size == 0:
-        return NAN, NAN
-    lo, hi = np.quantile(finite, [alpha / 2, 1 - alpha / 2])
-    return float(lo), float(hi)
 
 
 def nan_mean(v: np.ndarray) -> float:  # (N,) -> mean of the finite values (PerSampleMetric.compute)
@@ -272,14 +248,6 @@ def read_predictions(path: str | Path, default_task: str | None = None, fmt: str
     duplicate-id rows dropped."""
     read = read_prediction_file(path, default_task, fmt, keys)
     return read.rows, read.duplicates
-
-
-def scored_answer(row: dict) -> str:
-    """The answer of a prediction row that is scored: a thinking completion cut where the rewards of its task
-    cut it (``task_think_split``), else the row's ``answer``."""
-    if row.get("thinking") and isinstance(row.get("completion"), str):
-        return answer_of(row["completion"], True, task_think_split(row["task"]))[0]
-    return row["answer"]
 
 
 def file_stem(path: str | Path) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from radvlm import tasks
+from radvlm.chat import answer_of
+from radvlm.tasks import task_think_split
 
 FORMATS = ("auto", "jsonl", "radvlm", "radvlm-jsonl")
 #: our key ← RadVLM's key (``reference``: per task, ``RADVLM_REFERENCE_KEYS``), read from RadVLM's evaluation
@@ -216,3 +218,11 @@ def check_row(row: dict, where: str, fmt: str = "jsonl") -> None:
             raise ValueError(f"{where}: id {row.get('id')!r} has no {key!r}{hint}")
         if key != "id" and not isinstance(row[key], str):
             raise TypeError(f"{where}: {key!r} must be a string, got {type(row[key]).__name__}")
+
+
+def scored_answer(row: dict) -> str:
+    """The answer of a prediction row that is scored: a thinking completion cut where the rewards of its task
+    cut it (``task_think_split``), else the row's ``answer``."""
+    if row.get("thinking") and isinstance(row.get("completion"), str):
+        return answer_of(row["completion"], True, task_think_split(row["task"]))[0]
+    return row["answer"]

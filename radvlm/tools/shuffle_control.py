@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.shuffle import shuffle_images
+from radvlm.tools.bootstrap import bootstrap_ci
 
 N_BOOT = 2000
 SEED = 0
@@ -51,8 +52,6 @@ def write_shuffled_records(src: str | Path, dst: str | Path, seed: int, tasks: S
 def paired_difference(a: Any, b: Any, n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, float]:
     """Mean of the paired differences ``a − b`` (same length, row i of both is the same record) and its 95 %
     percentile bootstrap CI: ``{"delta", "ci95_low", "ci95_high", "n"}``."""
-    from radvlm.tools.evaluate import bootstrap_ci  # lazy, as the metrics below: torch, which ``permute`` skips
-
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1:
         raise ValueError(f"paired values need two 1-d arrays of one length, got {a.shape} and {b.shape}")
@@ -67,7 +66,7 @@ def _box_scores(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
     """{id: {"soft_f1", "map"}} of the box-task rows (answer as ``radvlm.tools.evaluate`` scores it)."""
     from metrics.grounding import GroundingMAP, SoftF1
     from radvlm.tasks import is_box_task
-    from radvlm.tools.evaluate import scored_answer
+    from radvlm.tools.prediction_files import scored_answer
 
     rows = [r for r in rows if is_box_task(r["task"])]
     preds, refs = [scored_answer(r) for r in rows], [r["reference"] for r in rows]
@@ -139,9 +138,9 @@ def format_rows(entries: dict[str, dict[str, Any]]) -> str:
 
 
 def _read(path: str | Path) -> list[dict]:
-    from radvlm.tools.evaluate import read_predictions
+    from radvlm.tools.prediction_files import read_prediction_file
 
-    return read_predictions(path)[0]
+    return read_prediction_file(path).rows
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
