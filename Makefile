@@ -36,7 +36,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 demo: $(STAMP)
-	$(PY) -m radvlm.tools.demo --variant $(VARIANT)
+	$(PY) -m radvlm_tools.demo --variant $(VARIANT)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -62,7 +62,7 @@ clinically grounded rewards) with PyTorch Lightning.
 
   python main.py fit --config configs/sft.yaml          train (SFT / cold start / GRPO, by config)
   python main.py predict --config configs/eval_vindr.yaml   greedy predictions to JSONL
-  python -m radvlm.tools.evaluate PRED.jsonl                   paper-style tables
+  python -m radvlm_tools.evaluate PRED.jsonl                   paper-style tables
 
 Learning rate: --model.init_args.optimizer.init_args.lr (with OneCycleLR also set
 --model.init_args.lr_scheduler.init_args.max_lr, which is the peak it uses).

@@ -14,7 +14,7 @@
 #   → GRPO LoRA r=16 and GRPO full (configs/grpo_grounding.yaml, soft-F1 reward, 2 steps of 4 prompts × G=8,
 #   64 new tokens, 2 updates per step, 1 validation batch; 100 s and 110 s; the full one under the config's
 #   FSDP2Strategy on one process: MixedPrecisionPolicy over float32 master weights, whole-weight rollouts) → predict (configs/eval_vindr.yaml,
-#   greedy, on the full-GRPO export; 60 s) → evaluate (python -m radvlm.tools.evaluate; 40 s). Every stage is its own
+#   greedy, on the full-GRPO export; 60 s) → evaluate (python -m radvlm_tools.evaluate; 40 s). Every stage is its own
 #   process under `main.py` with command-line overrides only (1 device, strategy auto, short runs, paths,
 #   sizes): bf16-mixed (fp32 master weights), gradient checkpointing, SDPA, optimizers and callbacks are the
 #   configs'. One line per

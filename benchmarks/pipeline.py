@@ -265,7 +265,7 @@ class Pipeline:
         5. ``grpo_full``: the same as a full fine-tune (frozen reference copy on the GPU).
         6. ``predict``: ``main.py predict --config configs/eval_vindr.yaml`` (greedy, ``PredictionWriter``) on
            the phantom test images' abnormality-grounding prompts, with the full-GRPO export.
-        7. ``evaluate``: ``python -m radvlm.tools.evaluate`` of those predictions (mAP@0.5, IoU, soft-F1,
+        7. ``evaluate``: ``python -m radvlm_tools.evaluate`` of those predictions (mAP@0.5, IoU, soft-F1,
            bootstrap CIs).
         """
         s = self.s

@@ -3,7 +3,7 @@
 ``python -m benchmarks.pipeline_stage TARGET [ARGS ...]`` runs TARGET with ARGS:
 
 - ``main``: ``main.main(args=ARGS)``, the LightningCLI (``fit --config configs/sft.yaml --trainer.… …``);
-- ``evaluate``: ``radvlm.tools.evaluate.main(ARGS)``;
+- ``evaluate``: ``radvlm_tools.evaluate.main(ARGS)``;
 - ``phantom``: ``datamodules.phantom.main(ARGS)``;
 - ``checkpoint``: ``benchmarks.checkpoint.checkpoint_main(ARGS)`` (a random-weight checkpoint folder).
 
@@ -67,7 +67,7 @@ def run_target(target: str, args: list[str]) -> None:
 
         main.main(args=args)
     elif target == "evaluate":
-        from radvlm.tools.evaluate import main as evaluate
+        from radvlm_tools.evaluate import main as evaluate
 
         evaluate(args)
     elif target == "phantom":

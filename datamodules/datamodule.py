@@ -170,7 +170,7 @@ class RadVLMDataModule(L.LightningDataModule):
             shuffle_images: the shuffle control (``datamodules.shuffle``): with a seed, every test and predict
                 record is answered on the image of another image group (a derangement, fixed by the seed);
                 ids, prompts and references stay. Score against the own-image predictions with
-                ``python -m radvlm.tools.evaluate OWN.jsonl --shuffled SHUFFLED.jsonl``.
+                ``python -m radvlm_tools.evaluate OWN.jsonl --shuffled SHUFFLED.jsonl``.
             min_pixels, max_pixels: image pixel budget of the processor (Qwen3-VL: 1024 … 451584); under
                 ``main.py`` linked to the policy's (``model.init_args.policy.min_pixels`` …), set there.
         """

@@ -1,7 +1,7 @@
 """The shuffle control's data half: the same records answered on other records' images.
 
 ``main.py predict|test --data.init_args.shuffle_images SEED`` gives every record the image of another image
-group (``shuffle_images``); ``radvlm.tools.shuffle_control`` and ``radvlm.tools.evaluate --shuffled`` score
+group (``shuffle_images``); ``radvlm_tools.shuffle_control`` and ``radvlm_tools.evaluate --shuffled`` score
 the two prediction sets against each other. Not in the paper.
 """
 

@@ -73,7 +73,7 @@ class PredictionWriter(BasePredictionWriter):
 
     Each line: id, task, image, prompt, completion, answer (after ``</think>``), thinking, think_closed,
     reference, gt_boxes, completion_tokens, truncated. Per-sample metric values are added by
-    ``python -m radvlm.tools.evaluate``.
+    ``python -m radvlm_tools.evaluate``.
     """
 
     def __init__(self, output: str, resume: bool = True, default_task: str | None = None) -> None:
@@ -130,7 +130,7 @@ class BoxPictures(L.Callback):
     """TensorBoard image grid of grounding samples after validation and test.
 
     The grid shows the ground-truth boxes green, the predicted boxes red, each box labelled with the finding its
-    text names (``radvlm.tools.draw.box_labels``), and the prompt phrase (labels and phrase are left out when
+    text names (``radvlm_tools.draw.box_labels``), and the prompt phrase (labels and phrase are left out when
     the module's ``log_text_samples`` is off). The samples come through Lightning's ``on_validation_batch_end``
     / ``on_test_batch_end``: a step that returns ``{"samples": [{"image", "answer", "gt_boxes", "prompt",
     "task", "reference"}, ...]}`` (``GRPOModule`` does, for its greedy grounding outputs) has the first
@@ -187,7 +187,7 @@ class BoxPictures(L.Callback):
 
     def grid(self, samples: list[dict[str, Any]], with_text: bool):
         """The PIL grid of ``samples`` (None when no sample has a readable image)."""
-        from radvlm.tools.draw import image_grid, sample_picture
+        from radvlm_tools.draw import image_grid, sample_picture
 
         pictures = []
         for s in samples[: self.num_images]:

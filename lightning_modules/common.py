@@ -400,7 +400,7 @@ class PolicyModule(L.LightningModule):
         for i, text in enumerate(gen.texts):
             thinking = bool(batch["thinking"][i])
             # a thinking completion's answer is cut where the rewards of its task cut it (first </think> for
-            # box tasks, last otherwise; radvlm.tools.evaluate re-cuts ``completion`` the same way)
+            # box tasks, last otherwise; radvlm_tools.evaluate re-cuts ``completion`` the same way)
             split = task_think_split(batch["tasks"][i])
             thoughts, answer, closed = split_thinking(text, split) if thinking else ("", text.strip(), True)
             rows.append({

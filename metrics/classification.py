@@ -62,7 +62,7 @@ def parse_label_list(target: str) -> list[str]:
 def record_indicators(preds: Sequence[str], references: Sequence[str],
                       labels: Sequence[Sequence[str] | str | None], pathologies: Sequence[Sequence[str] | str | None]
                       ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """The label set and the (N, L) bool predicted and true labels of records (``radvlm.tools.evaluate``).
+    """The label set and the (N, L) bool predicted and true labels of records (``radvlm_tools.evaluate``).
 
     Label set: the union of the records' ``pathologies`` (case-insensitive, first spelling and first-seen
     order kept; ``CHEXPERT_PATHOLOGIES`` when no record has one). Truth: a record's ``labels``, else the labels
@@ -135,7 +135,7 @@ class AbnormalityClassification(PerSampleMetric):
     """RadVLM's abnormality classification: per-sample label-set F1 from ``score``; ``compute`` gives
     micro/macro precision, recall, F1 and per-label F1.
 
-    The torchmetrics class (validation, ``radvlm.tools.evaluate``): ``labels`` (the label set) is fixed at
+    The torchmetrics class (validation, ``radvlm_tools.evaluate``): ``labels`` (the label set) is fixed at
     construction; a target is either the reference answer text (``target_format="text"``, the default: truth =
     labels found in it by the same rule, which is what a validation loop has) or the record's label list
     (``"labels"``: a JSON list ``'["Cardiomegaly", "Edema"]'`` or names joined by ``", "``; ``""`` for none).

@@ -1,7 +1,7 @@
 """The one client of this project for OpenAI-compatible ``/v1/chat/completions`` servers (vLLM, SGLang, …).
 
 Standard library only (urllib), so ``metrics`` stays usable alone. Users: the GREEN judge
-(``metrics.green.EndpointJudge``) and the trace teacher of ``radvlm.tools.teachers`` (``EndpointTeacher`` builds
+(``metrics.green.EndpointJudge``) and the trace teacher of ``radvlm_tools.teachers`` (``EndpointTeacher`` builds
 its image payloads on top of ``ChatClient`` and re-exports ``PermanentError`` and ``Truncated``).
 
 ``ChatClient.post(payload, timeout)`` sends one request; HTTP 408, 429 and 5xx, connection errors and

@@ -1,2 +1,2 @@
 """Tools built on the core (docs/design.md): evaluation, drawing, inference, trace synthesis, the demo; each runs as
-``python -m radvlm.tools.<tool>``."""
+``python -m radvlm_tools.<tool>``."""

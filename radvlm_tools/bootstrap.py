@@ -1,5 +1,5 @@
-"""Percentile bootstrap confidence intervals, shared by ``radvlm.tools.evaluate`` (the paper's tables) and
-``radvlm.tools.shuffle_control`` (paired own − shuffled differences); below both, so neither imports the other
+"""Percentile bootstrap confidence intervals, shared by ``radvlm_tools.evaluate`` (the paper's tables) and
+``radvlm_tools.shuffle_control`` (paired own − shuffled differences); below both, so neither imports the other
 for it."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The offline CPU demo behind ``make demo``: phantom data → SFT → GRPO → held-out comparison.
 
-``python -m radvlm.tools.demo [--variant plain|thinking] [--out runs/demo]`` runs, as separate processes of the
+``python -m radvlm_tools.demo [--variant plain|thinking] [--out runs/demo]`` runs, as separate processes of the
 real command line (``python main.py fit|predict --config configs/demo/…``):
 
 1. the phantom dataset (``datamodules.phantom``) and the tiny Qwen3-VL checkpoint (``radvlm.tiny``), once;
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: main.py, configs/demo
+ROOT = Path(__file__).resolve().parents[1]  # the repository: main.py, configs/demo
 
 
 def start(args: list[str], what: str, log: Path | None = None) -> subprocess.Popen:
@@ -85,14 +85,14 @@ def _rows(path: Path) -> list[dict]:
 
 def summarise(pred_files: dict[str, Path], shuffled_files: dict[str, Path] | None = None) -> dict[str, Any]:
     """Per-model held-out metrics from prediction files (same samples for every model); with ``shuffled_files``
-    (the same grounding records answered on deranged images, ``radvlm.tools.shuffle_control``) each model also gets
+    (the same grounding records answered on deranged images, ``radvlm_tools.shuffle_control``) each model also gets
     ``shuffle``: own / shuffled / image-dependent soft-F1 and mAP@0.5 with paired 95 % bootstrap CIs. ``paired``
     holds GRPO − SFT on the same records (soft-F1, mAP@0.5 and, with the control, their image-dependent parts),
     each with a 95 % bootstrap CI (2000 resamples of the records, seed 0)."""
     from metrics.grounding import GroundingMAP
     from metrics.text import GLEU
     from radvlm.tasks import is_box_task
-    from radvlm.tools.shuffle_control import image_dependence, paired_gain, per_record
+    from radvlm_tools.shuffle_control import image_dependence, paired_gain, per_record
 
     summary: dict[str, Any] = {}
     entries: dict[str, dict] = {}

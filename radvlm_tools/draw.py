@@ -14,7 +14,7 @@ scaled up first so that lines and text stay legible.
   answer (predicted boxes parsed from the answer by ``metrics.boxes.parse_boxes``, as the metrics parse them;
   labels from the answer and from the reference text);
 - ``image_grid(pictures, columns)``: several pictures on one canvas (the TensorBoard image grid);
-- ``write_pictures(rows, out_dir)``: PNG files of prediction rows (``python -m radvlm.tools.evaluate --draw``).
+- ``write_pictures(rows, out_dir)``: PNG files of prediction rows (``python -m radvlm_tools.evaluate --draw``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The model-based metrics of ``radvlm.tools.evaluate``, built the way training builds its metrics: from
+"""The model-based metrics of ``radvlm_tools.evaluate``, built the way training builds its metrics: from
 ``class_path`` entries, one per column, in ``configs/eval_metrics/default.yaml`` (the paper's settings) with
 ``--metrics-config FILE`` layered over it (``load_config``); ``Scorers`` builds each entry once, on first use,
 and probes it. A model that cannot be loaded makes its columns ``unavailable: <reason>``, never numbers.
@@ -28,7 +28,7 @@ from metrics.text import GLEU, ROUGEL
 
 #: the model-based columns a metrics config may fill (``null``: not computed)
 MODEL_METRICS = ("bertscore", "chexbert", "radgraph", "radcliq", "radcliq_radeval", "green")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "eval_metrics" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "eval_metrics" / "default.yaml"
 PROBE_PAIR = ("The heart size is normal. There is a small left pleural effusion.",
               "Normal heart size. Small left pleural effusion, no pneumothorax.")
 #: a layer of the metrics config: a YAML/JSON file or its mapping

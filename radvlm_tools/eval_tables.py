@@ -1,4 +1,4 @@
-"""The Markdown tables of ``radvlm.tools.evaluate``: per task the paper's columns (``COLUMNS``, in the paper's
+"""The Markdown tables of ``radvlm_tools.evaluate``: per task the paper's columns (``COLUMNS``, in the paper's
 order, then ours) with value and 95 % CI per run, several runs side by side with the change against the first
 run, and the change of the average answer length (a reward-hacking signal, ``length_changes``).
 """

@@ -1,18 +1,18 @@
 """Paper-style evaluation of prediction files: per task the columns of the paper's tables (docs/paper.md §5, §6,
 §8b) with 95 % bootstrap confidence intervals, several runs side by side, per-sample scores and box pictures.
 
-    python -m radvlm.tools.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--shuffled SHUF.jsonl ...]
+    python -m radvlm_tools.evaluate PRED.jsonl [more.jsonl | RADVLM_output.json ...] [--shuffled SHUF.jsonl ...]
         [--task TASK]
         [--format auto|jsonl|radvlm|radvlm-jsonl] [--keys answer=output,...] [--json OUT.json] [--draw N DIR]
         [--bootstrap 2000] [--seed 0] [--metrics-config FILE ...] [--device cpu] [--offline | --online]
 
 Input: the JSONL of ``main.py predict`` or RadVLM's ``{model}_{task}_output.json``
-(``radvlm.tools.prediction_files``). Output: a Markdown table (``radvlm.tools.eval_tables``), a JSON file and
+(``radvlm_tools.prediction_files``). Output: a Markdown table (``radvlm_tools.eval_tables``), a JSON file and
 next to each input ``<input>.scored.jsonl`` (its rows with per-sample ``scores``; ``null``: unavailable or
 undefined).
 Values come from the metric classes used for training (``score`` per sample) with the same NaN-ignoring
 aggregates; the model-based ones (BERTScore, CheXbert, RadGraph, RadCliQ-v1, GREEN) from the ``class_path``
-entries of ``configs/eval_metrics/default.yaml`` and ``--metrics-config`` layers (``radvlm.tools.eval_metrics``).
+entries of ``configs/eval_metrics/default.yaml`` and ``--metrics-config`` layers (``radvlm_tools.eval_metrics``).
 
 Not in the paper: mAP and mean IoU parse answers with RadVLM's evaluation regex, soft-F1 with the reward's
 parser; duplicate ids (a multi-GPU predict pads its last batch) keep their first line and are counted; GLEU,
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from radvlm import tasks
-from radvlm.tools.bootstrap import bootstrap_ci
-from radvlm.tools.draw import write_pictures
-from radvlm.tools.eval_metrics import Layer, Scorers, Unavailable
-from radvlm.tools.eval_tables import COLUMNS, UNDEFINED, Column, format_table, length_changes
-from radvlm.tools.prediction_files import read_prediction_file, scored_answer
-from radvlm.tools.shuffle_control import format_rows, image_dependence
+from radvlm_tools.bootstrap import bootstrap_ci
+from radvlm_tools.draw import write_pictures
+from radvlm_tools.eval_metrics import Layer, Scorers, Unavailable
+from radvlm_tools.eval_tables import COLUMNS, UNDEFINED, Column, format_table, length_changes
+from radvlm_tools.prediction_files import read_prediction_file, scored_answer
+from radvlm_tools.shuffle_control import format_rows, image_dependence
 
 NAN = float("nan")
 
@@ -244,7 +244,7 @@ def summarise(scored: Scored, columns: Sequence[Column], n_boot: int, seed: int,
 # ------------------------------------------------------------------------------------------ prediction files
 def read_predictions(path: str | Path, default_task: str | None = None, fmt: str = "auto",
                      keys: str | dict[str, str] | None = None) -> tuple[list[dict], int]:
-    """Rows of a prediction file (ours or RadVLM's, ``radvlm.tools.prediction_files``) sorted by id, and the number of
+    """Rows of a prediction file (ours or RadVLM's, ``radvlm_tools.prediction_files``) sorted by id, and the number of
     duplicate-id rows dropped."""
     read = read_prediction_file(path, default_task, fmt, keys)
     return read.rows, read.duplicates
@@ -277,7 +277,7 @@ def evaluate_file(path: str | Path, metrics: Scorers | Layer | Sequence[Layer] |
     "metrics": {key: {"label", "value", "ci", "n"} or {..., "unavailable", "detail"}}}}, "notes", ...}``;
     writes ``<path>.scored.jsonl`` unless ``write_scored`` is False. ``metrics``: a ``Scorers`` (pass one for
     several files so that each model is loaded once) or metrics-config layers (``eval_metrics.load_config``).
-    ``fmt``, ``keys``, ``default_task``: ``radvlm.tools.prediction_files``. Rows are sorted by id first, so a
+    ``fmt``, ``keys``, ``default_task``: ``radvlm_tools.prediction_files``. Rows are sorted by id first, so a
     resumed prediction file (other line order) gives the same intervals."""
     scorers = metrics if isinstance(metrics, Scorers) else Scorers(metrics)
     read = read_prediction_file(path, default_task, fmt, keys)
@@ -311,7 +311,7 @@ def evaluate_file(path: str | Path, metrics: Scorers | Layer | Sequence[Layer] |
 
 # ------------------------------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m radvlm.tools.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m radvlm_tools.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("predictions", nargs="+", help="prediction files: JSONL of main.py predict or RadVLM's "
                    "*_output.json (several: comparison)")
     p.add_argument("--json", help="output JSON (default: <first input>.eval.json)")

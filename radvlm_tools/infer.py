@@ -1,12 +1,12 @@
-"""Ask one question about one chest X-ray: ``python -m radvlm.tools.infer IMAGE "QUESTION" --model DIR``.
+"""Ask one question about one chest X-ray: ``python -m radvlm_tools.infer IMAGE "QUESTION" --model DIR``.
 
 A tool built on the core: the image goes through the same checks, processor and chat template as training
 and evaluation (``datamodules.collate.PromptCollator``), the answer comes from ``Policy.generate`` (greedy
 unless ``--sample``), and for thinking prompts the answer after ``</think>`` is printed (``--show-thinking``
 prints the trace too). ``--json`` prints one JSON object instead (question, completion, answer, boxes found).
 
-    python -m radvlm.tools.infer cxr.png "Write a radiology report for this Chest X-ray." --model runs/sft/hf_export
-    python -m radvlm.tools.infer cxr.png "Where is the Cardiomegaly located on this Chest X-ray?" --model DIR --json
+    python -m radvlm_tools.infer cxr.png "Write a radiology report for this Chest X-ray." --model runs/sft/hf_export
+    python -m radvlm_tools.infer cxr.png "Where is the Cardiomegaly located on this Chest X-ray?" --model DIR --json
 """
 
 from __future__ import annotations

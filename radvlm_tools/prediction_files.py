@@ -1,4 +1,4 @@
-"""Prediction files for ``radvlm.tools.evaluate``: our JSONL and RadVLM's evaluation outputs, read into one row shape.
+"""Prediction files for ``radvlm_tools.evaluate``: our JSONL and RadVLM's evaluation outputs, read into one row shape.
 
 Formats (``FORMATS``, ``--format``; ``detect_format`` for ``auto``): ``jsonl``, ours (``main.py predict``: one
 object per line with ``id``, ``task``, ``answer``, ``reference``); ``radvlm``, RadVLM's evaluation output

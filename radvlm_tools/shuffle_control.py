@@ -12,8 +12,8 @@ A score that survives the shuffle is prior; only the difference is grounding lea
 (``image_dependence``; ``paired_gain`` compares two models, e.g. GRPO − SFT). Not in the paper, which has no
 such control.
 
-    python -m radvlm.tools.shuffle_control permute SRC.json DST.json [--seed 0] [--tasks abnormality_grounding]
-    python -m radvlm.tools.shuffle_control score OWN.jsonl SHUFFLED.jsonl [--json OUT.json]
+    python -m radvlm_tools.shuffle_control permute SRC.json DST.json [--seed 0] [--tasks abnormality_grounding]
+    python -m radvlm_tools.shuffle_control score OWN.jsonl SHUFFLED.jsonl [--json OUT.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.shuffle import shuffle_images
-from radvlm.tools.bootstrap import bootstrap_ci
+from radvlm_tools.bootstrap import bootstrap_ci
 
 N_BOOT = 2000
 SEED = 0
@@ -63,10 +63,10 @@ def paired_difference(a: Any, b: Any, n_boot: int = N_BOOT, seed: int = SEED) ->
 
 
 def _box_scores(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
-    """{id: {"soft_f1", "map"}} of the box-task rows (answer as ``radvlm.tools.evaluate`` scores it)."""
+    """{id: {"soft_f1", "map"}} of the box-task rows (answer as ``radvlm_tools.evaluate`` scores it)."""
     from metrics.grounding import GroundingMAP, SoftF1
     from radvlm.tasks import is_box_task
-    from radvlm.tools.prediction_files import scored_answer
+    from radvlm_tools.prediction_files import scored_answer
 
     rows = [r for r in rows if is_box_task(r["task"])]
     preds, refs = [scored_answer(r) for r in rows], [r["reference"] for r in rows]
@@ -138,13 +138,13 @@ def format_rows(entries: dict[str, dict[str, Any]]) -> str:
 
 
 def _read(path: str | Path) -> list[dict]:
-    from radvlm.tools.prediction_files import read_prediction_file
+    from radvlm_tools.prediction_files import read_prediction_file
 
     return read_prediction_file(path).rows
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    parser = argparse.ArgumentParser(prog="python -m radvlm.tools.shuffle_control",
+    parser = argparse.ArgumentParser(prog="python -m radvlm_tools.shuffle_control",
                                      description="Shuffle control: image-dependent grounding scores.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("permute", help="write a copy of a record file with the images deranged among records")

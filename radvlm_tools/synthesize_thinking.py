@@ -1,8 +1,8 @@
 """Synthesise ``<think>`` traces for RadVLM records with a teacher model (data for the thinking cold start).
 
-``python -m radvlm.tools.synthesize_thinking IN.json OUT.jsonl --endpoint http://host:8000/v1 --model NAME`` (an
+``python -m radvlm_tools.synthesize_thinking IN.json OUT.jsonl --endpoint http://host:8000/v1 --model NAME`` (an
 OpenAI-compatible server, e.g. a 235B Qwen3-VL under vLLM) or ``--teacher-model PATH`` (a local checkpoint;
-``radvlm.tools.teachers``). A written record is the input record with ``" /think"`` appended to its final user
+``radvlm_tools.teachers``). A written record is the input record with ``" /think"`` appended to its final user
 prompt and its final assistant turn = ``make_thinking_answer(trace, ORIGINAL answer)`` (``radvlm.chat``): it
 loads with ``load_records`` and trains with the ordinary SFT collator.
 
@@ -40,7 +40,7 @@ from radvlm.chat import (
     make_thinking_prompt,
     split_thinking,
 )
-from radvlm.tools.teachers import (  # re-exported: ``from radvlm.tools.synthesize_thinking import EndpointTeacher`` works
+from radvlm_tools.teachers import (  # re-exported: ``from radvlm_tools.synthesize_thinking import EndpointTeacher`` works
     EndpointTeacher,
     PermanentError,
     PolicyTeacher,
@@ -380,7 +380,7 @@ def format_summary(counts: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m radvlm.tools.synthesize_thinking",
+    p = argparse.ArgumentParser(prog="python -m radvlm_tools.synthesize_thinking",
                                 description=__doc__.splitlines()[0])
     p.add_argument("input", help="RadVLM records (.json list or .jsonl)")
     p.add_argument("output", help="output .jsonl (appended; a rerun resumes)")

@@ -1,4 +1,4 @@
-"""Teachers for ``radvlm.tools.synthesize_thinking``: what answers a ``TeacherRequest`` with a ``<think>`` response.
+"""Teachers for ``radvlm_tools.synthesize_thinking``: what answers a ``TeacherRequest`` with a ``<think>`` response.
 
 - ``EndpointTeacher``: an OpenAI-compatible ``/v1/chat/completions`` server (e.g. a 235B Qwen3-VL under vLLM)
   through ``metrics.judge.ChatClient`` (the project's one such client, shared with the GREEN judge), one

@@ -81,7 +81,7 @@ class FakeChatServer:
 
 def eval_metrics_config(bert: str, chexbert: str, radgraph: str | None, radcliq_radgraph: str | None,
                         device: str = "cpu", **extra) -> dict:
-    """A metrics-config layer for ``radvlm.tools.evaluate`` (over configs/eval_metrics/default.yaml) whose model-based
+    """A metrics-config layer for ``radvlm_tools.evaluate`` (over configs/eval_metrics/default.yaml) whose model-based
     metrics load the given weights: a local BERT folder (2 layers, not rescaled) for BERTScore and RadCliQ's
     BERTScore, a CheXbert checkpoint on that BERT, RadGraph folders for RadGraph-F1 and RadCliQ."""
     bertscore = {"class_path": "metrics.bertscore.BERTScore", "init_args": {"model_type": bert, "num_layers": 2}}

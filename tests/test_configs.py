@@ -1,5 +1,5 @@
 """Every YAML under configs/ must parse: the main.py configs through the real CLI (``--print_config`` validates
-all types), the metrics configs of ``radvlm.tools.evaluate`` (configs/eval_metrics/) through its loader."""
+all types), the metrics configs of ``radvlm_tools.evaluate`` (configs/eval_metrics/) through its loader."""
 
 from pathlib import Path
 
@@ -29,7 +29,7 @@ def test_config_parses_with_print_config(path, capsys):
 
 @pytest.mark.parametrize("path", METRICS_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_metrics_config_parses_with_the_evaluation_loader(path):
-    from radvlm.tools.eval_metrics import MODEL_METRICS, load_config
+    from radvlm_tools.eval_metrics import MODEL_METRICS, load_config
 
     cfg = load_config(path)
     assert any(cfg[name] is not None for name in MODEL_METRICS)

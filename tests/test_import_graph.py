@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = {"tasks", "chat", "grpo", "lora", "policy", "rollout", "tiny", "batch", "rewards", "sharding",
         "rollout_correction", "fast_engine", "vllm_engine"}
 TOOLS = {"evaluate", "eval_metrics", "eval_tables", "prediction_files", "bootstrap", "draw", "infer",
-         "shuffle_control", "synthesize_thinking", "teachers", "demo"}
+         "shuffle_control", "synthesize_thinking", "teachers", "demo", "console"}
 ALLOWED = {
     "metrics": {"metrics"},
     "core": {"core"},
@@ -21,27 +21,26 @@ ALLOWED = {
     "training": {"core", "data", "metrics", "tools", "training"},
 }
 LIGHTNING_OK = {"training", "data/datamodule"}
-PACKAGES = ("metrics", "radvlm", "datamodules", "lightning_modules")
+PACKAGES = ("metrics", "radvlm", "datamodules", "radvlm_tools", "lightning_modules")
 PROJECT = (*PACKAGES, "benchmarks")  # the cycle check covers the support code too (and main.py)
+FOLDER_LAYER = {"metrics": "metrics", "datamodules": "data", "lightning_modules": "training"}
+# folder by folder, lowest first: each may import only itself and the folders before it (metrics and the core
+# are peers that import nothing of each other; ALLOWED, module by module, says so)
+FOLDERS = ("metrics", "radvlm", "datamodules", "radvlm_tools", "lightning_modules", "main", "benchmarks")
 
 
 def layer_of(module: str) -> str | None:
-    """``radvlm.policy`` → ``core``, ``radvlm.tools.evaluate`` → ``tools``; ``radvlm`` (the package itself) counts as core."""
+    """``radvlm.policy`` → ``core``, ``radvlm_tools.evaluate`` → ``tools``; a package (``radvlm``) counts as its
+    layer; ``None`` for a third-party or standard-library module, ``unknown`` for a project module not listed."""
     parts = module.split(".")
     top = parts[0]
-    if top == "metrics":
-        return "metrics"
-    if top == "datamodules":
-        return "data"
-    if top == "lightning_modules":
-        return "training"
+    if top in FOLDER_LAYER:
+        return FOLDER_LAYER[top]
     if top == "radvlm":
-        if len(parts) > 1 and parts[1] == "tools":  # the package radvlm.tools and every module in it
-            return "tools" if len(parts) == 2 or parts[2] in TOOLS | {"__init__"} else "unknown"
-        if len(parts) == 1 or parts[1] in CORE or parts[1] == "__init__":
-            return "core"
-        return "unknown"
-    return None  # a third-party or standard-library module
+        return "core" if len(parts) == 1 or parts[1] in CORE | {"__init__"} else "unknown"
+    if top == "radvlm_tools":
+        return "tools" if len(parts) == 1 or parts[1] in TOOLS | {"__init__"} else "unknown"
+    return None
 
 
 def imports_of(path: Path) -> list[str]:
@@ -52,14 +51,14 @@ def imports_of(path: Path) -> list[str]:
             names += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.append(node.module)
-            if node.module.split(".")[0] in PACKAGES:  # ``from radvlm.tools import infer``: maybe a module
+            if node.module.split(".")[0] in PACKAGES:  # ``from radvlm_tools import infer``: maybe a module
                 names += [f"{node.module}.{a.name}" for a in node.names]
     return names
 
 
 def package_modules(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> list[tuple[str, Path]]:
-    """(dotted name, path) of every module of ``packages`` under ``root``, sub-packages (``radvlm.tools``)
-    included; a package's ``__init__.py`` is named after the package (``radvlm``)."""
+    """(dotted name, path) of every module of ``packages`` under ``root``, sub-packages included; a package's
+    ``__init__.py`` is named after the package (``radvlm``)."""
     out = []
     for package in packages:
         for path in sorted((root / package).rglob("*.py")):
@@ -204,6 +203,12 @@ def test_graph_parses_a_planted_lazy_cycle_in_a_package(tmp_path):
     graph = import_graph(package_modules(tmp_path, ("pkg",)))
     assert graph == {"pkg": set(), "pkg.free": {"pkg.low"}, "pkg.high": {"pkg.low"}, "pkg.low": {"pkg.high"}}
     assert import_cycles(graph) == [["pkg.high", "pkg.low"]]
+
+
+def test_folders_import_only_the_folders_below_them():
+    assert set(FOLDERS) == {name.split(".")[0] for name in project_graph()}
+    wrong = upward_imports(project_graph(), FOLDERS)
+    assert not wrong, "imports up the folder order " + " < ".join(FOLDERS) + ":\n" + "\n".join(wrong)
 
 
 def test_folder_check_finds_a_planted_upward_import():

@@ -15,7 +15,7 @@ from lightning_modules.grpo import GRPOModule
 from metrics.grounding import SoftF1
 from radvlm.policy import PolicyConfig
 from radvlm.rewards import RewardTerm
-from radvlm.tools.draw import GT_COLOUR
+from radvlm_tools.draw import GT_COLOUR
 
 TASKS = ("report_generation", "abnormality_grounding")
 

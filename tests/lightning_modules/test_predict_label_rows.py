@@ -10,7 +10,7 @@ from datamodules.collate import PromptCollator
 from datamodules.records import load_records
 from lightning_modules.common import PolicyModule
 from radvlm.policy import load_processor
-from radvlm.tools.evaluate import evaluate_file
+from radvlm_tools.evaluate import evaluate_file
 from tests.helpers import write_records
 
 PATHOLOGIES = ["Atelectasis", "Cardiomegaly", "Edema"]

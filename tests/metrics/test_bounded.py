@@ -180,13 +180,13 @@ def test_box_metrics_see_no_box_in_unicode_digits():
 
 
 def test_mean_iou_is_zero_when_no_prediction_has_a_box_in_the_metric_and_the_evaluation():
-    from radvlm.tools.evaluate import ratio_of_sums
+    from radvlm_tools.evaluate import ratio_of_sums
 
     preds, targets = [NEGATIVE_ANSWER, "no box here", "[٠.١, ٠.٢, ٠.٣, ٠.٤]"], ["[0.1, 0.2, 0.3, 0.4]"] * 3
     metric = GroundingMAP()
     metric.update(preds, targets)
     assert metric.compute()["mean_iou"].item() == 0.0  # Σ IoU / Σ n_pred·n_gt = 0 / 0 -> 0 by definition
-    pairs = np.array(metric.iou_pairs(preds, targets), dtype=np.float64)  # what radvlm.tools.evaluate aggregates
+    pairs = np.array(metric.iou_pairs(preds, targets), dtype=np.float64)  # what radvlm_tools.evaluate aggregates
     assert ratio_of_sums(pairs) == 0.0 and math.isnan(ratio_of_sums(np.zeros((0, 2))))
 
 

@@ -1,5 +1,5 @@
 """Outbound data of the OpenAI-compatible client (metrics/judge.py ``ChatClient``, used by the GREEN endpoint judge
-and ``radvlm.tools.teachers.EndpointTeacher``): no redirect is followed, so the API key never reaches another host;
+and ``radvlm_tools.teachers.EndpointTeacher``): no redirect is followed, so the API key never reaches another host;
 plain http to a non-local host warns; only http(s) URLs are accepted."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_a_redirect_to_another_host_is_not_followed_and_the_key_stays_home(code)
 def test_the_trace_teacher_and_the_green_judge_do_not_follow_redirects_either(monkeypatch):
     from metrics import base
     from metrics.green import GREEN
-    from radvlm.tools.teachers import EndpointTeacher, TeacherRequest
+    from radvlm_tools.teachers import EndpointTeacher, TeacherRequest
 
     monkeypatch.setattr(base, "_WARNED", set())  # its warn-once keys must not leak into other tests
 

@@ -19,7 +19,7 @@ from radvlm.chat import answer_of, resolve_thinking, split_thinking
 from radvlm.policy import load_processor
 from radvlm.rewards import RewardTerm, compute_rewards
 from radvlm.tasks import task_think_split
-from radvlm.tools.evaluate import scored_answer
+from radvlm_tools.evaluate import scored_answer
 from tests.helpers import report_record, write_records
 
 BOX = "[0.1, 0.2, 0.3, 0.4]"

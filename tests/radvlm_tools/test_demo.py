@@ -1,7 +1,7 @@
 import json
 from pathlib import Path
 
-from radvlm.tools.demo import format_summary, summarise
+from radvlm_tools.demo import format_summary, summarise
 
 
 def write(path, rows):
@@ -55,7 +55,7 @@ def test_summary_with_the_shuffle_control(tmp_path):
 
 def test_the_demo_runs_from_the_repository_root():
     # the demo's subprocesses run main.py with configs/demo/* relative to ROOT (broke once when the tool moved)
-    from radvlm.tools.demo import ROOT
+    from radvlm_tools.demo import ROOT
 
     assert (ROOT / "main.py").is_file() and (ROOT / "Makefile").is_file()
     for name in ("sft.yaml", "grpo.yaml", "predict.yaml", "coldstart.yaml", "grpo_thinking.yaml"):
@@ -64,7 +64,7 @@ def test_the_demo_runs_from_the_repository_root():
 
 def test_the_demo_driver_runs_the_stages_in_order_and_writes_the_summary(tmp_path, monkeypatch, capsys):
     # every subprocess is faked: the test checks the driver (order, overlap, arguments, summary), not training
-    import radvlm.tools.demo as demo
+    import radvlm_tools.demo as demo
 
     events = []
 
@@ -107,7 +107,7 @@ def test_the_demo_driver_runs_the_stages_in_order_and_writes_the_summary(tmp_pat
 def test_a_failed_prediction_stops_the_grpo_run_beside_it(tmp_path, monkeypatch):
     import pytest
 
-    import radvlm.tools.demo as demo
+    import radvlm_tools.demo as demo
 
     stopped = []
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from radvlm.tools.draw import (
+from radvlm_tools.draw import (
     GT_COLOUR,
     PRED_COLOUR,
     draw_boxes,
@@ -82,7 +82,7 @@ def test_missing_image_names_the_path(tmp_path):
 
 
 def test_box_labels_name_the_finding_of_each_box():
-    from radvlm.tools.draw import box_labels
+    from radvlm_tools.draw import box_labels
 
     text = ("The mass is located at the coordinates [0.1, 0.1, 0.2, 0.2] on the image. The pleural effusion is "
             "located at the coordinates [0.5, 0.5, 0.9, 0.9] and [0.1, 0.5, 0.4, 0.9] on the image.")

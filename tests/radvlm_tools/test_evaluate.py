@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from metrics.grounding import GroundingMAP
-from radvlm.tools.eval_metrics import Scorers, load_config
-from radvlm.tools.evaluate import (
+from radvlm_tools.eval_metrics import Scorers, load_config
+from radvlm_tools.evaluate import (
     bootstrap_ci,
     evaluate_file,
     format_table,
@@ -278,7 +278,7 @@ def test_default_metrics_config_builds_the_papers_metrics():
     from metrics.radcliq import RadCliQ
     from metrics.radgraph import RadGraphF1
     from metrics.text import BLEU
-    from radvlm.tools.eval_metrics import DEFAULT_CONFIG, instantiate, with_device
+    from radvlm_tools.eval_metrics import DEFAULT_CONFIG, instantiate, with_device
 
     cfg = load_config(device="cpu")
     build = lambda name: instantiate(with_device(cfg[name].as_dict(), cfg.device))  # noqa: E731

@@ -1,4 +1,4 @@
-"""``radvlm.tools.evaluate`` makes no network contact unless asked: model-based metrics load local weights only
+"""``radvlm_tools.evaluate`` makes no network contact unless asked: model-based metrics load local weights only
 (``metrics.base.hub_access``: downloads need ``RADVLM_ALLOW_DOWNLOADS=1``) and GREEN calls an endpoint only when
 one is configured. Every DNS lookup and connection is recorded and refused here."""
 
@@ -9,7 +9,7 @@ import socket
 
 import pytest
 
-from radvlm.tools.evaluate import main
+from radvlm_tools.evaluate import main
 
 ROWS = [
     {"id": "r1", "task": "report_generation", "answer": "The heart is normal.", "reference": "Normal heart size."},

@@ -1,4 +1,4 @@
-"""``radvlm.tools.evaluate`` as RadVLM evaluates: unrounded ground-truth boxes, its box regex, abnormality
+"""``radvlm_tools.evaluate`` as RadVLM evaluates: unrounded ground-truth boxes, its box regex, abnormality
 classification, and the paper's column order."""
 
 import json
@@ -7,8 +7,8 @@ import pytest
 
 from metrics.classification import AbnormalityClassification
 from metrics.grounding import GroundingMAP
-from radvlm.tools.eval_tables import COLUMNS, format_table
-from radvlm.tools.evaluate import evaluate_file, scored_path_for
+from radvlm_tools.eval_tables import COLUMNS, format_table
+from radvlm_tools.evaluate import evaluate_file, scored_path_for
 from tests.helpers import eval_metrics_config
 
 MISSING = eval_metrics_config("/nonexistent/bert", "/nonexistent/chexbert.pth", "/nonexistent/radgraph", None)

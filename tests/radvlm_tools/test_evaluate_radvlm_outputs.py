@@ -1,4 +1,4 @@
-"""Evaluation parity with RadVLM and the paper (radvlm/tools/prediction_files.py, radvlm/tools/evaluate.py): RadVLM's output
+"""Evaluation parity with RadVLM and the paper (radvlm_tools/prediction_files.py, radvlm_tools/evaluate.py): RadVLM's output
 files read beside ours, GREEN as a column, RadCliQ-v1's RadEval variant."""
 
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 
 from metrics.green import GREEN
-from radvlm.tools.eval_tables import format_table
-from radvlm.tools.evaluate import evaluate_file, main, read_predictions, scored_path_for
-from radvlm.tools.prediction_files import detect_format, parse_keys, read_prediction_file, task_from_filename
+from radvlm_tools.eval_tables import format_table
+from radvlm_tools.evaluate import evaluate_file, main, read_predictions, scored_path_for
+from radvlm_tools.prediction_files import detect_format, parse_keys, read_prediction_file, task_from_filename
 from tests.helpers import FakeChatServer, eval_metrics_config
 
 # what RadVLM's evaluate_instructions.py writes for report generation: no id, no task, the ground truth under

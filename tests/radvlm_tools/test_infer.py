@@ -1,11 +1,11 @@
-"""``python -m radvlm.tools.infer``: one image and one question through the real loading and prompt path."""
+"""``python -m radvlm_tools.infer``: one image and one question through the real loading and prompt path."""
 
 import json
 
 import numpy as np
 from PIL import Image
 
-from radvlm.tools import infer
+from radvlm_tools import infer
 
 
 def test_infer_answers_one_question_on_the_tiny_checkpoint(tiny_ckpt, tmp_path, capsys):

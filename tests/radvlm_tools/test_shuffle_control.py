@@ -6,7 +6,7 @@ from PIL import Image
 
 from datamodules.records import load_records, save_records
 from datamodules.shuffle import derangement, shuffle_images
-from radvlm.tools.shuffle_control import (
+from radvlm_tools.shuffle_control import (
     format_rows,
     image_dependence,
     main,
@@ -156,7 +156,7 @@ def test_data_module_option_answers_test_and_predict_records_on_other_images(tmp
 
 
 def test_evaluate_reports_the_shuffle_control_per_model(tmp_path, capsys):
-    from radvlm.tools.evaluate import main as evaluate
+    from radvlm_tools.evaluate import main as evaluate
 
     own, shuf = tmp_path / "sft.jsonl", tmp_path / "sft_shuffled.jsonl"
     own.write_text("".join(json.dumps(r) + "\n" for r in rows([BOX_A, BOX_B, BOX_A])))  # soft-F1 1, 1, 1

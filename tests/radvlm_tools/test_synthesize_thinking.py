@@ -1,4 +1,4 @@
-"""Tests of radvlm.tools.synthesize_thinking: answer checks, written records, resume, the local-model teacher on the
+"""Tests of radvlm_tools.synthesize_thinking: answer checks, written records, resume, the local-model teacher on the
 tiny checkpoint, and the endpoint teacher against an OpenAI-compatible server on 127.0.0.1 (retries,
 timeouts, failure log, rerun)."""
 
@@ -21,7 +21,7 @@ from PIL import Image
 from datamodules.records import load_records, save_records
 from radvlm.chat import split_thinking
 from radvlm.tiny import write_tiny_checkpoint
-from radvlm.tools.synthesize_thinking import (
+from radvlm_tools.synthesize_thinking import (
     LEAK_PHRASES,
     EndpointTeacher,
     PermanentError,
