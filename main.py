@@ -144,7 +144,7 @@ def check_accelerator(*asked: object) -> None:
     if wanted and not torch.cuda.is_available():
         raise SystemExit(
             f"error: this config runs on GPUs (trainer.accelerator={wanted[0]}) and this machine has no CUDA GPU. "
-            "On a GPU machine, install the CUDA torch build (README); to try the pipeline on CPU use "
+            "On a GPU machine, install the CUDA torch build (README, docs/training.md); to try the pipeline on CPU use "
             "configs/demo/*.yaml, or override --trainer.accelerator cpu --trainer.devices 1 "
             "--trainer.strategy auto --trainer.precision 32-true (a real Qwen3-VL model is slow on CPU)")
 

@@ -86,7 +86,7 @@ def test_an_existing_export_is_not_overwritten(tiny_ckpt, phantom_dir, tmp_path)
     "fit --config configs/grpo_grounding.yaml --model.init_args.lr 1e-6",
 ])
 def test_the_documented_launch_lines_parse(line, capsys):
-    """The README's torchrun/srun lines and docs/slurm_grpo.sbatch's command (arguments after main.py)."""
+    """The torchrun/srun lines of docs/training.md and docs/slurm_grpo.sbatch's command (arguments after main.py)."""
     with pytest.raises(SystemExit) as done:
         main.main(args=[*line.split(), "--print_config"])
     assert done.value.code in (0, None)
