@@ -211,14 +211,18 @@ def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     show = "--traceback" in argv or os.environ.get("RADVLM_TRACEBACK", "") not in ("", "0")
     argv = [a for a in argv if a != "--traceback"]
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "main.py", *argv]  # LightningCLI reads these (args= beside argv warns)
     try:
-        main(args=argv)
+        main()
     except Exception as exc:  # noqa: BLE001  (re-raised unless it is a user error)
         if show or not is_user_error(exc):
             raise
         print(f"error: {type(exc).__name__}: {exc}\n(the full stack: add --traceback or set RADVLM_TRACEBACK=1)",
               file=sys.stderr)
         return 2
+    finally:
+        sys.argv = saved
     return 0
 
 

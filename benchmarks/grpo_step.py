@@ -101,8 +101,9 @@ def phase_recorder(modes: list[str]):
             pl_module.engine.shared_prefill = mode != "plain"
             # the training side as it was ("plain", "shared") or optimised: vision once per prompt in the
             # log-prob passes, rewards beside the reference pass
-            pl_module.share_vision = pl_module.overlap_rewards = mode in ("optimized", "packed")
+            pl_module.share_vision = pl_module.overlap_rewards = mode in ("optimized", "packed", "prefix")
             pl_module.packed_logprobs = mode == "packed"  # and the log-prob passes without padding
+            pl_module.shared_prefix_logprobs = mode == "prefix"  # π_old / reference: each prompt once (KV cache)
             if self._last_end is None:
                 self._last_end = time.perf_counter()
 
@@ -243,6 +244,8 @@ def train_side_check(args, work: Path) -> dict:
         out[name] = (logp.detach().float(), {n: p.grad.float().clone() for n, p in policy.named_parameters()
                                              if p.grad is not None})
     (lp_s, g_s), (lp_r, g_r), (lp_p, g_p) = out["shared"], out["repeated"], out["packed"]
+    with torch.no_grad():  # the shared-prefix pass has no gradient (π_old, reference)
+        lp_x = policy.token_logprobs(shared.model_batch(), mask, shared_prefix=True).float()
 
     def diff(grads, keys):
         return max((float((grads[k] - g_r[k]).abs().max()) for k in keys), default=0.0)
@@ -253,7 +256,8 @@ def train_side_check(args, work: Path) -> dict:
             "check_vision_grad_max_abs_diff": diff(g_s, vision), "check_other_grad_max_abs_diff": diff(g_s, rest),
             "check_packed_logprob_max_abs_diff": float((lp_p - lp_r).abs().max()),
             "check_packed_vision_grad_max_abs_diff": diff(g_p, vision),
-            "check_packed_other_grad_max_abs_diff": diff(g_p, rest)}
+            "check_packed_other_grad_max_abs_diff": diff(g_p, rest),
+            "check_prefix_logprob_max_abs_diff": float((lp_x - lp_r).abs().max())}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -272,10 +276,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--reward", default="gleu", choices=["gleu", "radcliq"])
     parser.add_argument("--reward-device", default=None, help="default: --device")
-    parser.add_argument("--modes", nargs="+", default=["plain", "shared"], choices=["plain", "shared", "optimized", "packed"],
+    parser.add_argument("--modes", nargs="+", default=["plain", "shared"],
+                        choices=["plain", "shared", "optimized", "packed", "prefix"],
                         help="plain: repeated prefill; shared: shared prefill; optimized: shared prefill, vision "
                              "once per prompt in the log-prob passes, rewards beside them; packed: optimized and "
-                             "the log-prob passes without padding (packed_logprobs)")
+                             "the log-prob passes without padding (packed_logprobs); prefix: optimized and the "
+                             "π_old / reference passes computing each prompt once (shared_prefix_logprobs)")
     parser.add_argument("--lora", action="store_true", help="LoRA r=16 on the language model (reference: adapters off)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     add_common_args(parser, "grpo_step.json")
@@ -305,7 +311,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         r["speedup_generate"] = round(r["generate_tokens_per_s"] / rows[0]["generate_tokens_per_s"], 3)
         train_side = lambda row: row["logprobs_s"] + row["update_s"]  # noqa: E731  π_old + reference + update
         r["speedup_train_side"] = round(train_side(rows[0]) / train_side(r), 3)
-    if {"optimized", "packed"} & set(args.modes):
+    if {"optimized", "packed", "prefix"} & set(args.modes):
         check = train_side_check(args, work)
         for r in rows:
             r.update(check)
@@ -335,6 +341,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         print(f"packed vs repeated padded log-prob pass: max |Δ log-prob| {r['check_packed_logprob_max_abs_diff']:.2e}, "
               f"max |Δ grad| vision {r['check_packed_vision_grad_max_abs_diff']:.2e}, "
               f"rest {r['check_packed_other_grad_max_abs_diff']:.2e}")
+        print(f"shared-prefix vs repeated padded log-prob pass (no gradient): max |Δ log-prob| "
+              f"{r['check_prefix_logprob_max_abs_diff']:.2e}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

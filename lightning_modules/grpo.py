@@ -101,6 +101,7 @@ class GRPOModule(PolicyModule):
         share_vision: bool = True,
         overlap_rewards: bool = True,
         packed_logprobs: bool | None = None,
+        shared_prefix_logprobs: bool = False,
     ) -> None:
         """
         Args:
@@ -151,6 +152,10 @@ class GRPOModule(PolicyModule):
                 packed where the attention is a varlen kernel (``flash_attention_2`` / ``_3``), padded (with
                 the all-padding columns trimmed) under ``sdpa`` / ``eager``, whose packed mask is quadratic in
                 the packed length (benchmarks/RESULTS.md).
+            shared_prefix_logprobs: the π_old and reference passes (no gradient) compute each distinct prompt and
+                its image once into a KV cache and run only the completions against it
+                (``Policy.token_logprobs(shared_prefix=True)``: the same values up to float rounding); not with
+                packed passes, which already spend nothing on padding. The update pass is unchanged.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -184,6 +189,7 @@ class GRPOModule(PolicyModule):
         self.share_vision = bool(share_vision)
         self.overlap_rewards = bool(overlap_rewards)
         self.packed_logprobs = packed_logprobs
+        self.shared_prefix_logprobs = bool(shared_prefix_logprobs)
         self._reward_pool = None
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
@@ -269,9 +275,14 @@ class GRPOModule(PolicyModule):
             return bool(self.packed_logprobs)
         return uses_varlen_attention(self.policy.hf_model)
 
+    @property
+    def shared_prefix(self) -> bool:
+        """Whether the passes without gradient (π_old, reference) compute each prompt once (a KV cache)."""
+        return self.shared_prefix_logprobs and not self.packed and not torch.is_grad_enabled()
+
     def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False):
         return self.policy.token_logprobs(batch, mask, temperature=self.hparams.temperature,
-                                          return_entropy=entropy, packed=self.packed)
+                                          return_entropy=entropy, packed=self.packed, shared_prefix=self.shared_prefix)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
@@ -279,7 +290,7 @@ class GRPOModule(PolicyModule):
             with self.policy.reference():
                 return self._logprobs(batch, mask)
         return self.reference_model.token_logprobs(batch, mask, temperature=self.hparams.temperature,
-                                                   packed=self.packed)
+                                                   packed=self.packed, shared_prefix=self.shared_prefix)
 
     def _is_distributed(self) -> bool:
         return self._trainer is not None and self.trainer.world_size > 1

@@ -22,6 +22,7 @@ state dict gathered from FSDP shards is merged by the very same code.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from radvlm.batch import pack_rows, repeat_batch, trim_padding  # noqa: F401  (repeat_batch re-exported)
+from radvlm.batch import image_blocks, pack_rows, repeat_batch, select_rows, trim_padding  # noqa: F401  (repeat_batch re-exported)
 from radvlm.lora import LoRASettings, lora_scalings, merge_lora_state_dict  # noqa: F401  (re-exported)
 
 #: tokens the policy must never sample: a sampled vision token breaks the next forward pass
@@ -350,6 +351,43 @@ class Policy(nn.Module):
         before = (where[:, -c:] - 1).clamp(min=0)  # (N, C): the packed index of the state before each token
         return hidden[before]  # (N, C, H)
 
+    def shared_prefix_hidden_states(self, batch: dict[str, Any], completion_mask: torch.Tensor) -> torch.Tensor:
+        """The hidden state before each completion token (N, C, H), with every distinct prompt (and its image)
+        computed once: the prompts' columns ``(U, P)`` go through the model into a KV cache, the cache is
+        copied to the rows of each prompt, and the completions ``(N, C - 1)`` attend to it (PrefixGrouper's
+        idea, the way ``shared_prefill_generate`` decodes). Without gradients only (``token_logprobs``).
+
+        Rows share a prompt when their prompt columns (tokens where attended, and the attention mask) and their
+        image (``row_image_ids``) are equal (``prefix_groups``). Positions are the M-RoPE
+        positions of the padded forward (``mrope_position_ids``), so the values are those of the padded forward
+        up to float rounding."""
+        from transformers import DynamicCache
+
+        ids, mask = batch["input_ids"], batch["attention_mask"]  # (N, T)
+        n, c = completion_mask.shape
+        p = ids.shape[1] - c  # prompt columns
+        rows = dict(batch)
+        if rows.get("distinct_image_grid_thw") is not None and rows.get("image_grid_thw") is None:
+            rows["image_grid_thw"] = rows["distinct_image_grid_thw"][rows["image_index"]]  # (N, 3): for the positions
+        positions = mrope_position_ids(self.hf_model, rows)  # (4, N, T)
+        first, inverse = prefix_groups(ids[:, :p], mask[:, :p], row_image_ids(batch))  # (U,), (N,)
+        prefix = select_rows(batch, first.tolist())
+        prefix = {k: v[:, :p] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.shape[1] == ids.shape[1] else v
+                  for k, v in prefix.items()}
+        model = self.hf_model.model
+        cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = DynamicCache(config=self.hf_model.config.get_text_config(decoder=True))
+        with self.compute_context():
+            out = model(**self._forward_inputs(prefix), position_ids=positions[:, first, :p], use_cache=True,
+                        **{cache_kw: cache})
+            last = out.last_hidden_state[:, -1:]  # (U, 1, H): predicts every row's first completion token
+            if c == 1:
+                return last[inverse]  # (N, 1, H)
+            cache.batch_select_indices(inverse.to(ids.device))  # (N, heads, P, d) per layer
+            tail = model(input_ids=ids[:, p:-1], attention_mask=mask[:, :-1], position_ids=positions[..., p:-1],
+                         use_cache=True, **{cache_kw: cache}).last_hidden_state  # (N, C - 1, H)
+        return torch.cat([last[inverse], tail], dim=1)  # (N, C, H)
+
     def token_logprobs(
         self,
         batch: dict[str, Any],
@@ -358,6 +396,7 @@ class Policy(nn.Module):
         chunk_size: int = 256,
         return_entropy: bool = False,
         packed: bool = False,
+        shared_prefix: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the last ``C`` tokens of ``batch["input_ids"]`` (the completions).
 
@@ -366,8 +405,13 @@ class Policy(nn.Module):
         (match the sampling temperature), and each chunk is recomputed in backward (checkpointed) so float32
         vocabulary-sized logits never pile up. ``return_entropy`` also gives the per-token entropy (detached).
         ``packed``: one padding-free forward of all rows (``packed_hidden_states``) instead of the padded
-        (N, T) one; the same values and gradients up to float rounding.
+        (N, T) one; the same values and gradients up to float rounding. ``shared_prefix`` (no-grad passes: π_old,
+        reference): each distinct prompt once, the completions attending to its cached keys and values
+        (``shared_prefix_hidden_states``); the same values up to float rounding. Both set: packed.
         """
+        if shared_prefix and torch.is_grad_enabled():
+            raise ValueError("token_logprobs(shared_prefix=True) is for the passes without gradient (π_old, "
+                             "reference); the update pass uses the padded or packed forward")
         full_width = completion_mask.shape[1]
         if not packed:  # columns that are padding in every row: none of the padded pass's compute goes to them
             batch, completion_mask, _ = trim_padding(batch, completion_mask)
@@ -375,6 +419,8 @@ class Policy(nn.Module):
         n, c = completion_mask.shape
         if packed:
             h = self.packed_hidden_states(batch, completion_mask)  # (N, C, H)
+        elif shared_prefix:
+            h = self.shared_prefix_hidden_states(batch, completion_mask)  # (N, C, H)
         else:
             hidden = self.hidden_states(batch)  # (N, T, H)
             h = hidden[:, -c - 1 : -1]  # (N, C, H): the state before each completion token predicts it
@@ -510,6 +556,40 @@ class Policy(nn.Module):
                                       synced_gpus=synced_gpus)
 
 
+def row_image_ids(batch: dict[str, Any]) -> torch.Tensor | None:  # (N,)
+    """Which image each row shows, as equal ids for equal images: ``image_index`` in the rollout layout (rows
+    share distinct images); with one image block per row (``pixel_values``), rows whose blocks are equal get the
+    id of the first of them; ``None`` without images."""
+    if batch.get("image_index") is not None:
+        return batch["image_index"]
+    if batch.get("pixel_values") is None:
+        return None
+    blocks = image_blocks(batch)
+    ids: list[int] = []
+    for i, block in enumerate(blocks):
+        ids.append(next((j for j in range(i) if ids[j] == j and blocks[j].shape == block.shape
+                         and torch.equal(blocks[j], block)), i))
+    return torch.tensor(ids, device=batch["input_ids"].device)
+
+
+def prefix_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                  image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # (U,), (N,)
+    """Rows with one prompt: ``(first, inverse)``, the first row of each distinct prompt in order of first
+    appearance, and for every row the position of its prompt in ``first``. Two rows share a prompt when their
+    attended tokens, their attention masks (``(N, P)``) and their image (``image_index`` (N,), the rollout
+    layout; ``None``: no images, or one per row) are equal. Example: ids [[0, 5, 6], [0, 5, 6], [4, 5, 6]],
+    masks [[0, 1, 1], [0, 1, 1], [1, 1, 1]] → first [0, 2], inverse [0, 0, 1]."""
+    key = torch.cat([prompt_ids * prompt_mask, prompt_mask.to(prompt_ids.dtype)], dim=1)  # (N, 2P)
+    if image_index is not None:
+        key = torch.cat([key, image_index.to(key.device, key.dtype).unsqueeze(1)], dim=1)  # (N, 2P + 1)
+    _, groups = torch.unique(key, dim=0, return_inverse=True)  # (N,) ids in sorted order of the keys
+    n = key.shape[0]
+    order = torch.arange(n, device=key.device)
+    firsts = torch.full((int(groups.max()) + 1,), n, device=key.device).scatter_reduce(0, groups, order, "amin")
+    rank = torch.argsort(torch.argsort(firsts))  # (U,): sorted-key id → order of first appearance
+    return firsts[torch.argsort(firsts)], rank[groups]
+
+
 def mrope_position_ids(hf_model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:  # (4, N, P)
     """The position ids Hugging Face ``generate`` builds for a Qwen3-VL prompt batch.
 
@@ -547,8 +627,6 @@ def shared_prefill_generate(hf_model: nn.Module, inputs: dict[str, Any], num_ret
        step, as in the plain path, so one seed gives the same samples up to floating-point rounding of the
        logits (the prefill runs on N rows instead of N·G; bit-identical logits are not guaranteed).
     """
-    import inspect
-
     from transformers import DynamicCache
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (N, P)

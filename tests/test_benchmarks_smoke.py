@@ -156,11 +156,12 @@ def test_rollout_benchmark_times_the_vllm_engine_on_the_stand_in(tmp_path, monke
 def test_grpo_step_optimized_and_packed_modes_report_the_correctness_column(tmp_path):
     out = tmp_path / "grpo_step_packed.json"
     grpo_step.main(["--size", "tiny", "--image-size", "128", "--batch-size", "2", "--g", "2", "--max-new-tokens", "4",
-                    "--warmup", "0", "--reps", "1", "--threads", "1", "--modes", "shared", "packed",
+                    "--warmup", "0", "--reps", "1", "--threads", "1", "--modes", "shared", "packed", "prefix",
                     "--out", str(out), "--work", str(tmp_path / "work")])
     rows = json.loads(out.read_text())["rows"]
-    assert [r["mode"] for r in rows] == ["shared", "packed"]
-    assert rows[1]["speedup_train_side"] > 0
+    assert [r["mode"] for r in rows] == ["shared", "packed", "prefix"]
+    assert rows[1]["speedup_train_side"] > 0 and rows[2]["speedup_train_side"] > 0
+    assert rows[0]["check_prefix_logprob_max_abs_diff"] < 1e-4
     # float32 on CPU: the packed pass gives the padded pass's log-probs and gradients up to rounding
     assert rows[0]["check_packed_logprob_max_abs_diff"] < 1e-4
     assert rows[0]["check_packed_other_grad_max_abs_diff"] < 1e-3

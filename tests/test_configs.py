@@ -10,7 +10,9 @@ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_CONFIGS = sorted(ROOT.joinpath("configs", "eval_metrics").rglob("*.yaml"))
-CONFIGS = sorted(set(ROOT.joinpath("configs").rglob("*.yaml")) - set(METRICS_CONFIGS))
+# ablation variants are overlays of configs/demo/grpo.yaml (python -m radvlm.tools.ablation)
+ABLATION_CONFIGS = sorted(ROOT.joinpath("configs", "demo", "ablation").glob("*.yaml"))
+CONFIGS = sorted(set(ROOT.joinpath("configs").rglob("*.yaml")) - set(METRICS_CONFIGS) - set(ABLATION_CONFIGS))
 
 
 def subcommand(path: Path) -> str:
@@ -25,6 +27,24 @@ def test_config_parses_with_print_config(path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].startswith("lightning_modules.")
     assert printed["data"]["class_path"] == "datamodules.datamodule.RadVLMDataModule"
+
+
+@pytest.mark.parametrize("path", ABLATION_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_ablation_variant_parses_over_the_demo_grpo_config(path, capsys):
+    base = ROOT / "configs" / "demo" / "grpo.yaml"
+    with pytest.raises(SystemExit) as done:
+        main.main(args=["fit", "--config", str(base), "--config", str(path), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"] == "lightning_modules.grpo.GRPOModule"
+    overlay = yaml.safe_load(path.read_text())["model"]["init_args"]
+    for key, value in overlay.items():  # what the variant sets is what the run gets
+        got = printed["model"]["init_args"][key]
+        if isinstance(value, dict) and "class_path" in value:  # an injected object: its class and given arguments
+            assert got["class_path"] == value["class_path"], key
+            assert {k: got["init_args"][k] for k in value.get("init_args", {})} == value.get("init_args", {}), key
+        else:
+            assert got == value, key
 
 
 @pytest.mark.parametrize("path", METRICS_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -158,3 +158,14 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path, tiny_ckpt):
     assert "Traceback" not in out.stderr
     assert "absent.json" in out.stderr and "--traceback" in out.stderr
     assert main.is_user_error(FileNotFoundError("x")) and not main.is_user_error(RuntimeError("x"))
+
+
+def test_the_command_line_prints_no_lightning_args_warning():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "main.py", "fit", "--config", "configs/demo/sft.yaml", "--print_config"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "seed_everything: 0" in done.stdout
+    assert "args parameter is intended" not in done.stderr  # main.run hands argv over without the warning

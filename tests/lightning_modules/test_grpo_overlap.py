@@ -1,7 +1,8 @@
 """The training-side options of a GRPO step change how fast it runs, not what it trains: a fit with vision once
 per prompt and rewards beside the log-prob passes (the defaults) logs the same losses, rewards and weights as
 one with repeated vision and rewards first (float32, CPU, same seed); so does one whose log-prob passes pack
-their rows without padding (``packed_logprobs``)."""
+their rows without padding (``packed_logprobs``), and one whose π_old / reference passes compute each prompt once
+(``shared_prefix_logprobs``)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,11 @@ def _fit(tiny_ckpt, folder, **options):
     return seen, {k: v.clone() for k, v in module.policy.state_dict().items()}
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_vision_once_and_overlapped_rewards_train_as_the_plain_step(tiny_ckpt, tmp_path, packed):
-    fast_log, fast_weights = _fit(tiny_ckpt, tmp_path / "fast", packed_logprobs=packed)
+@pytest.mark.parametrize("options", [{"packed_logprobs": False}, {"packed_logprobs": True},
+                                     {"packed_logprobs": False, "shared_prefix_logprobs": True}],
+                         ids=["padded", "packed", "shared-prefix"])
+def test_vision_once_and_overlapped_rewards_train_as_the_plain_step(tiny_ckpt, tmp_path, options):
+    fast_log, fast_weights = _fit(tiny_ckpt, tmp_path / "fast", **options)
     plain_log, plain_weights = _fit(tiny_ckpt, tmp_path / "plain", share_vision=False, overlap_rewards=False)
     assert len(fast_log) == len(plain_log) == 2  # 2 batches × 2 updates
     for fast, plain in zip(fast_log, plain_log):
