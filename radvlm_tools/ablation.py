@@ -1,6 +1,6 @@
 """Policy-optimisation ablation with the shuffle control: which GRPO variant makes the model read the image?
 
-``python -m radvlm.tools.ablation --config configs/demo/grpo.yaml --variants grpo dr_grpo dapo gspo cispo sapo``
+``python -m radvlm_tools.ablation --config configs/demo/grpo.yaml --variants grpo dr_grpo dapo gspo cispo sapo``
 (``make ablation``) trains every variant from the same SFT export, with the same seed, data and step budget, as
 separate processes of the real command line::
 
@@ -9,7 +9,7 @@ separate processes of the real command line::
 
 (each variant file only overrides the loss / advantage / sampling options of BASE, so any one of them also runs
 alone with that command). Each trained model then answers the held-out grounding records twice, on their own
-images and on images deranged among the records (``radvlm.tools.shuffle_control``), and one table prints per
+images and on images deranged among the records (``radvlm_tools.shuffle_control``), and one table prints per
 variant: soft-F1 and mAP@0.5 on own and shuffled images, the image-dependent part (own − shuffled) with its
 95 % bootstrap CI, the paired difference of that part against the reference variant (the first one, normally
 ``grpo``) with its CI, the mean answer length and the wall time. ``OUT/curves.png`` draws the validation curves
@@ -17,7 +17,7 @@ of all variants on one axis (from their TensorBoard logs) and ``OUT/ablation.jso
 
 A variant that raises the own-image score but not the image-dependent part learned a prior, not grounding.
 The SFT export is the demo's (``runs/demo/sft_model``); when it is missing, the demo's data, tiny checkpoint and
-SFT stage run first (``radvlm.tools.demo``).
+SFT stage run first (``radvlm_tools.demo``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from radvlm.tools.demo import ROOT, main_py, prepare, run, start, wait
+from radvlm_tools.demo import ROOT, main_py, prepare, run, start, wait
 
 VARIANT_DIR = ROOT / "configs" / "demo" / "ablation"
 CURVE_TAGS = ("val/soft_f1", "val/map/map", "val/map")  # the first present in a run is drawn
@@ -92,7 +92,7 @@ def summarise(own: dict[str, list[dict]], shuffled: dict[str, list[dict]], secon
     """Per variant: own / shuffled / image-dependent soft-F1 and mAP@0.5 (``image_dependence``), the paired
     difference of the image-dependent soft-F1 and mAP against ``reference`` (``paired_gain``; absent for the
     reference itself), the mean answer length in characters and the wall time."""
-    from radvlm.tools.shuffle_control import image_dependence, paired_gain
+    from radvlm_tools.shuffle_control import image_dependence, paired_gain
 
     entries = {name: image_dependence(own[name], shuffled[name], n_boot, seed) for name in own}
     out: dict[str, dict[str, Any]] = {}
@@ -175,7 +175,7 @@ def plot_curves(tag: str, curves: dict[str, list[tuple[int, float]]], path: Path
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m radvlm.tools.ablation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m radvlm_tools.ablation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/demo/grpo.yaml", help="the base GRPO config")
     parser.add_argument("--variants", nargs="+",
                         help="names in configs/demo/ablation (the first is the reference of the paired column); "

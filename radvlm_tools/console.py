@@ -46,6 +46,12 @@ def synthesize_thinking() -> int:
     return _run(main)
 
 
+def ablation() -> int:
+    from radvlm_tools.ablation import main
+
+    return _run(main)
+
+
 def phantom() -> int:
     from datamodules.phantom import main
 

@@ -10,7 +10,7 @@ import main
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS_CONFIGS = sorted(ROOT.joinpath("configs", "eval_metrics").rglob("*.yaml"))
-# ablation variants are overlays of configs/demo/grpo.yaml (python -m radvlm.tools.ablation)
+# ablation variants are overlays of configs/demo/grpo.yaml (python -m radvlm_tools.ablation)
 ABLATION_CONFIGS = sorted(ROOT.joinpath("configs", "demo", "ablation").glob("*.yaml"))
 CONFIGS = sorted(set(ROOT.joinpath("configs").rglob("*.yaml")) - set(METRICS_CONFIGS) - set(ABLATION_CONFIGS))
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = {"tasks", "chat", "grpo", "lora", "policy", "rollout", "tiny", "batch", "rewards", "sharding",
         "rollout_correction", "fast_engine", "vllm_engine"}
 TOOLS = {"evaluate", "eval_metrics", "eval_tables", "prediction_files", "bootstrap", "draw", "infer",
-         "shuffle_control", "synthesize_thinking", "teachers", "demo", "console"}
+         "shuffle_control", "synthesize_thinking", "teachers", "demo", "ablation", "console"}
 ALLOWED = {
     "metrics": {"metrics"},
     "core": {"core"},

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from radvlm.tools import ablation
+from radvlm_tools import ablation
 
 BOX_A = "[0.1, 0.1, 0.5, 0.5]"
 BOX_B = "[0.6, 0.6, 0.9, 0.9]"
