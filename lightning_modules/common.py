@@ -15,9 +15,9 @@
   above are checkpointed; the data position is the ``StatefulDataLoader``'s, whose shuffling has its own
   generator. Hyper-parameters are stored as plain values, so every checkpoint loads with
   ``weights_only=True``.
-- Resume restores state, not choices: the configured optimizer settings (learning rate, weight decay) replace
-  the checkpoint's, differing hyper-parameters are logged, and a checkpoint taken at an epoch's last batch
-  resumes into the next epoch (``lightning_modules.resume``).
+- Resume restores state, not choices: the configured optimizer settings (learning rate, weight decay) and LR
+  schedule (a longer ``OneCycleLR``) replace the checkpoint's, differing hyper-parameters are logged, and a
+  checkpoint taken at an epoch's last batch resumes into the next epoch (``lightning_modules.resume``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from datamodules.collate import Collator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.resume import (
+    apply_configured_schedules,
     apply_optimizer_settings,
     changed_hyperparameters,
     normalise_epoch_end,
     optimizer_settings,
+    scheduler_states,
 )
 from radvlm.policy import Policy, PolicyConfig
 
@@ -449,8 +451,10 @@ class PolicyModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         """Refuse, before any training, to overwrite an existing export (another run's model, or the input).
-        Record the configured optimizer settings, before a checkpoint's are restored (``on_train_start``)."""
+        Record the configured optimizer and scheduler settings, before a checkpoint's are restored
+        (``on_train_start``)."""
         self._configured_optimizers = optimizer_settings(self.trainer)
+        self._configured_schedules = scheduler_states(self.trainer)
         folder = Path(self.export_dir) if self.export_dir else None
         if folder is not None and folder.exists() and any(folder.iterdir()) and not self.overwrite_export:
             raise FileExistsError(
@@ -462,6 +466,11 @@ class PolicyModule(L.LightningModule):
             changed = apply_optimizer_settings(self.trainer, self._configured_optimizers)
             if changed:
                 log.warning("resumed optimizer settings replaced by the configured ones: %s", "; ".join(changed))
+            rescheduled = apply_configured_schedules(self.trainer, getattr(self, "_configured_schedules", []),
+                                                     self._configured_optimizers)
+            if rescheduled:
+                log.warning("the checkpoint's LR schedule differs from the configured one, which is used: %s",
+                            "; ".join(rescheduled))
         if self.run_seed is None:
             self.run_seed = torch.initial_seed()
         warn_if_nothing_logged(self.trainer, getattr(self, "optimizer_steps_per_batch", None))

@@ -1,13 +1,16 @@
 """What a resumed fit takes from its checkpoint: state (weights, optimizer moments, counters, data position),
 not choices. ``PolicyModule`` calls these from its checkpoint and fit hooks.
 
-Configured optimizer settings win over the checkpoint's (``apply_optimizer_settings``); changed
-hyper-parameters are reported (``changed_hyperparameters``); a checkpoint saved at an epoch's last batch resumes
-without skipping an epoch (``normalise_epoch_end``).
+Configured optimizer settings win over the checkpoint's (``apply_optimizer_settings``), and so does a configured
+LR schedule of another length or shape (``apply_configured_schedules``: an extended run continues on it);
+changed hyper-parameters are reported (``changed_hyperparameters``); a checkpoint saved at an epoch's last batch
+resumes without skipping an epoch (``normalise_epoch_end``).
 """
 
 from __future__ import annotations
 
+import copy
+import warnings
 from typing import Any
 
 RATE_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -70,6 +73,63 @@ def apply_optimizer_settings(trainer: Any, settings: list[list[dict[str, Any]]])
             scheduler.base_lrs = [b * r if r is not None else b for b, r in zip(scheduler.base_lrs, ratios)]
         if hasattr(scheduler, "_last_lr"):
             scheduler._last_lr = [g["lr"] for g in opt.param_groups]
+    return changes
+
+
+#: entries of a scheduler's ``state_dict`` that are its progress (restored), not its configuration
+PROGRESS_KEYS = ("last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step", "base_lrs")
+
+
+def scheduler_states(trainer: Any) -> list[dict[str, Any]]:
+    """A copy of every configured LR scheduler's ``state_dict`` (recorded before a checkpoint is restored)."""
+    return [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs]
+
+
+def schedule_changes(restored: dict[str, Any], configured: dict[str, Any]) -> list[str]:
+    """``key: restored → configured`` for each setting (not progress: ``PROGRESS_KEYS``) of a scheduler's
+    ``state_dict`` that differs, e.g. ``["total_steps: 6 → 9"]`` for a ``OneCycleLR`` extended from 6 to 9 steps
+    (its phases' ``end_step`` follow ``total_steps`` and are not listed apart)."""
+    keys = sorted((set(restored) | set(configured)) - set(PROGRESS_KEYS))
+    if "_schedule_phases" in keys and restored.get("total_steps") != configured.get("total_steps"):
+        keys.remove("_schedule_phases")  # derived from total_steps and pct_start
+    return [f"{k}: {restored.get(k, '(absent)')!r:.60} → {configured.get(k, '(absent)')!r:.60}" for k in keys
+            if restored.get(k, "(absent)") != configured.get(k, "(absent)")]
+
+
+def apply_configured_schedules(trainer: Any, configured: list[dict[str, Any]],
+                               settings: list[list[dict[str, Any]]]) -> list[str]:
+    """Put every restored LR scheduler whose settings differ from the configured one (``schedule_changes``) on
+    the configured schedule, at the restored position; returns what changed, per scheduler.
+
+    Such a scheduler is reset to its configured state (``configured``: ``scheduler_states`` before the restore),
+    its optimizer's rates to the configured ones (``settings``: ``optimizer_settings``), and it is stepped as many
+    times as the checkpoint's had been (its ``last_epoch``): the rate, and ``OneCycleLR``'s cycled momentum, at
+    the next step are the configured schedule's at that step, as if the run had been configured so from the
+    start. A ``OneCycleLR`` of 6 steps resumed with ``total_steps`` 9 takes step 7 at the 9-step cycle's rate of
+    step 7 (without this, torch raised at step 7: the restored scheduler still spanned 6 steps). Schedulers
+    whose settings did not change keep their restored state (exact resume stays bitwise).
+    """
+    changes = []
+    optimizers = _optimizers(trainer)
+    for i, (config, fresh) in enumerate(zip(trainer.lr_scheduler_configs, configured)):
+        scheduler = config.scheduler
+        restored = scheduler.state_dict()
+        changed = schedule_changes(restored, fresh)
+        if not changed:
+            continue
+        opt = getattr(scheduler, "optimizer", None)
+        index = next((k for k, o in enumerate(optimizers) if o is opt), None)
+        if opt is None or index is None or index >= len(settings) or len(settings[index]) != len(opt.param_groups):
+            continue
+        for group, wanted in zip(opt.param_groups, settings[index]):  # the configured start of the schedule
+            group.update({k: copy.deepcopy(v) for k, v in wanted.items()})
+        scheduler.load_state_dict(copy.deepcopy(fresh))
+        with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": a replay, on purpose
+            warnings.simplefilter("ignore")
+            for _ in range(int(restored["last_epoch"]) - int(fresh["last_epoch"])):
+                scheduler.step()
+        changes.append(f"scheduler {i} ({type(scheduler).__name__}): {', '.join(changed)}; continues at step "
+                       f"{scheduler.last_epoch} of the configured schedule (lr {opt.param_groups[0]['lr']:.4g})")
     return changes
 
 
