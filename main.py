@@ -15,7 +15,8 @@ single-file checkpoints, verified on load) unless a ``CheckpointIO`` plugin is c
 resumes from the newest intact checkpoint of the run's checkpoint folders (``newest_intact_checkpoint``; the skipped
 ones are logged). A resumed run keeps the configuration it is given: Lightning's LightningCLI would replace the
 model's configuration with the hyper-parameters saved in the checkpoint (``_parse_ckpt_path``); here the
-checkpoint restores state (weights, optimizer moments, counters, data position), never choices.
+checkpoint restores state (weights, optimizer moments, counters, data position), never choices. Paths follow
+the run: ``{default_root_dir}`` in any config value is the run's ``trainer.default_root_dir`` (``follow_root``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,36 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the description's line breaks kept."""
 
 
+#: written in a config path (``"{default_root_dir}/checkpoints"``), it stands for the run's ``trainer.default_root_dir``
+ROOT_PLACEHOLDER = "{default_root_dir}"
+
+
+def follow_root(value, root: str):
+    """``value`` (a parsed config: namespaces, dicts, lists, strings …) with ``ROOT_PLACEHOLDER`` in every string
+    replaced by ``root``, e.g. ``"{default_root_dir}/hf_export"`` → ``"OUT/hf_export"``; containers are changed in
+    place and returned. Lets checkpoints, logs and exports follow ``--trainer.default_root_dir``."""
+    from jsonargparse import Namespace
+
+    if isinstance(value, str):
+        return value.replace(ROOT_PLACEHOLDER, root)
+    if isinstance(value, Namespace):
+        for key in list(vars(value)):
+            setattr(value, key, follow_root(getattr(value, key), root))
+    elif isinstance(value, dict):
+        for key in list(value):
+            value[key] = follow_root(value[key], root)
+    elif isinstance(value, list):
+        value[:] = [follow_root(v, root) for v in value]
+    return value
+
+
 class RadVLMCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """Every ``{default_root_dir}`` in the configuration becomes the run's ``trainer.default_root_dir`` (the
+        working directory when unset, as in Lightning) before anything is built or the config is saved."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        follow_root(config, str(config.trainer.default_root_dir or "."))
+
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration given. LightningCLI 2.6 parses the checkpoint's ``hyper_parameters`` over it
         (class path included), so a resumed run trained with the old learning rate, ``log_text_samples``,
@@ -129,7 +159,7 @@ class RadVLMCLI(LightningCLI):
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "radvlm"},
+                    "init_args": {"save_dir": ROOT_PLACEHOLDER, "name": ""},
                 }
             }
         )

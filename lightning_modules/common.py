@@ -40,6 +40,7 @@ from lightning_modules.resume import (
     apply_configured_schedules,
     apply_optimizer_settings,
     changed_hyperparameters,
+    changed_training_data,
     normalise_epoch_end,
     optimizer_settings,
     scheduler_states,
@@ -447,6 +448,18 @@ class PolicyModule(L.LightningModule):
         if changed:
             log.warning("the checkpoint's saved settings differ from the configured ones, which are used: %s",
                         "; ".join(changed))
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "hparams"):
+            saved, configured = checkpoint.get("datamodule_hyper_parameters"), plain_value(dict(datamodule.hparams))
+            other = changed_training_data(saved, configured)
+            if other:
+                log.warning("the checkpoint was trained on other data than this run's (checkpoint → this run): %s; "
+                            "its state resumes on this run's data", "; ".join(other))
+            named = {o.split(":")[0] for o in other}
+            rest = [c for c in changed_hyperparameters(saved, configured) if c.split(":")[0] not in named]
+            if rest:
+                log.warning("the checkpoint's data settings differ from the configured ones, which are used: %s",
+                            "; ".join(rest))
         self._resumed = True
 
     def on_fit_start(self) -> None:

@@ -155,6 +155,23 @@ def changed_hyperparameters(saved: Any, configured: dict[str, Any]) -> list[str]
             if not k.startswith(skip) and a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
+#: the data module's settings that say what a run trains on (where the records come from and which of them)
+TRAINING_DATA_KEYS = ("train_files", "phantom_dir", "image_root", "tasks", "task_weights", "thinking")
+
+
+def changed_training_data(saved: Any, configured: dict[str, Any]) -> list[str]:
+    """``key: checkpoint value → configured value`` for each of ``TRAINING_DATA_KEYS`` that differs between the
+    data module settings saved in a checkpoint (``datamodule_hyper_parameters``) and this run's, values in full
+    (file lists are not shortened); ``[]`` when the checkpoint holds none.
+
+    Logged as a warning on resume: a checkpoint found by ``--ckpt_path last`` that another run trained on other
+    records is named so, not passed off as this run's."""
+    if not isinstance(saved, dict):
+        return []
+    return [f"{k}: {saved.get(k)!r} → {configured.get(k)!r}" for k in TRAINING_DATA_KEYS
+            if k in saved and saved.get(k) != configured.get(k)]
+
+
 def normalise_epoch_end(checkpoint: dict[str, Any]) -> bool:
     """Clear ``is_last_batch`` of a checkpoint saved in ``on_train_batch_end`` of an epoch's last batch; True
     when it did.

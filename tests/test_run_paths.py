@@ -1,0 +1,91 @@
+"""Every path of a run follows ``--trainer.default_root_dir`` (issue 26): checkpoints, TensorBoard logs and the
+export of the demo configs land under the run's own folder, ``--ckpt_path last`` finds only that folder's
+checkpoints and says when they were trained on other data, and ``--trainer.callbacks.init_args.dirpath`` reaches
+the GRPO configs' ModelCheckpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+from jsonargparse import Namespace
+
+import main
+from tests.helpers import report_record, write_records
+
+
+def test_follow_root_replaces_the_placeholder_in_every_string():
+    config = Namespace(trainer=Namespace(logger=Namespace(init_args=Namespace(save_dir="{default_root_dir}")),
+                                         callbacks=[Namespace(init_args=Namespace(
+                                             dirpath="{default_root_dir}/checkpoints", filename="{epoch}-{step}"))]),
+                       model=Namespace(init_args=Namespace(export_dir="{default_root_dir}/hf_export", lr=0.5,
+                                                           extra={"out": ["{default_root_dir}/a", "b"]})))
+    assert main.follow_root(config, "OUT") is config
+    assert config.trainer.logger.init_args.save_dir == "OUT"
+    assert config.trainer.callbacks[0].init_args.dirpath == "OUT/checkpoints"
+    assert config.trainer.callbacks[0].init_args.filename == "{epoch}-{step}"  # Lightning's own templates stay
+    assert config.model.init_args.export_dir == "OUT/hf_export" and config.model.init_args.lr == 0.5
+    assert config.model.init_args.extra == {"out": ["OUT/a", "b"]}
+
+
+@pytest.mark.parametrize("name", ["sft.yaml", "coldstart.yaml", "grpo.yaml", "grpo_thinking.yaml"])
+def test_no_demo_config_hard_codes_an_output_path(name):
+    config = yaml.safe_load((main.CONFIG_DIR / "demo" / name).read_text())
+    trainer = config["trainer"]
+    assert trainer["logger"]["init_args"]["save_dir"] == "{default_root_dir}"
+    checkpoint = trainer["callbacks"][-1]  # last: --trainer.callbacks.init_args.dirpath X reaches it
+    assert checkpoint["class_path"] == "lightning.pytorch.callbacks.ModelCheckpoint"
+    assert checkpoint["init_args"]["dirpath"] == "{default_root_dir}/checkpoints"
+    assert config["model"]["init_args"]["export_dir"] == "{default_root_dir}/hf_export"
+
+
+def test_the_checkpoint_folder_of_a_grpo_config_is_set_from_the_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main.main(args=["fit", "--config", "configs/demo/grpo.yaml", "--trainer.callbacks.init_args.dirpath",
+                        str(tmp_path / "ckpts"), "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    checkpoint = [c for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+    assert len(checkpoint) == 1 and checkpoint[0]["init_args"]["dirpath"] == str(tmp_path / "ckpts")
+    assert checkpoint[0]["init_args"]["every_n_train_steps"] == 20  # the rest of the config's callback kept
+
+
+def demo_sft(tiny_ckpt, root: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", "configs/demo/sft.yaml", "--model.init_args.policy.name_or_path", str(tiny_ckpt),
+            "--trainer.default_root_dir", str(root), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+            "--data.init_args.batch_size", "2",
+            "--data.init_args.num_workers", "0", "--model.init_args.num_generation_samples", "0",
+            "--model.init_args.lr_scheduler", "null", "--trainer.callbacks.init_args.every_n_train_steps", "1",
+            *extra]
+
+
+def test_default_root_dir_puts_checkpoints_logs_and_the_export_under_it(tiny_ckpt, phantom_dir, tmp_path):
+    root = tmp_path / "OUT"
+    cli = main.main(args=demo_sft(tiny_ckpt, root, "--data.init_args.phantom_dir", str(phantom_dir)))
+    assert cli.trainer.global_step == 2
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert cli.trainer.logger.log_dir == str(root / "version_0") and any((root / "version_0").glob("events.*"))
+    assert (root / "hf_export" / "config.json").is_file()
+    saved = yaml.safe_load((root / "version_0" / "config.yaml").read_text())  # the saved config: real paths
+    assert saved["model"]["init_args"]["export_dir"] == str(root / "hf_export")
+    assert "{default_root_dir}" not in json.dumps(saved)
+
+
+def test_resuming_a_checkpoint_trained_on_other_data_says_so(tiny_ckpt, tmp_path, caplog):
+    first = write_records(tmp_path / "first", [report_record(i) for i in range(4)], name="first.json")
+    second = write_records(tmp_path / "second", [report_record(i) for i in range(4)], name="second.json")
+    root = tmp_path / "run"
+
+    def run(files: Path, *extra: str):
+        return main.main(args=demo_sft(tiny_ckpt, root, "--data.init_args.phantom_dir", "null",
+                                       "--data.init_args.train_files", f"[{files}]", "--model.init_args.export_dir",
+                                       "null", *extra))
+
+    run(first)
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.common"):
+        cli = run(second, "--trainer.max_steps", "3", "--ckpt_path", "last")
+    assert cli.trainer.global_step == 3
+    assert "trained on other data than this run's" in caplog.text
+    assert f"train_files: ['{first}'] → ['{second}']" in caplog.text  # in full, not shortened
