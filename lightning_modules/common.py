@@ -41,6 +41,7 @@ from lightning_modules.resume import (
     apply_optimizer_settings,
     changed_hyperparameters,
     changed_training_data,
+    log_position,
     normalise_epoch_end,
     optimizer_settings,
     scheduler_states,
@@ -428,6 +429,7 @@ class PolicyModule(L.LightningModule):
             "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
             "dropped_samples": self.dropped_samples, "run_seed": self.run_seed,
             "batches_trained": self.batches_trained,
+            "log": log_position(self._trainer),  # a resumed fit continues this TensorBoard version
         }
         # checkpoints load with torch.load(weights_only=True): keep only tensors and plain values in them
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):

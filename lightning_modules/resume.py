@@ -10,7 +10,9 @@ resumes without skipping an epoch (``normalise_epoch_end``).
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 RATE_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
@@ -153,6 +155,50 @@ def changed_hyperparameters(saved: Any, configured: dict[str, Any]) -> list[str]
     skip = ("_instantiator", "_class_path")
     return [f"{k}: {a.get(k, '(absent)')!r:.80} → {b.get(k, '(absent)')!r:.80}" for k in sorted(set(a) | set(b))
             if not k.startswith(skip) and a.get(k, "(absent)") != b.get(k, "(absent)")]
+
+
+def log_position(trainer: Any) -> dict[str, Any] | None:
+    """Where the run's first logger writes, for its checkpoints: ``{"root": absolute root_dir, "version": …}``
+    (TensorBoard / CSV: ``<save_dir>/<name>`` and the ``version_N`` folder under it); ``None`` without one."""
+    logger = trainer.loggers[0] if trainer is not None and trainer.loggers else None
+    root = getattr(logger, "root_dir", None)
+    if logger is None or root is None or not hasattr(logger, "_version"):
+        return None
+    version = logger.version
+    return {"root": os.path.abspath(root), "version": version if isinstance(version, (int, str)) else str(version)}
+
+
+def resumed_log_version(saved: Any, checkpoint_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The logger position a checkpoint was written at: its saved ``log_position``, or, for a checkpoint of
+    Lightning's default layout without one (``<root>/version_<K>/checkpoints/<file>``), ``version_<K>``'s."""
+    if isinstance(saved, dict) and isinstance(saved.get("root"), str) and isinstance(saved.get("version"), (int, str)):
+        return saved
+    path = Path(checkpoint_path).absolute()
+    folder = path.parent.parent
+    if path.parent.name == "checkpoints" and folder.name.startswith("version_") and folder.name[8:].isdigit():
+        return {"root": str(folder.parent), "version": int(folder.name[8:])}
+    return None
+
+
+def continue_log_version(trainer: Any, position: dict[str, Any] | None) -> str | None:
+    """Make a resumed fit log into the TensorBoard (or CSV) version its checkpoint was written in, so that its
+    curves continue instead of starting a new ``version_N``; returns the folder, or ``None`` when it is left
+    alone: no position, another logger folder (a checkpoint of another run), a version the configuration
+    chose (``version: …``), a logger already writing, or a version folder that no longer exists."""
+    logger = trainer.loggers[0] if trainer is not None and trainer.loggers else None
+    if position is None or logger is None or getattr(logger, "_version", 0) is not None:
+        return None
+    if getattr(logger, "_experiment", None) is not None:
+        return None
+    root = getattr(logger, "root_dir", None)
+    if root is None or os.path.abspath(root) != position["root"]:
+        return None
+    version = position["version"]
+    folder = Path(root) / (version if isinstance(version, str) else f"version_{version}")
+    if not folder.is_dir():
+        return None
+    logger._version = version  # Lightning's loggers take the version only at construction; not yet used here
+    return str(folder)
 
 
 #: the data module's settings that say what a run trains on (where the records come from and which of them)

@@ -89,3 +89,60 @@ def test_resuming_a_checkpoint_trained_on_other_data_says_so(tiny_ckpt, tmp_path
     assert cli.trainer.global_step == 3
     assert "trained on other data than this run's" in caplog.text
     assert f"train_files: ['{first}'] → ['{second}']" in caplog.text  # in full, not shortened
+
+
+def test_a_resumed_run_continues_its_tensorboard_version(tiny_ckpt, phantom_dir, tmp_path, caplog):
+    """The resumed fit logs on in version_0 (Lightning started version_1: the curves split in two runs)."""
+    root = tmp_path / "run"
+    args = demo_sft(tiny_ckpt, root, "--data.init_args.phantom_dir", str(phantom_dir), "--model.init_args.export_dir",
+                    "null", "--trainer.log_every_n_steps", "1")
+    main.main(args=args)
+    with caplog.at_level(logging.INFO, logger="main"):
+        cli = main.main(args=[*args, "--trainer.max_steps", "4", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 4 and cli.trainer.logger.version == 0
+    assert sorted(p.name for p in root.glob("version_*")) == ["version_0"]
+    assert f"logging on in {root / 'version_0'}" in caplog.text
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = {e.step for e in EventAccumulator(str(root / "version_0")).Reload().Scalars("train/grad_norm")}
+    assert steps == {0, 1, 2, 3}  # Lightning logs batch n at step n−1: both runs' batches on one curve
+
+
+def test_a_run_that_fails_before_logging_leaves_no_version(tiny_ckpt, phantom_dir, tmp_path):
+    root = tmp_path / "run"
+    (root / "version_0").mkdir(parents=True)
+    (root / "version_0" / "config.yaml").write_text("an earlier run's")  # not this run's: kept
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_text("another run's model")
+    with pytest.raises(FileExistsError, match="already holds files"):  # at on_fit_start: config.yaml was written
+        main.main(args=demo_sft(tiny_ckpt, root, "--data.init_args.phantom_dir", str(phantom_dir),
+                                "--model.init_args.export_dir", str(export)))
+    assert sorted(p.name for p in root.iterdir()) == ["version_0"]
+    assert (root / "version_0" / "config.yaml").read_text() == "an earlier run's"
+
+
+def test_remove_unused_log_dir_removes_only_versions_without_values(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    empty, used, with_ckpt = tmp_path / "version_0", tmp_path / "version_1", tmp_path / "version_2"
+    for folder in (empty, used, with_ckpt):
+        SummaryWriter(str(folder)).close()  # an event file with its header only
+        (folder / "config.yaml").write_text("seed_everything: 0\n")
+    with SummaryWriter(str(used)) as writer:
+        writer.add_scalar("train/loss", 1.5, 0)
+    (with_ckpt / "checkpoints").mkdir()
+    (with_ckpt / "checkpoints" / "last.ckpt").write_bytes(b"PK")
+    assert [main.remove_unused_log_dir(f) for f in (empty, used, with_ckpt)] == [True, False, False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["version_1", "version_2"]
+
+
+def test_resumed_log_version_reads_the_saved_position_or_lightnings_layout(tmp_path):
+    from lightning_modules.resume import resumed_log_version
+
+    saved = {"root": "/runs/sft", "version": 3}
+    assert resumed_log_version(saved, tmp_path / "checkpoints" / "last.ckpt") == saved
+    layout = tmp_path / "sft" / "version_7" / "checkpoints" / "epoch=0-step=2.ckpt"
+    assert resumed_log_version(None, layout) == {"root": str(tmp_path / "sft"), "version": 7}
+    assert resumed_log_version({}, tmp_path / "checkpoints" / "last.ckpt") is None  # no position: a new version
+    assert resumed_log_version(None, tmp_path / "version_x" / "checkpoints" / "a.ckpt") is None
