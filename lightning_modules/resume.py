@@ -91,11 +91,21 @@ def schedule_changes(restored: dict[str, Any], configured: dict[str, Any]) -> li
     """``key: restored → configured`` for each setting (not progress: ``PROGRESS_KEYS``) of a scheduler's
     ``state_dict`` that differs, e.g. ``["total_steps: 6 → 9"]`` for a ``OneCycleLR`` extended from 6 to 9 steps
     (its phases' ``end_step`` follow ``total_steps`` and are not listed apart)."""
-    keys = sorted((set(restored) | set(configured)) - set(PROGRESS_KEYS))
+    restored, configured = _settings(restored), _settings(configured)
+    keys = sorted(set(restored) | set(configured))
     if "_schedule_phases" in keys and restored.get("total_steps") != configured.get("total_steps"):
         keys.remove("_schedule_phases")  # derived from total_steps and pct_start
     return [f"{k}: {restored.get(k, '(absent)')!r:.60} → {configured.get(k, '(absent)')!r:.60}" for k in keys
             if restored.get(k, "(absent)") != configured.get(k, "(absent)")]
+
+
+def _settings(state: Any) -> Any:
+    """``state`` without its ``PROGRESS_KEYS``, also in nested schedulers (``SequentialLR``, ``ChainedScheduler``)."""
+    if isinstance(state, dict):
+        return {k: _settings(v) for k, v in state.items() if k not in PROGRESS_KEYS}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_settings(v) for v in state)
+    return state
 
 
 def apply_configured_schedules(trainer: Any, configured: list[dict[str, Any]],

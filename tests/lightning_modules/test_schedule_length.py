@@ -54,3 +54,21 @@ def test_schedule_changes_lists_settings_not_progress():
     # same length, other warm-up: the phase boundary moves from 0.3·6−1 = 0.8 to 0.5·6−1 = 2.0
     (change,) = schedule_changes(one_cycle(6, 2), one_cycle(6, 0, pct_start=0.5))
     assert change.startswith("_schedule_phases: [{'end_step': 0.79999") and "'end_step': 2.0" in change
+
+
+def test_schedule_changes_ignores_the_progress_of_nested_schedulers():
+    from lightning_modules.resume import schedule_changes
+
+    def sequential(steps: int, t_max: int = 4) -> dict:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        parts = [torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2),
+                 torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)]
+        scheduler = torch.optim.lr_scheduler.SequentialLR(opt, parts, milestones=[2])
+        for _ in range(steps):
+            opt.step()
+            scheduler.step()
+        return scheduler.state_dict()
+
+    assert schedule_changes(sequential(3), sequential(0)) == []  # progress only
+    (change,) = schedule_changes(sequential(3), sequential(0, t_max=8))
+    assert change.startswith("_schedulers: [{'start_factor': 0.1")  # the cosine part's T_max 4 → 8
