@@ -146,3 +146,15 @@ def test_resumed_log_version_reads_the_saved_position_or_lightnings_layout(tmp_p
     assert resumed_log_version(None, layout) == {"root": str(tmp_path / "sft"), "version": 7}
     assert resumed_log_version({}, tmp_path / "checkpoints" / "last.ckpt") is None  # no position: a new version
     assert resumed_log_version(None, tmp_path / "version_x" / "checkpoints" / "a.ckpt") is None
+
+
+@pytest.mark.parametrize("first, grpo", [("sft", "grpo"), ("coldstart", "grpo_thinking")])
+def test_the_demo_stages_chain_through_their_exports(first, grpo):
+    """``make demo``: GRPO starts from the first stage's export, ``{default_root_dir}/hf_export`` of its run."""
+    def load(name: str) -> dict:
+        return yaml.safe_load((main.CONFIG_DIR / "demo" / f"{name}.yaml").read_text())
+
+    first_root = load(first)["trainer"]["default_root_dir"]
+    assert first_root == f"runs/demo/{first}"
+    assert load(grpo)["model"]["init_args"]["policy"]["name_or_path"] == f"{first_root}/hf_export"
+    assert load(grpo)["trainer"]["default_root_dir"] == f"runs/demo/{grpo}"  # demo.py predicts with its export
