@@ -15,7 +15,8 @@ single-file checkpoints, verified on load) unless a ``CheckpointIO`` plugin is c
 resumes from the newest intact checkpoint of the run's checkpoint folders (``newest_intact_checkpoint``; the skipped
 ones are logged). A resumed run keeps the configuration it is given: Lightning's LightningCLI would replace the
 model's configuration with the hyper-parameters saved in the checkpoint (``_parse_ckpt_path``); here the
-checkpoint restores state (weights, optimizer moments, counters, data position), never choices.
+checkpoint restores state (weights, optimizer moments, counters, data position), never choices. Paths follow
+the run: ``{default_root_dir}`` in any config value is the run's ``trainer.default_root_dir`` (``follow_root``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,64 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help, with the description's line breaks kept."""
 
 
+#: written in a config path (``"{default_root_dir}/checkpoints"``), it stands for the run's ``trainer.default_root_dir``
+ROOT_PLACEHOLDER = "{default_root_dir}"
+
+
+def follow_root(value, root: str):
+    """``value`` (a parsed config: namespaces, dicts, lists, strings …) with ``ROOT_PLACEHOLDER`` in every string
+    replaced by ``root``, e.g. ``"{default_root_dir}/hf_export"`` → ``"OUT/hf_export"``; containers are changed in
+    place and returned. Lets checkpoints, logs and exports follow ``--trainer.default_root_dir``."""
+    from jsonargparse import Namespace
+
+    if isinstance(value, str):
+        return value.replace(ROOT_PLACEHOLDER, root)
+    if isinstance(value, Namespace):
+        for key in list(vars(value)):
+            setattr(value, key, follow_root(getattr(value, key), root))
+    elif isinstance(value, dict):
+        for key in list(value):
+            value[key] = follow_root(value[key], root)
+    elif isinstance(value, list):
+        value[:] = [follow_root(v, root) for v in value]
+    return value
+
+
+def _holds_values(events: Path) -> bool:
+    """Whether a TensorBoard event file holds a logged value (scalar, text, image …); ``True`` when that cannot
+    be read, so nothing is deleted on a guess."""
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+        return any(event.HasField("summary") and len(event.summary.value) for event in EventFileLoader(str(events)).Load())
+    except Exception:  # noqa: BLE001  (no tensorboard, a damaged file: keep it)
+        return True
+
+
+def remove_unused_log_dir(folder: Path) -> bool:
+    """Delete the log version ``folder`` of a run that failed when nothing was logged into it: it holds only the
+    saved ``config.yaml`` / ``hparams.yaml`` and TensorBoard event files without a value (no checkpoint, no other
+    file); ``True`` when it was removed."""
+    import shutil
+
+    if not folder.is_dir():
+        return False
+    for path in folder.rglob("*"):
+        if path.is_dir() or path.name in ("config.yaml", "hparams.yaml"):
+            continue
+        if not path.name.startswith("events.out.tfevents") or _holds_values(path):
+            return False
+    shutil.rmtree(folder)
+    return True
+
+
 class RadVLMCLI(LightningCLI):
+    def before_instantiate_classes(self) -> None:
+        """Every ``{default_root_dir}`` in the configuration becomes the run's ``trainer.default_root_dir`` (the
+        working directory when unset, as in Lightning) before anything is built or the config is saved."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        follow_root(config, str(config.trainer.default_root_dir or "."))
+
     def _parse_ckpt_path(self) -> None:
         """Keep the configuration given. LightningCLI 2.6 parses the checkpoint's ``hyper_parameters`` over it
         (class path included), so a resumed run trained with the old learning rate, ``log_text_samples``,
@@ -105,6 +163,33 @@ class RadVLMCLI(LightningCLI):
                 config[self.subcommand]["ckpt_path"] = None if resolved is None else str(resolved)
         elif ckpt and Path(ckpt).is_file() and not strategy_loads_with_checkpoint_io(self.trainer.strategy):
             verify_checkpoint(ckpt, weights_only)
+        ckpt = self.config_init[self.subcommand].get("ckpt_path")
+        if self.subcommand == "fit" and ckpt and Path(ckpt).exists():
+            self._continue_log_version(ckpt, weights_only)
+
+    def _continue_log_version(self, ckpt: str, weights_only: bool | None) -> None:
+        """A resumed fit logs into the TensorBoard version its checkpoint was written in (its curves continue)."""
+        from lightning_modules.checkpoint_io import saved_radvlm_state
+        from lightning_modules.resume import continue_log_version, resumed_log_version
+
+        position = resumed_log_version(saved_radvlm_state(ckpt, weights_only).get("log"), ckpt)
+        folder = continue_log_version(self.trainer, position)
+        if folder is not None and self.trainer.is_global_zero:
+            logging.getLogger(__name__).info("resumed run: logging on in %s (the checkpoint's version)", folder)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run it; a run that fails leaves no log version it created without writing a value into it."""
+        logger = self.trainer.logger
+        root = getattr(logger, "root_dir", None)
+        known = {p.name for p in Path(root).iterdir()} if root is not None and Path(root).is_dir() else set()
+        try:
+            super()._run_subcommand(subcommand)
+        except BaseException:
+            if root is not None and self.trainer.is_global_zero and getattr(logger, "_version", None) is not None:
+                folder = Path(logger.log_dir)
+                if folder.name not in known:  # this run created it: an earlier run's version is never touched
+                    remove_unused_log_dir(folder)
+            raise
 
     def _safe_checkpoint_loading(self) -> None:
         """``--ckpt_path`` is read with ``torch.load(weights_only=True)`` unless ``--weights_only false`` is
@@ -129,7 +214,7 @@ class RadVLMCLI(LightningCLI):
             {
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "radvlm"},
+                    "init_args": {"save_dir": ROOT_PLACEHOLDER, "name": ""},
                 }
             }
         )

@@ -369,6 +369,18 @@ def verify_checkpoint(path: str | os.PathLike, weights_only: bool | None = True)
                               "folder was interrupted and the shards mix two states", path)
 
 
+def saved_radvlm_state(path: str | os.PathLike, weights_only: bool | None = True) -> dict[str, Any]:
+    """The ``radvlm`` entry (``PolicyModule.on_save_checkpoint``) of a checkpoint file, or of the ``meta.pt`` of a
+    distributed checkpoint folder; ``{}`` when it has none or cannot be read (loading it reports that)."""
+    path = Path(path)
+    try:
+        data = _read(path / DISTRIBUTED_META if path.is_dir() else path, weights_only)
+    except CheckpointError:
+        return {}
+    state = data.get("radvlm") if isinstance(data, dict) else None
+    return state if isinstance(state, dict) else {}
+
+
 def checkpoint_folders(trainer: Any) -> list[Path]:
     """Where the configuration puts checkpoints: each ``ModelCheckpoint.dirpath``; ``checkpoints/`` of every
     version folder of the first logger (Lightning's default ``<save_dir>/<name>/<version>/checkpoints``, also

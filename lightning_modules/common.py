@@ -15,9 +15,9 @@
   above are checkpointed; the data position is the ``StatefulDataLoader``'s, whose shuffling has its own
   generator. Hyper-parameters are stored as plain values, so every checkpoint loads with
   ``weights_only=True``.
-- Resume restores state, not choices: the configured optimizer settings (learning rate, weight decay) replace
-  the checkpoint's, differing hyper-parameters are logged, and a checkpoint taken at an epoch's last batch
-  resumes into the next epoch (``lightning_modules.resume``).
+- Resume restores state, not choices: the configured optimizer settings (learning rate, weight decay) and LR
+  schedule (a longer ``OneCycleLR``) replace the checkpoint's, differing hyper-parameters are logged, and a
+  checkpoint taken at an epoch's last batch resumes into the next epoch (``lightning_modules.resume``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from datamodules.collate import Collator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.resume import (
+    apply_configured_schedules,
     apply_optimizer_settings,
     changed_hyperparameters,
+    changed_training_data,
+    log_position,
     normalise_epoch_end,
     optimizer_settings,
+    scheduler_states,
 )
 from radvlm.policy import Policy, PolicyConfig
 
@@ -425,6 +429,7 @@ class PolicyModule(L.LightningModule):
             "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
             "dropped_samples": self.dropped_samples, "run_seed": self.run_seed,
             "batches_trained": self.batches_trained,
+            "log": log_position(self._trainer),  # a resumed fit continues this TensorBoard version
         }
         # checkpoints load with torch.load(weights_only=True): keep only tensors and plain values in them
         for key in ("hyper_parameters", "datamodule_hyper_parameters"):
@@ -445,12 +450,26 @@ class PolicyModule(L.LightningModule):
         if changed:
             log.warning("the checkpoint's saved settings differ from the configured ones, which are used: %s",
                         "; ".join(changed))
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "hparams"):
+            saved, configured = checkpoint.get("datamodule_hyper_parameters"), plain_value(dict(datamodule.hparams))
+            other = changed_training_data(saved, configured)
+            if other:
+                log.warning("the checkpoint was trained on other data than this run's (checkpoint → this run): %s; "
+                            "its state resumes on this run's data", "; ".join(other))
+            named = {o.split(":")[0] for o in other}
+            rest = [c for c in changed_hyperparameters(saved, configured) if c.split(":")[0] not in named]
+            if rest:
+                log.warning("the checkpoint's data settings differ from the configured ones, which are used: %s",
+                            "; ".join(rest))
         self._resumed = True
 
     def on_fit_start(self) -> None:
         """Refuse, before any training, to overwrite an existing export (another run's model, or the input).
-        Record the configured optimizer settings, before a checkpoint's are restored (``on_train_start``)."""
+        Record the configured optimizer and scheduler settings, before a checkpoint's are restored
+        (``on_train_start``)."""
         self._configured_optimizers = optimizer_settings(self.trainer)
+        self._configured_schedules = scheduler_states(self.trainer)
         folder = Path(self.export_dir) if self.export_dir else None
         if folder is not None and folder.exists() and any(folder.iterdir()) and not self.overwrite_export:
             raise FileExistsError(
@@ -462,6 +481,11 @@ class PolicyModule(L.LightningModule):
             changed = apply_optimizer_settings(self.trainer, self._configured_optimizers)
             if changed:
                 log.warning("resumed optimizer settings replaced by the configured ones: %s", "; ".join(changed))
+            rescheduled = apply_configured_schedules(self.trainer, getattr(self, "_configured_schedules", []),
+                                                     self._configured_optimizers)
+            if rescheduled:
+                log.warning("the checkpoint's LR schedule differs from the configured one, which is used: %s",
+                            "; ".join(rescheduled))
         if self.run_seed is None:
             self.run_seed = torch.initial_seed()
         warn_if_nothing_logged(self.trainer, getattr(self, "optimizer_steps_per_batch", None))

@@ -12,7 +12,8 @@ real command line (``python main.py fit|predict --config configs/demo/…``):
    training, printed as a table and written to ``OUT/summary.json`` (``{"sft": {...}, "grpo": {...},
    "paired": {...}}``). The first model's predictions run beside GRPO (two cores, one thread each).
 
-Everything runs offline; TensorBoard logs go to ``OUT/tensorboard``.
+Everything runs offline; each run writes its checkpoints, TensorBoard versions and export under its own folder
+(``OUT/sft``, ``OUT/grpo`` …: the configs' ``default_root_dir``).
 """
 
 from __future__ import annotations
@@ -186,9 +187,9 @@ def main(argv: list[str] | None = None) -> None:
 
     thinking = args.variant == "thinking"
     first_cfg = "configs/demo/coldstart.yaml" if thinking else "configs/demo/sft.yaml"
-    first_model = out / ("coldstart_model" if thinking else "sft_model")
+    first_model = out / ("coldstart" if thinking else "sft") / "hf_export"  # each run's {default_root_dir}/hf_export
     grpo_cfg = "configs/demo/grpo_thinking.yaml" if thinking else "configs/demo/grpo.yaml"
-    grpo_model = out / ("grpo_thinking_model" if thinking else "grpo_model")
+    grpo_model = out / ("grpo_thinking" if thinking else "grpo") / "hf_export"
     rerun = ("--model.init_args.overwrite_export", "true")  # the demo owns runs/demo: a rerun replaces it
     seconds["sft"] = run(main_py("fit", "--config", first_cfg, *rerun), "cold start SFT" if thinking else "SFT")
     # held-out greedy predictions on the records' own images and, for the shuffle control, of the grounding records
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     name = "summary.json" if not thinking else "summary_thinking.json"
     (out / name).write_text(json.dumps(result, indent=2))
     print("\n" + format_summary(summary, seconds))
-    print(f"\nsummary: {out / name}\nTensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    print(f"\nsummary: {out / name}\nTensorBoard: tensorboard --logdir {out}")
 
 
 if __name__ == "__main__":

@@ -131,3 +131,41 @@ def test_a_resumed_optimizer_takes_the_configured_learning_rate_and_weight_decay
                   ckpt_path=str(tmp_path / "b" / "ckpt" / "epoch=0-step=2.ckpt"))
     assert resumed.lrs == pytest.approx(straight.lrs[2:], rel=1e-12)  # the configured schedule, at its step
     assert resumed.weight_decay == [0.1, 0.1]
+
+
+class LrLog(Callback):
+    """The learning rate of every training batch, by optimizer step (1-based), for the CLI tests."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs[trainer.global_step + 1] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def one_cycle_args(total_steps: int) -> list[str]:
+    return ["--model.optimizer", "torch.optim.AdamW", "--model.optimizer.lr", "1e-3",
+            "--model.lr_scheduler", "torch.optim.lr_scheduler.OneCycleLR", "--model.lr_scheduler.max_lr", "1e-3",
+            "--model.lr_scheduler.total_steps", str(total_steps)]
+
+
+def test_extending_a_run_by_resuming_continues_on_the_configured_schedule(tiny_ckpt, tmp_path, caplog):
+    """A 6-step OneCycle run resumed with max_steps 9 (total_steps 9) runs steps 7-9 on the 9-step cycle (torch
+    raised "Tried to step 7 times ... total steps is 6": the restored scheduler spanned 6 steps)."""
+    data = write_records(tmp_path / "data", [report_record(i) for i in range(4)])
+    root = tmp_path / "run"
+    callbacks = json.dumps([{"class_path": "tests.test_reliability_resume_choices.LrLog"},
+                            json.loads(EVERY_STEP)[0]])
+    cli_main.main(fit_args(tiny_ckpt, data, root, "--trainer.max_steps", "6", *one_cycle_args(6)))
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.common"):
+        cli = cli_main.main(fit_args(tiny_ckpt, data, root, "--trainer.max_steps", "9", *one_cycle_args(9),
+                                     "--trainer.callbacks", callbacks, "--ckpt_path", "last"))
+    assert cli.trainer.global_step == 9
+    lrs = next(c for c in cli.trainer.callbacks if isinstance(c, LrLog)).lrs
+    assert sorted(lrs) == [7, 8, 9]
+    # OneCycleLR(max_lr 1e-3, total 9, pct_start 0.3, cos): warm-up ends at index 0.3·9−1 = 1.7, annealing from
+    # 1e-3 to 1e-3/25/1e4 = 4e-9 until index 8; step 7 is index 6: pct (6−1.7)/6.3, lr 2.2872995315964808e-4
+    assert lrs[7] == pytest.approx(2.2872995315964808e-4, rel=1e-9)
+    assert lrs[8] == pytest.approx(6.0892969758032414e-05, rel=1e-9) and lrs[9] == pytest.approx(4e-9, rel=1e-6)
+    assert "LR schedule differs" in caplog.text and "total_steps: 6 → 9" in caplog.text
+    assert "continues at step 6" in caplog.text

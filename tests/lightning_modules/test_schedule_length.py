@@ -34,3 +34,41 @@ def test_longer_schedule_warns_and_matching_or_epoch_bounded_runs_pass(caplog):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         check_schedule_length(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 100)  # other schedulers
     assert not caplog.text
+
+
+def test_schedule_changes_lists_settings_not_progress():
+    """A OneCycleLR of 6 steps after 6 steps vs a fresh one of 9: only total_steps is a change of setting (its
+    phases follow it); position, rates and step counts are progress."""
+    from lightning_modules.resume import schedule_changes
+
+    def one_cycle(total: int, steps: int, pct_start: float = 0.3) -> dict:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=total, pct_start=pct_start)
+        for _ in range(steps):
+            opt.step()
+            scheduler.step()
+        return scheduler.state_dict()
+
+    assert schedule_changes(one_cycle(6, 6), one_cycle(9, 0)) == ["total_steps: 6 → 9"]
+    assert schedule_changes(one_cycle(6, 6), one_cycle(6, 0)) == []
+    # same length, other warm-up: the phase boundary moves from 0.3·6−1 = 0.8 to 0.5·6−1 = 2.0
+    (change,) = schedule_changes(one_cycle(6, 2), one_cycle(6, 0, pct_start=0.5))
+    assert change.startswith("_schedule_phases: [{'end_step': 0.79999") and "'end_step': 2.0" in change
+
+
+def test_schedule_changes_ignores_the_progress_of_nested_schedulers():
+    from lightning_modules.resume import schedule_changes
+
+    def sequential(steps: int, t_max: int = 4) -> dict:
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        parts = [torch.optim.lr_scheduler.LinearLR(opt, 0.1, total_iters=2),
+                 torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=t_max)]
+        scheduler = torch.optim.lr_scheduler.SequentialLR(opt, parts, milestones=[2])
+        for _ in range(steps):
+            opt.step()
+            scheduler.step()
+        return scheduler.state_dict()
+
+    assert schedule_changes(sequential(3), sequential(0)) == []  # progress only
+    (change,) = schedule_changes(sequential(3), sequential(0, t_max=8))
+    assert change.startswith("_schedulers: [{'start_factor': 0.1")  # the cosine part's T_max 4 → 8

@@ -73,7 +73,7 @@ def test_the_demo_driver_runs_the_stages_in_order_and_writes_the_summary(tmp_pat
             self.args, self.returncode = args, 0
             kind = "predict" if "predict" in args else ("grpo" if any("grpo" in a for a in args) else "sft")
             shuffled = "--data.init_args.shuffle_images" in args
-            events.append(("start", kind, shuffled, "sft_model" in " ".join(args)))
+            events.append(("start", kind, shuffled, "/sft/hf_export" in " ".join(args)))
             if kind == "predict":
                 out = args[args.index("--trainer.callbacks.init_args.output") + 1]
                 answers = [f"at {OTHER}", f"at {BOX}"] if shuffled else [f"at {BOX}", f"at {OTHER}"]
