@@ -328,7 +328,7 @@ def evaluate_file(path: str | Path, metrics: Scorers | Layer | Sequence[Layer] |
                                  "metrics": summarise(scored, COLUMNS[kind], n_boot, seed, alpha)}
         for i, row in enumerate(task_rows):
             scores[str(row["id"])] = {k: _num(float(v[i])) for k, v in scored.per_sample.items()}
-    notes = list(scorers.notes) + ([read.describe()] if read.format != "jsonl" else [])
+    notes = list(scorers.notes) + ([read.describe()] if read.format != "jsonl" or read.header else [])
     if duplicates:
         notes.append(f"{result['name']}: {duplicates} lines with an id seen before were ignored")
     result.update(notes=notes, metrics_config=scorers.config_dict(),
