@@ -98,7 +98,8 @@ class PredictionWriter(BasePredictionWriter):
     weight files' stamp, settings fingerprint: ``radvlm.tools.prediction_files.model_identity``); a resume into a
     file whose header names another model or other settings (or none) is refused with
     ``PredictionFileMismatch``, never continued. Each row: id, task, image, prompt, completion, answer (after
-    ``</think>``), thinking, think_closed, reference, gt_boxes, completion_tokens, truncated. Per-sample metric
+    ``</think>``), thinking, think_closed, reference, gt_boxes (the record's, else those of the reference text of a
+    box task), gt_boxes_from (record / reference / none), completion_tokens, truncated. Per-sample metric
     values are added by ``python -m radvlm.tools.evaluate``.
     """
 
