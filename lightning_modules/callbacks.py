@@ -103,15 +103,16 @@ class PredictionWriter(BasePredictionWriter):
     values are added by ``python -m radvlm.tools.evaluate``.
     """
 
-    def __init__(self, output: str, resume: bool = True, default_task: str | None = None) -> None:
+    def __init__(self, output: str | None = None, resume: bool = True, default_task: str | None = None) -> None:
         """
         Args:
-            output: the JSONL file (its folder is created).
+            output: the JSONL file (its folder is created); None: ``predictions.jsonl`` in the trainer's
+                ``default_root_dir``, so that the file follows the run.
             resume: skip ids already in the file (else the file is started afresh).
             default_task: task written for records that have none (RadVLM's test JSON files carry no task).
         """
         super().__init__(write_interval="batch")
-        self.output = Path(output)
+        self.output = None if output is None else Path(output)
         self.resume = resume
         self.default_task = default_task
         self.skipped = 0
@@ -123,6 +124,8 @@ class PredictionWriter(BasePredictionWriter):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
+        if self.output is None:
+            self.output = Path(trainer.default_root_dir) / "predictions.jsonl"
         self.output.parent.mkdir(parents=True, exist_ok=True)
         files = [self.output, *self._rank_files()]
         if not self.resume:
