@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,9 @@ def model_identity(module: str, name_or_path: str | None, checkpoint: str | None
     """The header of a prediction file: ``module`` (class path), ``name_or_path`` and ``checkpoint`` (absolute
     when local), ``weights`` / ``checkpoint_weights`` (``weights_stamp`` of each), ``fingerprint`` (sha256 of the
     module's settings as sorted JSON, 16 hex digits) and the ``settings`` themselves (plain values: the module's
-    init arguments, ``policy.name_or_path`` left out as it is compared resolved)."""
-    settings = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    init arguments, ``policy.name_or_path`` left out as it is compared resolved, object addresses cut)."""
+    # an object without its own repr reads "<… object at 0x7f…>": the address differs every run, the object not
+    settings = json.loads(re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(settings, sort_keys=True, default=str)))
     policy = settings.get("policy")
     if isinstance(policy, dict):
         policy.pop("name_or_path", None)

@@ -121,6 +121,10 @@ def test_resume_refuses_a_file_without_header_or_of_another_checkpoint(tmp_path)
     assert "checkpoint: " in resume_problem(first, me, CHECKPOINT_KEYS)
     same = model_identity("m.M", "hub/model", str(ckpt), {"max_new_tokens": 4})
     assert resume_problem(first, same) is None
+    # an object without a repr of its own: its address differs each run, the fingerprint does not
+    first_run = model_identity("m.M", "hub/model", None, {"engine": "<radvlm.rollout.HFEngine object at 0x7f01>"})
+    second_run = model_identity("m.M", "hub/model", None, {"engine": "<radvlm.rollout.HFEngine object at 0x7e99>"})
+    assert first_run["fingerprint"] == second_run["fingerprint"]
     ckpt.write_bytes(b"123456")  # the same path, trained on: another checkpoint
     grown = model_identity("m.M", "hub/model", str(ckpt), {"max_new_tokens": 4})
     assert "checkpoint_weights" in resume_problem(first, grown)
