@@ -65,8 +65,11 @@ clinically grounded rewards) with PyTorch Lightning.
   python main.py predict --config configs/eval_vindr.yaml   greedy predictions to JSONL
   python -m radvlm_tools.evaluate PRED.jsonl                   paper-style tables
 
-Learning rate: --model.init_args.optimizer.init_args.lr (with OneCycleLR also set
---model.init_args.lr_scheduler.init_args.max_lr, which is the peak it uses).
+Options of a model or data class (every init argument, with its default and help):
+  python main.py fit --model.help GRPOModule      (or SFTModule)
+  python main.py fit --data.help RadVLMDataModule
+
+Learning rate: --model.init_args.lr 1e-6 (any optimizer; with OneCycleLR it is the peak).
 
 Configs:
 {_config_listing()}
@@ -141,14 +144,19 @@ class RadVLMCLI(LightningCLI):
         ``export_dir`` … whatever the config and the command line said."""
 
     def instantiate_trainer(self, **kwargs):
-        """The trainer, with ``AtomicCheckpointIO`` among its plugins unless one is configured."""
+        """The trainer, with ``AtomicCheckpointIO`` among its plugins unless one is configured, and Lightning's
+        default model summary without the FLOPs it did not count (``lightning_modules.model_summary``)."""
         from lightning_modules.checkpoint_io import with_atomic_checkpoint_io
 
         config = self._get(self.config_init, "trainer", default={})
         check_accelerator(config.get("accelerator"), kwargs.get("accelerator"))
         plugins = kwargs["plugins"] if "plugins" in kwargs else config.get("plugins")
         kwargs["plugins"] = with_atomic_checkpoint_io(plugins, kwargs.get("strategy", config.get("strategy")))
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        from lightning_modules.model_summary import replace_default_summary
+
+        replace_default_summary(trainer)  # no "Total FLOPs: 0": radvlm's modules have no example input
+        return trainer
 
     def _resolve_checkpoint(self) -> None:
         """``--ckpt_path last`` → the newest intact checkpoint (``None``: none yet, start from scratch); a file

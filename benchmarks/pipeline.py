@@ -337,7 +337,9 @@ class Pipeline:
         if name == "predict":
             notes.append(f"model {self.latest_export(('grpo_full', 'grpo_lora', 'sft')).name}")
             if self.predictions.exists():
-                notes.append(f"{len(self.predictions.read_text().splitlines())} lines")
+                from radvlm_tools.prediction_files import read_prediction_file
+
+                notes.append(f"{len(read_prediction_file(self.predictions).rows)} rows")
         if name == "evaluate" and artefact.exists():
             notes.append(evaluation_note(artefact))
         row["note"] = ", ".join(n for n in notes if n)

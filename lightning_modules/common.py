@@ -92,6 +92,20 @@ def plain_value(value: Any) -> Any:
     return repr(value)
 
 
+def row_boxes(task: str | None, boxes: list | None, reference: str) -> dict[str, Any]:
+    """A prediction row's ground-truth boxes: ``{"gt_boxes": the record's boxes, "gt_boxes_from": "record"}``;
+    for a box task whose record has none, the boxes of the reference text (``metrics.boxes.parse_boxes``) with
+    ``gt_boxes_from: "reference"`` (the evaluation then lets each metric parse the text with its own style); else
+    ``[]`` from ``"none"``."""
+    from metrics.boxes import parse_boxes
+    from radvlm.tasks import is_box_task
+
+    if boxes:
+        return {"gt_boxes": boxes, "gt_boxes_from": "record"}
+    parsed = [list(b) for b in parse_boxes(reference)] if is_box_task(task) else []
+    return {"gt_boxes": parsed, "gt_boxes_from": "reference" if parsed else "none"}
+
+
 def batch_seed(run_seed: int, batch: int, rank: int) -> int:
     """A 63-bit seed for the ``batch``-th training batch of a run on ``rank``: a hash of the three numbers."""
     digest = hashlib.sha256(f"{run_seed}:{batch}:{rank}".encode()).digest()
@@ -410,7 +424,8 @@ class PolicyModule(L.LightningModule):
             rows.append({
                 "id": batch["ids"][i], "task": batch["tasks"][i], "image": batch["images"][i],
                 "prompt": batch["prompts"][i], "completion": text, "answer": answer, "thinking": thinking,
-                "think_closed": closed, "reference": batch["targets"][i], "gt_boxes": batch["gt_boxes"][i],
+                "think_closed": closed, "reference": batch["targets"][i],
+                **row_boxes(batch["tasks"][i], batch["gt_boxes"][i], batch["targets"][i]),
                 "labels": extra["labels"][i], "pathologies": extra["pathologies"][i],  # classification scoring
                 "completion_tokens": int(gen.completion_mask[i].sum()), "truncated": bool(gen.truncated[i]),
             })

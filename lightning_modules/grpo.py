@@ -445,8 +445,10 @@ class GRPOModule(PolicyModule):
             where = f" on rank {worst} (per rank: {[round(float(f), 3) for f in fractions]})" if self.world > 1 else ""
             failed = {k: int(v) for k, v in zip(names, shared[:, 1:].sum(0).tolist())}
             raise RewardFailureError(
-                f"{float(fractions[worst]):.0%} of the rewards of step {self.global_step} could not be computed"
-                f"{where} (limit max_unavailable_fraction={hp.max_unavailable_fraction}); failures per term"
+                f"{float(fractions[worst]):.0%} of the rewards of batch {self.batches_trained} could not be computed"
+                f"{where} (training batches counted from 1 as the progress line counts them; "
+                f"{self.global_step} optimizer steps done; limit max_unavailable_fraction="
+                f"{hp.max_unavailable_fraction}); failures per term"
                 f"{' over all ranks' if self.world > 1 else ''}: {failed}"
             )
         return result

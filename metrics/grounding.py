@@ -5,8 +5,9 @@ job, and a completion without ``</think>`` receives ``worst_value``); boxes are 
 ``box_style`` and compared with the target text's boxes or the record's (``ground_truth``).
 
 soft-F1: docs/paper.md §4 (``soft_f1``, ``SoftF1``); mAP: docs/paper.md §5 (``average_precision``,
-``GroundingMAP``). Deviations: ``mean_iou`` is 0, not NaN, when samples were seen but none has both a predicted
-and a ground-truth box (``GroundingMAP``); ``BoxFormat`` is our own reward, not in the paper.
+``GroundingMAP``); what a perfect answer set scores under those rules: ``perfect_scores``. Deviations:
+``mean_iou`` is 0, not NaN, when samples were seen but none has both a predicted and a ground-truth box
+(``GroundingMAP``); ``BoxFormat`` is our own reward, not in the paper.
 """
 
 from __future__ import annotations
@@ -96,6 +97,30 @@ def voc_area(recall: np.ndarray, precision: np.ndarray) -> float:
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.nonzero(mrec[1:] != mrec[:-1])[0]  # indices i where recall changes between i and i + 1
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def perfect_scores(truth: Sequence[Sequence[Sequence[float]]], iou_threshold: float = 0.5,
+                   min_iou: float = 0.0) -> dict[str, float]:
+    """The ceiling of each grounding score on these records: what a perfect answer set (every record answered
+    with exactly its ground-truth boxes, a record without boxes with the negative sentence) scores.
+
+    ``truth``: per record its ground-truth boxes (``ground_truth``). ``map`` = mean of ``average_precision(g, g)``
+    (1 per record with boxes, 0 per record without, as RadVLM counts it; below 1 where a record lists one box
+    twice: the second copy is an FP); ``soft_f1`` = mean of ``soft_f1(g, g)`` (1 with boxes, 0 without);
+    ``mean_iou`` = Σ IoU(g, g) over all pairs of a record's boxes / Σ n_gt² (RadVLM's all-pairs average: a
+    record with several boxes pairs each box with the others too), 0 without any box; ``no_finding`` = number of
+    records without boxes. All NaN for no records.
+    """
+    if not truth:
+        return {"map": float("nan"), "soft_f1": float("nan"), "mean_iou": float("nan"), "no_finding": 0}
+    iou_sum, pairs = 0.0, 0
+    for g in truth:
+        iou = pairwise_iou(g, g)  # (G, G)
+        iou_sum, pairs = iou_sum + float(iou.sum()), pairs + iou.size
+    return {"map": float(np.mean([average_precision(g, g, iou_threshold) for g in truth])),
+            "soft_f1": float(np.mean([soft_f1(g, g, min_iou) for g in truth])),
+            "mean_iou": iou_sum / pairs if pairs else 0.0,
+            "no_finding": sum(1 for g in truth if len(g) == 0)}
 
 
 def box_format_score(text: str) -> float:

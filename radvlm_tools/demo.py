@@ -80,8 +80,11 @@ def prepare(out: Path) -> None:
 
 
 def _rows(path: Path) -> list[dict]:
+    """The rows of a prediction file by id (its header line skipped)."""
+    from radvlm_tools.prediction_files import is_header
+
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return sorted(rows, key=lambda r: r["id"])
+    return sorted((r for r in rows if not is_header(r)), key=lambda r: r["id"])
 
 
 def summarise(pred_files: dict[str, Path], shuffled_files: dict[str, Path] | None = None) -> dict[str, Any]:

@@ -19,6 +19,8 @@ class Column:
     percent: bool = True  # shown x 100 with one decimal, as in the paper's tables
     decimals: int = 1
     lower_is_better: bool = False
+    meaning: str = ""  # what the number means where a rule of RadVLM's makes it less than it reads
+
 
     def show(self, value: float | None) -> str:
         if value is None or not math.isfinite(value):
@@ -38,7 +40,14 @@ COLUMNS = {
                Column("radcliq_radeval", "RadCliQ-v1, RadEval variant (idf BERTScore; 1 / mean)", percent=False,
                       decimals=2),
                Column("gleu", "GLEU"), CHARS),
-    "grounding": (Column("map", "mAP@0.5"), Column("mean_iou", "mean IoU"), Column("soft_f1", "soft-F1"),
+    "grounding": (Column("map", "mAP@0.5", meaning="RadVLM's per-record AP at IoU 0.5, averaged over records; a "
+                         "record without a finding scores 0 even when answered correctly, so a perfect answer set "
+                         "scores the ceiling, not 100"),
+                  Column("mean_iou", "mean IoU", meaning="RadVLM's average IoU over ALL predicted × ground-truth "
+                         "box pairs (Σ IoU / Σ n_pred·n_gt), not over matched pairs: a record with several boxes "
+                         "pairs each box with the others too, so perfect answers score the ceiling, not 100"),
+                  Column("soft_f1", "soft-F1", meaning="the authors' Hungarian soft-F1 (the GRPO reward), averaged "
+                         "over records; a record without a finding scores 0 even when answered correctly"),
                   CHARS),
     "classification": (*(Column(f"{avg}_{name}", f"{avg} {label}") for avg in ("micro", "macro")
                          for name, label in (("precision", "precision"), ("recall", "recall"), ("f1", "F1"))),
@@ -84,7 +93,10 @@ def _cells(entry: dict | None, col: Column, footnotes: list[str]) -> list[str]:
                 footnotes.append(note)
             return [f"{kind} [{footnotes.index(note) + 1}]", ""]
     lo, hi = entry["ci"]
-    return [col.show(entry["value"]), f"[{col.show(lo)}, {col.show(hi)}]" if None not in (lo, hi) else "—"]
+    value = col.show(entry["value"])
+    if "ceiling" in entry:  # beside the value: what a perfect answer set scores on these records
+        value += f" (ceiling {col.show(entry['ceiling'])})"
+    return [value, f"[{col.show(lo)}, {col.show(hi)}]" if None not in (lo, hi) else "—"]
 
 
 def format_table(results: dict | Sequence[dict]) -> str:
@@ -113,6 +125,7 @@ def format_table(results: dict | Sequence[dict]) -> str:
                 cells += _cells(entry, col, footnotes) + [_delta(values[0], values[i], col)] * (i > 0)
             out.append("| " + " | ".join(cells) + " |")
         out += [""] + [f"[{i}] {note}" for i, note in enumerate(footnotes, start=1)]
+        out += _meaning_lines(task, kind, runs)
         if task in changes:
             out.append(_length_line(task, runs, changes[task]))
         out += [f"{r['name']}: thinking block closed in {r['tasks'][task]['info']['think_closed_frac']:.1%}"
@@ -122,6 +135,18 @@ def format_table(results: dict | Sequence[dict]) -> str:
     out.append(f"95 % CI: percentile bootstrap, {boot.get('n')} resamples, seed {boot.get('seed')}; "
                "scores ×100 except RadCliQ-v1 and characters.")
     return "\n".join(out).rstrip() + "\n"
+
+
+def _meaning_lines(task: str, kind: str, runs: Sequence[dict]) -> list[str]:
+    """What the numbers of a task's table mean (``Column.meaning``), with the records without finding."""
+    lines = [f"{col.label}: {col.meaning}." for col in COLUMNS[kind] if col.meaning
+             and any(col.key in r["tasks"].get(task, {}).get("metrics", {}) for r in runs)]
+    if lines:
+        counts = ", ".join(f"{r['name']}: {r['tasks'][task]['info']['no_finding_records']} of {r['tasks'][task]['n']}"
+                           for r in runs if "no_finding_records" in r["tasks"].get(task, {}).get("info", {}))
+        lines.append("ceiling: the score of answers equal to the ground truth on these records"
+                     + (f" (records without a finding: {counts})" if counts else "") + ".")
+    return lines
 
 
 def _delta(base: float | None, value: float | None, col: Column) -> str:

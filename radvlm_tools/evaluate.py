@@ -26,7 +26,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,8 @@ class Scored:
     stats: dict[str, Callable[[np.ndarray], float]]
     unavailable: dict[str, Unavailable]
     per_sample: dict[str, np.ndarray]  # (N,) each, NaN written as null
+    ceilings: dict[str, float] = field(default_factory=dict)  # what a perfect answer set scores per column
+    info: dict[str, Any] = field(default_factory=dict)  # facts of the task's records shown with the table
 
 
 def _vector(values: Any) -> np.ndarray:  # (N,) float64
@@ -161,13 +163,29 @@ def _judged_columns(s: Scored, preds: list[str], refs: list[str], scorers: Score
             s.stats["radcliq_radeval"] = inverse_mean
 
 
+def row_gt_boxes(row: dict) -> list | None:
+    """A row's ground-truth boxes for scoring: the record's unrounded ``gt_boxes``; None (each metric parses the
+    reference text with its own box style) when the row has none or they were parsed from the reference
+    (``gt_boxes_from: reference``, written by ``main.py predict``)."""
+    return None if row.get("gt_boxes_from") == "reference" else (row.get("gt_boxes") or None)
+
+
 def score_grounding(preds: list[str], refs: list[str], scorers: Scorers,
                     rows: Sequence[dict] | None = None) -> Scored:
     """mAP@0.5 and mean IoU (``GroundingMAP``: RadVLM's evaluation box parsing) and soft-F1 (``SoftF1``: the
     reward's parsing) against each row's unrounded ``gt_boxes`` (the record's ``boxes``, written by
-    ``main.py predict``) when non-empty, else against the boxes of the reference text."""
-    gt = [r.get("gt_boxes") or None for r in rows] if rows is not None else None  # per sample, None: the text's
+    ``main.py predict``) when non-empty, else against the boxes of the reference text. Each column's ceiling
+    (``metrics.grounding.perfect_scores``: the score of answers equal to the ground truth, with RadVLM's rules
+    for records without finding and for mean IoU) goes to ``ceilings``, the number of such records to ``info``."""
+    from metrics.grounding import ground_truth, perfect_scores
+
+    gt = [row_gt_boxes(r) for r in rows] if rows is not None else None  # per sample, None: the text's
     s = Scored({}, {}, {}, {})
+    gmap, sf1 = scorers.grounding_map, scorers.soft_f1
+    by_map = perfect_scores(ground_truth(refs, gt, gmap.box_style), gmap.iou_threshold)
+    by_f1 = perfect_scores(ground_truth(refs, gt, sf1.box_style), min_iou=sf1.min_iou)
+    s.ceilings.update(map=by_map["map"], mean_iou=by_map["mean_iou"], soft_f1=by_f1["soft_f1"])
+    s.info["no_finding_records"] = by_map["no_finding"]
     _mean_column(s, "map", _vector(scorers.grounding_map.score(preds, refs, gt)), sample_key="ap")
     _mean_column(s, "soft_f1", _vector(scorers.soft_f1.score(preds, refs, gt)))
     _mean_column(s, "chars", np.array([len(p) for p in preds], dtype=np.float64))
@@ -236,6 +254,10 @@ def summarise(scored: Scored, columns: Sequence[Column], n_boot: int, seed: int,
         value, (lo, hi) = stat(data), bootstrap_ci(data, stat, n=n_boot, seed=seed, alpha=alpha)
         n = int(np.isfinite(data).sum()) if data.ndim == 1 else int(data.shape[0])
         out[col.key] = {**entry, "value": _num(value), "ci": [_num(lo), _num(hi)], "n": n}
+        if col.key in scored.ceilings:
+            out[col.key]["ceiling"] = _num(scored.ceilings[col.key])
+        if col.meaning:
+            out[col.key]["meaning"] = col.meaning
         if not math.isfinite(value):
             out[col.key]["undefined"] = UNDEFINED.get(col.key, "no sample has a value")
     return out
@@ -292,11 +314,11 @@ def evaluate_file(path: str | Path, metrics: Scorers | Layer | Sequence[Layer] |
         kind = task_kind(task)
         preds, refs = [scored_answer(r) for r in task_rows], [r["reference"] for r in task_rows]
         scored = SCORE_FNS[kind](preds, refs, scorers, task_rows)
-        result["tasks"][task] = {"kind": kind, "n": len(task_rows), "info": _info(task_rows),
+        result["tasks"][task] = {"kind": kind, "n": len(task_rows), "info": {**_info(task_rows), **scored.info},
                                  "metrics": summarise(scored, COLUMNS[kind], n_boot, seed, alpha)}
         for i, row in enumerate(task_rows):
             scores[str(row["id"])] = {k: _num(float(v[i])) for k, v in scored.per_sample.items()}
-    notes = list(scorers.notes) + ([read.describe()] if read.format != "jsonl" else [])
+    notes = list(scorers.notes) + ([read.describe()] if read.format != "jsonl" or read.header else [])
     if duplicates:
         notes.append(f"{result['name']}: {duplicates} lines with an id seen before were ignored")
     result.update(notes=notes, metrics_config=scorers.config_dict(),

@@ -10,11 +10,17 @@ ONE JSON list of objects without a task, usually without an id, the ground truth
 Every row then passes the checks of our format (``check_row``); rows come back sorted by id; duplicate ids keep
 their first row and are counted. Not in RadVLM: ids ``{file stem}_{idx}`` for objects without one, so that the
 same sample in two runs of one test set compares by id.
+
+Header: ``main.py predict`` starts each of its files with one line ``{"radvlm_prediction_header": {...}}`` naming
+the model that wrote it (``model_identity``); readers skip it (``is_header``), files without one (older ones,
+RadVLM's) read as before, and a file holding the headers of two models is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,99 @@ RADVLM_KEYS: dict[str, str] = {"answer": "output", "gt_boxes": "boxes", "labels"
 #: RadVLM's ground-truth key per kind of task (``radvlm.tasks.task_kind``); ``answer`` for every other kind
 RADVLM_REFERENCE_KEYS: dict[str, str] = {"report": "txt"}
 MAPPABLE = ("id", "task", "answer", "reference", "gt_boxes", "labels", "image", "prompt")
+#: the one key of a prediction file's header line (``header_line``)
+HEADER_KEY = "radvlm_prediction_header"
+#: what makes two headers the same model (``identity_differences``); ``settings`` is shown, not compared
+IDENTITY_KEYS = ("module", "name_or_path", "weights", "checkpoint", "checkpoint_weights", "fingerprint")
+#: the part of ``IDENTITY_KEYS`` that a ``--ckpt_path`` gives (known to a predict run only once it is loaded)
+CHECKPOINT_KEYS = ("checkpoint", "checkpoint_weights")
+#: weight files whose size and modification time identify a model folder (``weights_stamp``)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _resolved(path: str | None) -> str | None:
+    """An existing local path made absolute (so ``runs/x`` and ``./runs/x`` agree); a hub id as given."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else str(path)
+
+
+def weights_stamp(path: str | None) -> str | None:
+    """A short hash of the name, size and modification time of the weight files at ``path`` (a model folder's
+    ``WEIGHT_SUFFIXES`` files and ``config.json``, or one checkpoint file); None when it is no local path (a hub
+    id). A model retrained or re-exported at the same path gets another stamp (so does a copy whose times
+    were not kept)."""
+    p = Path(path).expanduser() if path else None
+    if p is None or not p.exists():
+        return None
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.is_file() and (
+        f.suffix in WEIGHT_SUFFIXES or f.name == "config.json"))
+    entries = [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files]
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:16]
+
+
+def model_identity(module: str, name_or_path: str | None, checkpoint: str | None, settings: dict) -> dict:
+    """The header of a prediction file: ``module`` (class path), ``name_or_path`` and ``checkpoint`` (absolute
+    when local), ``weights`` / ``checkpoint_weights`` (``weights_stamp`` of each), ``fingerprint`` (sha256 of the
+    module's settings as sorted JSON, 16 hex digits) and the ``settings`` themselves (plain values: the module's
+    init arguments, ``policy.name_or_path`` left out as it is compared resolved, object addresses cut)."""
+    # an object without its own repr reads "<… object at 0x7f…>": the address differs every run, the object not
+    settings = json.loads(re.sub(r" at 0x[0-9a-fA-F]+", "", json.dumps(settings, sort_keys=True, default=str)))
+    policy = settings.get("policy")
+    if isinstance(policy, dict):
+        policy.pop("name_or_path", None)
+    fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return {"module": module, "name_or_path": _resolved(name_or_path), "weights": weights_stamp(name_or_path),
+            "checkpoint": _resolved(checkpoint), "checkpoint_weights": weights_stamp(checkpoint),
+            "fingerprint": fingerprint, "settings": settings}
+
+
+def header_line(identity: dict) -> str:
+    """The header line (newline included) of a file written by the model of ``identity``."""
+    return json.dumps({HEADER_KEY: identity}) + "\n"
+
+
+def is_header(obj: Any) -> bool:
+    """True for a parsed header line (``header_line``)."""
+    return isinstance(obj, dict) and set(obj) == {HEADER_KEY}
+
+
+def read_header(path: str | Path) -> dict | None:
+    """The identity in the header of a prediction file; None when the file is missing, empty or has none."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with p.open(encoding="utf-8") as f:
+        first = f.readline()
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError:
+        return None
+    return obj[HEADER_KEY] if is_header(obj) else None
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.removesuffix("."): value}
+
+
+def identity_differences(old: dict, new: dict, keys: tuple[str, ...] = IDENTITY_KEYS, limit: int = 4) -> list[str]:
+    """``key: old → new`` for each of ``keys`` that differs, the fingerprint's changed settings (dotted, at most
+    ``limit``) in its place; empty when ``old`` and ``new`` name the same model."""
+    out = [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if k != "fingerprint" and old.get(k) != new.get(k)]
+    if "fingerprint" in keys and old.get("fingerprint") != new.get("fingerprint"):
+        a, b = _flat(old.get("settings") or {}), _flat(new.get("settings") or {})
+        changed = [f"{k}: {a.get(k, '(absent)')!r:.60} → {b.get(k, '(absent)')!r:.60}" for k in sorted(set(a) | set(b))
+                   if a.get(k, "(absent)") != b.get(k, "(absent)")]
+        more = f" (+{len(changed) - limit} more)" if len(changed) > limit else ""
+        out.append(f"settings (fingerprint {old.get('fingerprint')} → {new.get('fingerprint')}): "
+                   + ("; ".join(changed[:limit]) + more if changed else "not recorded"))
+    return out
 
 
 @dataclass
@@ -45,11 +144,15 @@ class PredictionFile:
     rows: list[dict]
     duplicates: int
     keys: dict[str, str] = field(default_factory=dict)  # the mapping used (RadVLM formats)
+    header: dict | None = None  # the model that wrote the file (``model_identity``); None: not recorded
 
     def describe(self) -> str:
         """One line for the report's notes."""
         if self.format == "jsonl":
-            return f"{self.path.name}: our prediction JSONL"
+            h = self.header
+            model = (f" by {h.get('name_or_path')}" + (f" + {h['checkpoint']}" if h.get("checkpoint") else "")
+                     + f" (settings {h.get('fingerprint')})") if h else " (model not recorded)"
+            return f"{self.path.name}: our prediction JSONL{model}"
         mapping = ", ".join(f"{ours} ← {theirs}" for ours, theirs in self.keys.items())
         return f"{self.path.name}: RadVLM evaluation output ({self.format}); keys {mapping}"
 
@@ -79,13 +182,33 @@ def task_from_filename(path: str | Path) -> str | None:
     return found[0] if found else None
 
 
+class PredictionFileMismatch(ValueError):
+    """A predict resume into a file another model (or the same model with other settings) wrote."""
+
+
+def resume_problem(path: Path, identity: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> str | None:
+    """Why rows of ``path`` may not be continued by the model of ``identity`` (None: they may, or the file
+    holds no rows): its header differs in one of ``keys`` (another model, checkpoint or settings), or the file
+    names no model (written before radvlm recorded it)."""
+    if not path.is_file() or not any(line.strip() for line in path.read_text(encoding="utf-8").splitlines()):
+        return None
+    old = read_header(path)
+    if old is None:
+        return f"{path} does not name the model that wrote it (written before radvlm recorded it)"
+    diff = identity_differences(old, identity, keys)
+    return f"{path} was written by another model or other settings: {'; '.join(diff)}" if diff else None
+
+
 def _first_object(text: str) -> Any:
+    """The first object of a JSONL text that is not a header; None when the first such line does not parse."""
     for line in text.splitlines():
         if line.strip():
             try:
-                return json.loads(line)
+                obj = json.loads(line)
             except json.JSONDecodeError:
                 return None
+            if not is_header(obj):
+                return obj
     return None
 
 
@@ -188,7 +311,18 @@ def read_prediction_file(path: str | Path, default_task: str | None = None, fmt:
                              f"(one of {tasks.TASKS})")
     rows: dict[str, dict] = {}
     duplicates = 0
-    for position, (where, obj) in enumerate(_objects(path, text, fmt)):
+    header: tuple[str, dict] | None = None
+    objects = _objects(path, text, fmt)
+    for where, obj in objects:
+        if not is_header(obj):
+            continue
+        if header is not None and identity_differences(header[1], obj[HEADER_KEY]):
+            raise ValueError(f"{where}: this file holds the predictions of two models (headers at {header[0]} and "
+                             f"here differ: {'; '.join(identity_differences(header[1], obj[HEADER_KEY]))}); "
+                             f"score each model's file on its own")
+        header = header or (where, obj[HEADER_KEY])
+    objects = [(where, obj) for where, obj in objects if not is_header(obj)]
+    for position, (where, obj) in enumerate(objects):
         if not isinstance(obj, dict):
             raise TypeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         row = (_our_row(obj, default_task) if fmt == "jsonl"
@@ -199,7 +333,8 @@ def read_prediction_file(path: str | Path, default_task: str | None = None, fmt:
         else:
             rows[str(row["id"])] = row
     used = {} if fmt == "jsonl" else {**RADVLM_KEYS, "reference": _reference_label(default_task), **keys}
-    return PredictionFile(path, fmt, [rows[k] for k in sorted(rows)], duplicates, used)
+    return PredictionFile(path, fmt, [rows[k] for k in sorted(rows)], duplicates, used,
+                          header[1] if header else None)
 
 
 def _reference_label(task: str | None) -> str:

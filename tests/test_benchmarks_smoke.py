@@ -130,7 +130,8 @@ def test_gpu_pipeline_runs_every_stage_on_cpu_in_smoke_mode(tmp_path, capsys):
         assert ("--trainer.strategy auto" in (tmp_path / "logs" / f"{name}.cmd").read_text()) == (name != "grpo_full")
         assert not list((tmp_path / "runs" / name).glob("**/checkpoints"))  # written, measured, deleted
     assert "from sft" in stages["grpo_full"]["note"] and "model grpo_full" in stages["predict"]["note"]
-    lines = (tmp_path / "predictions" / "vindr.jsonl").read_text().splitlines()
+    header, *lines = (tmp_path / "predictions" / "vindr.jsonl").read_text().splitlines()
+    assert "radvlm_prediction_header" in json.loads(header)  # the model that wrote the rows
     assert len(lines) == 2 and all(json.loads(x)["task"] == "abnormality_grounding" for x in lines)
     assert "mAP@0.5" in stages["evaluate"]["note"]  # the evaluator's JSON was read back
     assert json.loads((tmp_path / "results" / "pipeline-tiny.json").read_text())["passed"] is True

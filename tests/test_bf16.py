@@ -288,5 +288,6 @@ def test_validate_test_and_predict_in_bf16_true(tiny_ckpt, phantom_dir, tmp_path
     run("predict", "--config", "configs/demo/predict.yaml", *base, "--trainer.limit_predict_batches", "1",
         "--trainer.callbacks.init_args.output", str(out), "--model.init_args.max_new_tokens", "6",
         "--data.init_args.eval_batch_size", "2")
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "radvlm_prediction_header" in header
     assert len(rows) == 2 and all(1 <= r["completion_tokens"] <= 6 for r in rows)

@@ -28,7 +28,7 @@ def test_no_top_level_optimizer_flag_is_offered(capsys):
         main.main(args=["fit", "--help"])
     out = capsys.readouterr().out
     assert "--optimizer " not in out and "--lr_scheduler " not in out
-    assert "--model.init_args.optimizer.init_args.lr" in out  # the documented learning-rate flag
+    assert "Learning rate: --model.init_args.lr" in out  # the documented learning-rate flag (README too)
 
 
 def test_lr_drives_the_one_cycle_peak():

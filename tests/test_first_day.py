@@ -169,3 +169,76 @@ def test_the_command_line_prints_no_lightning_args_warning():
     assert done.returncode == 0, done.stderr[-2000:]
     assert "seed_everything: 0" in done.stdout
     assert "args parameter is intended" not in done.stderr  # main.run hands argv over without the warning
+
+
+def test_help_says_how_to_list_model_and_data_options_and_the_learning_rate_flag(capsys):
+    with pytest.raises(SystemExit):
+        main.main(args=["--help"])
+    text = capsys.readouterr().out
+    assert "python main.py fit --model.help GRPOModule" in text
+    assert "python main.py fit --data.help RadVLMDataModule" in text
+    with pytest.raises(SystemExit):  # the hint works as printed
+        main.main(args=["fit", "--model.help", "GRPOModule"])
+    assert "--model.rewards" in capsys.readouterr().out
+
+
+def test_help_and_the_training_docs_recommend_the_same_learning_rate_flag(capsys):
+    import re
+    from pathlib import Path
+
+    with pytest.raises(SystemExit):
+        main.main(args=["--help"])
+    helped = re.search(r"Learning rate: (--\S+)", capsys.readouterr().out).group(1)
+    training = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()  # README links it
+    recommended = re.search(r"\*\*Learning rate\.\*\* `(--\S+)", training).group(1)
+    assert helped == recommended == "--model.init_args.lr"
+
+
+def test_readme_sft_example_gives_the_required_files_and_parses(capsys):
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("python main.py fit --config configs/sft.yaml"))
+    argv = shlex.split(line.split("  #")[0])[2:]
+    with pytest.raises(SystemExit) as exit_:
+        main.main(args=[*argv, "--print_config"])
+    assert exit_.value.code in (0, None)
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["train_files"] == ["radvlm_train.json"] and data["val_files"] == ["radvlm_val.json"]
+
+
+def test_the_model_summary_shows_no_uncounted_flops(tmp_path, caplog):
+    import lightning as L
+    from lightning.pytorch.callbacks import RichModelSummary
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from lightning_modules.model_summary import FlopsFreeSummary, replace_default_summary
+
+    model = BoringModel()
+    model.example_input_array = None  # as radvlm's modules: Lightning counts no FLOP
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[RichModelSummary(max_depth=2)])
+    replace_default_summary(trainer)
+    assert not any(type(cb) is RichModelSummary for cb in trainer.callbacks)
+    assert [cb._max_depth for cb in trainer.callbacks if isinstance(cb, FlopsFreeSummary)] == [2]
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.callbacks.model_summary"):
+        trainer.fit(model)
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "lightning.pytorch.callbacks.model_summary")
+    assert "Trainable params" in text and "Linear" in text  # the table is still there
+    assert "Flops" not in text and "FLOPs" not in text
+
+
+def test_the_cli_trainer_gets_the_flops_free_summary(tiny_ckpt, tmp_path):
+    from datamodules.datamodule import RadVLMDataModule
+    from lightning_modules.common import PolicyModule
+    from lightning_modules.model_summary import FlopsFreeSummary
+
+    cli = main.RadVLMCLI(PolicyModule, RadVLMDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         auto_configure_optimizers=False, run=False,
+                         args=["--config", "configs/smoke/sft.yaml", "--model.init_args.policy.name_or_path",
+                               str(tiny_ckpt), "--trainer.default_root_dir", str(tmp_path)])
+    summaries = [type(cb).__name__ for cb in cli.trainer.callbacks if "Summary" in type(cb).__name__]
+    assert summaries == [FlopsFreeSummary.__name__]

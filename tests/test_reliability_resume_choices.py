@@ -85,8 +85,10 @@ def test_predict_from_a_checkpoint_uses_the_configured_settings_and_output(first
     cli_main.main(["predict", *model_args(tiny_ckpt, "--data.predict_files", f"[{data}]", "--model.max_new_tokens", "2",
                                           "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", writer,
                                           "--ckpt_path", str(ckpt))])
-    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    header, *rows = [json.loads(line) for line in output.read_text().splitlines()]
     assert len(rows) == 4 and all(r["completion_tokens"] <= 2 for r in rows)  # not the checkpoint's 11
+    # the header names the checkpoint the rows come from (known only once Lightning loaded it)
+    assert header["radvlm_prediction_header"]["checkpoint"] == str(Path(ckpt).resolve())
 
 
 class LrRecorder(Callback):

@@ -66,6 +66,37 @@ def test_failing_reward_stops_the_run_when_too_many_are_unavailable(tiny_ckpt, d
         trainer.fit(module, data)
 
 
+class FailingFromSecondBatch(GLEU):
+    """Scores the first training batch, fails from the second on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def score(self, preds, targets):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("reward server down")
+        return super().score(preds, targets)
+
+
+def test_a_reward_failure_names_the_batch_as_the_progress_line_counts_it(tiny_ckpt, data_file, tmp_path, capsys):
+    from lightning_modules.callbacks import RunProgress
+
+    module, data, _ = make(tiny_ckpt, data_file, tmp_path, rewards=[RewardTerm(FailingFromSecondBatch())],
+                           overlap_rewards=False)
+    trainer = L.Trainer(accelerator="cpu", max_steps=6, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[RunProgress(plain=True, every_n_seconds=0)])
+    with pytest.raises(RewardFailureError) as err:
+        trainer.fit(module, data)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[GRPO] batch")]
+    assert len(lines) == 1 and lines[0].startswith("[GRPO] batch 1/3") and "| step 2 |" in lines[0]
+    # the second batch failed: "batch 2" in the error, as the progress line would have counted it
+    assert "100% of the rewards of batch 2 could not be computed" in str(err.value)
+    assert "2 optimizer steps done" in str(err.value)
+
+
 def test_validation_reports_reward_metric(tiny_ckpt, data_file, tmp_path):
     module, data, trainer = make(tiny_ckpt, data_file, tmp_path)
     trainer.validate(module, data)

@@ -16,6 +16,13 @@ from metrics.grounding import SoftF1
 from radvlm.policy import PolicyConfig
 from radvlm.rewards import RewardTerm
 from radvlm_tools.draw import GT_COLOUR
+from radvlm_tools.prediction_files import (
+    HEADER_KEY,
+    PredictionFileMismatch,
+    is_header,
+    read_prediction_file,
+    resume_problem,
+)
 
 TASKS = ("report_generation", "abnormality_grounding")
 
@@ -35,7 +42,9 @@ def predict(tiny_ckpt, phantom_dir, out, tmp_path, *extra):
 
 
 def ids_of(path):
-    return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert is_header(rows[0]) and not any(is_header(r) for r in rows[1:])  # one header, first
+    return [r["id"] for r in rows[1:]]
 
 
 def test_interrupted_predict_resumes_without_duplicates(tiny_ckpt, phantom_dir, tmp_path):
@@ -58,6 +67,67 @@ def test_interrupted_predict_resumes_without_duplicates(tiny_ckpt, phantom_dir, 
     assert 1 <= row["completion_tokens"] <= 4
     predict(tiny_ckpt, phantom_dir, out, tmp_path)  # nothing left: nothing written
     assert ids_of(out) == ids
+
+
+def test_predict_file_header_names_the_model_and_readers_skip_it(tiny_ckpt, phantom_dir, tmp_path):
+    out = tmp_path / "preds" / "tiny.jsonl"
+    predict(tiny_ckpt, phantom_dir, out, tmp_path, "--trainer.limit_predict_batches", "1")
+    header = json.loads(out.read_text().splitlines()[0])[HEADER_KEY]
+    assert header["module"] == "lightning_modules.sft.SFTModule"
+    assert header["name_or_path"] == str(tiny_ckpt.resolve())
+    assert header["checkpoint"] is None and len(header["weights"]) == 16 and len(header["fingerprint"]) == 16
+    assert header["settings"]["max_new_tokens"] == 4
+    read = read_prediction_file(out)
+    assert len(read.rows) == 2 and read.header == header  # 1 batch of 2 rows; the header is no row
+    assert "tiny" in read.describe() and header["fingerprint"] in read.describe()
+
+
+def test_predict_resume_for_another_model_is_refused(tiny_ckpt, phantom_dir, tmp_path):
+    import shutil
+
+    out = tmp_path / "preds" / "tiny.jsonl"
+    predict(tiny_ckpt, phantom_dir, out, tmp_path, "--trainer.limit_predict_batches", "1")
+    before = out.read_text()
+    other = tmp_path / "other_model"  # the same weights under another name: another model for the file
+    shutil.copytree(tiny_ckpt, other)
+    with pytest.raises(PredictionFileMismatch, match="name_or_path.*other_model.*resume false"):
+        predict(other, phantom_dir, out, tmp_path)
+    with pytest.raises(PredictionFileMismatch, match=r"settings \(fingerprint .*max_new_tokens: 4 → 5"):
+        predict(tiny_ckpt, phantom_dir, out, tmp_path, "--model.init_args.max_new_tokens", "5")
+    assert out.read_text() == before  # nothing appended
+    rc = main.run(["predict", "--config", "configs/demo/predict.yaml", "--model.init_args.policy.name_or_path",
+                   str(other), "--data.init_args.phantom_dir", str(phantom_dir), "--trainer.callbacks.init_args.output",
+                   str(out), "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert rc == 2  # a one-line user error
+    predict(other, phantom_dir, out, tmp_path, "--trainer.limit_predict_batches", "1",
+            "--trainer.callbacks.init_args.resume", "false")  # afresh: the other model's header
+    assert json.loads(out.read_text().splitlines()[0])[HEADER_KEY]["name_or_path"] == str(other.resolve())
+
+
+def test_resume_refuses_a_file_without_header_or_of_another_checkpoint(tmp_path):
+    from radvlm_tools.prediction_files import CHECKPOINT_KEYS, header_line, model_identity
+
+    old = tmp_path / "old.jsonl"
+    old.write_text('{"id": "a", "task": "report_generation", "answer": "x", "reference": "y"}\n')
+    me = model_identity("m.M", "hub/model", None, {"max_new_tokens": 4})
+    assert "does not name the model" in resume_problem(old, me)
+    assert resume_problem(tmp_path / "missing.jsonl", me) is None
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"12345")
+    first = tmp_path / "first.jsonl"
+    first.write_text(header_line(model_identity("m.M", "hub/model", str(ckpt), {"max_new_tokens": 4}))
+                     + '{"id": "a", "task": "report_generation", "answer": "x", "reference": "y"}\n')
+    assert resume_problem(first, me, CHECKPOINT_KEYS).startswith(f"{first} was written by another model")
+    assert "checkpoint: " in resume_problem(first, me, CHECKPOINT_KEYS)
+    same = model_identity("m.M", "hub/model", str(ckpt), {"max_new_tokens": 4})
+    assert resume_problem(first, same) is None
+    # an object without a repr of its own: its address differs each run, the fingerprint does not
+    first_run = model_identity("m.M", "hub/model", None, {"engine": "<radvlm.rollout.HFEngine object at 0x7f01>"})
+    second_run = model_identity("m.M", "hub/model", None, {"engine": "<radvlm.rollout.HFEngine object at 0x7e99>"})
+    assert first_run["fingerprint"] == second_run["fingerprint"]
+    ckpt.write_bytes(b"123456")  # the same path, trained on: another checkpoint
+    grown = model_identity("m.M", "hub/model", str(ckpt), {"max_new_tokens": 4})
+    assert "checkpoint_weights" in resume_problem(first, grown)
 
 
 def test_repair_tail_cuts_only_an_unterminated_last_line(tmp_path):

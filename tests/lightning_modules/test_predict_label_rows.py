@@ -67,3 +67,17 @@ def test_predict_rows_carry_labels_and_pathologies_and_evaluate_scores_them(tmp_
 def test_predict_rows_without_label_fields_in_the_batch_hold_none():
     rows = PolicyModule.predict_step(_fake_module(["Edema."]), _batch(1), 0)
     assert rows[0]["labels"] is None and rows[0]["pathologies"] is None
+
+
+def test_predict_rows_carry_the_boxes_of_the_reference_when_the_record_has_none():
+    from lightning_modules.common import row_boxes
+
+    # RadVLM's grounding records often hold their boxes only in the answer text
+    assert row_boxes("phrase_grounding", [], "The opacity is at [0.12, 0.3, 0.5, 0.61].") == {
+        "gt_boxes": [[0.12, 0.3, 0.5, 0.61]], "gt_boxes_from": "reference"}
+    assert row_boxes("abnormality_grounding", [[0.1234, 0.2, 0.3, 0.4]], "[0.12, 0.2, 0.3, 0.4]") == {
+        "gt_boxes": [[0.1234, 0.2, 0.3, 0.4]], "gt_boxes_from": "record"}  # the unrounded record boxes win
+    assert row_boxes("report_generation", None, "a [0.1, 0.2, 0.3, 0.4] in a report") == {
+        "gt_boxes": [], "gt_boxes_from": "none"}  # no box task: the text is not parsed
+    assert row_boxes("abnormality_grounding", [], "No abnormalities or lesions are detected on this Chest X-ray.") \
+        == {"gt_boxes": [], "gt_boxes_from": "none"}

@@ -126,7 +126,7 @@ def test_failed_rewards_on_one_rank_stop_every_rank_with_the_same_error(reward_f
     ranks = _ranks(reward_failure_run, "grpo_reward_fail")
     assert ranks[0]["error"] == ranks[1]["error"]
     assert ranks[0]["error_type"] == "RewardFailureError"
-    assert "100% of the rewards of step 0 could not be computed on rank 1" in ranks[0]["error"]
+    assert "100% of the rewards of batch 1 could not be computed on rank 1" in ranks[0]["error"]
     assert "'length': 8" in ranks[0]["error"]  # failures per term, summed over the ranks
 
 

@@ -398,3 +398,18 @@ def test_soft_f1_of_fifty_duplicates_against_one_box():
     # -> F1 = 2 * (1/50) / (51/50) = 2/51
     assert SoftF1().score([answer([A] * 50)], [answer([A])]).item() == pytest.approx(2 / 51, abs=1e-7)
 
+
+
+def test_perfect_scores_follow_radvlms_rules_for_no_finding_records_and_all_pairs():
+    from metrics.grounding import perfect_scores
+
+    a, b = (0.0, 0.0, 0.5, 0.5), (0.25, 0.0, 0.75, 0.5)  # IoU(a, b) = 0.125 / 0.375 = 1/3
+    got = perfect_scores([[a], [a, b], []])
+    assert got["map"] == pytest.approx(2 / 3)  # APs 1, 1, 0 (no finding: 0 even when answered correctly)
+    assert got["soft_f1"] == pytest.approx(2 / 3)
+    assert got["mean_iou"] == pytest.approx(11 / 15)  # (1 + 1 + 1/3 + 1/3 + 1) / (1 + 4)
+    assert got["no_finding"] == 1
+    # one box listed twice: the second copy is an FP (its best match is taken): recall .5 at precision 1 → AP .5
+    assert perfect_scores([[a, a]])["map"] == pytest.approx(0.5)
+    assert perfect_scores([[]]) == {"map": 0.0, "soft_f1": 0.0, "mean_iou": 0.0, "no_finding": 1}
+    assert math.isnan(perfect_scores([])["map"])

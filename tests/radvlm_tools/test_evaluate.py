@@ -127,9 +127,10 @@ def test_markdown_table_shows_values_cis_and_unavailable_reasons(hand_result):
     table = format_table(result)
     assert "| ROUGE-L | 83.3 | [66.7, 100.0] |" in table
     assert "| GLEU | 69.2 | [38.5, 100.0] |" in table
-    assert "| mAP@0.5 | 33.3 |" in table
-    assert "| mean IoU | 66.7 |" in table
-    assert "| soft-F1 | 50.0 |" in table
+    assert "| mAP@0.5 | 33.3 (ceiling 100.0) |" in table  # every record has one box: perfect answers get 100
+    assert "| mean IoU | 66.7 (ceiling 100.0) |" in table
+    assert "| soft-F1 | 50.0 (ceiling 100.0) |" in table
+    assert "records without a finding: hand: 0 of 3" in table
     assert "| avg. characters | 19.5 | [19.0, 20.0] |" in table
     assert "| BERTScore | unavailable [1] |" in table
     assert "[1] unavailable: BERTScore model '/nonexistent/bert' could not be loaded" in table
@@ -223,7 +224,7 @@ def test_cli_writes_json_scored_file_and_pictures(tmp_path, capsys):
     out = main([str(path), "--json", str(tmp_path / "out.json"), "--draw", "2", str(tmp_path / "pics"),
                 "--bootstrap", "50", "--device", "cpu"])
     printed = capsys.readouterr().out
-    assert "| soft-F1 | 50.0 |" in printed
+    assert "| soft-F1 | 50.0 (ceiling 100.0) |" in printed
     assert json.loads((tmp_path / "out.json").read_text())["tasks"] == out["tasks"]
     assert out["bootstrap"] == {"n": 50, "seed": 0, "alpha": 0.05, "method": "percentile"}
     assert (tmp_path / "run.scored.jsonl").is_file()
@@ -313,3 +314,46 @@ def test_each_model_metric_is_built_once_per_scorers(tmp_path, monkeypatch):
     assert sorted(calls) == ["bertscore", "chexbert", "green", "radcliq", "radgraph"]  # not again for file 2
     reasons = [r["tasks"]["report_generation"]["metrics"]["bertscore"]["unavailable"] for r in results]
     assert reasons[0] == reasons[1]
+
+
+NEGATIVE = "No abnormalities or lesions are detected on this Chest X-ray."
+CEILING_ROWS = [
+    # a correct "no finding" answer: AP 0 and soft-F1 0 by RadVLM's rule; no pair for the mean IoU
+    {"id": "c1", "task": "abnormality_grounding", "answer": NEGATIVE, "reference": NEGATIVE},
+    # two boxes answered exactly: AP 1, soft-F1 1; IoU of the 4 pairs 1, 1/3, 1/3, 1 (overlap 0.25·0.5 = 0.125,
+    # union 0.25 + 0.25 − 0.125 = 0.375) → 8/3 over 4 pairs
+    {"id": "c2", "task": "abnormality_grounding", "answer": "[0.0, 0.0, 0.5, 0.5] and [0.25, 0.0, 0.75, 0.5]",
+     "reference": "[0.0, 0.0, 0.5, 0.5] and [0.25, 0.0, 0.75, 0.5]"},
+    # one box missed: AP 0, soft-F1 0, no pair; a perfect answer: 1, 1 and 1 pair of IoU 1
+    {"id": "c3", "task": "abnormality_grounding", "answer": NEGATIVE, "reference": "[0.1, 0.1, 0.3, 0.3]"},
+]
+
+
+def test_grounding_ceilings_say_what_a_perfect_answer_set_scores(tmp_path):
+    result = evaluate_file(write_jsonl(tmp_path / "ceil.jsonl", CEILING_ROWS), MISSING, n_boot=20)
+    task = result["tasks"]["abnormality_grounding"]
+    m = task["metrics"]
+    assert m["map"]["value"] == pytest.approx(1 / 3) and m["map"]["ceiling"] == pytest.approx(2 / 3)  # (0+1+1)/3
+    assert m["soft_f1"]["value"] == pytest.approx(1 / 3) and m["soft_f1"]["ceiling"] == pytest.approx(2 / 3)
+    assert m["mean_iou"]["value"] == pytest.approx(2 / 3)  # (8/3) / 4
+    assert m["mean_iou"]["ceiling"] == pytest.approx(11 / 15)  # (8/3 + 1) / (4 + 1)
+    assert task["info"]["no_finding_records"] == 1
+    assert "without a finding scores 0" in m["map"]["meaning"] and "ALL predicted" in m["mean_iou"]["meaning"]
+    table = format_table(result)
+    assert "| mAP@0.5 | 33.3 (ceiling 66.7) |" in table
+    assert "| mean IoU | 66.7 (ceiling 73.3) |" in table
+    assert "| soft-F1 | 33.3 (ceiling 66.7) |" in table
+    assert "records without a finding: ceil: 1 of 3" in table
+    assert "mean IoU: RadVLM's average IoU over ALL predicted × ground-truth box pairs" in table
+
+
+def test_rows_whose_boxes_come_from_the_reference_are_scored_with_each_metrics_own_parser(tmp_path):
+    # gt_boxes parsed from the text by predict (reward style) are not the record's: mAP parses the reference
+    # with RadVLM's regex, for which "[-0.1, ...]" is no box (docs/paper.md §5) → no ground truth: AP 0, ceiling 0
+    row = {"id": "x", "task": "abnormality_grounding", "answer": "[0.0, 0.1, 0.2, 0.3]",
+           "reference": "[-0.1, 0.1, 0.2, 0.3]", "gt_boxes": [[-0.1, 0.1, 0.2, 0.3]], "gt_boxes_from": "reference"}
+    m = evaluate_file(write_jsonl(tmp_path / "ref.jsonl", [row]), MISSING, n_boot=5)["tasks"][
+        "abnormality_grounding"]["metrics"]
+    assert m["map"]["value"] == 0.0 and m["map"]["ceiling"] == 0.0
+    # soft-F1 parses the sign: IoU = 0.2·0.2 / 0.3·0.2 = 2/3 → 2·(2/3) / (5/3) = 0.8; a perfect answer 1
+    assert m["soft_f1"]["value"] == pytest.approx(0.8) and m["soft_f1"]["ceiling"] == pytest.approx(1.0)

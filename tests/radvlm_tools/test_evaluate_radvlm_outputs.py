@@ -222,3 +222,22 @@ def test_radeval_variant_is_idf_bertscore_without_the_reward_wrapper_and_one_ove
     assert "| RadCliQ-v1, RadEval variant (idf BERTScore; 1 / mean) |" in capsys.readouterr().out
     plain = format_table(evaluate_file(path, MISSING, n_boot=10, write_scored=False))
     assert "RadEval variant" not in plain  # only on request
+
+
+def test_header_lines_are_skipped_and_two_models_in_one_file_are_refused(tmp_path):
+    from radvlm_tools.prediction_files import header_line, model_identity
+
+    a = model_identity("m.M", "hub/a", None, {"max_new_tokens": 4})
+    b = model_identity("m.M", "hub/b", None, {"max_new_tokens": 4})
+    rows = "".join(json.dumps(r) + "\n" for r in OURS)
+    path = tmp_path / "p.jsonl"
+    path.write_text(header_line(a) + rows)
+    read = read_prediction_file(path)
+    assert [r["id"] for r in read.rows] == ["r1", "r2"] and read.header["name_or_path"] == "hub/a"
+    assert detect_format(path) == "jsonl"
+    path.write_text(rows)  # an older file without header reads as before
+    assert [r["id"] for r in read_prediction_file(path).rows] == ["r1", "r2"]
+    assert read_prediction_file(path).header is None
+    path.write_text(header_line(a) + json.dumps(OURS[0]) + "\n" + header_line(b) + json.dumps(OURS[1]) + "\n")
+    with pytest.raises(ValueError, match=r"p.jsonl:3: this file holds the predictions of two models.*hub/a.*hub/b"):
+        read_prediction_file(path)
