@@ -169,7 +169,8 @@ class GRPOLoss(PolicyLoss):
         L_tok  = min(L_clip, −A·dual_clip) if A < 0 else L_clip               paper: dual_clip 3.0
 
     aggregated with ``agg`` (paper: ``token-mean``; ``seq-mean-token-sum-norm`` with ``max_len`` is Dr. GRPO's).
-    Stats: ``clip_frac_high`` (A > 0, r > 1 + eps_high: gradient cut), ``clip_frac_low`` (A < 0,
+    The step adds β·aggregate(k3 KL to the reference) with the same ``agg`` (paper: β = 0.01, no entropy
+    bonus). Stats: ``clip_frac_high`` (A > 0, r > 1 + eps_high: gradient cut), ``clip_frac_low`` (A < 0,
     r < 1 − eps_low), ``clip_frac_dual`` (A < 0, loss capped). Deviation (as verl): the ±20 log-ratio clamp.
     ``dual_clip=None`` disables the dual clip.
     """
@@ -333,7 +334,8 @@ class PerTermNormalization(AdvantageEstimator):
     so a term of large scale (RadCliQ's, a box count) no longer drowns a small one (soft-F1). Stds are
     unbiased. Unavailable rows (NaN total: a term failed) are left out of every term's group statistics
     and of the batch's, and get 0, as in :class:`GroupNormalization`; so do groups with < 2 available rows.
-    Deviation from TRL (eps 1e-4 there): ``eps`` 1e-6 as GRPO's; from GDPO: the NaN masking.
+    Deviations: ``eps`` 1e-6 as GRPO's (TRL: 1e-4); the NaN masking; under several processes the batch is
+    this process's batch (as ``GroupNormalization(scale="batch")``), not the global one.
     """
 
     uses_terms = True
