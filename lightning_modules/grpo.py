@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from datamodules.collate import PromptCollator
-from lightning_modules.common import PolicyModule, default_optimizer
+from lightning_modules.common import PolicyModule, default_optimizer, log
 from radvlm import grpo
 from radvlm.batch import select_rows
 from radvlm.chat import answer_of, split_thinking
@@ -253,6 +253,27 @@ class GRPOModule(PolicyModule):
     def predict_max_new_tokens(self) -> int:
         """``main.py predict`` generates as validation does: ``val_max_new_tokens``, else ``max_new_tokens``."""
         return int(self.hparams.val_max_new_tokens or self.hparams.max_new_tokens)
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``PolicyModule``'s entries, and the loss and advantage estimator as plain text (``repr``: their class
+        and settings), which are not hyper-parameters (objects): a resume compares them (``on_load_checkpoint``)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["radvlm"]["objectives"] = self._objectives()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``PolicyModule``'s restore; a loss or estimator other than the checkpoint's is logged (the configured
+        one is used: a checkpoint restores state, not choices)."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("radvlm", {}).get("objectives")
+        now = self._objectives()
+        changed = [f"{k}: {saved[k]} → {now[k]}" for k in now if isinstance(saved, dict) and saved.get(k, now[k]) != now[k]]
+        if changed:
+            log.warning("the checkpoint's loss or advantage estimator differs from the configured one, which is "
+                        "used: %s", "; ".join(changed))
+
+    def _objectives(self) -> dict[str, str]:
+        return {"loss": repr(self.loss_fn), "advantage": repr(self.advantage)}
 
     #: rebuilt at setup (the frozen reference copy, the metric modules): never checkpointed
     NOT_CHECKPOINTED = ("reference_model.", "val_metric_modules.")

@@ -100,3 +100,18 @@ def test_module_has_no_flat_clip_or_aggregation_flags_and_checks_the_objects():
     assert {"loss", "advantage"} <= set(params)
     with pytest.raises(TypeError, match="loss must be a radvlm.objectives.PolicyLoss"):
         GRPOModule(PolicyConfig("unused"), rewards=[RewardTerm(GLEU())], loss="grpo")
+
+
+def test_checkpoint_records_the_objectives_and_a_resume_with_others_is_logged(caplog):
+    terms = [RewardTerm(GLEU())]
+    saved = GRPOModule(PolicyConfig("unused"), rewards=terms, loss=GSPOLoss(), advantage=PerTermNormalization())
+    checkpoint: dict = {"hyper_parameters": dict(saved.hparams)}
+    saved.on_save_checkpoint(checkpoint)
+    assert checkpoint["radvlm"]["objectives"] == {
+        "loss": "GSPOLoss(agg='seq-mean-token-mean', entropy_coeff=0.0, eps_low=0.0003, eps_high=0.0004)",
+        "advantage": "PerTermNormalization(eps=1e-06)"}
+    resumed = GRPOModule(PolicyConfig("unused"), rewards=terms)  # the defaults: GRPOLoss, GroupNormalization
+    with caplog.at_level("WARNING"):
+        resumed.on_load_checkpoint(checkpoint)
+    assert "loss: GSPOLoss(" in caplog.text and "→ GRPOLoss(" in caplog.text
+    assert "advantage: PerTermNormalization(eps=1e-06) → GroupNormalization(scale='group', eps=1e-06)" in caplog.text
