@@ -178,6 +178,11 @@ class GRPOModule(PolicyModule):
             if not isinstance(value, kind):
                 raise TypeError(f"GRPOModule: {name} must be a radvlm.objectives.{kind.__name__} (class_path in the "
                                 f"config), got {type(value).__name__}")
+        names = [t.name for t in rewards]
+        if self.advantage.uses_terms and len(set(names)) < len(names):
+            raise ValueError(f"GRPOModule: {type(self.advantage).__name__} normalises each reward term by its name, "
+                             f"and these names repeat: {sorted({n for n in names if names.count(n) > 1})}; give the "
+                             f"terms distinct names (RewardTerm name=...)")
         self.engine = engine
         self.rewards = list(rewards)
         self.val_terms = list(rewards) + list(val_metrics or [])

@@ -100,6 +100,9 @@ def test_module_has_no_flat_clip_or_aggregation_flags_and_checks_the_objects():
     assert {"loss", "advantage"} <= set(params)
     with pytest.raises(TypeError, match="loss must be a radvlm.objectives.PolicyLoss"):
         GRPOModule(PolicyConfig("unused"), rewards=[RewardTerm(GLEU())], loss="grpo")
+    with pytest.raises(ValueError, match=r"these names repeat: \['gleu'\]"):
+        GRPOModule(PolicyConfig("unused"), rewards=[RewardTerm(GLEU()), RewardTerm(GLEU())],
+                   advantage=PerTermNormalization())
 
 
 def test_checkpoint_records_the_objectives_and_a_resume_with_others_is_logged(caplog):
