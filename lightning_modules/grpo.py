@@ -18,17 +18,18 @@ import copy
 import math
 import time
 import warnings
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from datamodules.collate import PromptCollator
-from lightning_modules.common import PolicyModule, default_optimizer
+from lightning_modules.common import PolicyModule, default_optimizer, log
 from radvlm import grpo
 from radvlm.batch import select_rows
 from radvlm.chat import answer_of, split_thinking
+from radvlm.objectives import AdvantageEstimator, GroupNormalization, GRPOLoss, PolicyLoss
 from radvlm.policy import Policy, PolicyConfig
 from radvlm.rewards import RewardResult, RewardTerm, compute_rewards
 from radvlm.rollout import HFEngine, Rollout, RolloutEngine, Sampling
@@ -72,11 +73,8 @@ class GRPOModule(PolicyModule):
         top_p: float = 1.0,
         top_k: int | None = None,
         beta: float = 0.01,
-        eps_low: float = 0.2,
-        eps_high: float = 0.28,
-        dual_clip: float | None = 3.0,
-        loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean",
-        scale_rewards: Literal["group", "batch", "none"] = "group",
+        loss: PolicyLoss | None = None,
+        advantage: AdvantageEstimator | None = None,
         ppo_mini_batch_size: int | None = None,
         ppo_epochs: int = 1,
         micro_batch_size: int = 8,
@@ -111,8 +109,11 @@ class GRPOModule(PolicyModule):
             max_new_tokens, temperature, top_p, top_k: rollout sampling (log-probs use the same temperature);
                 with ``num_generations`` grouped as ``self.sampling`` (a ``radvlm.rollout.Sampling``).
             beta: k3 KL coefficient (0: no reference policy is loaded).
-            eps_low, eps_high, dual_clip: clipping of the policy ratio.
-            loss_agg: loss aggregation; scale_rewards: advantage normalisation (``none`` = Dr. GRPO).
+            loss: the policy loss (``class_path`` in the config, docs/objectives.md): ``radvlm.objectives.GRPOLoss``
+                (default: the paper's clip 0.2/0.28, dual clip 3, token-mean), ``GSPOLoss``, ``CISPOLoss``,
+                ``SAPOLoss``; its ``agg`` also aggregates the KL term, its ``entropy_coeff`` is the entropy bonus.
+            advantage: the advantage estimator: ``radvlm.objectives.GroupNormalization`` (default, ``scale:
+                group``; ``none`` = Dr. GRPO) or ``PerTermNormalization`` (each reward term z-scored in its group).
             ppo_mini_batch_size: prompts per optimizer update (``None``: the whole batch, one update).
             ppo_epochs: passes over each rollout batch.
             micro_batch_size: rollouts per forward/backward (gradient accumulation inside a mini-batch).
@@ -174,7 +175,19 @@ class GRPOModule(PolicyModule):
                           f"log-probs are not those of the rollout policy (ratios ≠ 1 on-policy, clip fractions "
                           f"inflated); the GRPO configs use dropout 0.0", UserWarning, stacklevel=2)
         # checkpoints hold plain values
-        self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine", "rollout_correction"])
+        self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine", "rollout_correction", "loss",
+                                          "advantage"])
+        self.loss_fn = GRPOLoss() if loss is None else loss
+        self.advantage = GroupNormalization() if advantage is None else advantage
+        for name, value, kind in (("loss", self.loss_fn, PolicyLoss), ("advantage", self.advantage, AdvantageEstimator)):
+            if not isinstance(value, kind):
+                raise TypeError(f"GRPOModule: {name} must be a radvlm.objectives.{kind.__name__} (class_path in the "
+                                f"config), got {type(value).__name__}")
+        names = [t.name for t in rewards]
+        if self.advantage.uses_terms and len(set(names)) < len(names):
+            raise ValueError(f"GRPOModule: {type(self.advantage).__name__} normalises each reward term by its name, "
+                             f"and these names repeat: {sorted({n for n in names if names.count(n) > 1})}; give the "
+                             f"terms distinct names (RewardTerm name=...)")
         self.engine = engine
         self.rewards = list(rewards)
         self.val_terms = list(rewards) + list(val_metrics or [])
@@ -252,6 +265,27 @@ class GRPOModule(PolicyModule):
         """``main.py predict`` generates as validation does: ``val_max_new_tokens``, else ``max_new_tokens``."""
         return int(self.hparams.val_max_new_tokens or self.hparams.max_new_tokens)
 
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``PolicyModule``'s entries, and the loss and advantage estimator as plain text (``repr``: their class
+        and settings), which are not hyper-parameters (objects): a resume compares them (``on_load_checkpoint``)."""
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["radvlm"]["objectives"] = self._objectives()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """``PolicyModule``'s restore; a loss or estimator other than the checkpoint's is logged (the configured
+        one is used: a checkpoint restores state, not choices)."""
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("radvlm", {}).get("objectives")
+        now = self._objectives()
+        changed = [f"{k}: {saved[k]} → {now[k]}" for k in now if isinstance(saved, dict) and saved.get(k, now[k]) != now[k]]
+        if changed:
+            log.warning("the checkpoint's loss or advantage estimator differs from the configured one, which is "
+                        "used: %s", "; ".join(changed))
+
+    def _objectives(self) -> dict[str, str]:
+        return {"loss": repr(self.loss_fn), "advantage": repr(self.advantage)}
+
     #: rebuilt at setup (the frozen reference copy, the metric modules): never checkpointed
     NOT_CHECKPOINTED = ("reference_model.", "val_metric_modules.")
 
@@ -280,9 +314,10 @@ class GRPOModule(PolicyModule):
         """Whether the passes without gradient (π_old, reference) compute each prompt once (a KV cache)."""
         return self.shared_prefix_logprobs and not self.packed and not torch.is_grad_enabled()
 
-    def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False):
+    def _logprobs(self, batch: dict[str, Any], mask: torch.Tensor, entropy: bool = False, entropy_grad: bool = False):
         return self.policy.token_logprobs(batch, mask, temperature=self.hparams.temperature,
-                                          return_entropy=entropy, packed=self.packed, shared_prefix=self.shared_prefix)
+                                          return_entropy=entropy, entropy_grad=entropy_grad, packed=self.packed,
+                                          shared_prefix=self.shared_prefix)
 
     @torch.no_grad()
     def _reference_logprobs(self, batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
@@ -346,13 +381,13 @@ class GRPOModule(PolicyModule):
            at most ``max_new_tokens``; vision special tokens suppressed);
         2. reward: ``radvlm.rewards.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the
            terms of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
-        3. advantages ``radvlm.grpo.group_advantages`` (``scale_rewards``); optional zero-variance group filter
+        3. advantages from the ``advantage`` estimator (``radvlm.objectives``); optional zero-variance group filter
            and masking of truncated completions;
         4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
            π_old = π_θ and the detached current log-probs are used) and, with ``beta > 0``, under the reference
            (LoRA: adapters disabled; full fine-tune: a frozen copy of the policy made at setup, sharded alike);
         5. ``ppo_epochs`` × (B / ``ppo_mini_batch_size``) optimizer updates, each accumulating micro-batches of
-           ``micro_batch_size`` rollouts: ``policy_loss + beta · k3`` aggregated over the whole mini-batch,
+           ``micro_batch_size`` rollouts: ``loss + beta · k3`` aggregated over the whole mini-batch,
            gradient clipping, and a skipped step on a non-finite loss or gradient norm.
         """
         self.count_dropped(batch)
@@ -383,7 +418,7 @@ class GRPOModule(PolicyModule):
         with _timed(times, "reward"):  # with the overlap: the wait for the rewards after the log-prob passes
             result = self._rewards(rollout, filler=filler, computed=pending)
         rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
-        advantages, group_std, mask, rows = self._advantages(rollout, rewards)
+        advantages, group_std, mask, rows = self._advantages(rollout, rewards, result)
         if filler:  # borrowed prompts: no loss, no statistics
             mask, advantages = torch.zeros_like(mask), torch.zeros_like(advantages)
         if not overlap:
@@ -412,12 +447,13 @@ class GRPOModule(PolicyModule):
         if self._reward_pool is None:
             self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="radvlm-rewards")
         device = self.device
+        lengths = rollout.completion_mask.sum(-1).tolist()  # (B*G,) token counts (OverlongPenalty)
 
         def score() -> RewardResult:
             stream = torch.cuda.stream(torch.cuda.Stream(device)) if device.type == "cuda" else contextlib.nullcontext()
             with stream:
                 return compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
-                                       timeout=self.hparams.reward_timeout)
+                                       timeout=self.hparams.reward_timeout, lengths=lengths)
 
         return self._reward_pool.submit(score)
 
@@ -433,7 +469,7 @@ class GRPOModule(PolicyModule):
             result = computed.result()
         else:
             result = compute_rewards(self.rewards, rollout.texts, rollout.targets, rollout.tasks, rollout.thinking,
-                                     timeout=hp.reward_timeout)
+                                     timeout=hp.reward_timeout, lengths=rollout.completion_mask.sum(-1).tolist())
         unavailable = float(result.unavailable.float().mean()) if n else 0.0
         if not filler:
             self.log("train/reward_unavailable_frac", unavailable, on_step=True, on_epoch=False)
@@ -453,11 +489,13 @@ class GRPOModule(PolicyModule):
             )
         return result
 
-    def _advantages(self, rollout: Rollout, rewards: torch.Tensor):
-        """Group advantages (B*G,), group reward std (B,), the loss mask (B*G, C) and the rows that train."""
+    def _advantages(self, rollout: Rollout, rewards: torch.Tensor, result: RewardResult | None = None):
+        """Advantages (B*G,) of the ``advantage`` estimator, group reward std (B,), the loss mask (B*G, C) and
+        the rows that train. The estimator sees each term's signed value (B*G, K) and weight (K,) too."""
         hp = self.hparams
         g = rollout.num_generations
-        advantages = grpo.group_advantages(rewards, g, scale=hp.scale_rewards)  # (B*G,)
+        values, weights = term_matrix(self.rewards, result, rewards)  # (B*G, K), (K,)
+        advantages = self.advantage(rewards, g, values, weights).to(rewards.device)  # (B*G,)
         group_std = grpo.group_reward_std(rewards, g)  # (B,)
         mask = rollout.completion_mask  # (B*G, C)
         if hp.mask_truncated_completions:
@@ -517,7 +555,8 @@ class GRPOModule(PolicyModule):
     def _update(self, rollout, mask, advantages, old_logp, ref_logp, updates, allowed: set[int],
                 weights: torch.Tensor | None = None) -> dict:
         hp = self.hparams
-        agg_kw = {"agg": hp.loss_agg, "max_len": hp.max_new_tokens}
+        loss_fn = self.loss_fn
+        agg_kw = {"agg": loss_fn.agg, "max_len": hp.max_new_tokens}
         sums: dict[str, float] = {}
         count = 0
         plan = self._update_plan(updates, allowed, mask, rollout["attention_mask"].sum(-1))
@@ -526,7 +565,7 @@ class GRPOModule(PolicyModule):
                 if not micro:
                     continue
                 rows = [r for mb in micro if mb is not None for r in mb]
-                den = grpo.aggregation_denominator(mask[rows], hp.loss_agg) if rows else None
+                den = grpo.aggregation_denominator(mask[rows], loss_fn.agg) if rows else None
                 finite = True
                 for mb in micro:
                     if mb is None:  # a pass another process makes: the same graph, zero loss
@@ -534,17 +573,19 @@ class GRPOModule(PolicyModule):
                         self.manual_backward(logp.sum() * 0.0)
                         continue
                     sub = select_rows(rollout, mb)
-                    logp, entropy = self._logprobs(sub, mask[mb], entropy=True)  # (n, C)
+                    # the entropy carries its gradient only for an entropy bonus (loss.entropy_coeff ≠ 0)
+                    logp, entropy = self._logprobs(sub, mask[mb], entropy=True,
+                                                   entropy_grad=loss_fn.needs_entropy)  # (n, C), (n, C)
                     old = logp.detach() if old_logp is None else old_logp[mb]
-                    loss, st = grpo.policy_loss(logp, old, advantages[mb], mask[mb], eps_low=hp.eps_low,
-                                                eps_high=hp.eps_high, dual_clip=hp.dual_clip, denominator=den,
-                                                token_weights=None if weights is None else weights[mb], **agg_kw)
+                    loss, st = loss_fn(logp, old, advantages[mb], mask[mb], max_len=hp.max_new_tokens,
+                                       denominator=den, token_weights=None if weights is None else weights[mb],
+                                       entropy=entropy)
                     if ref_logp is not None:
                         kl = grpo.kl_k3(logp, ref_logp[mb], mask[mb])  # (n, C)
                         kl_term = grpo.aggregate(kl, mask[mb], denominator=den, **agg_kw)
                         loss = loss + hp.beta * kl_term
                         st["kl"] = grpo.masked_mean(kl.detach(), mask[mb])
-                    st["entropy"] = grpo.masked_mean(entropy, mask[mb])
+                    st["entropy"] = grpo.masked_mean(entropy.detach(), mask[mb])
                     # backward even when non-finite: every process must join the gradient all-reduce; the
                     # non-finite gradient norm then makes all of them skip the step together
                     finite = finite and bool(torch.isfinite(loss))
@@ -694,6 +735,21 @@ def uses_varlen_attention(hf_model: nn.Module) -> bool:
     """Whether the model's attention runs packed rows without a dense mask (Flash Attention's varlen kernels)."""
     impl = str(getattr(getattr(hf_model, "config", None), "_attn_implementation", "") or "")
     return "flash" in impl
+
+
+def term_matrix(terms: list[RewardTerm], result: RewardResult | None,
+                rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each reward term's signed value ``sign · value`` as ``(B*G, K)`` (NaN where the term does not score the
+    row or failed) and the terms' weights ``(K,)``, float32 on the device of ``rewards``; without per-term
+    values (a filler batch) the total as one term of weight 1. Terms of one name share a column
+    (``compute_rewards`` keys its values by name)."""
+    if result is None or not result.values:
+        return rewards.float().unsqueeze(1), torch.ones(1, device=rewards.device)
+    names = list(dict.fromkeys(t.name for t in terms))
+    by_name = {t.name: t for t in terms}
+    values = torch.stack([by_name[k].sign * result.values[k].to(rewards.device, torch.float32) for k in names], 1)
+    weights = torch.tensor([by_name[k].weight for k in names], dtype=torch.float32, device=rewards.device)
+    return values, weights
 
 
 def takes_gt_boxes(metric: Any) -> bool:

@@ -1,14 +1,13 @@
-"""Pure GRPO math: group advantages, the clipped policy loss, the k3 KL term and loss aggregation.
+"""Pure GRPO math: group advantages, the k3 KL term and loss aggregation (the losses: ``radvlm.objectives``).
 
 Every function here is a pure function of tensors (no model, no optimizer, no Lightning), so the step logic
 in ``lightning_modules/grpo.py`` stays thin and this file can be tested against hand-computed numbers. One GRPO
-step as the paper runs it (docs/paper.md §2): :func:`group_advantages`, then :func:`policy_loss` + β·:func:`kl_k3`,
-each reduced by :func:`aggregate`; the formulas are in those functions.
+step as the paper runs it (docs/paper.md §2): :func:`group_advantages`, then ``radvlm.objectives.GRPOLoss`` +
+β·:func:`kl_k3`, each reduced by :func:`aggregate`; the formulas are in those functions.
 
 Deviations from the paper and from verl (whose ``core_algos`` the paper's settings are written for), each
 described where it is made: unavailable (NaN) rewards and exact zeros for identical rewards
-(:func:`group_advantages`); the log-ratio clamp and the ``approx_kl`` statistic (:func:`policy_loss`); masked
-positions, the ``seq-mean-*`` modes and an all-zero mask (:func:`aggregate`).
+(:func:`group_advantages`); masked positions, the ``seq-mean-*`` modes and an all-zero mask (:func:`aggregate`).
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "group_reward_std",
     "kl_k3",
     "masked_mean",
-    "policy_loss",
 ]
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -296,7 +294,7 @@ def aggregate(
 
 
 # ----------------------------------------------------------------------------------------------------------
-# KL and policy loss
+# KL
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -321,115 +319,6 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor | None = None) -> Tensor:
         d = torch.where(_bool_mask(mask, logp.shape), d, torch.zeros_like(d))  # (N, L) masked → 0 → k3 = 0
     d = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (N, L)
     return (torch.exp(d) - d - 1.0).clamp(-KL_CLAMP, KL_CLAMP)  # (N, L)
-
-
-def policy_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    dual_clip: float | None = 3.0,
-    agg: AggMode = "token-mean",
-    max_len: int | None = None,
-    denominator: Tensor | float | None = None,
-    token_weights: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped (asymmetric, dual-clip) GRPO policy loss and its statistics.
-
-    Args:
-        logp: ``(N, L)`` log π_θ of the sampled response tokens (carries the gradient).
-        old_logp: ``(N, L)`` log π_old of the same tokens (detached here).
-        advantages: ``(N,)`` one advantage per rollout (detached here); must be finite.
-        mask: ``(N, L)`` 1 on response tokens, 0 on padding / prompt; rows or the whole mask may be 0.
-        eps_low, eps_high: the ratio is clipped to [1 − eps_low, 1 + eps_high].
-        dual_clip: for A < 0 the token loss is capped at −A·dual_clip (> 1); None disables it.
-        agg, max_len, denominator: see :func:`aggregate`.
-        token_weights: ``(N, L)`` detached weights of each token's loss (rollout correction:
-            ``radvlm.rollout_correction``); ``None``: all 1.
-
-    Returns ``(loss, stats)``: ``loss`` a 0-d tensor with gradient; ``stats`` detached 0-d tensors, means
-    over this call's selected tokens (0 when there are none): ``clip_frac_high`` (A > 0 and
-    ratio > 1 + eps_high: gradient cut by the upper clip), ``clip_frac_low`` (A < 0 and ratio < 1 − eps_low),
-    ``clip_frac_dual`` (A < 0 and ratio > dual_clip), ``ratio_mean`` and ``approx_kl`` (k3 estimate of
-    KL(π_old ‖ π_θ): mean of ratio − 1 − log ratio). Computed in at least float32 (bf16 log-probs are
-    upcast, the gradient still reaches them).
-
-    The paper's update (docs/paper.md §2): ``old_logp`` (π_old) and ``ref_logp`` (frozen reference policy) are
-    recorded per response token; the B·G rollouts are split into mini-batches (paper: 128 prompts → 4
-    optimizer updates, 1 PPO epoch), each maybe split again into micro-batches for gradient accumulation. For
-    every token::
-
-        ratio   = exp(clamp(logp − old_logp, −20, 20))
-        L_clip  = max(−A·ratio, −A·clamp(ratio, 1 − ε_low, 1 + ε_high))     ε_low 0.20, ε_high 0.28
-        L_tok   = min(L_clip, −A·c)   if A < 0   (dual clip, c = 3.0)       else L_clip
-        k3      = exp(ref − logp) − (ref − logp) − 1, clamped to [−10, 10]
-
-    loss = aggregate(L_tok) + β·aggregate(k3), β = 0.01, aggregation "token-mean" over the mini-batch
-    (this function, :func:`kl_k3`, :func:`aggregate`). No KL in the reward, no entropy bonus.
-
-    Deviations from the paper and from verl: the log-ratio clamp to ±20 (and hence zero gradient beyond it) is
-    not in the paper; verl does the same. ``approx_kl`` is the k3 estimate of KL(π_old ‖ π_θ) on the sampled
-    tokens, mean of (ratio − 1 − log ratio) (≥ 0, unbiased because the tokens were sampled from π_old); verl's
-    ``ppo_kl`` is the k1 estimate mean(old − logp). An all-zero mask gives a loss of exactly 0 (and zero
-    gradient) instead of NaN.
-    """
-    _check_2d(logp, "logp")
-    _check_2d(old_logp, "old_logp")
-    if old_logp.shape != logp.shape:
-        raise ValueError(
-            f"old_logp shape {tuple(old_logp.shape)} does not match logp shape {tuple(logp.shape)}"
-        )
-    if not isinstance(advantages, Tensor):
-        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
-    if advantages.shape != logp.shape[:1]:
-        raise ValueError(
-            f"advantages must have shape (N,) = ({logp.shape[0]},) (one per row of logp), "
-            f"got {tuple(advantages.shape)}"
-        )
-    if not bool(torch.isfinite(advantages).all()):
-        raise ValueError("advantages contain NaN or inf; group_advantages gives 0 for unavailable rewards")
-    if not 0.0 <= eps_low < 1.0:
-        raise ValueError(f"eps_low must be in [0, 1), got {eps_low}")
-    if not eps_high >= 0.0:
-        raise ValueError(f"eps_high must be >= 0, got {eps_high}")
-    if dual_clip is not None and not dual_clip > 1.0:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable), got {dual_clip}")
-    _check_agg(agg, max_len)
-    m = _bool_mask(mask, logp.shape)  # (N, L)
-
-    dtype = torch.promote_types(logp.dtype, torch.float32)  # bf16 ratios would blur the clip boundaries
-    logp, old_logp = logp.to(dtype), old_logp.detach().to(dtype)  # (N, L), (N, L)
-    adv = advantages.detach().to(dtype).unsqueeze(1)  # (N, 1)
-    log_ratio = torch.where(m, logp - old_logp, torch.zeros_like(logp))  # (N, L) padding → 0
-    log_ratio = log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (N, L)
-    ratio = torch.exp(log_ratio)  # (N, L)
-    loss_unclipped = -adv * ratio  # (N, L)
-    loss_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)  # (N, L)
-    loss_tok = torch.maximum(loss_unclipped, loss_clipped)  # (N, L) pessimistic PPO bound
-    negative = (adv < 0).expand_as(loss_tok)  # (N, L)
-    if dual_clip is not None:
-        loss_cap = -adv * dual_clip  # (N, 1) > 0 where A < 0
-        dual_active = negative & (loss_tok > loss_cap)  # (N, L)
-        loss_tok = torch.where(negative, torch.minimum(loss_tok, loss_cap), loss_tok)  # (N, L)
-    else:
-        dual_active = torch.zeros_like(m)  # (N, L)
-    if token_weights is not None:  # importance weights π_old/π_rollout of an engine other than the trainer
-        loss_tok = loss_tok * token_weights.detach().to(dtype)  # (N, L)
-    loss = aggregate(loss_tok, m, agg, max_len=max_len, denominator=denominator)  # ()
-
-    with torch.no_grad():
-        clip_active = loss_clipped > loss_unclipped  # (N, L) the clipped branch wins: zero gradient
-        positive = (adv > 0).expand_as(loss_tok)  # (N, L)
-        stats = {
-            "clip_frac_low": masked_mean((clip_active & negative).to(dtype), m),  # ()
-            "clip_frac_high": masked_mean((clip_active & positive).to(dtype), m),  # ()
-            "clip_frac_dual": masked_mean(dual_active.to(dtype), m),  # ()
-            "ratio_mean": masked_mean(ratio, m),  # ()
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m),  # () k3 of KL(π_old ‖ π_θ)
-        }
-    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def token_micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:

@@ -396,6 +396,7 @@ class Policy(nn.Module):
         chunk_size: int = 256,
         return_entropy: bool = False,
         packed: bool = False,
+        entropy_grad: bool = False,
         shared_prefix: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Log-probabilities of the last ``C`` tokens of ``batch["input_ids"]`` (the completions).
@@ -403,7 +404,10 @@ class Policy(nn.Module):
         ``completion_mask`` is (N, C); positions outside it get 0. Logits are formed ``chunk_size`` positions
         at a time for the completion positions only (never (N, T, V) at once), divided by ``temperature``
         (match the sampling temperature), and each chunk is recomputed in backward (checkpointed) so float32
-        vocabulary-sized logits never pile up. ``return_entropy`` also gives the per-token entropy (detached).
+        vocabulary-sized logits never pile up. ``return_entropy`` also gives the per-token entropy over the full
+        vocabulary of the same tempered distribution, ``H = logsumexp(z) − Σ softmax(z)·z`` with ``z = logits / T``
+        (N, C): detached, or with its gradient under ``entropy_grad`` (an entropy bonus); it is computed only when
+        asked.
         ``packed``: one padding-free forward of all rows (``packed_hidden_states``) instead of the padded
         (N, T) one; the same values and gradients up to float rounding. ``shared_prefix`` (no-grad passes: π_old,
         reference): each distinct prompt once, the completions attending to its cached keys and values
@@ -432,15 +436,18 @@ class Policy(nn.Module):
             hs, ts = h[:, start : start + chunk_size], targets[:, start : start + chunk_size]
             with autocast:
                 if torch.is_grad_enabled():
-                    lp, ent = checkpoint(_chunk_logprobs, head, hs, ts, temperature, use_reentrant=False)
+                    lp, ent = checkpoint(_chunk_logprobs, head, hs, ts, temperature, return_entropy,
+                                         use_reentrant=False)
                 else:
-                    lp, ent = _chunk_logprobs(head, hs, ts, temperature)
+                    lp, ent = _chunk_logprobs(head, hs, ts, temperature, return_entropy)
             logps.append(lp)
             ents.append(ent)
         right = full_width - c  # the trimmed completion columns, given back as zeros: (N, C) whatever the trim
         logp = torch.nn.functional.pad(torch.cat(logps, dim=1) * completion_mask, (0, right))  # (N, C)
         if return_entropy:
-            return logp, torch.nn.functional.pad(torch.cat(ents, dim=1).detach() * completion_mask, (0, right))
+            ent = torch.cat(ents, dim=1)  # (N, C)
+            ent = ent if entropy_grad else ent.detach()
+            return logp, torch.nn.functional.pad(ent * completion_mask, (0, right))
         return logp
 
     def sft_loss(self, batch: dict[str, Any], chunk_size: int = 1024) -> tuple[torch.Tensor, int]:
@@ -662,10 +669,15 @@ def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Te
     return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
 
 
-def _chunk_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float):
+def _chunk_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    with_entropy: bool = True):
+    """Token log-probs (N, c) of ``targets`` at ``temperature`` and the entropy (N, c) (``None`` unless
+    ``with_entropy``: its softmax over the vocabulary is skipped)."""
     logits = head(h).float() / temperature  # (N, c, V)
     logz = torch.logsumexp(logits, dim=-1)  # (N, c)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # (N, c)
+    if not with_entropy:
+        return logp, None
     probs = torch.softmax(logits, dim=-1)  # (N, c, V)
     entropy = logz - (probs * logits).sum(-1)  # (N, c)
     return logp, entropy

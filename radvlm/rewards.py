@@ -3,7 +3,8 @@
 A GRPO run is configured with a list of ``RewardTerm`` s, each a metric, a weight and the tasks it scores;
 :func:`compute_rewards` scores every prompt by the terms of its task and sums the signed, weighted values. A
 term that fails or runs past its timeout makes the reward of its rows NaN ("unavailable", DESIGN.md), masked
-out of the advantage, and a timed-out call is stopped (:func:`score_with_timeout`).
+out of the advantage, and a timed-out call is stopped (:func:`score_with_timeout`). A term whose metric scores
+token lengths instead of text (:class:`OverlongPenalty`, DAPO's overlong shaping) gets the completions' lengths.
 
 This file is framework-free (no Lightning); ``lightning_modules/grpo.py`` calls it.
 """
@@ -66,6 +67,45 @@ class RewardTerm:
 
     def __repr__(self) -> str:
         return f"RewardTerm({self.name}, weight={self.weight}, tasks={self.tasks}, think_split={self.think_split})"
+
+
+class OverlongPenalty:
+    """DAPO's overlong reward shaping (arXiv 2503.14476) as the metric of a ``RewardTerm``: a function of the
+    completion's length in tokens ``L`` (its completion mask: the stop token counts), not of its text::
+
+        0                                   L ≤ max_length − cache_length
+        (max_length − cache_length − L) / cache_length       up to −1 at L = max_length
+        −1                                  L > max_length
+
+    ``max_length`` is DAPO's L_max (normally the run's ``max_new_tokens``: a truncated completion gets −1),
+    ``cache_length`` its L_cache (DAPO: 20 480 and 4 096). The term's ``weight`` scales it; it scores thinking
+    completions whether or not ``</think>`` was closed (the length is known either way) and takes no part in
+    validation (no ``torchmetrics`` state). Values are float32, never NaN.
+    """
+
+    uses_lengths = True  # compute_rewards passes lengths (score_lengths), not texts (score)
+    higher_is_better = True
+    worst_value = -1.0
+
+    def __init__(self, max_length: int, cache_length: int) -> None:
+        for name, value in (("max_length", max_length), ("cache_length", cache_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"OverlongPenalty: {name} must be a positive int, got {value!r}")
+        if cache_length > max_length:
+            raise ValueError(f"OverlongPenalty: cache_length {cache_length} exceeds max_length {max_length}")
+        self.max_length, self.cache_length = max_length, cache_length
+
+    def score_lengths(self, lengths: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``lengths (N,)`` token counts → ``(N,)`` penalties in [−1, 0] (formula in the class docstring)."""
+        n = torch.as_tensor(lengths, dtype=torch.float64).reshape(-1)  # (N,)
+        if bool((n < 0).any()) or not bool(torch.isfinite(n).all()):
+            raise ValueError(f"OverlongPenalty: lengths must be finite and >= 0, got {n.tolist()[:8]}")
+        start = self.max_length - self.cache_length  # no penalty up to here
+        penalty = ((start - n) / self.cache_length).clamp(min=-1.0, max=0.0)  # (N,) linear, then −1
+        return penalty.to(torch.float32)
+
+    def __repr__(self) -> str:
+        return f"OverlongPenalty(max_length={self.max_length}, cache_length={self.cache_length})"
 
 
 @dataclass
@@ -172,8 +212,10 @@ def compute_rewards(
     tasks: Sequence[str | None],
     thinking: Sequence[bool],
     timeout: float | None = None,
+    lengths: Sequence[int] | torch.Tensor | None = None,
 ) -> RewardResult:
-    """Rewards of ``N`` completions. ``targets``/``tasks``/``thinking`` are per row.
+    """Rewards of ``N`` completions. ``targets``/``tasks``/``thinking`` (and ``lengths``, the completions' token
+    counts, needed by terms whose metric ``uses_lengths``: :class:`OverlongPenalty`) are per row.
 
     Every prompt is scored by the terms of its task and the reward is the weighted sum of the signed values
     (``value`` if higher is better, else ``−value``)::
@@ -190,13 +232,15 @@ def compute_rewards(
     dtype and the scoring runs with a float32 default (:func:`float32_default`), which the metrics' own float32
     guard then leaves untouched."""
     with float32_default():
-        return _compute_rewards(terms, completions, targets, tasks, thinking, timeout)
+        return _compute_rewards(terms, completions, targets, tasks, thinking, timeout, lengths)
 
 
-def _compute_rewards(terms, completions, targets, tasks, thinking, timeout) -> RewardResult:
+def _compute_rewards(terms, completions, targets, tasks, thinking, timeout, lengths=None) -> RewardResult:
     n = len(completions)
     if not (len(targets) == len(tasks) == len(thinking) == n):
         raise ValueError("completions, targets, tasks and thinking must have the same length")
+    if lengths is not None and len(lengths) != n:
+        raise ValueError(f"lengths has {len(lengths)} values for {n} completions")
     answers: dict[str, list[str]] = {}  # think split → (N,) answers
     closed: list[bool] = [True] * n  # closed or not is the same for either split
     for split in sorted({term.think_split for term in terms}):
@@ -214,11 +258,17 @@ def _compute_rewards(terms, completions, targets, tasks, thinking, timeout) -> R
         if not rows:
             values[term.name] = value
             continue
-        scored = [i for i in rows if closed[i]]
-        for i in rows:
-            if not closed[i]:
-                value[i] = float(term.metric.worst_value)
         start = time.perf_counter()
+        if getattr(term.metric, "uses_lengths", False):  # a function of the token count: every row, closed or not
+            if lengths is None:
+                raise ValueError(f"reward term {term.name!r} scores token lengths: compute_rewards needs lengths=")
+            value[rows] = term.metric.score_lengths([int(lengths[i]) for i in rows])
+            scored = []
+        else:
+            scored = [i for i in rows if closed[i]]
+            for i in rows:
+                if not closed[i]:
+                    value[i] = float(term.metric.worst_value)
         if scored:
             try:
                 out = score_with_timeout(term.metric, [answers[term.think_split][i] for i in scored],

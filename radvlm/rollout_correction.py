@@ -8,7 +8,7 @@ secretly brings you off-policy RL training"; verl ``algorithm.rollout_correction
 masks out the tokens or rollouts whose ratio lies outside a band. Pure functions of tensors, float32 whatever
 the input dtype, all detached; ``RolloutCorrection`` holds the settings (``GRPOModule(rollout_correction=...)``).
 
-Log-ratios are clamped to ±20 before ``exp`` (as ``radvlm.grpo.policy_loss`` does for its ratio).
+Log-ratios are clamped to ±20 before ``exp`` (as the losses of ``radvlm.objectives`` do for their ratio).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 import main
 import radvlm.grpo as grpo_math
 from lightning_modules import grpo as grpo_module
+from radvlm import objectives
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_CONFIGS = ("sft.yaml", "coldstart.yaml", "grpo_report.yaml", "grpo_grounding.yaml", "grpo_joint.yaml")
@@ -152,8 +153,12 @@ class DtypeSpy:
 
     def __init__(self, monkeypatch) -> None:
         self.seen: dict[str, set[torch.dtype]] = {}
-        for name in ("group_advantages", "group_reward_std", "policy_loss", "kl_k3", "aggregate"):
+        for name in ("group_advantages", "group_reward_std", "kl_k3", "aggregate"):
             monkeypatch.setattr(grpo_math, name, self.wrap(name, getattr(grpo_math, name)))
+        # the configured policy loss (radvlm.objectives) and advantage estimator: every call of either
+        monkeypatch.setattr(objectives.PolicyLoss, "__call__", self.wrap("policy_loss", objectives.PolicyLoss.__call__))
+        monkeypatch.setattr(objectives.GroupNormalization, "__call__",
+                            self.wrap("advantage", objectives.GroupNormalization.__call__))
         monkeypatch.setattr(grpo_module, "compute_rewards", self.wrap("compute_rewards", grpo_module.compute_rewards))
 
     def note(self, name: str, value) -> None:
@@ -189,7 +194,7 @@ def grpo_args(tmp_path, tiny_ckpt, phantom_dir, steps=2):
 
 
 def assert_rl_math_float32(spy: DtypeSpy) -> None:
-    for name in ("compute_rewards", "group_advantages", "policy_loss", "kl_k3", "aggregate"):
+    for name in ("compute_rewards", "group_advantages", "advantage", "policy_loss", "kl_k3", "aggregate"):
         assert spy.seen.get(name) == {torch.float32}, f"{name}: {spy.seen.get(name)}"
 
 

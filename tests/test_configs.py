@@ -1,6 +1,7 @@
 """Every YAML under configs/ must parse: the main.py configs through the real CLI (``--print_config`` validates
 all types), the metrics configs of ``radvlm_tools.evaluate`` (configs/eval_metrics/) through its loader."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,48 @@ def test_real_grpo_config_has_the_paper_settings():
     cfg = yaml.safe_load((ROOT / "configs/grpo_report.yaml").read_text())
     args = cfg["model"]["init_args"]
     assert args["num_generations"] == 8
-    assert (args["eps_low"], args["eps_high"], args["dual_clip"], args["beta"]) == (0.2, 0.28, 3.0, 0.01)
+    loss = args["loss"]
+    assert loss["class_path"] == "radvlm.objectives.GRPOLoss"
+    assert (loss["init_args"]["eps_low"], loss["init_args"]["eps_high"], loss["init_args"]["dual_clip"]) == (0.2, 0.28, 3.0)
+    assert loss["init_args"]["agg"] == "token-mean" and loss["init_args"]["entropy_coeff"] == 0.0
+    assert args["advantage"] == {"class_path": "radvlm.objectives.GroupNormalization", "init_args": {"scale": "group"}}
+    assert args["beta"] == 0.01
     assert args["optimizer"]["init_args"]["lr"] == 1.0e-6
-    assert args["loss_agg"] == "token-mean" and args["temperature"] == 1.0
+    assert args["temperature"] == 1.0
     world = cfg["trainer"]["devices"] * cfg["trainer"]["num_nodes"]
     assert cfg["data"]["init_args"]["batch_size"] * world == 512
     assert 512 // args["ppo_mini_batch_size"] == 4
+
+
+def objective_examples() -> list[dict]:
+    """The YAML blocks of docs/objectives.md that configure the module (loss / advantage / rewards entries)."""
+    text = (ROOT / "docs" / "objectives.md").read_text(encoding="utf-8")
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "..." not in b]
+    return [b for b in blocks if isinstance(b, dict) and "model" not in b]
+
+
+def test_docs_have_one_objective_example_per_variant():
+    paths = [b["loss"]["class_path"].rsplit(".", 1)[1] for b in objective_examples() if "loss" in b]
+    assert {"GRPOLoss", "GSPOLoss", "CISPOLoss", "SAPOLoss"} <= set(paths)
+    assert any(b.get("advantage", {}).get("class_path", "").endswith("PerTermNormalization") for b in objective_examples())
+
+
+@pytest.mark.parametrize("index", range(len(objective_examples())))
+def test_docs_objective_example_parses_in_the_demo_config(index, tmp_path, capsys):
+    block = objective_examples()[index]
+    cfg = yaml.safe_load((ROOT / "configs/demo/grpo.yaml").read_text())
+    args = cfg["model"]["init_args"]
+    for key in ("loss", "advantage"):
+        if key in block:
+            args[key] = block[key]
+    args["rewards"] = list(args["rewards"]) + list(block.get("rewards", []))
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as done:
+        main.main(args=["fit", "--config", str(path), "--print_config"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    for key in ("loss", "advantage"):
+        if key in block:
+            assert printed[key]["class_path"] == block[key]["class_path"]
+            assert {k: printed[key]["init_args"][k] for k in block[key]["init_args"]} == block[key]["init_args"]

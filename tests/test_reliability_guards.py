@@ -25,6 +25,7 @@ from lightning_modules.common import NonFiniteError
 from lightning_modules.grpo import GRPOModule, RewardFailureError
 from lightning_modules.sft import SFTModule
 from radvlm import grpo as grpo_math
+from radvlm.objectives import GRPOLoss
 from radvlm.policy import PolicyConfig
 from radvlm.rewards import RewardError, RewardTerm, compute_rewards, score_with_timeout
 from tests.helpers import report_record, write_records
@@ -112,7 +113,7 @@ def test_unavailable_rewards_get_advantage_zero_and_no_policy_gradient():
     assert adv.tolist() == pytest.approx([-1 / (1 + 1e-6), 0.0, 0.0, 1 / (1 + 1e-6)], abs=1e-7)
     assert adv[2].item() == 0.0
     logp = torch.full((4, 3), -1.0, requires_grad=True)  # (N, C)
-    loss, _ = grpo_math.policy_loss(logp, logp.detach(), adv, torch.ones(4, 3))
+    loss, _ = GRPOLoss()(logp, logp.detach(), adv, torch.ones(4, 3))
     loss.backward()
     assert torch.equal(logp.grad[2], torch.zeros(3))  # the unavailable row contributes no gradient
     assert bool((logp.grad[0] != 0).all()) and bool((logp.grad[3] != 0).all())

@@ -1,4 +1,5 @@
-"""Tests of radvlm.grpo: advantages, clipped policy loss, k3 KL, aggregation and micro-batch accumulation."""
+"""Tests of radvlm.grpo (advantages, k3 KL, aggregation, micro-batch accumulation) and of the paper's clipped loss
+``radvlm.objectives.GRPOLoss`` (the other losses: test_objectives.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,17 @@ from radvlm.grpo import (
     group_reward_std,
     kl_k3,
     masked_mean,
-    policy_loss,
 )
+from radvlm.objectives import GRPOLoss
 
 NAN = float("nan")
+
+
+def policy_loss(logp, old_logp, advantages, mask, eps_low=0.2, eps_high=0.28, dual_clip=3.0, agg="token-mean",
+                **call):
+    """``GRPOLoss`` built and called in one go (the flat keyword form these hand-computed tests were written in)."""
+    return GRPOLoss(eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, agg=agg)(
+        logp, old_logp, advantages, mask, **call)
 
 
 # ------------------------------------------------------------------------------------------------------

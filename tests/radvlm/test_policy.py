@@ -59,6 +59,23 @@ def test_token_logprobs_match_log_softmax_of_full_logits(policy, records):
     torch.testing.assert_close(ent, ref_ent, rtol=1e-4, atol=1e-4)
 
 
+def test_entropy_keeps_its_gradient_only_when_asked(policy, records):
+    # the entropy bonus back-propagates through the full-vocabulary entropy of the checkpointed chunks: its
+    # gradient equals that of the entropy of the full logits (the reference of the test above)
+    _, out, batch = _rollout_batch(policy, records)
+    _, ent = policy.token_logprobs(batch, out.completion_mask, temperature=0.7, chunk_size=4, return_entropy=True)
+    assert not ent.requires_grad
+    params = [p for p in policy.parameters() if p.requires_grad]
+    _, ent = policy.token_logprobs(batch, out.completion_mask, temperature=0.7, chunk_size=4, return_entropy=True,
+                                   entropy_grad=True)
+    got = torch.autograd.grad(ent.sum(), params[-1])[0]
+    c = out.completion_ids.shape[1]
+    full = (policy(batch)[:, -c - 1 : -1].float() / 0.7).log_softmax(-1)
+    ref = torch.autograd.grad((-(full.exp() * full).sum(-1) * out.completion_mask).sum(), params[-1])[0]
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-5)
+
+
 def test_generate_groups_rollouts_contiguously_and_never_samples_vision_tokens(policy, records):
     prompts, out, _ = _rollout_batch(policy, records, g=3, max_new_tokens=12)
     assert out.completion_ids.shape[0] == 3 * len(records)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from radvlm import grpo
+from radvlm.objectives import GRPOLoss
 from radvlm.rollout_correction import (
     RolloutCorrection,
     logprob_agreement,
@@ -84,9 +84,9 @@ def test_correction_settings_combine_rejection_and_weights():
 def test_policy_loss_weighs_each_token():
     logp = torch.log(torch.tensor([[0.5, 0.25, 0.9]])).requires_grad_()
     adv = torch.tensor([1.0])
-    plain, _ = grpo.policy_loss(logp, logp.detach(), adv, MASK)
+    plain, _ = GRPOLoss()(logp, logp.detach(), adv, MASK)
     w = torch.tensor([[1.5, 0.5, 0.0]])
-    weighted, _ = grpo.policy_loss(logp, logp.detach(), adv, MASK, token_weights=w)
+    weighted, _ = GRPOLoss()(logp, logp.detach(), adv, MASK, token_weights=w)
     # on-policy ratio 1: token losses −A = −1 each; token-mean plain −1, weighted (−1.5 − 0.5) / 2 = −1
     assert float(plain) == pytest.approx(-1.0) and float(weighted) == pytest.approx(-1.0)
     weighted.backward()
