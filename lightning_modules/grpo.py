@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -55,7 +56,8 @@ class GRPOModule(PolicyModule):
     generation gathers the FSDP2 weights once per rollout; a non-finite loss is still back-propagated and all
     ranks skip the step together; π_old and reference log-probs are computed in eval mode (no dropout).
     An optimizer step happens only when a mini-batch has a trainable row, so a batch of only zero-variance
-    groups under ``filter_zero_std_groups`` does not advance ``global_step``.
+    groups under ``filter_zero_std_groups`` does not advance ``global_step``. With ``dynamic_sampling`` a batch
+    whose informative groups do not yet fill a training batch on every process only generates (``_collect``).
     """
 
     collator_type = PromptCollator  # checked at setup against the data module's collator
@@ -101,6 +103,7 @@ class GRPOModule(PolicyModule):
         share_vision: bool = True,
         overlap_rewards: bool = True,
         packed_logprobs: bool | None = None,
+        dynamic_sampling: grpo.DynamicSampling | None = None,
     ) -> None:
         """
         Args:
@@ -151,6 +154,10 @@ class GRPOModule(PolicyModule):
                 packed where the attention is a varlen kernel (``flash_attention_2`` / ``_3``), padded (with
                 the all-padding columns trimmed) under ``sdpa`` / ``eager``, whose packed mask is quadratic in
                 the packed length (benchmarks/RESULTS.md).
+            dynamic_sampling: DAPO dynamic sampling (``radvlm.grpo.DynamicSampling``: ``{outcome: soft_f1,
+                min_std: 0.0, max_gen_batches: 10}``): groups whose outcome term does not vary are dropped and
+                batches generate until every process holds a full batch of informative groups; the extra ones
+                are carried to the next step and checkpointed (docs/dynamic_sampling.md). ``None``: off.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -169,6 +176,17 @@ class GRPOModule(PolicyModule):
                           f"log-probs are not those of the rollout policy (ratios ≠ 1 on-policy, clip fractions "
                           f"inflated); the GRPO configs use dropout 0.0", UserWarning, stacklevel=2)
         # checkpoints hold plain values
+        if isinstance(dynamic_sampling, dict):  # from a checkpoint's plain hyper-parameters
+            dynamic_sampling = grpo.DynamicSampling(**dynamic_sampling)
+        if dynamic_sampling is not None:
+            names = [t.name for t in rewards]
+            unknown = [n for n in dynamic_sampling.names if n not in names]
+            if unknown:
+                raise ValueError(f"dynamic_sampling.outcome names {unknown}, which are not reward terms (the terms: "
+                                 f"{names}); name the outcome term(s), e.g. soft_f1, not the shaped total")
+            if filter_zero_std_groups:
+                raise ValueError("dynamic_sampling and filter_zero_std_groups together: dynamic sampling already "
+                                 "keeps only groups whose outcome varies; set filter_zero_std_groups: false")
         self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine", "rollout_correction"])
         self.engine = engine
         self.rewards = list(rewards)
@@ -185,6 +203,10 @@ class GRPOModule(PolicyModule):
         self.overlap_rewards = bool(overlap_rewards)
         self.packed_logprobs = packed_logprobs
         self._reward_pool = None
+        self.dynamic_sampling = dynamic_sampling
+        self._ds_groups: list[dict[str, Any]] = []  # informative groups held (oldest first), on CPU
+        self._ds_gen_batches = 0  # generation batches toward the next training batch
+        self._ds_failed: dict[str, int] = {}  # failed rewards of those batches, per term (logged at the step)
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
     # ------------------------------------------------------------------ setup
@@ -353,6 +375,16 @@ class GRPOModule(PolicyModule):
         times: dict[str, float] = {}
         with _timed(times, "generate"):
             rollout = self._rollout(batch)  # B·G rows
+        dynamic = self.dynamic_sampling is not None
+        if dynamic:  # rewards first: they decide which groups train, and when
+            with _timed(times, "reward"):
+                collected = self._collect(rollout, self._rewards(rollout, filler=filler), filler)
+            if collected is None:
+                return None  # generation only: not every process holds a full batch of informative groups yet
+            rollout, result = collected
+            g = rollout.num_generations
+            batch = {"ids": rollout.ids[::g], "tasks": rollout.tasks[::g], "thinking": rollout.thinking[::g]}
+            filler = False  # every process trains its own groups
         if not self.share_vision:
             rollout = rollout.repeated_images()
         model_batch = rollout.model_batch()  # (B*G, P+C)
@@ -362,15 +394,17 @@ class GRPOModule(PolicyModule):
         # are (several processes keep every row; one process skips only zero-variance groups when filtering)
         # the order of the passes and of the rewards' all-gather is the same on every process whatever its batch
         # (a filler process computes no rewards but makes the same collectives in the same order)
-        overlap = self.overlap_rewards and (self._is_distributed() or not self.hparams.filter_zero_std_groups)
+        overlap = not dynamic and self.overlap_rewards and (self._is_distributed()
+                                                            or not self.hparams.filter_zero_std_groups)
         pending = self._start_rewards(rollout) if overlap and not filler else None
         if overlap:
             all_rows = list(range(len(rollout)))
             with _timed(times, "logprobs"):
                 old_logp, ref_logp = self._rollout_logprobs(model_batch, rollout.completion_mask, all_rows,
                                                             updates, need_old=engine_logp is not None)
-        with _timed(times, "reward"):  # with the overlap: the wait for the rewards after the log-prob passes
-            result = self._rewards(rollout, filler=filler, computed=pending)
+        if not dynamic:
+            with _timed(times, "reward"):  # with the overlap: the wait for the rewards after the log-prob passes
+                result = self._rewards(rollout, filler=filler, computed=pending)
         rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
         advantages, group_std, mask, rows = self._advantages(rollout, rewards)
         if filler:  # borrowed prompts: no loss, no statistics
@@ -387,6 +421,93 @@ class GRPOModule(PolicyModule):
         if not filler:
             self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, {**stats, **corrected},
                            times)
+
+    # ------------------------------------------------------------------ dynamic sampling (DAPO)
+    def _ds_target(self) -> int:
+        """Informative groups per process per training step: ``batch_groups``, else the data ``batch_size``."""
+        ds = self.dynamic_sampling
+        if ds.batch_groups is not None:
+            return int(ds.batch_groups)
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if per_rank is None:
+            raise ValueError("dynamic_sampling: the data module has no batch_size; set dynamic_sampling.batch_groups")
+        return int(per_rank)
+
+    def _collect(self, rollout: Rollout, result: RewardResult, filler: bool) -> tuple[Rollout, RewardResult] | None:
+        """Dynamic sampling: this rollout's informative groups (``radvlm.grpo.informative_groups`` on the outcome
+        terms; none for a ``filler`` batch) join the held ones; when every process holds a full batch (one
+        all-gather, ``radvlm.grpo.groups_to_take``; the cap raises on every process alike) the oldest train as one
+        rollout with their rewards and the rest are carried (``radvlm.grpo.split_buffer``); otherwise ``None``."""
+        ds = self.dynamic_sampling
+        g = rollout.num_generations
+        n_groups = len(rollout) // g
+        if filler:
+            kept: list[int] = []
+        else:
+            outcomes = torch.stack([result.values[name].float() for name in ds.names])  # (T, B*G)
+            keep = grpo.informative_groups(outcomes, g, ds.min_std)  # (B,)
+            kept = [i for i in range(n_groups) if bool(keep[i])]
+            for name, count in result.failed.items():
+                self._ds_failed[name] = self._ds_failed.get(name, 0) + int(count)
+            self.log("train/dynamic_sampling/kept_frac", len(kept) / max(n_groups, 1), on_step=True, on_epoch=False)
+        cpu = rollout.to("cpu")
+        for i in kept:
+            rows = slice(i * g, (i + 1) * g)
+            self._ds_groups.append({"rollout": cpu.groups([i]), "total": result.total[rows].float().cpu(),
+                                    "values": {k: v[rows].float().cpu() for k, v in result.values.items()},
+                                    "closed": result.closed[rows].cpu()})
+        self._ds_gen_batches += 1
+        target = self._ds_target()
+        held = [int(c) for c in self.gather_values([float(len(self._ds_groups))])[:, 0].tolist()]  # (world,)
+        take = grpo.groups_to_take(held, target, self._ds_gen_batches, ds.max_gen_batches, ds.names)
+        if not take:
+            return None
+        max_carried = target if ds.max_carried is None else ds.max_carried
+        now, carried, dropped = grpo.split_buffer(len(self._ds_groups), take, max_carried)
+        groups = [self._ds_groups[i] for i in now]
+        self._ds_groups = [self._ds_groups[i] for i in carried]
+        log = lambda name, value: self.log(name, float(value), on_step=True, on_epoch=False)  # noqa: E731
+        log("train/dynamic_sampling/gen_batches", self._ds_gen_batches)
+        log("train/dynamic_sampling/carried", len(carried))
+        log("train/dynamic_sampling/dropped", dropped)
+        failed, self._ds_gen_batches, self._ds_failed = self._ds_failed, 0, {}
+        joined = Rollout.concat([x["rollout"] for x in groups], self.policy.pad_token_id).to(self.device)
+        cat = lambda key: torch.cat([x[key] for x in groups])  # noqa: E731
+        values = {k: torch.cat([x["values"][k] for x in groups]) for k in groups[0]["values"]}
+        return joined, RewardResult(total=cat("total"), values=values, failed=failed, closed=cat("closed"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Also the held dynamic-sampling groups of every process (one all-gather of objects when distributed):
+        a run resumed in the middle of a refill trains on the same groups."""
+        super().on_save_checkpoint(checkpoint)
+        if self.dynamic_sampling is None:
+            return
+        state = {"gen_batches": self._ds_gen_batches, "failed": dict(self._ds_failed),
+                 "groups": [{**x, "rollout": {f.name: getattr(x["rollout"], f.name)
+                                              for f in dataclasses.fields(Rollout)}} for x in self._ds_groups]}
+        states = [state]
+        if self.world > 1:
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["radvlm"]["dynamic_sampling"] = states  # one entry per process, in rank order
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        states = checkpoint.get("radvlm", {}).get("dynamic_sampling")
+        if not states or self.dynamic_sampling is None:
+            return
+        rank, world = (self.global_rank, self.world) if self._trainer is not None else (0, 1)
+        if len(states) == world:
+            mine = states[rank]
+        else:  # another number of processes: the held groups dealt out in turn (not a bitwise resume)
+            pooled = [x for st in states for x in st["groups"]]
+            warnings.warn(f"dynamic sampling: the checkpoint holds the groups of {len(states)} processes, this run "
+                          f"has {world}; its {len(pooled)} held groups are dealt out in turn", UserWarning, stacklevel=2)
+            mine = {"gen_batches": max(st["gen_batches"] for st in states), "failed": {}, "groups": pooled[rank::world]}
+        self._ds_gen_batches = int(mine["gen_batches"])
+        self._ds_failed = dict(mine["failed"])
+        self._ds_groups = [{**x, "rollout": Rollout(**x["rollout"])} for x in mine["groups"]]
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         self.engine.sync_weights(self.policy)

@@ -53,3 +53,16 @@ def test_real_grpo_config_has_the_paper_settings():
     world = cfg["trainer"]["devices"] * cfg["trainer"]["num_nodes"]
     assert cfg["data"]["init_args"]["batch_size"] * world == 512
     assert 512 // args["ppo_mini_batch_size"] == 4
+
+
+def test_dynamic_sampling_is_an_option_group_off_in_the_real_configs(capsys):
+    for name in ("grpo_report", "grpo_grounding", "grpo_joint"):
+        cfg = yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text())
+        assert cfg["model"]["init_args"]["dynamic_sampling"] is None  # off: the paper's GRPO
+    with pytest.raises(SystemExit) as done:
+        main.main(args=["fit", "--config", str(ROOT / "configs/grpo_grounding.yaml"), "--print_config",
+                        "--model.init_args.dynamic_sampling", "{outcome: soft_f1, min_std: 0.1, max_gen_batches: 4}"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["dynamic_sampling"]
+    assert printed == {"outcome": "soft_f1", "min_std": 0.1, "max_gen_batches": 4, "max_carried": None,
+                       "batch_groups": None}
