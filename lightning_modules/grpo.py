@@ -8,7 +8,8 @@ lr 1e-6 constant, β = 0.01 k3 as a loss, ε 0.20/0.28, dual clip 3, token-mean,
 
 Deviations (data-parallel runs; details in ``GRPOModule``): ``ppo_mini_batch_size`` is divided by the world
 size and each rank aggregates over its own tokens; filtered rows and non-finite losses still run forward and
-backward, so every rank makes the same passes.
+backward, so every rank makes the same passes. With ``dynamic_sampling`` (DAPO) a data batch may only generate:
+informative groups are collected until every rank holds a full batch (docs/dynamic_sampling.md).
 """
 
 from __future__ import annotations
@@ -243,6 +244,8 @@ class GRPOModule(PolicyModule):
         super().on_fit_start()
         data = getattr(self.trainer, "datamodule", None)
         per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if self.dynamic_sampling is not None:  # a training batch is batch_groups prompts, not a data batch
+            per_rank = self._ds_target()
         if per_rank is not None:
             check_mini_batch(int(per_rank), self.trainer.world_size, self.hparams.ppo_mini_batch_size)
         if hasattr(self.engine, "setup"):  # an engine of its own (vLLM): built now, before training memory is taken
@@ -256,9 +259,13 @@ class GRPOModule(PolicyModule):
     @property
     def optimizer_steps_per_batch(self) -> float | None:
         """Optimizer updates per rollout batch (``ppo_epochs`` × mini-batches): turns ``max_steps`` into rollout
-        batches for ``callbacks.RunProgress``; ``None`` before a data module is attached."""
+        batches for ``callbacks.RunProgress`` (with ``dynamic_sampling``: training batches of ``batch_groups``
+        prompts; the generation-only batches between them are not counted); ``None`` before a data module is
+        attached."""
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if self.dynamic_sampling is not None and self.dynamic_sampling.batch_groups is not None:
+            per_rank = self.dynamic_sampling.batch_groups
         if per_rank is None:
             return None
         return float(len(self._mini_batches(int(per_rank))) * self.hparams.ppo_epochs)
@@ -357,6 +364,8 @@ class GRPOModule(PolicyModule):
            at most ``max_new_tokens``; vision special tokens suppressed);
         2. reward: ``radvlm.rewards.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the
            terms of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
+           with ``dynamic_sampling``, only groups whose outcome term varies are kept (``_collect``) and the
+           steps below run on a full batch of them, once every process holds one (else this batch only generates);
         3. advantages ``radvlm.grpo.group_advantages`` (``scale_rewards``); optional zero-variance group filter
            and masking of truncated completions;
         4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
@@ -495,6 +504,11 @@ class GRPOModule(PolicyModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         states = checkpoint.get("radvlm", {}).get("dynamic_sampling")
+        if states and self.dynamic_sampling is None:
+            held = sum(len(st["groups"]) for st in states)
+            if held:
+                warnings.warn(f"the checkpoint holds {held} dynamic-sampling group(s); dynamic_sampling is off in "
+                              f"this run, so they are not trained", UserWarning, stacklevel=2)
         if not states or self.dynamic_sampling is None:
             return
         rank, world = (self.global_rank, self.world) if self._trainer is not None else (0, 1)

@@ -537,7 +537,7 @@ def informative_groups(outcomes: Tensor, group_size: int, min_std: float = 0.0) 
         outcomes = outcomes.unsqueeze(0)  # (1, B*G)
     if outcomes.dim() != 2 or outcomes.shape[0] == 0:
         raise ValueError(f"outcomes must be (T, B*G) with T >= 1 or (B*G,), got shape {tuple(outcomes.shape)}")
-    stds = torch.stack([group_reward_std(term, group_size).double() for term in outcomes])  # (T, B) NaN: < 2 valid
+    stds = torch.stack([group_reward_std(term.double(), group_size) for term in outcomes])  # (T, B) NaN: < 2 valid
     return (stds > float(min_std)).any(dim=0)  # (B,) NaN > x is False
 
 

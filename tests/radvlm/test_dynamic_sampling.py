@@ -115,3 +115,16 @@ def test_groups_of_two_generation_batches_join_into_one_rollout():
     assert joined.completion_ids[2:].tolist() == [[7, 7, 0]] * 2
     assert joined.texts == ["b0", "b1", "c0", "c1"] and joined.ids == ["p1", "p1", "p0", "p0"]
     assert len(joined) == 4 and joined.num_generations == 2 and joined.logprobs is None
+
+
+def test_the_filter_runs_in_float64_under_a_bfloat16_default_dtype():
+    # bf16-true training sets a bfloat16 default dtype: the std 0.0577 of [0.2, 0.3, 0.2, 0.3] must not round
+    # across a floor of 0.0577 (bfloat16 has 8 bits of mantissa: 0.0577 → 0.0576)
+    values = torch.tensor([0.2, 0.3, 0.2, 0.3], dtype=torch.float32)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        assert informative_groups(values, 4, min_std=0.0577).tolist() == [True]  # √(0.01/3) = 0.057735
+        assert informative_groups(values, 4, min_std=0.0578).tolist() == [False]
+    finally:
+        torch.set_default_dtype(previous)
