@@ -124,13 +124,13 @@ def test_the_filter_reads_the_outcome_term_not_the_varying_total(refill_run):
 
 
 def test_carried_groups_train_first_at_the_next_step(tiny_ckpt, data_file, tmp_path):
-    # batch 1 keeps both groups, batch 2 both again: the first step trains batch 1's, the second the
-    # carried ones of batch 2 before batch 3's (kept: 1), and batch 3's second group waits
-    pattern = [[True, True], [True, True], [True, False]]
+    # kept: batch 1 one group (held 1), batch 2 both (held 3: the step trains b1[0], b2[0] and carries b2[1]),
+    # batch 3 both (held 3: the carried b2[1] trains first, with b3[0]; b3[1] is carried)
+    pattern = [[True, False], [True, True], [True, True]]
     trainer, module, record = fit_batches(tiny_ckpt, data_file, tmp_path, pattern, 3)
     b = record.batches
-    assert record.trained == [list(b[0]), list(b[1])]
-    assert [x["rollout"].ids[0] for x in module._ds_groups] == [b[2][0]]  # held for the next step
+    assert record.trained == [[b[0][0], b[1][0]], [b[1][1], b[2][0]]]
+    assert [x["rollout"].ids[0] for x in module._ds_groups] == [b[2][1]]  # held for the next step
     assert trainer.global_step == 2
 
 
