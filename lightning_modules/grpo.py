@@ -149,7 +149,8 @@ class GRPOModule(PolicyModule):
                 (``radvlm.batch.share_images``: the same values and gradients); ``False``: repeated (benchmarks).
             overlap_rewards: compute the rewards in a thread of their own while the π_old and reference
                 log-probs run (the same rewards; not with ``filter_zero_std_groups`` in a single process, whose
-                log-prob passes skip the filtered rows).
+                log-prob passes skip the filtered rows, nor with ``dynamic_sampling``, whose rewards decide which
+                groups train).
             packed_logprobs: every log-prob pass packs its rows' real tokens into one sequence without padding
                 (``Policy.token_logprobs(packed=True)``: the same values and gradients); ``None`` (default):
                 packed where the attention is a varlen kernel (``flash_attention_2`` / ``_3``), padded (with
@@ -176,7 +177,6 @@ class GRPOModule(PolicyModule):
             warnings.warn(f"GRPO with LoRA dropout {lora.dropout}: the update pass runs in train mode, so its "
                           f"log-probs are not those of the rollout policy (ratios ≠ 1 on-policy, clip fractions "
                           f"inflated); the GRPO configs use dropout 0.0", UserWarning, stacklevel=2)
-        # checkpoints hold plain values
         if isinstance(dynamic_sampling, dict):  # from a checkpoint's plain hyper-parameters
             dynamic_sampling = grpo.DynamicSampling(**dynamic_sampling)
         if dynamic_sampling is not None:
@@ -188,6 +188,7 @@ class GRPOModule(PolicyModule):
             if filter_zero_std_groups:
                 raise ValueError("dynamic_sampling and filter_zero_std_groups together: dynamic sampling already "
                                  "keeps only groups whose outcome varies; set filter_zero_std_groups: false")
+        # checkpoints hold plain values
         self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine", "rollout_correction"])
         self.engine = engine
         self.rewards = list(rewards)
