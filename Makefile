@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 VARIANT ?= plain
 
-.PHONY: install test demo clean lint
+.PHONY: install test demo clean lint ablation
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m radvlm_tools.demo --variant $(VARIANT)
+
+# every policy-optimisation variant of configs/demo/ablation from the demo's SFT export, with the shuffle control
+ablation: $(STAMP)
+	$(PY) -m radvlm_tools.ablation
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

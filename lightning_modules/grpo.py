@@ -8,13 +8,15 @@ lr 1e-6 constant, β = 0.01 k3 as a loss, ε 0.20/0.28, dual clip 3, token-mean,
 
 Deviations (data-parallel runs; details in ``GRPOModule``): ``ppo_mini_batch_size`` is divided by the world
 size and each rank aggregates over its own tokens; filtered rows and non-finite losses still run forward and
-backward, so every rank makes the same passes.
+backward, so every rank makes the same passes. With ``dynamic_sampling`` (DAPO) a data batch may only generate:
+informative groups are collected until every rank holds a full batch (docs/dynamic_sampling.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -56,7 +58,8 @@ class GRPOModule(PolicyModule):
     generation gathers the FSDP2 weights once per rollout; a non-finite loss is still back-propagated and all
     ranks skip the step together; π_old and reference log-probs are computed in eval mode (no dropout).
     An optimizer step happens only when a mini-batch has a trainable row, so a batch of only zero-variance
-    groups under ``filter_zero_std_groups`` does not advance ``global_step``.
+    groups under ``filter_zero_std_groups`` does not advance ``global_step``. With ``dynamic_sampling`` a batch
+    whose informative groups do not yet fill a training batch on every process only generates (``_collect``).
     """
 
     collator_type = PromptCollator  # checked at setup against the data module's collator
@@ -100,6 +103,7 @@ class GRPOModule(PolicyModule):
         overlap_rewards: bool = True,
         packed_logprobs: bool | None = None,
         shared_prefix_logprobs: bool = False,
+        dynamic_sampling: grpo.DynamicSampling | None = None,
     ) -> None:
         """
         Args:
@@ -147,7 +151,8 @@ class GRPOModule(PolicyModule):
                 (``radvlm.batch.share_images``: the same values and gradients); ``False``: repeated (benchmarks).
             overlap_rewards: compute the rewards in a thread of their own while the π_old and reference
                 log-probs run (the same rewards; not with ``filter_zero_std_groups`` in a single process, whose
-                log-prob passes skip the filtered rows).
+                log-prob passes skip the filtered rows, nor with ``dynamic_sampling``, whose rewards decide which
+                groups train).
             packed_logprobs: every log-prob pass packs its rows' real tokens into one sequence without padding
                 (``Policy.token_logprobs(packed=True)``: the same values and gradients); ``None`` (default):
                 packed where the attention is a varlen kernel (``flash_attention_2`` / ``_3``), padded (with
@@ -157,6 +162,10 @@ class GRPOModule(PolicyModule):
                 its image once into a KV cache and run only the completions against it
                 (``Policy.token_logprobs(shared_prefix=True)``: the same values up to float rounding); not with
                 packed passes, which already spend nothing on padding. The update pass is unchanged.
+            dynamic_sampling: DAPO dynamic sampling (``radvlm.grpo.DynamicSampling``: ``{outcome: soft_f1,
+                min_std: 0.0, max_gen_batches: 10}``): groups whose outcome term does not vary are dropped and
+                batches generate until every process holds a full batch of informative groups; the extra ones
+                are carried to the next step and checkpointed (docs/dynamic_sampling.md). ``None``: off.
         """
         super().__init__(policy, optimizer, lr_scheduler, grad_clip, max_consecutive_skips, log_text_samples,
                          export_dir, lr=lr, overwrite_export=overwrite_export)
@@ -174,6 +183,17 @@ class GRPOModule(PolicyModule):
             warnings.warn(f"GRPO with LoRA dropout {lora.dropout}: the update pass runs in train mode, so its "
                           f"log-probs are not those of the rollout policy (ratios ≠ 1 on-policy, clip fractions "
                           f"inflated); the GRPO configs use dropout 0.0", UserWarning, stacklevel=2)
+        if isinstance(dynamic_sampling, dict):  # from a checkpoint's plain hyper-parameters
+            dynamic_sampling = grpo.DynamicSampling(**dynamic_sampling)
+        if dynamic_sampling is not None:
+            names = [t.name for t in rewards]
+            unknown = [n for n in dynamic_sampling.names if n not in names]
+            if unknown:
+                raise ValueError(f"dynamic_sampling.outcome names {unknown}, which are not reward terms (the terms: "
+                                 f"{names}); name the outcome term(s), e.g. soft_f1, not the shaped total")
+            if filter_zero_std_groups:
+                raise ValueError("dynamic_sampling and filter_zero_std_groups together: dynamic sampling already "
+                                 "keeps only groups whose outcome varies; set filter_zero_std_groups: false")
         # checkpoints hold plain values
         self.save_hyperparameters(ignore=["rewards", "val_metrics", "engine", "rollout_correction", "loss",
                                           "advantage"])
@@ -204,6 +224,10 @@ class GRPOModule(PolicyModule):
         self.packed_logprobs = packed_logprobs
         self.shared_prefix_logprobs = bool(shared_prefix_logprobs)
         self._reward_pool = None
+        self.dynamic_sampling = dynamic_sampling
+        self._ds_groups: list[dict[str, Any]] = []  # informative groups held (oldest first), on CPU
+        self._ds_gen_batches = 0  # generation batches toward the next training batch
+        self._ds_failed: dict[str, int] = {}  # failed rewards of those batches, per term (logged at the step)
         self.register_load_state_dict_post_hook(self._not_checkpointed_are_not_missing)
 
     # ------------------------------------------------------------------ setup
@@ -240,6 +264,8 @@ class GRPOModule(PolicyModule):
         super().on_fit_start()
         data = getattr(self.trainer, "datamodule", None)
         per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if self.dynamic_sampling is not None:  # a training batch is batch_groups prompts, not a data batch
+            per_rank = self._ds_target()
         if per_rank is not None:
             check_mini_batch(int(per_rank), self.trainer.world_size, self.hparams.ppo_mini_batch_size)
         if hasattr(self.engine, "setup"):  # an engine of its own (vLLM): built now, before training memory is taken
@@ -253,9 +279,13 @@ class GRPOModule(PolicyModule):
     @property
     def optimizer_steps_per_batch(self) -> float | None:
         """Optimizer updates per rollout batch (``ppo_epochs`` × mini-batches): turns ``max_steps`` into rollout
-        batches for ``callbacks.RunProgress``; ``None`` before a data module is attached."""
+        batches for ``callbacks.RunProgress`` (with ``dynamic_sampling``: training batches of ``batch_groups``
+        prompts; the generation-only batches between them are not counted); ``None`` before a data module is
+        attached."""
         data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if self.dynamic_sampling is not None and self.dynamic_sampling.batch_groups is not None:
+            per_rank = self.dynamic_sampling.batch_groups
         if per_rank is None:
             return None
         return float(len(self._mini_batches(int(per_rank))) * self.hparams.ppo_epochs)
@@ -267,15 +297,18 @@ class GRPOModule(PolicyModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """``PolicyModule``'s entries, and the loss and advantage estimator as plain text (``repr``: their class
-        and settings), which are not hyper-parameters (objects): a resume compares them (``on_load_checkpoint``)."""
+        """``PolicyModule``'s entries, the held dynamic-sampling groups, and the loss and advantage estimator
+        as plain text (``repr``: their class and settings), which are not hyper-parameters (objects): a resume
+        compares them (``on_load_checkpoint``)."""
         super().on_save_checkpoint(checkpoint)
         checkpoint["radvlm"]["objectives"] = self._objectives()
+        self._save_dynamic_sampling(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """``PolicyModule``'s restore; a loss or estimator other than the checkpoint's is logged (the configured
         one is used: a checkpoint restores state, not choices)."""
         super().on_load_checkpoint(checkpoint)
+        self._load_dynamic_sampling(checkpoint)
         saved = checkpoint.get("radvlm", {}).get("objectives")
         now = self._objectives()
         changed = [f"{k}: {saved[k]} → {now[k]}" for k in now if isinstance(saved, dict) and saved.get(k, now[k]) != now[k]]
@@ -381,6 +414,8 @@ class GRPOModule(PolicyModule):
            at most ``max_new_tokens``; vision special tokens suppressed);
         2. reward: ``radvlm.rewards.compute_rewards`` with the configured ``RewardTerm`` s (each prompt by the
            terms of its task; thinking prompts score the text after ``</think>``); NaN = unavailable, masked;
+           with ``dynamic_sampling``, only groups whose outcome term varies are kept (``_collect``) and the
+           steps below run on a full batch of them, once every process holds one (else this batch only generates);
         3. advantages from the ``advantage`` estimator (``radvlm.objectives``); optional zero-variance group filter
            and masking of truncated completions;
         4. log-probs of the rollouts under π_old (skipped when there is a single update per rollout batch: then
@@ -399,6 +434,16 @@ class GRPOModule(PolicyModule):
         times: dict[str, float] = {}
         with _timed(times, "generate"):
             rollout = self._rollout(batch)  # B·G rows
+        dynamic = self.dynamic_sampling is not None
+        if dynamic:  # rewards first: they decide which groups train, and when
+            with _timed(times, "reward"):
+                collected = self._collect(rollout, self._rewards(rollout, filler=filler), filler)
+            if collected is None:
+                return None  # generation only: not every process holds a full batch of informative groups yet
+            rollout, result = collected
+            g = rollout.num_generations
+            batch = {"ids": rollout.ids[::g], "tasks": rollout.tasks[::g], "thinking": rollout.thinking[::g]}
+            filler = False  # every process trains its own groups
         if not self.share_vision:
             rollout = rollout.repeated_images()
         model_batch = rollout.model_batch()  # (B*G, P+C)
@@ -408,15 +453,17 @@ class GRPOModule(PolicyModule):
         # are (several processes keep every row; one process skips only zero-variance groups when filtering)
         # the order of the passes and of the rewards' all-gather is the same on every process whatever its batch
         # (a filler process computes no rewards but makes the same collectives in the same order)
-        overlap = self.overlap_rewards and (self._is_distributed() or not self.hparams.filter_zero_std_groups)
+        overlap = not dynamic and self.overlap_rewards and (self._is_distributed()
+                                                            or not self.hparams.filter_zero_std_groups)
         pending = self._start_rewards(rollout) if overlap and not filler else None
         if overlap:
             all_rows = list(range(len(rollout)))
             with _timed(times, "logprobs"):
                 old_logp, ref_logp = self._rollout_logprobs(model_batch, rollout.completion_mask, all_rows,
                                                             updates, need_old=engine_logp is not None)
-        with _timed(times, "reward"):  # with the overlap: the wait for the rewards after the log-prob passes
-            result = self._rewards(rollout, filler=filler, computed=pending)
+        if not dynamic:
+            with _timed(times, "reward"):  # with the overlap: the wait for the rewards after the log-prob passes
+                result = self._rewards(rollout, filler=filler, computed=pending)
         rewards = result.total.to(self.device, torch.float32)  # (B*G,) float32 under any precision
         advantages, group_std, mask, rows = self._advantages(rollout, rewards, result)
         if filler:  # borrowed prompts: no loss, no statistics
@@ -433,6 +480,97 @@ class GRPOModule(PolicyModule):
         if not filler:
             self._log_step(batch, rollout, result, rewards, advantages, group_std, mask, {**stats, **corrected},
                            times)
+
+    # ------------------------------------------------------------------ dynamic sampling (DAPO)
+    def _ds_target(self) -> int:
+        """Informative groups per process per training step: ``batch_groups``, else the data ``batch_size``."""
+        ds = self.dynamic_sampling
+        if ds.batch_groups is not None:
+            return int(ds.batch_groups)
+        data = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        per_rank = getattr(getattr(data, "hparams", None), "batch_size", None)
+        if per_rank is None:
+            raise ValueError("dynamic_sampling: the data module has no batch_size; set dynamic_sampling.batch_groups")
+        return int(per_rank)
+
+    def _collect(self, rollout: Rollout, result: RewardResult, filler: bool) -> tuple[Rollout, RewardResult] | None:
+        """Dynamic sampling: this rollout's informative groups (``radvlm.grpo.informative_groups`` on the outcome
+        terms; none for a ``filler`` batch) join the held ones; when every process holds a full batch (one
+        all-gather, ``radvlm.grpo.groups_to_take``; the cap raises on every process alike) the oldest train as one
+        rollout with their rewards and the rest are carried (``radvlm.grpo.split_buffer``); otherwise ``None``."""
+        ds = self.dynamic_sampling
+        g = rollout.num_generations
+        n_groups = len(rollout) // g
+        if filler:
+            kept: list[int] = []
+        else:
+            outcomes = torch.stack([result.values[name].float() for name in ds.names])  # (T, B*G)
+            keep = grpo.informative_groups(outcomes, g, ds.min_std)  # (B,)
+            kept = [i for i in range(n_groups) if bool(keep[i])]
+            for name, count in result.failed.items():
+                self._ds_failed[name] = self._ds_failed.get(name, 0) + int(count)
+            self.log("train/dynamic_sampling/kept_frac", len(kept) / max(n_groups, 1), on_step=True, on_epoch=False)
+        cpu = rollout.to("cpu")
+        for i in kept:
+            rows = slice(i * g, (i + 1) * g)
+            self._ds_groups.append({"rollout": cpu.groups([i]), "total": result.total[rows].float().cpu(),
+                                    "values": {k: v[rows].float().cpu() for k, v in result.values.items()},
+                                    "closed": result.closed[rows].cpu()})
+        self._ds_gen_batches += 1
+        target = self._ds_target()
+        held = [int(c) for c in self.gather_values([float(len(self._ds_groups))])[:, 0].tolist()]  # (world,)
+        take = grpo.groups_to_take(held, target, self._ds_gen_batches, ds.max_gen_batches, ds.names)
+        if not take:
+            return None
+        max_carried = target if ds.max_carried is None else ds.max_carried
+        now, carried, dropped = grpo.split_buffer(len(self._ds_groups), take, max_carried)
+        groups = [self._ds_groups[i] for i in now]
+        self._ds_groups = [self._ds_groups[i] for i in carried]
+        log = lambda name, value: self.log(name, float(value), on_step=True, on_epoch=False)  # noqa: E731
+        log("train/dynamic_sampling/gen_batches", self._ds_gen_batches)
+        log("train/dynamic_sampling/carried", len(carried))
+        log("train/dynamic_sampling/dropped", dropped)
+        failed, self._ds_gen_batches, self._ds_failed = self._ds_failed, 0, {}
+        joined = Rollout.concat([x["rollout"] for x in groups], self.policy.pad_token_id).to(self.device)
+        cat = lambda key: torch.cat([x[key] for x in groups])  # noqa: E731
+        values = {k: torch.cat([x["values"][k] for x in groups]) for k in groups[0]["values"]}
+        return joined, RewardResult(total=cat("total"), values=values, failed=failed, closed=cat("closed"))
+
+    def _save_dynamic_sampling(self, checkpoint: dict[str, Any]) -> None:
+        """The held dynamic-sampling groups of every process (one all-gather of objects when distributed):
+        a run resumed in the middle of a refill trains on the same groups."""
+        if self.dynamic_sampling is None:
+            return
+        state = {"gen_batches": self._ds_gen_batches, "failed": dict(self._ds_failed),
+                 "groups": [{**x, "rollout": {f.name: getattr(x["rollout"], f.name)
+                                              for f in dataclasses.fields(Rollout)}} for x in self._ds_groups]}
+        states = [state]
+        if self.world > 1:
+            states = [None] * self.world
+            torch.distributed.all_gather_object(states, state)
+        checkpoint["radvlm"]["dynamic_sampling"] = states  # one entry per process, in rank order
+
+    def _load_dynamic_sampling(self, checkpoint: dict[str, Any]) -> None:
+        """This process's held dynamic-sampling groups back from the checkpoint (``_save_dynamic_sampling``)."""
+        states = checkpoint.get("radvlm", {}).get("dynamic_sampling")
+        if states and self.dynamic_sampling is None:
+            held = sum(len(st["groups"]) for st in states)
+            if held:
+                warnings.warn(f"the checkpoint holds {held} dynamic-sampling group(s); dynamic_sampling is off in "
+                              f"this run, so they are not trained", UserWarning, stacklevel=2)
+        if not states or self.dynamic_sampling is None:
+            return
+        rank, world = (self.global_rank, self.world) if self._trainer is not None else (0, 1)
+        if len(states) == world:
+            mine = states[rank]
+        else:  # another number of processes: the held groups dealt out in turn (not a bitwise resume)
+            pooled = [x for st in states for x in st["groups"]]
+            warnings.warn(f"dynamic sampling: the checkpoint holds the groups of {len(states)} processes, this run "
+                          f"has {world}; its {len(pooled)} held groups are dealt out in turn", UserWarning, stacklevel=2)
+            mine = {"gen_batches": max(st["gen_batches"] for st in states), "failed": {}, "groups": pooled[rank::world]}
+        self._ds_gen_batches = int(mine["gen_batches"])
+        self._ds_failed = dict(mine["failed"])
+        self._ds_groups = [{**x, "rollout": Rollout(**x["rollout"])} for x in mine["groups"]]
 
     def _rollout(self, batch: dict[str, Any]) -> Rollout:
         self.engine.sync_weights(self.policy)

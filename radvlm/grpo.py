@@ -1,4 +1,6 @@
-"""Pure GRPO math: group advantages, the k3 KL term and loss aggregation (the losses: ``radvlm.objectives``).
+"""Pure GRPO math: group advantages, the k3 KL term and loss aggregation (the losses: ``radvlm.objectives``),
+and which groups DAPO's dynamic sampling keeps (:class:`DynamicSampling`, :func:`informative_groups`,
+:func:`groups_to_take`, :func:`split_buffer`).
 
 Every function here is a pure function of tensors (no model, no optimizer, no Lightning), so the step logic
 in ``lightning_modules/grpo.py`` stays thin and this file can be tested against hand-computed numbers. One GRPO
@@ -12,13 +14,16 @@ described where it is made: unavailable (NaN) rewards and exact zeros for identi
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ADVANTAGE_SCALES",
+    "DynamicSampling",
+    "DynamicSamplingError",
     "AGG_MODES",
     "KL_CLAMP",
     "LOG_RATIO_CLAMP",
@@ -26,8 +31,11 @@ __all__ = [
     "aggregation_denominator",
     "group_advantages",
     "group_reward_std",
+    "groups_to_take",
+    "informative_groups",
     "kl_k3",
     "masked_mean",
+    "split_buffer",
 ]
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
@@ -345,3 +353,118 @@ def token_micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_
             out.append([rows[k]])
             longest = lengths[k]
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dynamic sampling (DAPO)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class DynamicSamplingError(RuntimeError):
+    """Dynamic sampling generated ``max_gen_batches`` batches without filling a training batch."""
+
+
+@dataclass(frozen=True)
+class DynamicSampling:
+    """DAPO dynamic sampling (arXiv 2503.14476, §3.2): groups whose outcome does not vary are dropped, and
+    generation goes on, one data-loader batch at a time, until every process holds a full batch of informative
+    groups; the groups beyond it are carried to the next step (``GRPOModule(dynamic_sampling=...)``).
+
+    Args:
+        outcome: the reward term(s) (``RewardTerm.name``, e.g. ``soft_f1``) whose variation makes a group
+            informative: a group is kept when one of them varies within it. Not the shaped total: an
+            all-correct group with one overlong or format penalty has a varying total and no outcome signal.
+        min_std: a group is informative when the unbiased std of its outcome is above this (0: any variation,
+            for exact or binary outcomes; continuous rewards need a floor, e.g. 0.05).
+        max_gen_batches: at most this many generation batches toward one training batch, then
+            ``DynamicSamplingError`` (``None``: no limit).
+        max_carried: at most this many informative groups carried to the next step, the oldest first (the
+            others are dropped and counted); ``None``: one batch (``batch_groups``).
+        batch_groups: informative groups per process per training step; ``None``: the data module's
+            ``batch_size`` (prompts per process per batch).
+
+    Deviations from DAPO (verl's recipe): the extra groups are carried, not dropped, and they are one policy
+    update old when they train (their π_old is computed at the step that trains them, as for fresh groups); the
+    filter reads named outcome terms, not the total; NaN outcomes (unavailable) never count as variation.
+    """
+
+    outcome: str | list[str]
+    min_std: float = 0.0
+    max_gen_batches: int | None = 10
+    max_carried: int | None = None
+    batch_groups: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.names or not all(isinstance(n, str) and n for n in self.names):
+            raise ValueError(f"dynamic_sampling.outcome must name one or more reward terms, got {self.outcome!r}")
+        if not self.min_std >= 0:
+            raise ValueError(f"dynamic_sampling.min_std must be >= 0, got {self.min_std}")
+        for name in ("max_gen_batches", "batch_groups"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"dynamic_sampling.{name} must be an int >= 1 or None, got {value!r}")
+        if self.max_carried is not None and (not isinstance(self.max_carried, int) or self.max_carried < 0):
+            raise ValueError(f"dynamic_sampling.max_carried must be an int >= 0 or None, got {self.max_carried!r}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The outcome term names as a tuple."""
+        return (self.outcome,) if isinstance(self.outcome, str) else tuple(self.outcome)
+
+
+def informative_groups(outcomes: Tensor, group_size: int, min_std: float = 0.0) -> Tensor:
+    """Which groups carry an outcome signal: ``outcomes (T, B*G)`` (or ``(B*G,)``: one term) → ``(B,)`` bool.
+
+    A group is informative when, for at least one term, the unbiased std of its valid (non-NaN) values is
+    above ``min_std`` (:func:`group_reward_std`: exactly 0 for identical values; NaN, never informative, with
+    fewer than 2 valid values). Example, G = 4, one term: [1, 1, 1, 1] → std 0 → False; [1, 0, 1, 1] → std 0.5
+    → True with ``min_std`` 0 or 0.4, False with 0.6; [1, NaN, NaN, NaN] → False.
+    """
+    if not isinstance(outcomes, Tensor):
+        raise TypeError(f"outcomes must be a torch.Tensor, got {type(outcomes).__name__}")
+    if outcomes.dim() == 1:
+        outcomes = outcomes.unsqueeze(0)  # (1, B*G)
+    if outcomes.dim() != 2 or outcomes.shape[0] == 0:
+        raise ValueError(f"outcomes must be (T, B*G) with T >= 1 or (B*G,), got shape {tuple(outcomes.shape)}")
+    stds = torch.stack([group_reward_std(term.double(), group_size) for term in outcomes])  # (T, B) NaN: < 2 valid
+    return (stds > float(min_std)).any(dim=0)  # (B,) NaN > x is False
+
+
+def groups_to_take(buffered: Sequence[int], target: int, gen_batches: int, max_gen_batches: int | None,
+                   outcome: Sequence[str] = ()) -> int:
+    """Informative groups every process trains on now: ``target`` when every process holds at least ``target``
+    (``buffered``: the groups each process holds, the same list on every process), else 0 (generate another
+    batch). ``gen_batches``: generation batches so far toward this training batch, this one included; when it
+    reaches ``max_gen_batches`` without a full batch, raises ``DynamicSamplingError`` naming the cap.
+
+    Example: target 4; buffered [5, 3] → 0 (process 1 lacks one); [5, 4] → 4; [5, 3] with gen_batches 3 and
+    max_gen_batches 3 → error.
+    """
+    counts = [int(c) for c in buffered]
+    if not counts or target < 1:
+        raise ValueError(f"groups_to_take needs the counts of every process and a target >= 1, got {counts}, {target}")
+    if min(counts) >= target:
+        return target
+    if max_gen_batches is not None and gen_batches >= max_gen_batches:
+        where = f" (per process: {counts})" if len(counts) > 1 else ""
+        raise DynamicSamplingError(
+            f"dynamic sampling: {gen_batches} generation batches (the cap, dynamic_sampling.max_gen_batches="
+            f"{max_gen_batches}) gave {min(counts)} of the {target} informative groups a training batch needs"
+            f"{where}; the outcome {list(outcome)} rarely varies within a group (prompts too easy or too hard for "
+            f"the policy, or min_std too high): raise max_gen_batches (null: no cap), lower min_std, or use "
+            f"harder / easier prompts")
+    return 0
+
+
+def split_buffer(n_buffered: int, take: int, max_carried: int) -> tuple[list[int], list[int], int]:
+    """First in, first out: the buffered groups ``0 … n_buffered−1`` (oldest first) → ``(trained now, carried
+    to the next step, number dropped)``. The ``take`` oldest train; of the rest, the ``max_carried`` oldest are
+    carried and the newer ones dropped (a group never waits behind a newer one: with ``max_carried`` at most
+    ``take``, every carried group trains at the next step).
+    Example: 7 buffered, take 4, max_carried 2 → [0, 1, 2, 3], [4, 5], 1 dropped."""
+    if not 0 <= take <= n_buffered:
+        raise ValueError(f"cannot take {take} of {n_buffered} buffered groups")
+    if max_carried < 0:
+        raise ValueError(f"max_carried must be >= 0, got {max_carried}")
+    rest = list(range(take, n_buffered))
+    return list(range(take)), rest[:max_carried], max(0, len(rest) - max_carried)

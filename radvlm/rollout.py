@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from radvlm.batch import append_completions, distinct_blocks, share_images
+from radvlm.batch import append_completions, distinct_blocks, pad_right, select_rows, share_images
 
 #: per-row list fields a prompt batch carries into its rollout (repeated G times)
 ROW_FIELDS = ("ids", "targets", "tasks", "thinking")
@@ -107,6 +107,58 @@ class Rollout:
     def model_batch(self) -> dict[str, Any]:
         """Prompt + completion as one model batch (N, P+C)."""
         return append_completions(self.prompt_inputs, self.completion_ids, self.completion_mask)
+
+    def groups(self, indices: Sequence[int]) -> "Rollout":
+        """The rollout of groups ``indices`` only (group ``i``: rows ``i·G … i·G+G−1``), in that order, each
+        prompt's image kept once (``radvlm.batch.select_rows``)."""
+        g = self.num_generations
+        rows = [i * g + j for i in indices for j in range(g)]
+        pick = lambda xs: [xs[r] for r in rows] if xs else list(xs)  # noqa: E731
+        return Rollout(prompt_inputs=select_rows(self.prompt_inputs, rows), completion_ids=self.completion_ids[rows],
+                       completion_mask=self.completion_mask[rows], truncated=self.truncated[rows],
+                       texts=pick(self.texts), num_generations=g, ids=pick(self.ids), targets=pick(self.targets),
+                       tasks=pick(self.tasks), thinking=pick(self.thinking),
+                       logprobs=None if self.logprobs is None else self.logprobs[rows])
+
+    @classmethod
+    def concat(cls, parts: Sequence["Rollout"], pad_id: int) -> "Rollout":
+        """Rollouts of the same G one after another (groups of different generation batches): prompts
+        left-padded to the longest (``pad_id``, attention 0), completions right-padded (``pad_id``, mask 0; the
+        engine's log-probs with 0), each part's distinct images appended and ``image_index`` shifted to them.
+        Example: prompts [[a, b]] and [[c]] → input_ids [[a, b], [pad, c]], attention [[1, 1], [0, 1]]."""
+        if not parts:
+            raise ValueError("Rollout.concat needs at least one rollout")
+        g = parts[0].num_generations
+        if any(p.num_generations != g for p in parts):
+            raise ValueError(f"Rollout.concat: rollouts of different G {[p.num_generations for p in parts]}")
+        keys = set(parts[0].prompt_inputs)
+        if any(set(p.prompt_inputs) != keys for p in parts):
+            raise ValueError(f"Rollout.concat: prompt inputs with different keys {[sorted(p.prompt_inputs) for p in parts]}")
+        inputs: dict[str, Any] = {}
+        width = max(p.prompt_inputs["input_ids"].shape[1] for p in parts)
+        for key in keys:
+            values = [p.prompt_inputs[key] for p in parts]
+            if key in ("input_ids", "attention_mask", "mm_token_type_ids"):  # (N, P) left-padded
+                fill = pad_id if key == "input_ids" else 0
+                inputs[key] = torch.cat([torch.nn.functional.pad(v, (width - v.shape[1], 0), value=fill)
+                                         for v in values])  # (ΣN, P_max)
+            elif key == "image_index":  # (N,) row → distinct image of its part: shifted past the earlier parts
+                offsets = torch.tensor([0] + [p.prompt_inputs["distinct_image_grid_thw"].shape[0] for p in parts[:-1]])
+                inputs[key] = torch.cat([v + int(o) for v, o in zip(values, offsets.cumsum(0))])  # (ΣN,)
+            elif key in ("distinct_pixel_values", "distinct_image_grid_thw", "pixel_values", "image_grid_thw"):
+                inputs[key] = torch.cat(values)  # images back to back, in row order
+            else:
+                raise ValueError(f"Rollout.concat: no rule for the prompt input {key!r}")
+        logprobs = None
+        if any(p.logprobs is not None for p in parts):
+            logprobs = pad_right([p.logprobs if p.logprobs is not None
+                                  else torch.full(p.completion_ids.shape, float("nan")) for p in parts], 0.0)
+        cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        return cls(prompt_inputs=inputs, completion_ids=pad_right([p.completion_ids for p in parts], pad_id),
+                   completion_mask=pad_right([p.completion_mask for p in parts], 0),
+                   truncated=torch.cat([p.truncated for p in parts]), texts=cat("texts"), num_generations=g,
+                   ids=cat("ids"), targets=cat("targets"), tasks=cat("tasks"), thinking=cat("thinking"),
+                   logprobs=logprobs)
 
     def to(self, device: torch.device | str) -> "Rollout":
         move = lambda v: v.to(device) if isinstance(v, torch.Tensor) else v  # noqa: E731

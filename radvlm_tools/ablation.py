@@ -16,7 +16,7 @@ variant: soft-F1 and mAP@0.5 on own and shuffled images, the image-dependent par
 of all variants on one axis (from their TensorBoard logs) and ``OUT/ablation.json`` keeps the numbers.
 
 A variant that raises the own-image score but not the image-dependent part learned a prior, not grounding.
-The SFT export is the demo's (``runs/demo/sft_model``); when it is missing, the demo's data, tiny checkpoint and
+The SFT export is the demo's (``runs/demo/sft/hf_export``); when it is missing, the demo's data, tiny checkpoint and
 SFT stage run first (``radvlm_tools.demo``).
 """
 
@@ -53,13 +53,11 @@ def variant_config(name: str) -> Path:
 
 
 def fit_args(base: str, variant: str, out: Path, sft_model: Path, max_steps: int | None) -> list[str]:
-    """The ``main.py fit`` arguments of one variant: its overlay on ``base``, its own folders, the SFT start."""
+    """The ``main.py fit`` arguments of one variant: its overlay on ``base``, its own folder, the SFT start."""
+    # the run's checkpoints, TensorBoard versions and export all follow default_root_dir (OUT/<variant>/…)
     args = ["fit", "--config", base, "--config", str(variant_config(variant).relative_to(ROOT)),
             "--trainer.default_root_dir", str(out / variant),
-            "--trainer.logger.init_args.save_dir", str(out / "tensorboard"),
-            "--trainer.logger.init_args.name", variant,
             "--model.init_args.policy.name_or_path", str(sft_model),
-            "--model.init_args.export_dir", str(out / variant / "model"),
             "--model.init_args.overwrite_export", "true"]
     if max_steps is not None:
         args += ["--trainer.max_steps", str(max_steps)]
@@ -130,7 +128,7 @@ def format_table(summary: dict[str, dict[str, Any]], reference: str) -> str:
 
 def read_curves(tensorboard_dir: Path, names: Sequence[str],
                 tags: Sequence[str] = CURVE_TAGS) -> tuple[str | None, dict[str, list[tuple[int, float]]]]:
-    """The validation curve of each variant from its TensorBoard run ``tensorboard_dir/<name>/version_*``: the
+    """The validation curve of each variant from the TensorBoard versions of its run ``tensorboard_dir/<name>/version_*``: the
     first of ``tags`` logged by any run, and per variant its ``(step, value)`` points (versions merged, sorted)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -181,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         help="names in configs/demo/ablation (the first is the reference of the paired column); "
                              "default: all of them, grpo first")
     parser.add_argument("--out", default="runs/ablation", help="output folder")
-    parser.add_argument("--sft-model", default="runs/demo/sft_model",
+    parser.add_argument("--sft-model", default="runs/demo/sft/hf_export",
                         help="the SFT export every variant starts from (made by the demo's SFT stage if missing)")
     parser.add_argument("--max-steps", type=int, help="optimizer steps per variant (default: the base config's)")
     args = parser.parse_args(argv)
@@ -206,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             (shuffled_files if shuffled else own_files)[name] = path
             what = f"held-out predictions ({name}, {'shuffled' if shuffled else 'own'} images)"
             log = path.with_suffix(".log")
-            wait(start(main_py(*predict_args(out / name / "model", path, shuffled)), what, log), what, log)
+            wait(start(main_py(*predict_args(out / name / "hf_export", path, shuffled)), what, log), what, log)
 
     previous = None
     for name in args.variants:  # two cores: variant k's fit runs beside variant k-1's predictions
@@ -227,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     predictions(previous)
     summary = summarise({n: read_rows(p) for n, p in own_files.items()},
                         {n: read_rows(p) for n, p in shuffled_files.items()}, seconds, args.variants[0])
-    tag, curves = read_curves(out / "tensorboard", args.variants)
+    tag, curves = read_curves(out, args.variants)
     result: dict[str, Any] = {"variants": summary, "reference": args.variants[0], "base_config": args.config}
     if tag is not None:
         result["curves_png"] = str(plot_curves(tag, curves, out / "curves.png"))

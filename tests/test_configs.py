@@ -44,6 +44,10 @@ def test_ablation_variant_parses_over_the_demo_grpo_config(path, capsys):
         if isinstance(value, dict) and "class_path" in value:  # an injected object: its class and given arguments
             assert got["class_path"] == value["class_path"], key
             assert {k: got["init_args"][k] for k in value.get("init_args", {})} == value.get("init_args", {}), key
+        elif isinstance(value, dict):  # an option group: the values it gives (the rest are defaults)
+            assert {k: got[k] for k in value} == value, key
+        elif isinstance(value, list):  # a list replaces the base's: the same entries, by class
+            assert [g["class_path"] for g in got] == [v["class_path"] for v in value], key
         else:
             assert got == value, key
 
@@ -113,3 +117,16 @@ def test_docs_objective_example_parses_in_the_demo_config(index, tmp_path, capsy
         if key in block:
             assert printed[key]["class_path"] == block[key]["class_path"]
             assert {k: printed[key]["init_args"][k] for k in block[key]["init_args"]} == block[key]["init_args"]
+
+
+def test_dynamic_sampling_is_an_option_group_off_in_the_real_configs(capsys):
+    for name in ("grpo_report", "grpo_grounding", "grpo_joint"):
+        cfg = yaml.safe_load((ROOT / f"configs/{name}.yaml").read_text())
+        assert cfg["model"]["init_args"]["dynamic_sampling"] is None  # off: the paper's GRPO
+    with pytest.raises(SystemExit) as done:
+        main.main(args=["fit", "--config", str(ROOT / "configs/grpo_grounding.yaml"), "--print_config",
+                        "--model.init_args.dynamic_sampling", "{outcome: soft_f1, min_std: 0.1, max_gen_batches: 4}"])
+    assert done.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]["dynamic_sampling"]
+    assert printed == {"outcome": "soft_f1", "min_std": 0.1, "max_gen_batches": 4, "max_carried": None,
+                       "batch_groups": None}
