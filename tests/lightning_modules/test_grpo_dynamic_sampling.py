@@ -57,9 +57,9 @@ class Trained(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         real = pl_module._advantages
 
-        def recorded(rollout, rewards):
+        def recorded(rollout, rewards, *args, **kwargs):
             self.trained.append(list(rollout.ids[::G]))
-            return real(rollout, rewards)
+            return real(rollout, rewards, *args, **kwargs)
 
         pl_module._advantages = recorded
 
