@@ -75,7 +75,7 @@ def module_identity(trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
     """``model_identity`` of a predict run: the module's class path, its ``policy.name_or_path``, the checkpoint
     it was loaded from (``trainer.ckpt_path``: set only once Lightning has loaded it, after ``setup``) and its
     init arguments (``hparams``) as plain values."""
-    from lightning_modules.common import plain_value
+    from lightning_modules.resume import plain_value
 
     settings = {k: v for k, v in plain_value(dict(getattr(pl_module, "hparams", {}) or {})).items()
                 if not k.startswith("_")}

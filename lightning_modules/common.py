@@ -22,7 +22,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import logging
@@ -44,6 +43,7 @@ from lightning_modules.resume import (
     log_position,
     normalise_epoch_end,
     optimizer_settings,
+    plain_value,  # noqa: F401  (re-exported)
     scheduler_states,
 )
 from radvlm.policy import Policy, PolicyConfig
@@ -71,25 +71,6 @@ def resolve_callable(value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"expected a callable (optimizer / scheduler factory), got {value!r}")
     return value
-
-
-def plain_value(value: Any) -> Any:
-    """``value`` with only what ``torch.load(weights_only=True)`` accepts: dataclasses become dicts of their
-    fields, paths strings, functions and classes their dotted name, other objects their ``repr`` (tensors
-    stay)."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
-        return value
-    if isinstance(value, Path):
-        return str(value)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): plain_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain_value(v) for v in value]
-    if hasattr(value, "__qualname__") and hasattr(value, "__module__"):
-        return f"{value.__module__}.{value.__qualname__}"
-    return repr(value)
 
 
 def row_boxes(task: str | None, boxes: list | None, reference: str) -> dict[str, Any]:

@@ -10,10 +10,13 @@ resumes without skipping an epoch (``normalise_epoch_end``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+import torch
 
 RATE_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 COPIED_KEYS = ("weight_decay", "eps")
@@ -249,3 +252,22 @@ def normalise_epoch_end(checkpoint: dict[str, Any]) -> bool:
         return False
     batch["is_last_batch"] = False
     return True
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` with only what ``torch.load(weights_only=True)`` accepts: dataclasses become dicts of their
+    fields, paths strings, functions and classes their dotted name, other objects their ``repr`` (tensors
+    stay)."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_value(v) for v in value]
+    if hasattr(value, "__qualname__") and hasattr(value, "__module__"):
+        return f"{value.__module__}.{value.__qualname__}"
+    return repr(value)

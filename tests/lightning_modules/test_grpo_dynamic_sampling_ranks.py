@@ -82,9 +82,9 @@ class _Kept(_Watch):
     def on_train_start(self, trainer, pl_module) -> None:
         real = pl_module._advantages
 
-        def recorded(rollout, rewards):
+        def recorded(rollout, rewards, *args, **kwargs):
             self.trained.append(len(rollout) // G)
-            return real(rollout, rewards)
+            return real(rollout, rewards, *args, **kwargs)
 
         pl_module._advantages = recorded
 
