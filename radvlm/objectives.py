@@ -13,6 +13,8 @@ non-empty rows (``radvlm.grpo.aggregate``); per-term normalisation's masking of 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -36,7 +38,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-class PolicyLoss:
+class PolicyLoss(ABC):
     """Base of the policy losses: input checks, rollout-correction weights, aggregation, entropy bonus.
 
     A subclass implements :meth:`token_loss` (per-token loss ``(N, L)`` and its statistics); ``__call__``
@@ -60,11 +62,11 @@ class PolicyLoss:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
 
+    @abstractmethod
     def token_loss(self, logp: Tensor, old_logp: Tensor, adv: Tensor, m: Tensor,
                    log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-token loss ``(N, L)`` and detached statistics; ``adv (N, 1)``, ``m (N, L)`` bool, ``log_ratio``
         the clamped ``logp − old_logp`` (0 off the mask); all in at least float32."""
-        raise NotImplementedError
 
     def __call__(
         self,
@@ -289,7 +291,7 @@ class SAPOLoss(PolicyLoss):
 # ----------------------------------------------------------------------------------------------------------
 
 
-class AdvantageEstimator:
+class AdvantageEstimator(ABC):
     """Base of the advantage estimators: ``(rewards (B*G,), group_size, term_values (B*G, K) | None,
     term_weights (K,) | None) -> advantages (B*G,)`` float32, 0 where unavailable.
 
@@ -303,9 +305,10 @@ class AdvantageEstimator:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
 
+    @abstractmethod
     def __call__(self, rewards: Tensor, group_size: int, term_values: Tensor | None = None,
                  term_weights: Tensor | None = None) -> Tensor:
-        raise NotImplementedError
+        """Advantages ``(N,)`` float32 from the total rewards ``(N,)`` (and each term's values and weights)."""
 
 
 class GroupNormalization(AdvantageEstimator):

@@ -7,52 +7,31 @@ exit status (``sys.exit``), where a dict would be printed and read as failure, s
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 
-def _run(main: Callable[[], Any]) -> int:
+def _run(main: Callable[[], object]) -> int:
     """Exit status 0 once ``main`` returns; its errors exit as they do under ``python -m`` (argparse: 2)."""
     main()
     return 0
 
 
-def evaluate() -> int:
-    from radvlm_tools.evaluate import main
+def _entry(module: str) -> Callable[[], int]:
+    """The console script of ``module``'s ``main`` (``_run``); the import waits for the call, so each tool loads
+    only what it needs."""
 
-    return _run(main)
+    def run() -> int:
+        import importlib
 
+        return _run(importlib.import_module(module).main)
 
-def infer() -> int:
-    from radvlm_tools.infer import main
-
-    return _run(main)
-
-
-def demo() -> int:
-    from radvlm_tools.demo import main
-
-    return _run(main)
+    run.__name__ = module.rsplit(".", 1)[1]
+    return run
 
 
-def shuffle_control() -> int:
-    from radvlm_tools.shuffle_control import main
-
-    return _run(main)
-
-
-def synthesize_thinking() -> int:
-    from radvlm_tools.synthesize_thinking import main
-
-    return _run(main)
-
-
-def ablation() -> int:
-    from radvlm_tools.ablation import main
-
-    return _run(main)
-
-
-def phantom() -> int:
-    from datamodules.phantom import main
-
-    return _run(main)
+evaluate = _entry("radvlm_tools.evaluate")
+infer = _entry("radvlm_tools.infer")
+demo = _entry("radvlm_tools.demo")
+shuffle_control = _entry("radvlm_tools.shuffle_control")
+synthesize_thinking = _entry("radvlm_tools.synthesize_thinking")
+ablation = _entry("radvlm_tools.ablation")
+phantom = _entry("datamodules.phantom")
