@@ -10,7 +10,8 @@ where the package folds longer inputs into windows at a cost that grows with the
 (``annotate_text``); the entity dict is built in linear time (``entities_of``); reports are annotated
 ``batch_size`` at a time (default 16, reports of similar length together, ``length_batches``) as the sentences
 of one document, one forward per batch, each report's annotation equal to its own one-report forward
-(``annotate_words``).
+(``annotate_words``); the forward's inputs are built as tensors (``model_inputs``, equal to the package's reader
+and collation) instead of one allennlp field object per enumerated span.
 """
 
 from __future__ import annotations
@@ -248,6 +249,63 @@ def install_decoders(model) -> None:
     model._radvlm_decoders = True
 
 
+def report_spans(n_words: int, max_width: int) -> torch.Tensor:  # (n_spans, 2)
+    """Every span ``[start, end]`` (inclusive) of at most ``max_width`` words of an ``n_words`` report, by start
+    then end: the package reader's ``enumerate_spans`` order, ``n·w − w(w−1)/2`` spans for ``w = min(max_width,
+    n)``."""
+    starts = torch.arange(n_words).repeat_interleave(max_width)  # (n·w,)
+    ends = starts + torch.arange(max_width).repeat(n_words)
+    keep = ends < n_words
+    return torch.stack((starts[keep], ends[keep]), dim=1)
+
+
+def pad_rows(rows: list[list], fill, dtype: torch.dtype) -> torch.Tensor:  # (len(rows), longest, *item)
+    """``rows`` of equal-shaped items as one tensor, each row right-padded with ``fill`` to the longest."""
+    longest = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [fill] * (longest - len(row)) for row in rows], dtype=dtype)
+
+
+def model_inputs(annotator, reports: list[list[str]]) -> dict:
+    """The package model's forward inputs for non-empty word lists as the sentences of one document, built
+    directly: the tensors the package's reader (``text_to_instance``) and collation give, without one
+    allennlp field object per span (about 8 per word).
+
+    ``{"text": {"bert": {token_ids, type_ids, wordpiece_mask, segment_concat_mask (1, R, P), mask (1, R, W),
+    offsets (1, R, W, 2)}}, "spans": (1, R, S, 2), "metadata": [Document]}`` for R reports, P word pieces,
+    W words and S spans at most; pads as the package's: token ids with the tokenizer's pad id, masks False,
+    type ids and offsets 0, spans −1. Word pieces come from the mismatched indexer itself
+    (``tokens_to_indices``: special tokens, offsets and the 512-piece folding as the package's)."""
+    from radgraph.allennlp.data.tokenizers import Token
+    from radgraph.dygie.data.dataset_readers.document import Document
+
+    reader = annotator.reader
+    indexer = reader._token_indexers["bert"]
+    vocab = annotator.model.vocab
+    normalized = [[reader._normalize_word(w) for w in words] for words in reports]
+    indexed = [indexer.tokens_to_indices([Token(w) for w in words], vocab) for words in normalized]
+    pad_id = indexer._tokenizer.pad_token_id
+    text = {}
+    for key in indexed[0]:
+        rows = [item[key] for item in indexed]
+        if key == "offsets":
+            text[key] = pad_rows(rows, (0, 0), torch.long)
+        elif key == "type_ids":
+            text[key] = pad_rows(rows, 0, torch.long)
+        elif key == "token_ids":
+            text[key] = pad_rows(rows, 0 if pad_id is None else pad_id, torch.long)
+        else:  # mask, wordpiece_mask, segment_concat_mask
+            text[key] = pad_rows(rows, False, torch.bool)
+    width = reader._max_span_width
+    spans = [report_spans(len(words), width) for words in normalized]
+    longest = max(len(s) for s in spans)
+    span_tensor = torch.full((len(spans), longest, 2), -1, dtype=torch.long)
+    for row, s in enumerate(spans):
+        span_tensor[row, : len(s)] = s
+    document = Document.from_json({"doc_key": "0", "sentences": reports, "dataset": annotator.model_type})
+    return {"text": {"bert": {key: value[None] for key, value in text.items()}}, "spans": span_tensor[None],
+            "metadata": [document]}
+
+
 def annotate_words(annotator, reports: list[list[str]]) -> list[Annotation]:
     """The annotations of non-empty word lists (``report_words``) in one forward of the package's model.
 
@@ -256,17 +314,11 @@ def annotate_words(annotator, reports: list[list[str]]) -> list[Annotation]:
     (``install_decoders``) see each report as its own one-sentence document does: its annotation is the one of
     ``annotate_words(annotator, [words])``, which is the package's ``RadGraph.forward`` of that report with the
     annotation dict of its ``postprocess_reports`` (``entities_of``). Needs ``sentences_independent``."""
-    from radgraph.allennlp.data.dataloader import PyTorchDataLoader
-    from radgraph.allennlp.data.dataset_readers import AllennlpDataset
     from radgraph.utils import batch_to_device
 
     install_decoders(annotator.model)
     install_word_pieces(annotator)
-    instance = annotator.reader.text_to_instance({"doc_key": "0", "sentences": reports,
-                                                  "dataset": annotator.model_type})
-    data = AllennlpDataset([instance])
-    data.index_with(annotator.model.vocab)
-    (batch,) = list(PyTorchDataLoader(batch_size=1, dataset=data))
+    batch = model_inputs(annotator, reports)
     with torch.no_grad():
         output = annotator.model(**batch_to_device(batch, annotator.device))
     return [{"text": " ".join(words), "data_source": None, "data_split": "inference",

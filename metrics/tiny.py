@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -149,6 +150,63 @@ def write_tiny_radgraph(folder: str | Path, bert_dir: str | Path, model_type: st
     model = dygie.DyGIE(vocab=vocab, embedder=embedder, **model_kwargs)
     torch.save(model.state_dict(), folder / "weights.th")
     return str(folder)
+
+
+def calibrate_label_scorer(linear: torch.nn.Linear, logits: torch.Tensor, rate: float, scale: float) -> None:
+    """Rewrite ``linear`` (a label scorer whose null class scores 0) in place so that, on the inputs that gave
+    ``logits`` (N, L), about ``rate`` of the rows have a label above 0, the labels sharing them about evenly:
+    logits become ``scale · (z − mean_l) − t`` with ``t`` the (1 − rate) quantile of the row maxima."""
+    centred = scale * (logits - logits.mean(dim=0))  # (N, L)
+    threshold = torch.quantile(centred.max(dim=1).values, 1.0 - rate)
+    with torch.no_grad():
+        linear.weight.mul_(scale)
+        linear.bias.copy_(scale * (linear.bias - logits.mean(dim=0)) - threshold)
+
+
+def calibrate_tiny_radgraph(folder: str | Path, texts: Sequence[str], model_type: str = "radgraph-xl",
+                            entity_rate: float = 0.07, relation_rate: float = 0.5, scale: float = 30.0) -> dict:
+    """Make a tiny random RadGraph (``write_tiny_radgraph``) predict as sparsely as a trained one, on ``texts``.
+
+    Random label scorers give nearly the same logits to every span, so a random model labels most enumerated
+    spans (about 8 per word) as entities and most pruned span pairs as relations, and decoding then costs far
+    more than on real reports. Here the NER and relation label scorers are rescaled (``calibrate_label_scorer``)
+    so that about ``entity_rate`` of the enumerated spans and ``relation_rate`` of the scored span pairs of
+    ``texts`` get a label; ``weights.th`` is rewritten. Returns the density reached on ``texts``:
+    ``{"entities_per_word", "relations_per_word"}`` (relations whose ends are both entities, as decoded)."""
+    from metrics.radgraph import annotate_words, load_annotator, report_words
+
+    annotator = load_annotator(model_type, str(folder), "cpu")
+    model = annotator.model
+    ner = model._ner._ner_scorers[f"{model_type}__ner_labels"][1]._module
+    relation = model._relation._relation_scorers[f"{model_type}__relation_labels"]
+    reports = [words for words in (report_words(annotator, text)[0] for text in texts) if words]
+    if not reports:
+        raise ValueError("calibrate_tiny_radgraph: no text with words to calibrate on")
+    def logits_of(layer) -> torch.Tensor:  # (rows scored on the reports, labels)
+        seen: list[torch.Tensor] = []
+        hook = layer.register_forward_hook(  # a copy: the relation head adds mention scores to it in place
+            lambda _m, _i, out: seen.append(out.detach().reshape(-1, out.shape[-1]).clone()))
+        try:
+            annotate_words(annotator, reports)
+        finally:
+            hook.remove()
+        return torch.cat(seen)
+
+    calibrate_label_scorer(ner, logits_of(ner), entity_rate, scale)
+    # the relation head pairs the spans its pruner keeps: rank them as the NER head scores entities (its
+    # feedforward, its mean label logit), as a trained pruner keeps entity-like spans
+    pruner = model._relation._mention_pruners[f"{model_type}__relation_labels"]._scorer
+    with torch.no_grad():
+        pruner[0]._module.load_state_dict(model._ner._ner_scorers[f"{model_type}__ner_labels"][0]._module.state_dict())
+        pruner[1]._module.weight.copy_(ner.weight.mean(dim=0, keepdim=True) / scale)  # the same ranking, and
+        pruner[1]._module.bias.copy_(ner.bias.mean().reshape(1) / scale)  # small: relation logits add it
+    calibrate_label_scorer(relation, logits_of(relation), relation_rate, scale)
+    torch.save(model.state_dict(), Path(folder) / "weights.th")
+    annotations = [a for words in reports for a in annotate_words(annotator, [words])]
+    n_words = sum(len(words) for words in reports)
+    entities = [e for a in annotations for e in a["entities"].values()]
+    return {"entities_per_word": len(entities) / n_words,
+            "relations_per_word": sum(len(e["relations"]) for e in entities) / n_words}
 
 
 def write_tiny_causal_lm(folder: str | Path, hidden: int = 32, layers: int = 2, heads: int = 2, vocab_size: int = 512,

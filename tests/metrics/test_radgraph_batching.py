@@ -1,6 +1,8 @@
 """RadGraph in batches (metrics/radgraph.py): reports of similar length share a forward as the sentences of one
 document, and every report's annotation and score equal its own one-report forward; word pieces are kept per
-distinct word and equal the package's word-by-word tokenization; a failing batch is redone report by report."""
+distinct word and equal the package's word-by-word tokenization; a failing batch is redone report by report; the
+model's inputs are built directly, equal to the package's reader and collation; the calibrated tiny model
+(metrics/tiny.py) predicts sparsely and still scores as the package does."""
 
 import pytest
 import torch
@@ -12,9 +14,11 @@ from metrics.radgraph import (
     install_word_pieces,
     length_batches,
     load_annotator,
+    model_inputs,
+    report_spans,
     report_words,
 )
-from metrics.tiny import write_tiny_radgraph
+from metrics.tiny import calibrate_label_scorer, calibrate_tiny_radgraph, write_tiny_radgraph
 
 # mixed lengths: one word, short, medium and one long report (cut to max_tokens=64 word pieces below)
 MIXED = [
@@ -111,3 +115,68 @@ def test_a_failing_batch_is_redone_report_by_report(folder, monkeypatch):
     strict = RadGraphF1(model_dir=folder, device="cpu", max_tokens=64, batch_size=16, strict=True)
     with pytest.raises(RuntimeError, match="planted failure"):
         strict.score(MIXED, MIXED)
+
+
+def test_report_spans_by_hand():
+    # 3 words, spans of at most 2 words, by start then end (the package's enumerate_spans order)
+    assert report_spans(3, 2).tolist() == [[0, 0], [0, 1], [1, 1], [1, 2], [2, 2]]
+    assert report_spans(1, 8).tolist() == [[0, 0]]
+    # n·w − w(w−1)/2 spans: 10 words, width 8 -> 80 − 28 = 52
+    assert report_spans(10, 8).shape == (52, 2)
+
+
+def test_model_inputs_equal_the_packages_reader_and_collation(folder):
+    from radgraph.allennlp.data.dataloader import PyTorchDataLoader
+    from radgraph.allennlp.data.dataset_readers import AllennlpDataset
+
+    annotator = load_annotator("radgraph-xl", folder, "cpu")
+    install_word_pieces(annotator)
+    texts = MIXED + ["Stable /. lines and tubes /?"]  # words the reader normalizes ("/." -> ".")
+    reports = [report_words(annotator, text, 64)[0] for text in texts]
+    instance = annotator.reader.text_to_instance({"doc_key": "0", "sentences": reports, "dataset": "radgraph-xl"})
+    data = AllennlpDataset([instance])
+    data.index_with(annotator.model.vocab)
+    (expected,) = list(PyTorchDataLoader(batch_size=1, dataset=data))
+    ours = model_inputs(annotator, reports)
+    assert set(ours["text"]["bert"]) == set(expected["text"]["bert"])
+    for key, value in expected["text"]["bert"].items():
+        assert ours["text"]["bert"][key].dtype == value.dtype, key
+        assert torch.equal(ours["text"]["bert"][key], value), key
+    assert torch.equal(ours["spans"], expected["spans"])
+    assert (ours["spans"] == -1).any()  # shorter reports were padded
+    doc, ref_doc = ours["metadata"][0], expected["metadata"][0]
+    assert doc.dataset == ref_doc.dataset == "radgraph-xl"
+    assert [s.text for s in doc.sentences] == [s.text for s in ref_doc.sentences]
+
+
+def test_calibrate_label_scorer_by_hand():
+    # an identity scorer: logits are the inputs; after calibration scale·(x − mean) − t with t the 0.75 quantile
+    # of the centred row maxima, so a quarter of the rows have a label above 0
+    x = torch.tensor([[0.0, 1.0], [2.0, 0.0], [1.0, 3.0], [4.0, 2.0], [3.0, 1.0], [0.0, 0.0], [1.0, 1.0], [2.0, 5.0]])
+    linear = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(2))
+        linear.bias.zero_()
+    calibrate_label_scorer(linear, linear(x).detach(), rate=0.25, scale=2.0)
+    mean = x.mean(dim=0)  # (1.625, 1.625)
+    centred = 2.0 * (x - mean)
+    t = torch.quantile(centred.max(dim=1).values, 0.75)
+    torch.testing.assert_close(linear(x).detach(), centred - t)
+    assert int((linear(x).max(dim=1).values > 0).sum()) == 2  # 2 of 8 rows
+
+
+def test_calibrated_tiny_radgraph_is_sparse_and_scores_as_the_package(tmp_path, bert_dir):
+    from radgraph import F1RadGraph
+
+    folder = write_tiny_radgraph(tmp_path / "radgraph-xl", bert_dir)
+    density = calibrate_tiny_radgraph(folder, MIXED * 3)
+    # a random model labels most of the ~8 enumerated spans per word; the calibrated one about one word in two
+    assert 0.1 < density["entities_per_word"] < 1.5 and 0 < density["relations_per_word"] < 1.5
+    model = load_annotator("radgraph-xl", folder, "cpu").model
+    saved = torch.load(f"{folder}/weights.th", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())  # the rewritten weights
+    preds, refs = MIXED, MIXED[2:] + MIXED[:2]
+    ours = RadGraphF1(reward_level="partial", model_dir=folder, device="cpu", batch_size=4).score(preds, refs)
+    _, package, _, _ = F1RadGraph(reward_level="partial", model_type="radgraph-xl", model_cache_dir=str(tmp_path),
+                                  cuda=-1)(refs=refs, hyps=preds)
+    torch.testing.assert_close(ours, torch.tensor(package, dtype=torch.float32), rtol=0, atol=0)
