@@ -308,6 +308,53 @@ class Policy(nn.Module):
             inputs["mm_encoder_outputs"] = {"image": self.shared_image_features(batch)}
         return inputs
 
+    def needs_idle_vision(self, batch: dict[str, Any]) -> bool:
+        """Whether a forward of ``batch`` must run the vision tower on a stand-in image: this process is one of
+        several (``torch.distributed``) and ``batch`` carries no image, while another rank's batch may. Under
+        FSDP2 every vision block is a unit whose weights are gathered in forward and whose gradients are
+        reduced in backward, collectives every rank must join in the same order; under DDP a tower without a
+        gradient on one rank breaks the gradient reduction. Decided from this rank's batch alone, so no
+        collective is needed to agree on it (a step where no rank has an image runs the stand-in everywhere)."""
+        if batch.get("pixel_values") is not None or batch.get("distinct_pixel_values") is not None:
+            return False
+        if getattr(self.hf_model.model, "visual", None) is None:
+            return False
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def idle_vision_zero(self) -> torch.Tensor:  # () float32
+        """A zero that depends on every weight of the vision tower: the tower run on one black stand-in image of
+        the smallest grid (one merged token, ``spatial_merge_size²`` patches), its pooled and deepstack outputs
+        summed and multiplied by 0. Added to a text-only forward (``idle_vision``), it makes the tower gather
+        its weights and, in backward, receive an all-zero gradient, as on the ranks that saw images."""
+        vision = self.hf_model.config.vision_config
+        merge = vision.spatial_merge_size
+        width = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+        device = self.hf_model.get_input_embeddings().weight.device
+        pixels = torch.zeros(merge * merge, width, device=device)  # (patches, D)
+        grid = torch.tensor([[1, merge, merge]], device=device)  # (1, 3)
+        out = self.hf_model.model.get_image_features(pixels, grid, return_dict=True)
+        parts = list(out.pooler_output) + [t for layer in (out.deepstack_features or ())
+                                           for t in (layer if isinstance(layer, (list, tuple)) else (layer,))]
+        return sum(part.float().sum() for part in parts) * 0.0
+
+    @contextlib.contextmanager
+    def idle_vision(self, batch: dict[str, Any]) -> Iterator[None]:
+        """Around one forward of ``batch``: when ``needs_idle_vision``, run the tower first on the stand-in
+        (``idle_vision_zero``) and add its zero to the token embeddings, so the tower's collectives come where
+        an image rank's come (its weights gathered before the decoder layers', its gradients reduced after
+        theirs) and the values are unchanged. A no-op otherwise."""
+        if not self.needs_idle_vision(batch):
+            yield
+            return
+        zero = self.idle_vision_zero()
+        handle = self.hf_model.get_input_embeddings().register_forward_hook(
+            lambda _module, _inputs, embeds: embeds + zero.to(embeds.dtype))
+        try:
+            yield
+        finally:
+            handle.remove()
+
     def shared_image_features(self, batch: dict[str, Any]) -> Any:
         """Vision features of each distinct image once (``distinct_pixel_values``, ``distinct_image_grid_thw``),
         handed to every row that shows it (``image_index``): the tower runs once per image, and in backward the
@@ -321,11 +368,11 @@ class Policy(nn.Module):
         return out
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, V) logits
-        with self.compute_context():
+        with self.compute_context(), self.idle_vision(batch):
             return self.hf_model(**self._forward_inputs(batch), use_cache=False).logits
 
     def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:  # (N, T, H)
-        with self.compute_context():
+        with self.compute_context(), self.idle_vision(batch):
             out = self.hf_model.model(**self._forward_inputs(batch), use_cache=False)
         return out.last_hidden_state
 
@@ -344,7 +391,7 @@ class Policy(nn.Module):
             rows["image_grid_thw"] = rows["distinct_image_grid_thw"][rows["image_index"]]  # (N, 3): for the positions
         positions = mrope_position_ids(self.hf_model, rows)  # (4, N, T)
         packed, where = pack_rows(batch, positions)
-        with self.compute_context():
+        with self.compute_context(), self.idle_vision(packed):
             out = self.hf_model.model(**self._forward_inputs(packed), position_ids=packed["position_ids"],
                                       use_cache=False)
         hidden = out.last_hidden_state[0]  # (S, H)
@@ -378,8 +425,9 @@ class Policy(nn.Module):
         cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cache = DynamicCache(config=self.hf_model.config.get_text_config(decoder=True))
         with self.compute_context():
-            out = model(**self._forward_inputs(prefix), position_ids=positions[:, first, :p], use_cache=True,
-                        **{cache_kw: cache})
+            with self.idle_vision(prefix):  # the completions' forward below runs no tower on any rank
+                out = model(**self._forward_inputs(prefix), position_ids=positions[:, first, :p], use_cache=True,
+                            **{cache_kw: cache})
             last = out.last_hidden_state[:, -1:]  # (U, 1, H): predicts every row's first completion token
             if c == 1:
                 return last[inverse]  # (N, 1, H)

@@ -11,7 +11,9 @@ processes, as ``python main.py fit`` does on one node. The scenarios, each on ra
 - ``grpo_reward_fail``: every reward of rank 1 unavailable (both ranks stop with the same error);
 - ``precision``: one AdamW step at lr 1e-6 under the real configs' precision (float32 master weights) and
   under pure bf16 (``bf16-true`` + ``master_dtype: bfloat16``): which weights moved;
-- ``hybrid_sft`` / ``hybrid_grpo`` (4 processes): hybrid sharding as a 2 × 2 mesh.
+- ``hybrid_sft`` / ``hybrid_grpo`` (4 processes): hybrid sharding as a 2 × 2 mesh;
+- ``sft_text_only`` / ``grpo_text_only``: every record of rank 1 without its image (text-only batches beside
+  rank 0's image batches: the vision units must still gather and reduce on rank 1).
 
 Every process has a hard timeout (``faulthandler`` prints the stacks of a hang and exits); the test kills the
 process group past its own limit. Each rank writes what it saw to ``OUT/SCENARIO/rankR.json``.
@@ -19,6 +21,7 @@ process group past its own limit. Each rank writes what it saw to ``OUT/SCENARIO
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import hashlib
 import json
@@ -78,6 +81,13 @@ def agreement_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
 def reward_failure_run(tiny_ckpt, data_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rewardfail")
     _launch(tiny_ckpt, data_file, out, 2, ["grpo_reward_fail"], 200)  # last: the error ends the processes
+    return out
+
+
+@pytest.fixture(scope="module")
+def text_only_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("textonly")
+    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only"], 240)
     return out
 
 
@@ -144,6 +154,14 @@ def test_float32_master_weights_learn_at_lr_1e_6_where_bf16_weights_do_not(agree
         assert lora["global_step"] == 1 and lora["lora_b_moved"]
 
 
+@pytest.mark.parametrize("scenario", ["sft_text_only", "grpo_text_only"])
+def test_text_only_batches_on_one_rank_beside_image_batches_train_together(text_only_runs, scenario):
+    ranks = _ranks(text_only_runs, scenario)
+    _same_run(ranks)
+    assert ranks[0]["images_seen"] > 0 and ranks[1]["images_seen"] == 0  # rank 1 never had an image
+    assert ranks[1]["batches"] == ranks[0]["batches"] == 2
+
+
 @pytest.mark.parametrize("scenario", ["hybrid_sft", "hybrid_grpo"])
 def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scenario):
     ranks = _ranks(hybrid_runs, scenario, n=4)
@@ -157,7 +175,7 @@ def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scen
 
 
 # ---------------------------------------------------------------------------------------------- the worker
-#: what rank 1's collator does in the running scenario: None, "drop_one", "empty_first"
+#: what rank 1's collator does in the running scenario: None, "drop_one", "empty_first", "text_only"
 MISBEHAVE: dict[str, str | None] = {"mode": None}
 
 
@@ -166,12 +184,18 @@ def _rank() -> int:
 
 
 class _Misbehaving:
-    """A collator mixin: on rank 1, drop one record of every batch or make the first batch empty (as the real
-    collator does with samples over ``max_length``), counted in ``n_dropped``."""
+    """A collator mixin: on rank 1, drop one record of every batch, make the first batch empty (as the real
+    collator does with samples over ``max_length``), counted in ``n_dropped``, or drop every image (text-only
+    records). ``images_seen`` counts the images this rank's batches carried."""
+
+    images_seen = 0
 
     def __call__(self, records):
         mode = MISBEHAVE["mode"] if _rank() == 1 else None
         self.calls = getattr(self, "calls", 0) + 1
+        if mode == "text_only":
+            records = [dataclasses.replace(r, image=None) for r in records]
+        _Misbehaving.images_seen += sum(r.image is not None for r in records)
         if mode == "empty_first" and self.calls == 1:
             return {"n_dropped": len(records), "empty": True}
         if mode == "drop_one":
@@ -370,8 +394,9 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
         folder = Path(out) / scenario
         folder.mkdir(parents=True, exist_ok=True)
         MISBEHAVE.clear()
-        MISBEHAVE["mode"] = {"sft_empty": "empty_first", "grpo_empty": "empty_first", "grpo_drop": "drop_one"}.get(
-            scenario)
+        MISBEHAVE["mode"] = {"sft_empty": "empty_first", "grpo_empty": "empty_first", "grpo_drop": "drop_one",
+                             "sft_text_only": "text_only", "grpo_text_only": "text_only"}.get(scenario)
+        _Misbehaving.images_seen = 0
         kind = "sft" if "sft" in scenario else "grpo"
         if scenario == "precision":
             info = _precision(ckpt, data_file, folder)
@@ -387,6 +412,7 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
             trainer, module = _fit(kind, ckpt, data_file, folder, callbacks, strategy=strategy,
                                    batches=3 if scenario == "sft_nan" else 2)
             info = _summary(trainer, module, watch)
+            info["images_seen"] = _Misbehaving.images_seen
             mesh = trainer.strategy.fsdp_mesh
             info["mesh"] = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names)}
             rank = trainer.global_rank
