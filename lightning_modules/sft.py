@@ -125,9 +125,11 @@ class SFTModule(PolicyModule):
         if batch is None:
             return
         loss_sum, n_tokens = self.policy.sft_loss(batch)
-        if not filler:
-            self.log("val/loss", loss_sum / max(n_tokens, 1), on_epoch=True, prog_bar=True,
-                     batch_size=max(n_tokens, 1), sync_dist=True)
+        # a filler is logged with weight 0, so that every process holds val/loss and joins its epoch-end
+        # reduction (a process whose every batch was empty would otherwise leave the others waiting in it)
+        value = loss_sum.new_zeros(()) if filler else loss_sum / max(n_tokens, 1)
+        self.log("val/loss", value, on_epoch=True, prog_bar=True, batch_size=0 if filler else max(n_tokens, 1),
+                 sync_dist=True)
         want = self.num_generation_samples - self._shown  # the same on every process
         if want > 0 and "prompt" in batch and not batch["prompt"].get("empty"):
             prompt = _take(batch["prompt"], want)

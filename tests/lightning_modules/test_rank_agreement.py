@@ -13,7 +13,8 @@ processes, as ``python main.py fit`` does on one node. The scenarios, each on ra
   under pure bf16 (``bf16-true`` + ``master_dtype: bfloat16``): which weights moved;
 - ``hybrid_sft`` / ``hybrid_grpo`` (4 processes): hybrid sharding as a 2 × 2 mesh;
 - ``sft_text_only`` / ``grpo_text_only``: every record of rank 1 without its image (text-only batches beside
-  rank 0's image batches: the vision units must still gather and reduce on rank 1).
+  rank 0's image batches: the vision units must still gather and reduce on rank 1);
+- ``sft_val_empty``: every validation batch of rank 1 empty (rank 1 never has a ``val/loss`` of its own).
 
 Every process has a hard timeout (``faulthandler`` prints the stacks of a hang and exits); the test kills the
 process group past its own limit. Each rank writes what it saw to ``OUT/SCENARIO/rankR.json``.
@@ -87,7 +88,7 @@ def reward_failure_run(tiny_ckpt, data_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_only_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("textonly")
-    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only"], 240)
+    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only", "sft_val_empty"], 300)
     return out
 
 
@@ -162,6 +163,13 @@ def test_text_only_batches_on_one_rank_beside_image_batches_train_together(text_
     assert ranks[1]["batches"] == ranks[0]["batches"] == 2
 
 
+def test_every_validation_batch_empty_on_one_rank_gives_one_val_loss_on_both(text_only_runs):
+    ranks = _ranks(text_only_runs, "sft_val_empty")
+    _same_run(ranks)
+    assert ranks[0]["val_loss"] == ranks[1]["val_loss"] and math.isfinite(ranks[0]["val_loss"])
+    assert ranks[1]["val_dropped"] > 0 and ranks[0]["val_dropped"] == 0  # rank 1's batches were all empty
+
+
 @pytest.mark.parametrize("scenario", ["hybrid_sft", "hybrid_grpo"])
 def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scenario):
     ranks = _ranks(hybrid_runs, scenario, n=4)
@@ -175,7 +183,8 @@ def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scen
 
 
 # ---------------------------------------------------------------------------------------------- the worker
-#: what rank 1's collator does in the running scenario: None, "drop_one", "empty_first", "text_only"
+#: what rank 1's collator does in the running scenario: None, "drop_one", "empty_first", "text_only",
+#: "empty_val" (every batch of validation records, ids "v…", empty)
 MISBEHAVE: dict[str, str | None] = {"mode": None}
 
 
@@ -189,12 +198,16 @@ class _Misbehaving:
     records). ``images_seen`` counts the images this rank's batches carried."""
 
     images_seen = 0
+    val_dropped = 0
 
     def __call__(self, records):
         mode = MISBEHAVE["mode"] if _rank() == 1 else None
         self.calls = getattr(self, "calls", 0) + 1
         if mode == "text_only":
             records = [dataclasses.replace(r, image=None) for r in records]
+        if mode == "empty_val" and records and records[0].id.startswith("v"):
+            _Misbehaving.val_dropped += len(records)
+            return {"n_dropped": len(records), "empty": True}
         _Misbehaving.images_seen += sum(r.image is not None for r in records)
         if mode == "empty_first" and self.calls == 1:
             return {"n_dropped": len(records), "empty": True}
@@ -318,18 +331,21 @@ def _world() -> int:
 
 
 def _fit(kind: str, ckpt: str, data_file: str, folder: Path, callbacks, max_steps: int = -1, batches: int = 2,
-         collator=None, strategy=None, precision="32-true", module=None, batch_size: int = 2):
+         collator=None, strategy=None, precision="32-true", module=None, batch_size: int = 2,
+         val_file: str | None = None):
     from datamodules.datamodule import RadVLMDataModule
     from lightning_modules.strategies import FSDP2Strategy
 
     L.seed_everything(0)
     module = module or _module(kind, ckpt)
     collator = collator or (MisbehavingSFT if kind == "sft" else MisbehavingPrompts)
-    data = RadVLMDataModule(ckpt, train_files=[data_file], collator=collator, batch_size=batch_size)
+    data = RadVLMDataModule(ckpt, train_files=[data_file], val_files=[val_file] if val_file else None,
+                            collator=collator, batch_size=batch_size)
     trainer = L.Trainer(accelerator="cpu", devices=_world(), strategy=strategy or FSDP2Strategy(),
                         max_steps=max_steps, max_epochs=1, limit_train_batches=batches, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=folder, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+                        default_root_dir=folder, limit_val_batches=2 if val_file else 0, num_sanity_val_steps=0,
+                        callbacks=callbacks,
                         precision=precision)
     trainer.fit(module, data)
     return trainer, module
@@ -384,6 +400,17 @@ def _full_weights_of_checkpoint(ckpt: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in Policy.from_pretrained(ckpt).model.state_dict().items()}
 
 
+def _val_file(data_file: str, folder: Path) -> str:
+    """This rank's copy of the training records as validation records (ids "v…", the same images)."""
+    records = json.loads(Path(data_file).read_text())[:8]
+    out = folder / f"val{torch.distributed.get_rank() if torch.distributed.is_initialized() else 0}.json"
+    for rec in records:
+        rec["id"] = "v" + rec["id"]
+        rec["image"] = str(Path(data_file).parent / rec["image"])
+    out.write_text(json.dumps(records))
+    return str(out)
+
+
 def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) -> None:
     from lightning_modules.strategies import FSDP2Strategy
 
@@ -395,8 +422,9 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
         folder.mkdir(parents=True, exist_ok=True)
         MISBEHAVE.clear()
         MISBEHAVE["mode"] = {"sft_empty": "empty_first", "grpo_empty": "empty_first", "grpo_drop": "drop_one",
-                             "sft_text_only": "text_only", "grpo_text_only": "text_only"}.get(scenario)
-        _Misbehaving.images_seen = 0
+                             "sft_text_only": "text_only", "grpo_text_only": "text_only",
+                             "sft_val_empty": "empty_val"}.get(scenario)
+        _Misbehaving.images_seen = _Misbehaving.val_dropped = 0
         kind = "sft" if "sft" in scenario else "grpo"
         if scenario == "precision":
             info = _precision(ckpt, data_file, folder)
@@ -409,10 +437,13 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
             watch = _Watch(watch_batch=1 if scenario == "sft_nan" else None)
             callbacks = [watch] + ([_NaNAt(1)] if scenario == "sft_nan" else [])
             strategy = FSDP2Strategy(hybrid_shard=True, shard_size=2) if scenario.startswith("hybrid") else None
+            val_file = _val_file(data_file, folder) if scenario == "sft_val_empty" else None
             trainer, module = _fit(kind, ckpt, data_file, folder, callbacks, strategy=strategy,
-                                   batches=3 if scenario == "sft_nan" else 2)
+                                   batches=3 if scenario == "sft_nan" else 2, val_file=val_file)
             info = _summary(trainer, module, watch)
-            info["images_seen"] = _Misbehaving.images_seen
+            info["images_seen"], info["val_dropped"] = _Misbehaving.images_seen, _Misbehaving.val_dropped
+            if val_file:
+                info["val_loss"] = float(trainer.callback_metrics["val/loss"])
             mesh = trainer.strategy.fsdp_mesh
             info["mesh"] = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names)}
             rank = trainer.global_rank
