@@ -549,7 +549,7 @@ class PolicyModule(L.LightningModule):
         for row in rows:
             cells = [str(row[k]).replace("|", "\\|").replace("\n", " ") for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
-        from lightning_modules.callbacks import log_step  # the run's one step axis (training batches)
+        from lightning_modules.callbacks.steps import log_step  # the run's one step axis (training batches)
 
         experiment.add_text(tag, "\n".join(lines), global_step=log_step(self.trainer))
 
