@@ -93,7 +93,7 @@ def radgraph_batching(model_dir: str, n: int, device: str, reps: int = 5, batch_
     - ``package``: the radgraph package's own ``F1RadGraph`` (its reader, allennlp collation, one report per
       forward, its decoding): RadGraph as it runs without this project;
     - ``one``: ``RadGraphF1(batch_size=1)``, one report per forward with this project's input building and
-      decoding (``metrics.radgraph.model_inputs``, ``install_decoders``, ``entities_of``);
+      decoding (``metrics.radgraph_annotate.model_inputs``, ``install_decoders``, ``entities_of``);
     - ``batched``: ``RadGraphF1(batch_size=batch_size)``, reports of similar length in one forward.
 
     The modes alternate, each rep on a fresh metric (empty reference cache) after one untimed warm-up of each;

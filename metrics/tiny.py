@@ -173,7 +173,8 @@ def calibrate_tiny_radgraph(folder: str | Path, texts: Sequence[str], model_type
     so that about ``entity_rate`` of the enumerated spans and ``relation_rate`` of the scored span pairs of
     ``texts`` get a label; ``weights.th`` is rewritten. Returns the density reached on ``texts``:
     ``{"entities_per_word", "relations_per_word"}`` (relations whose ends are both entities, as decoded)."""
-    from metrics.radgraph import annotate_words, load_annotator, report_words
+    from metrics.radgraph import load_annotator
+    from metrics.radgraph_annotate import annotate_words, report_words
 
     annotator = load_annotator(model_type, str(folder), "cpu")
     model = annotator.model

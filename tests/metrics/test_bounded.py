@@ -22,7 +22,8 @@ from metrics.boxes import parse_boxes
 from metrics.chexbert import CheXbertF1, CheXbertSimilarity
 from metrics.grounding import NEGATIVE_ANSWER, BoxFormat, GroundingMAP, SoftF1
 from metrics.radcliq import RadCliQ
-from metrics.radgraph import RadGraphF1, annotate_text, cap_words, entities_of, load_annotator
+from metrics.radgraph import RadGraphF1, load_annotator
+from metrics.radgraph_annotate import annotate_text, cap_words, entities_of
 from metrics.text import BLEU
 from metrics.tiny import write_tiny_chexbert, write_tiny_radgraph
 

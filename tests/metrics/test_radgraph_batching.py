@@ -1,4 +1,4 @@
-"""RadGraph in batches (metrics/radgraph.py): reports of similar length share a forward as the sentences of one
+"""RadGraph in batches (metrics/radgraph_annotate.py, metrics/radgraph.py): reports of similar length share a forward as the sentences of one
 document, and every report's annotation and score equal its own one-report forward; word pieces are kept per
 distinct word and equal the package's word-by-word tokenization; a failing batch is redone report by report; the
 model's inputs are built directly, equal to the package's reader and collation; the calibrated tiny model
@@ -7,13 +7,12 @@ model's inputs are built directly, equal to the package's reader and collation; 
 import pytest
 import torch
 
-from metrics.radgraph import (
-    RadGraphF1,
+from metrics.radgraph import RadGraphF1, load_annotator
+from metrics.radgraph_annotate import (
     WordPieces,
     annotate_words,
     install_word_pieces,
     length_batches,
-    load_annotator,
     model_inputs,
     report_spans,
     report_words,
