@@ -35,6 +35,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from datamodules.collate import Collator
 from datamodules.datamodule import RadVLMDataModule
+from lightning_modules.checkpoint_stage import check_checkpoint_module, module_name
+from lightning_modules.prediction import PolicyPrediction
+from lightning_modules.rank_agreement import RankAgreement
 from lightning_modules.resume import (
     apply_configured_schedules,
     apply_optimizer_settings,
@@ -73,19 +76,6 @@ def resolve_callable(value: Any) -> Any:
     return value
 
 
-def row_boxes(task: str | None, boxes: list | None, reference: str) -> dict[str, Any]:
-    """A prediction row's ground-truth boxes: ``{"gt_boxes": the record's boxes, "gt_boxes_from": "record"}``;
-    for a box task whose record has none, the boxes of the reference text (``metrics.boxes.parse_boxes``) with
-    ``gt_boxes_from: "reference"`` (the evaluation then lets each metric parse the text with its own style); else
-    ``[]`` from ``"none"``."""
-    from metrics.boxes import parse_boxes
-    from radvlm.tasks import is_box_task
-
-    if boxes:
-        return {"gt_boxes": boxes, "gt_boxes_from": "record"}
-    parsed = [list(b) for b in parse_boxes(reference)] if is_box_task(task) else []
-    return {"gt_boxes": parsed, "gt_boxes_from": "reference" if parsed else "none"}
-
 
 def batch_seed(run_seed: int, batch: int, rank: int) -> int:
     """A 63-bit seed for the ``batch``-th training batch of a run on ``rank``: a hash of the three numbers."""
@@ -122,7 +112,7 @@ def check_schedule_length(scheduler: Any, max_steps: int) -> None:
                     "of its schedule and never anneals fully", total, max_steps, 100 * max_steps / total)
 
 
-class PolicyModule(L.LightningModule):
+class PolicyModule(RankAgreement, PolicyPrediction, L.LightningModule):
     #: the batch layout the stage trains and evaluates on (``datamodules.collate``); each stage sets its own
     collator_type: type[Collator] = Collator
 
@@ -281,57 +271,6 @@ class PolicyModule(L.LightningModule):
             self._stop_non_finite()
         return stepped, norm
 
-    # ------------------------------------------------------------------ decisions all processes agree on
-    @property
-    def world(self) -> int:
-        return self.trainer.world_size if self._trainer is not None else 1
-
-    def agree_all(self, flag: bool) -> bool:
-        """``True`` on every process iff ``flag`` is ``True`` on every process (one all-reduce when
-        distributed): a decision that skips or reshapes work is taken on it, never on a local value."""
-        if self.world <= 1:
-            return bool(flag)
-        return bool(self.trainer.strategy.reduce_boolean_decision(bool(flag), all=True))
-
-    def gather_values(self, values: list[float]) -> torch.Tensor:
-        """``values`` of every process as a ``(world, len(values))`` float64 tensor, the same on every process
-        (one all-gather); ``(1, n)`` in a single process. Every process must pass as many values."""
-        local = torch.tensor([values], dtype=torch.float64, device=self.device)  # (1, n)
-        if self.world <= 1:
-            return local.cpu()
-        return self.trainer.strategy.all_gather(local).reshape(self.world, len(values)).cpu()
-
-    def agreed_max(self, counts: list[int]) -> list[int]:
-        """Element-wise maximum over the processes of ``counts`` (lists may differ in length: shorter ones count
-        as 0 beyond their end): two all-gathers when distributed."""
-        if self.world <= 1:
-            return list(counts)
-        length = int(self.gather_values([float(len(counts))]).max())
-        padded = list(counts) + [0] * (length - len(counts))
-        return [int(v) for v in self.gather_values([float(c) for c in padded]).max(0).values] if length else []
-
-    def shared_batch(self, batch: dict[str, Any]) -> tuple[dict[str, Any] | None, bool]:
-        """``(batch to run, is_filler)``. Single process: ``(None, False)`` for an empty batch (skipped).
-        Distributed: ``(None, False)`` everywhere when every process's batch is empty; otherwise a process whose
-        batch is empty (every sample over ``max_length``) receives the batch of the first process that has one,
-        to run with zero weight (``is_filler``), so every process makes the same passes and collectives."""
-        empty = bool(batch.get("empty"))
-        if self.world <= 1:
-            return (None if empty else batch), False
-        flags = self.gather_values([float(empty)])[:, 0]  # (world,)
-        if bool(flags.all()):
-            return None, False
-        if not bool(flags.any()):
-            return batch, False
-        donor = int((flags == 0).nonzero()[0])
-        sent = _to_device(batch, "cpu") if self.global_rank == donor else None
-        received = self.trainer.strategy.broadcast(sent, src=donor)  # CPU tensors: no device of the donor's
-        if not empty:
-            return batch, False
-        filler = _to_device(received, self.device)
-        filler["n_dropped"] = batch.get("n_dropped", 0)
-        return filler, True
-
     def _stop_non_finite(self) -> None:
         path = None
         if self._trainer is not None:
@@ -378,45 +317,6 @@ class PolicyModule(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         return isinstance(self.trainer.strategy, FSDPStrategy)
-
-    # ------------------------------------------------------------------ prediction
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """Greedy generation on a prompt batch → one row per sample (written by ``PredictionWriter``)."""
-        from radvlm.chat import split_thinking
-        from radvlm.tasks import task_think_split
-
-        batch, filler = self.shared_batch(batch)  # generation is a collective under FSDP2
-        if batch is None:
-            return []
-        gen = self.policy.generate(batch, max_new_tokens=self.predict_max_new_tokens,
-                                   synced_gpus=self.synced_generation)
-        if filler:
-            return []
-        rows = []
-        # the record's classification truth and label set (PromptCollator; None where a batch has none)
-        extra = {k: batch[k] if isinstance(batch.get(k), list) else [None] * len(gen.texts)
-                 for k in ("labels", "pathologies")}
-        for i, text in enumerate(gen.texts):
-            thinking = bool(batch["thinking"][i])
-            # a thinking completion's answer is cut where the rewards of its task cut it (first </think> for
-            # box tasks, last otherwise; radvlm_tools.evaluate re-cuts ``completion`` the same way)
-            split = task_think_split(batch["tasks"][i])
-            thoughts, answer, closed = split_thinking(text, split) if thinking else ("", text.strip(), True)
-            rows.append({
-                "id": batch["ids"][i], "task": batch["tasks"][i], "image": batch["images"][i],
-                "prompt": batch["prompts"][i], "completion": text, "answer": answer, "thinking": thinking,
-                "think_closed": closed, "reference": batch["targets"][i],
-                **row_boxes(batch["tasks"][i], batch["gt_boxes"][i], batch["targets"][i]),
-                "labels": extra["labels"][i], "pathologies": extra["pathologies"][i],  # classification scoring
-                "completion_tokens": int(gen.completion_mask[i].sum()), "truncated": bool(gen.truncated[i]),
-            })
-        return rows
-
-    @property
-    def predict_max_new_tokens(self) -> int:
-        """The generation budget of ``predict_step``: each stage defines it from its own settings (SFT:
-        ``max_new_tokens``; GRPO: ``val_max_new_tokens``, else ``max_new_tokens``)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define predict_max_new_tokens")
 
     # ------------------------------------------------------------------ checkpoints and export
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -552,46 +452,6 @@ class PolicyModule(L.LightningModule):
         from lightning_modules.callbacks.steps import log_step  # the run's one step axis (training batches)
 
         experiment.add_text(tag, "\n".join(lines), global_step=log_step(self.trainer))
-
-
-def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    """A shallow copy of ``batch`` with its tensors (also one level down, e.g. SFT's ``prompt``) on ``device``."""
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.to(device)
-        elif isinstance(value, dict):
-            out[key] = _to_device(value, device)
-        else:
-            out[key] = value
-    return out
-
-
-def module_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-#: hyper-parameters only one stage has: they name the writer of a checkpoint that predates the "module" entry
-STAGE_MARKERS = {"lightning_modules.grpo.GRPOModule": "num_generations",
-                 "lightning_modules.sft.SFTModule": "accumulate_grad_batches"}
-
-
-def check_checkpoint_module(written_by: str | None, cls: type, hyper_parameters: dict | None) -> None:
-    """Refuse a checkpoint another stage wrote (``--ckpt_path`` of an SFT run given to GRPO would restore its
-    step counter and train nothing): the next stage starts from the previous one's export instead."""
-    if written_by is None and isinstance(hyper_parameters, dict):
-        written_by = next((name for name, key in STAGE_MARKERS.items() if key in hyper_parameters), None)
-    mine = module_name(cls)
-    if written_by is None or written_by == mine or issubclass_name(cls, written_by):
-        return
-    raise ValueError(f"--ckpt_path is a checkpoint of {written_by.rsplit('.', 1)[-1]}, this run is "
-                     f"{cls.__name__}: a checkpoint resumes the run that wrote it. To start {cls.__name__} from that "
-                     f"run, give its export folder (its export_dir) as --model.init_args.policy.name_or_path and no "
-                     f"--ckpt_path")
-
-
-def issubclass_name(cls: type, name: str) -> bool:
-    return any(module_name(base) == name for base in cls.__mro__)
 
 
 def warn_if_nothing_logged(trainer: Any, optimizer_steps_per_batch: float | None) -> None:

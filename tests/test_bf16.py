@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import main
 import radvlm.grpo as grpo_math
-from lightning_modules import grpo as grpo_module
+from lightning_modules import grpo_rewards
 from radvlm import objectives
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ class DtypeSpy:
         monkeypatch.setattr(objectives.PolicyLoss, "__call__", self.wrap("policy_loss", objectives.PolicyLoss.__call__))
         monkeypatch.setattr(objectives.GroupNormalization, "__call__",
                             self.wrap("advantage", objectives.GroupNormalization.__call__))
-        monkeypatch.setattr(grpo_module, "compute_rewards", self.wrap("compute_rewards", grpo_module.compute_rewards))
+        monkeypatch.setattr(grpo_rewards, "compute_rewards", self.wrap("compute_rewards", grpo_rewards.compute_rewards))
 
     def note(self, name: str, value) -> None:
         if isinstance(value, torch.Tensor) and value.is_floating_point():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import main
-from lightning_modules.common import check_checkpoint_module
+from lightning_modules.checkpoint_stage import check_checkpoint_module
 from lightning_modules.grpo import GRPOModule
 from lightning_modules.sft import SFTModule
 from radvlm.policy import PolicyConfig

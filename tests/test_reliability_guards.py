@@ -22,7 +22,8 @@ import torch
 from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
 from lightning_modules.common import NonFiniteError
-from lightning_modules.grpo import GRPOModule, RewardFailureError
+from lightning_modules.grpo import GRPOModule
+from lightning_modules.grpo_rewards import RewardFailureError
 from lightning_modules.sft import SFTModule
 from radvlm import grpo as grpo_math
 from radvlm.objectives import GRPOLoss

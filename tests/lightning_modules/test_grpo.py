@@ -4,7 +4,8 @@ import torch
 
 from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
-from lightning_modules.grpo import GRPOModule, RewardFailureError
+from lightning_modules.grpo import GRPOModule
+from lightning_modules.grpo_rewards import RewardFailureError
 from metrics.text import GLEU
 from radvlm.policy import LoRASettings, PolicyConfig
 from radvlm.rewards import RewardTerm
@@ -160,7 +161,7 @@ class Constant(GLEU):
 
 
 def test_validation_gives_box_metrics_the_records_unrounded_boxes():
-    from lightning_modules.grpo import takes_gt_boxes
+    from lightning_modules.grpo_eval import takes_gt_boxes
     from metrics.grounding import GroundingMAP, SoftF1
 
     assert takes_gt_boxes(GroundingMAP()) and takes_gt_boxes(SoftF1()) and not takes_gt_boxes(GLEU())

@@ -10,7 +10,8 @@ import torch
 
 from datamodules.collate import PromptCollator
 from datamodules.datamodule import RadVLMDataModule
-from lightning_modules.grpo import GRPOModule, term_matrix
+from lightning_modules.grpo import GRPOModule
+from lightning_modules.grpo_rewards import term_matrix
 from metrics.text import GLEU
 from radvlm.objectives import CISPOLoss, GRPOLoss, GSPOLoss, PerTermNormalization, SAPOLoss
 from radvlm.policy import PolicyConfig

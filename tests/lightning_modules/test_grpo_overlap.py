@@ -57,7 +57,7 @@ def test_vision_once_and_overlapped_rewards_train_as_the_plain_step(tiny_ckpt, t
     for fast, plain in zip(fast_log, plain_log):
         assert fast["train/reward_mean"] == plain["train/reward_mean"]  # the same rollouts and rewards
         assert abs(fast["train/loss"] - plain["train/loss"]) < 1e-5
-    from lightning_modules.grpo import uses_varlen_attention
+    from lightning_modules.grpo_passes import uses_varlen_attention
 
     assert not uses_varlen_attention(torch.nn.Linear(1, 1))  # sdpa / eager / unknown: padded by default
     for key in plain_weights:

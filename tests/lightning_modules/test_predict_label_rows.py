@@ -70,7 +70,7 @@ def test_predict_rows_without_label_fields_in_the_batch_hold_none():
 
 
 def test_predict_rows_carry_the_boxes_of_the_reference_when_the_record_has_none():
-    from lightning_modules.common import row_boxes
+    from lightning_modules.prediction import row_boxes
 
     # RadVLM's grounding records often hold their boxes only in the answer text
     assert row_boxes("phrase_grounding", [], "The opacity is at [0.12, 0.3, 0.5, 0.61].") == {
