@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Literal
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.collate import Collator, CollatorFactory, SFTCollator
@@ -96,7 +98,8 @@ class RadVLMDataModule(L.LightningDataModule):
       one limit: once the split's lost fraction (``LoadReport.bad_fraction``: malformed of the records read,
       combined with bad images of the records checked) passes it, setup fails listing counts per reason; it is
       checked after reading (before any image is decoded) and after the image check. ``self.n_bad`` counts all.
-    - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``): Lightning
+    - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``), or on
+      several ranks by a ``DistributedSampler`` seeded the same way (``_distributed_train_sampler``): Lightning
       stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
     - ``collator`` is injected (``datamodules.collate.CollatorFactory``): ``SFTCollator`` (default: conversation +
       labels; validation batches also carry the prompts for greedy generation) or, in a config,
@@ -333,15 +336,37 @@ class RadVLMDataModule(L.LightningDataModule):
         if split not in self.splits:
             raise RuntimeError(f"no {split} data: give {split}_files or phantom_dir")
         hp = self.hparams
+        dataset = RecordDataset(self.splits[split])
+        sampler = self._distributed_train_sampler(dataset) if train else None
         return StatefulDataLoader(
-            RecordDataset(self.splits[split]),
+            dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             num_workers=hp.num_workers,
             collate_fn=self.collator if train else self.collator.for_evaluation(),
             drop_last=False,
             persistent_workers=hp.num_workers > 0,
         )
+
+    def _distributed_train_sampler(self, dataset: RecordDataset) -> DistributedSampler | None:
+        """The training sampler when this process is one of several data-parallel ranks, else None.
+
+        A ``DistributedSampler`` whose order depends only on the seed (``seed_everything``'s, as Lightning's
+        own) and the epoch, which Lightning sets each epoch: the same permutation on every rank, and after a
+        resume, so the loader's fast-forward past the batches already trained (its checkpointed position)
+        lands on the very batches the uninterrupted run would see. Left to Lightning, the loader's stateful
+        random sampler would be wrapped (``DistributedSamplerWrapper``) and drawn afresh from each process's
+        global RNG at every epoch start: a resumed run would train other samples than the uninterrupted one."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return None
+        kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)  # Lightning's own data-parallel ranks
+        if not kwargs or int(kwargs.get("num_replicas", 1)) <= 1:
+            return None
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        return DistributedSampler(dataset, num_replicas=int(kwargs["num_replicas"]), rank=int(kwargs["rank"]),
+                                  shuffle=True, seed=seed, drop_last=False)
 
     def train_dataloader(self):
         return self._loader("train", train=True)

@@ -12,6 +12,8 @@ processes, as ``python main.py fit`` does on one node. The scenarios, each on ra
 - ``precision``: one AdamW step at lr 1e-6 under the real configs' precision (float32 master weights) and
   under pure bf16 (``bf16-true`` + ``master_dtype: bfloat16``): which weights moved;
 - ``hybrid_sft`` / ``hybrid_grpo`` (4 processes): hybrid sharding as a 2 × 2 mesh;
+- ``hybrid_resume`` (4 processes): a 2 × 2 hybrid fit saved as a distributed checkpoint after step 1 and
+  resumed to step 2 ends with the weights of the uninterrupted fit;
 - ``sft_text_only`` / ``grpo_text_only``: every record of rank 1 without its image (text-only batches beside
   rank 0's image batches: the vision units must still gather and reduce on rank 1);
 - ``sft_val_empty``: every validation batch of rank 1 empty (rank 1 never has a ``val/loss`` of its own).
@@ -34,6 +36,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from datamodules.collate import PromptCollator, SFTCollator
 
@@ -95,7 +98,7 @@ def text_only_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hybrid_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hybrid")
-    _launch(tiny_ckpt, data_file, out, 4, ["hybrid_sft", "hybrid_grpo"], 280)
+    _launch(tiny_ckpt, data_file, out, 4, ["hybrid_sft", "hybrid_grpo", "hybrid_resume"], 400)
     return out
 
 
@@ -180,6 +183,15 @@ def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scen
     # ranks 0 and 2 hold the same shard, as do 1 and 3: the replicas stayed identical
     assert ranks[0]["shard"] == ranks[2]["shard"] and ranks[1]["shard"] == ranks[3]["shard"]
     assert ranks[0]["shard"] != ranks[1]["shard"]
+
+
+def test_hybrid_sharding_resumes_from_a_distributed_checkpoint_to_the_uninterrupted_weights(hybrid_runs):
+    ranks = _ranks(hybrid_runs, "hybrid_resume", n=4)
+    for info in ranks:
+        assert info["checkpoint_is_folder"] and info["interrupted_step"] == 1 and info["resumed_step"] == 2
+        assert info["resumed_weights"] == info["whole_weights"]  # bitwise: every shard of every replica
+        assert info["interrupted_weights"] != info["whole_weights"]  # the resumed fit did train its step
+    assert len({info["whole_weights"] for info in ranks}) == 1
 
 
 # ---------------------------------------------------------------------------------------------- the worker
@@ -332,7 +344,7 @@ def _world() -> int:
 
 def _fit(kind: str, ckpt: str, data_file: str, folder: Path, callbacks, max_steps: int = -1, batches: int = 2,
          collator=None, strategy=None, precision="32-true", module=None, batch_size: int = 2,
-         val_file: str | None = None):
+         val_file: str | None = None, ckpt_path: str | None = None):
     from datamodules.datamodule import RadVLMDataModule
     from lightning_modules.strategies import FSDP2Strategy
 
@@ -343,12 +355,37 @@ def _fit(kind: str, ckpt: str, data_file: str, folder: Path, callbacks, max_step
                             collator=collator, batch_size=batch_size)
     trainer = L.Trainer(accelerator="cpu", devices=_world(), strategy=strategy or FSDP2Strategy(),
                         max_steps=max_steps, max_epochs=1, limit_train_batches=batches, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                        enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=folder, limit_val_batches=2 if val_file else 0, num_sanity_val_steps=0,
                         callbacks=callbacks,
                         precision=precision)
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path, weights_only=True)
     return trainer, module
+
+
+def _hybrid_resume(ckpt: str, data_file: str, folder: Path) -> dict:
+    """Two SFT steps under a 2 × 2 hybrid mesh, once uninterrupted and once stopped after step 1 (a distributed
+    checkpoint: a folder of shards) and resumed: the digests of the full weights after each."""
+    from lightning_modules.strategies import FSDP2Strategy
+
+    def strategy():
+        return FSDP2Strategy(hybrid_shard=True, shard_size=2, save_distributed_checkpoint=True)
+
+    def digest(module) -> str:
+        weights = _full_weights(module.policy)
+        return _digest(weights[k] for k in sorted(weights))
+
+    _, whole = _fit("sft", ckpt, data_file, folder / "whole", [_Watch()], max_steps=2, strategy=strategy())
+    saver = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True, every_n_train_steps=1)
+    first, stopped = _fit("sft", ckpt, data_file, folder / "first", [_Watch(), saver], max_steps=1,
+                          strategy=strategy())
+    last = folder / "ckpt" / "last.ckpt"
+    resumed, module = _fit("sft", ckpt, data_file, folder / "resumed", [_Watch()], max_steps=2, strategy=strategy(),
+                           ckpt_path=str(last))
+    return {"whole_weights": digest(whole), "interrupted_weights": digest(stopped), "resumed_weights": digest(module),
+            "interrupted_step": first.global_step, "resumed_step": resumed.global_step,
+            "checkpoint_is_folder": last.is_dir()}
 
 
 def _summary(trainer, module, record: _Watch) -> dict:
@@ -428,6 +465,9 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
         kind = "sft" if "sft" in scenario else "grpo"
         if scenario == "precision":
             info = _precision(ckpt, data_file, folder)
+            rank = torch.distributed.get_rank()
+        elif scenario == "hybrid_resume":
+            info = _hybrid_resume(ckpt, data_file, folder)
             rank = torch.distributed.get_rank()
         elif scenario == "grpo_reward_fail":
             MISBEHAVE["reward_fail"] = True

@@ -1,8 +1,8 @@
-"""RadGraph in batches (metrics/radgraph_annotate.py, metrics/radgraph.py): reports of similar length share a forward as the sentences of one
-document, and every report's annotation and score equal its own one-report forward; word pieces are kept per
-distinct word and equal the package's word-by-word tokenization; a failing batch is redone report by report; the
-model's inputs are built directly, equal to the package's reader and collation; the calibrated tiny model
-(metrics/tiny.py) predicts sparsely and still scores as the package does."""
+"""RadGraph in batches (metrics/radgraph_annotate.py, metrics/radgraph.py): reports of similar length share a
+forward as the sentences of one document, and every report's annotation and score equal its own one-report
+forward; word pieces are kept per distinct word and equal the package's word-by-word tokenization; a failing
+batch is redone report by report; the model's inputs are built directly, equal to the package's reader and
+collation; the calibrated tiny model (metrics/tiny.py) predicts sparsely and still scores as the package does."""
 
 import pytest
 import torch
