@@ -142,7 +142,8 @@ def build_policy(size: str = "tiny", device: str = "cpu", dtype: str = "float32"
     tokenizer lacks are suppressed so completions decode to text, but the full-vocabulary head is still
     computed every step.
     """
-    from radvlm.policy import Policy, load_processor, resolve_dtype
+    from radvlm.policy import Policy, resolve_dtype
+    from radvlm.processor import load_processor
 
     pixels = {"min_pixels": 32 * 32, "max_pixels": image_size * image_size}
     if model_path is not None:

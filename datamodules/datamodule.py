@@ -311,7 +311,7 @@ class RadVLMDataModule(L.LightningDataModule):
         return path
 
     def setup(self, stage: str | None = None) -> None:
-        from radvlm.policy import load_processor
+        from radvlm.processor import load_processor
 
         if self.processor is None:
             self.processor = load_processor(self.hparams.processor_path, self.hparams.min_pixels,

@@ -120,7 +120,7 @@ def pad_right(tensors: Sequence[torch.Tensor], value: int | float) -> torch.Tens
 def pack_rows(batch: dict[str, Any], position_ids: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
     """The real tokens of every row (``attention_mask`` 1) back to back in one sequence, without padding.
 
-    ``position_ids`` (4, N, T): each row's text and M-RoPE positions (``policy.mrope_position_ids``); the text
+    ``position_ids`` (4, N, T): each row's text and M-RoPE positions (``generation.mrope_position_ids``); the text
     row restarts at 0 with every packed row, which is how the model's mask finds the rows (a causal mask within
     each row: Hugging Face's packed-sequence mask, or ``flash_attention_2``'s varlen kernels). Image tensors are
     kept as they are: the image tokens stay in row order, so every row's features land on its own tokens.

@@ -184,7 +184,7 @@ def render_conversation(tokenizer, turns: Sequence[tuple[str, str]], image_token
     """The chat text of ``turns`` and the character spans that are trained.
 
     Rendering follows the checkpoint's own chat template (``tokenizer.chat_template``, which
-    ``radvlm.policy.load_processor`` fills from the folder's ``chat_template.jinja`` / ``chat_template.json``):
+    ``radvlm.processor.load_processor`` fills from the folder's ``chat_template.jinja`` / ``chat_template.json``):
     the turns become Hugging Face multimodal messages (:func:`chat_messages`) and are rendered with
     ``tokenizer.apply_chat_template``. The image opens the first user turn and is followed by a newline, as
     RadVLM's ``<image>\\nQuestion`` is rendered by the authors' pipeline::

@@ -2,17 +2,15 @@
 
 ``Policy.from_pretrained`` loads any Qwen3-VL checkpoint folder or hub id (``Qwen/Qwen3-VL-8B-Instruct`` or
 the tiny one written by ``radvlm.tiny``) through ``AutoModelForImageTextToText``; ``trust_remote_code`` is
-never set. The processor is rebuilt from ``AutoTokenizer`` + ``AutoImageProcessor`` (+ the folder's chat
-template) so that it also loads where torchvision is absent (the PIL image processor is used then and no
-video processor is needed).
+never set. The processor comes from ``radvlm.processor.load_processor`` (no torchvision needed).
 
 Batches are the dictionaries produced by ``datamodules.collate``: ``input_ids``, ``attention_mask`` (N, T),
 ``mm_token_type_ids`` (N, T; 1 on image tokens), ``pixel_values`` (patches, D) and ``image_grid_thw``
 (images, 3). Prompts are left-padded so completions can be appended on the right.
 
 Rollouts: ``generate(..., shared_prefill=True)`` runs the vision tower and the prompt prefill once per prompt
-and copies the KV cache G times (``shared_prefill_generate``) instead of repeating the whole prompt G times;
-sampling is still Hugging Face's own loop on the same (N·G)-row batch, so the random draws are the same.
+and copies the KV cache G times (``radvlm.generation.shared_prefill_generate``); same samples for one seed.
+Log-probs and the SFT loss project to the vocabulary a chunk at a time (``radvlm.vocab_chunks``).
 
 Export: ``save_pretrained(merge_lora=True)`` folds the adapters into the base weights of a state dict
 (``merge_lora_state_dict``) instead of ``merge_and_unload``, so the live model keeps its adapters and a full
@@ -25,14 +23,23 @@ import contextlib
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from radvlm.batch import image_blocks, pack_rows, repeat_batch, select_rows, trim_padding  # noqa: F401  (repeat_batch re-exported)
+from radvlm.batch import pack_rows, repeat_batch, select_rows, trim_padding  # noqa: F401  (repeat_batch re-exported)
+from radvlm.generation import (
+    GenerationOutput,
+    build_generation_config,
+    completion_mask_from_ids,
+    mrope_position_ids,
+    shared_prefill_generate,
+)
 from radvlm.lora import LoRASettings, lora_scalings, merge_lora_state_dict  # noqa: F401  (re-exported)
+from radvlm.prefix import prefix_groups, row_image_ids
+from radvlm.processor import load_processor
+from radvlm.vocab_chunks import chunked_ce_sum, chunked_logprobs
 
 #: tokens the policy must never sample: a sampled vision token breaks the next forward pass
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|vision_pad|>")
@@ -117,83 +124,6 @@ class PolicyConfig:
             apply_master_dtype(policy.model, master, compute)
         policy.compute_dtype = compute
         return policy
-
-
-def load_processor(name_or_path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
-    """Tokenizer + image processor of a Qwen3-VL checkpoint, without needing torchvision.
-
-    Returns a ``Qwen3VLProcessor`` whose ``video_processor`` may be ``None``. Prompts are left-padded. The
-    checkpoint's chat template (``chat_template.jinja``, else ``chat_template.json``'s ``"chat_template"``, as
-    ``AutoProcessor`` reads them, else the tokenizer's own) is set on the processor and on the tokenizer, whose
-    ``apply_chat_template`` renders every conversation (``radvlm.chat``); ``None`` when there is none.
-    """
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
-    tokenizer.padding_side = "left"
-    kwargs = {}
-    if min_pixels is not None:
-        kwargs["min_pixels"] = int(min_pixels)
-    if max_pixels is not None:
-        kwargs["max_pixels"] = int(max_pixels)
-    image_processor = AutoImageProcessor.from_pretrained(str(name_or_path), **kwargs)
-    template = _processor_chat_template(str(name_or_path)) or getattr(tokenizer, "chat_template", None)
-    tokenizer.chat_template = template or None
-    return _processor_class()(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                              chat_template=template)
-
-
-def _processor_chat_template(name_or_path: str) -> str | None:
-    """The processor chat template of a checkpoint (folder or hub id): ``chat_template.jinja``, else the
-    ``"chat_template"`` of ``chat_template.json``; ``None`` when it has neither."""
-    import json
-
-    from transformers.utils import cached_file
-
-    for name in ("chat_template.jinja", "chat_template.json"):
-        try:
-            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
-                               _raise_exceptions_for_connection_errors=False)
-        except OSError:
-            path = None
-        if path is not None:
-            text = Path(path).read_text(encoding="utf-8")
-            return text if name.endswith(".jinja") else json.loads(text).get("chat_template")
-    return None
-
-
-def _processor_class():
-    from transformers import Qwen3VLProcessor
-
-    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
-        """``Qwen3VLProcessor`` that accepts ``video_processor=None`` (no torchvision needed for images)."""
-
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and "video" in argument_name:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-        def save_pretrained(self, save_directory, **kwargs):
-            # the parent's save needs a video processor: save the two parts we have
-            Path(save_directory).mkdir(parents=True, exist_ok=True)
-            self.tokenizer.save_pretrained(save_directory)
-            self.image_processor.save_pretrained(save_directory)
-            if self.chat_template:
-                (Path(save_directory) / "chat_template.jinja").write_text(self.chat_template)
-
-    return ImageOnlyQwen3VLProcessor
-
-
-@dataclass
-class GenerationOutput:
-    """G completions per prompt, rows grouped contiguously (prompt i → rows i·G … i·G+G−1)."""
-
-    prompt_ids: torch.Tensor  # (N*G, P) left-padded prompts
-    prompt_mask: torch.Tensor  # (N*G, P)
-    completion_ids: torch.Tensor  # (N*G, C) right-padded with the pad id
-    completion_mask: torch.Tensor  # (N*G, C) 1 up to and including the first stop token
-    truncated: torch.Tensor  # (N*G,) bool: no stop token within max_new_tokens
-    texts: list[str]  # decoded completions (special tokens dropped, <think> kept)
 
 
 class Policy(nn.Module):
@@ -477,23 +407,11 @@ class Policy(nn.Module):
             hidden = self.hidden_states(batch)  # (N, T, H)
             h = hidden[:, -c - 1 : -1]  # (N, C, H): the state before each completion token predicts it
         targets = ids[:, -c:]  # (N, C)
-        head = self.hf_model.lm_head
-        logps, ents = [], []
-        autocast = self.compute_context()
-        for start in range(0, c, chunk_size):
-            hs, ts = h[:, start : start + chunk_size], targets[:, start : start + chunk_size]
-            with autocast:
-                if torch.is_grad_enabled():
-                    lp, ent = checkpoint(_chunk_logprobs, head, hs, ts, temperature, return_entropy,
-                                         use_reentrant=False)
-                else:
-                    lp, ent = _chunk_logprobs(head, hs, ts, temperature, return_entropy)
-            logps.append(lp)
-            ents.append(ent)
+        lp, ent = chunked_logprobs(self.hf_model.lm_head, h, targets, temperature, chunk_size, return_entropy,
+                                   self.compute_context())  # (N, C) each
         right = full_width - c  # the trimmed completion columns, given back as zeros: (N, C) whatever the trim
-        logp = torch.nn.functional.pad(torch.cat(logps, dim=1) * completion_mask, (0, right))  # (N, C)
+        logp = torch.nn.functional.pad(lp * completion_mask, (0, right))  # (N, C)
         if return_entropy:
-            ent = torch.cat(ents, dim=1)  # (N, C)
             ent = ent if entropy_grad else ent.detach()
             return logp, torch.nn.functional.pad(ent * completion_mask, (0, right))
         return logp
@@ -509,16 +427,7 @@ class Policy(nn.Module):
         keep = labels != -100  # (N, T-1)
         h = hidden[keep]  # (K, H)
         y = labels[keep]  # (K,)
-        head = self.hf_model.lm_head
-        total = hidden.new_zeros((), dtype=torch.float32)
-        autocast = self.compute_context()
-        for start in range(0, y.numel(), chunk_size):
-            hs, ys = h[start : start + chunk_size], y[start : start + chunk_size]
-            with autocast:
-                if torch.is_grad_enabled():
-                    total = total + checkpoint(_chunk_ce_sum, head, hs, ys, use_reentrant=False)
-                else:
-                    total = total + _chunk_ce_sum(head, hs, ys)
+        total = chunked_ce_sum(self.hf_model.lm_head, h, y, chunk_size, self.compute_context())
         return total, int(y.numel())
 
     # ------------------------------------------------------------------ generation
@@ -551,34 +460,14 @@ class Policy(nn.Module):
         step Hugging Face compiles on GPU; ``compile``: ``True`` compiles it on any device (CPU included),
         ``False`` never, ``None`` Hugging Face's choice.
         """
-        from transformers import GenerationConfig
-        from transformers.generation import CompileConfig
-
         if static_cache and shared_prefill:
             raise ValueError("static_cache needs shared_prefill=False (the shared prefill copies a dynamic cache)")
-        compile_kw: dict[str, Any] = {}
-        if static_cache:
-            compile_kw["cache_implementation"] = "static"
-            if compile is not None:
-                compile_kw["disable_compile"] = not compile
-            if compile:
-                config = CompileConfig()
-                config._compile_all_devices = True  # HF compiles on GPU only unless told (its testing flag)
-                compile_kw["compile_config"] = config
-
-        prompt_inputs = self.model_inputs(batch)
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_p=top_p if do_sample else None,
-            top_k=(top_k or 0) if do_sample else None,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            suppress_tokens=self.suppress_token_ids,
-            use_cache=True,
-            **compile_kw,
+        config = build_generation_config(
+            self.stop_token_ids, self.pad_token_id, self.suppress_token_ids, max_new_tokens=max_new_tokens,
+            do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, static_cache=static_cache,
+            compile=compile,
         )
+        prompt_inputs = self.model_inputs(batch)
         from radvlm.sharding import whole_weights
 
         was_training = self.model.training
@@ -609,135 +498,3 @@ class Policy(nn.Module):
         # every prompt (and its image patches) repeated G times
         return self.hf_model.generate(**repeat_batch(prompt_inputs, g), generation_config=config,
                                       synced_gpus=synced_gpus)
-
-
-def row_image_ids(batch: dict[str, Any]) -> torch.Tensor | None:  # (N,)
-    """Which image each row shows, as equal ids for equal images: ``image_index`` in the rollout layout (rows
-    share distinct images); with one image block per row (``pixel_values``), rows whose blocks are equal get the
-    id of the first of them; ``None`` without images."""
-    if batch.get("image_index") is not None:
-        return batch["image_index"]
-    if batch.get("pixel_values") is None:
-        return None
-    blocks = image_blocks(batch)
-    ids: list[int] = []
-    for i, block in enumerate(blocks):
-        ids.append(next((j for j in range(i) if ids[j] == j and blocks[j].shape == block.shape
-                         and torch.equal(blocks[j], block)), i))
-    return torch.tensor(ids, device=batch["input_ids"].device)
-
-
-def prefix_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                  image_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # (U,), (N,)
-    """Rows with one prompt: ``(first, inverse)``, the first row of each distinct prompt in order of first
-    appearance, and for every row the position of its prompt in ``first``. Two rows share a prompt when their
-    attended tokens, their attention masks (``(N, P)``) and their image (``image_index`` (N,), the rollout
-    layout; ``None``: no images, or one per row) are equal. Example: ids [[0, 5, 6], [0, 5, 6], [4, 5, 6]],
-    masks [[0, 1, 1], [0, 1, 1], [1, 1, 1]] → first [0, 2], inverse [0, 0, 1]."""
-    key = torch.cat([prompt_ids * prompt_mask, prompt_mask.to(prompt_ids.dtype)], dim=1)  # (N, 2P)
-    if image_index is not None:
-        key = torch.cat([key, image_index.to(key.device, key.dtype).unsqueeze(1)], dim=1)  # (N, 2P + 1)
-    _, groups = torch.unique(key, dim=0, return_inverse=True)  # (N,) ids in sorted order of the keys
-    n = key.shape[0]
-    order = torch.arange(n, device=key.device)
-    firsts = torch.full((int(groups.max()) + 1,), n, device=key.device).scatter_reduce(0, groups, order, "amin")
-    rank = torch.argsort(torch.argsort(firsts))  # (U,): sorted-key id → order of first appearance
-    return firsts[torch.argsort(firsts)], rank[groups]
-
-
-def mrope_position_ids(hf_model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:  # (4, N, P)
-    """The position ids Hugging Face ``generate`` builds for a Qwen3-VL prompt batch.
-
-    Row 0: text positions (attention-mask cumsum − 1, 0 on left padding; used for the causal mask);
-    rows 1–3: the M-RoPE (temporal, height, width) positions of ``get_rope_index`` (image tokens get 2-D grid
-    positions; text after the image continues from the grid's largest position + 1). Without images all four
-    rows are the text positions.
-    """
-    mask = inputs["attention_mask"]  # (N, P)
-    text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (N, P)
-    if inputs.get("image_grid_thw") is not None:
-        vision, _ = hf_model.model.get_rope_index(
-            inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
-            image_grid_thw=inputs["image_grid_thw"], attention_mask=mask,
-        )  # (3, N, P)
-    else:
-        vision = text.unsqueeze(0).expand(3, -1, -1)  # (3, N, P)
-    return torch.cat([text.unsqueeze(0), vision.to(text.dtype)], dim=0)  # (4, N, P)
-
-
-@torch.no_grad()
-def shared_prefill_generate(hf_model: nn.Module, inputs: dict[str, Any], num_return_sequences: int,
-                            generation_config: Any, synced_gpus: bool = False) -> torch.Tensor:  # (N*G, P+C)
-    """G continuations per prompt from one prefill: Hugging Face ``generate`` resumed from a copied cache.
-
-    1. The prompts but their last token, ``(N, P-1)``, go through the model once with their images (vision
-       tower over N images, not N·G) into a ``DynamicCache``, with the M-RoPE positions HF itself would use
-       (``mrope_position_ids``).
-    2. The cache is repeated ``G`` times along the batch (rows ``i·G … i·G+G−1`` copy prompt ``i``).
-    3. ``generate`` gets the full repeated prompts ``(N·G, P)``, their ``(4, N·G, P)`` positions and the
-       cache: it runs only the last prompt token, then decodes as usual, appending position ``last + 1`` on all
-       four rows each step (text tokens after an image have equal T/H/W positions, offset by the image's
-       rope delta: the same positions as the plain path). Logits processors (temperature, top-k, top-p,
-       suppressed tokens), stopping and the multinomial draws are HF's own, on an ``(N·G, V)`` batch at every
-       step, as in the plain path, so one seed gives the same samples up to floating-point rounding of the
-       logits (the prefill runs on N rows instead of N·G; bit-identical logits are not guaranteed).
-    """
-    from transformers import DynamicCache
-
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]  # (N, P)
-    if ids.shape[1] < 2:
-        raise ValueError(f"shared_prefill_generate needs prompts of at least 2 tokens, got width {ids.shape[1]}")
-    if not bool(mask[:, -1].all()):
-        raise ValueError("shared_prefill_generate needs left-padded prompts (every row must end with a token)")
-    g = int(num_return_sequences)
-    positions = mrope_position_ids(hf_model, inputs)  # (4, N, P)
-    cache_kw = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-    cache = DynamicCache(config=hf_model.config.get_text_config(decoder=True))
-    images = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if inputs.get(k) is not None}
-    was_training = hf_model.training
-    hf_model.eval()  # gradient checkpointing (train mode only) would refuse to fill the cache
-    try:
-        hf_model.model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[..., :-1],
-                       use_cache=True, **{cache_kw: cache}, **images)  # fills the cache with P-1 positions
-        cache.batch_repeat_interleave(g)  # (N*G, heads, P-1, d) per layer
-        return hf_model.generate(
-            input_ids=ids.repeat_interleave(g, dim=0),  # (N*G, P)
-            attention_mask=mask.repeat_interleave(g, dim=0),  # (N*G, P)
-            position_ids=positions.repeat_interleave(g, dim=1),  # (4, N*G, P)
-            generation_config=generation_config,
-            synced_gpus=synced_gpus,
-            **{cache_kw: cache},
-        )
-    finally:
-        hf_model.train(was_training)
-
-
-def _chunk_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (k, V)
-    return torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-
-
-def _chunk_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float,
-                    with_entropy: bool = True):
-    """Token log-probs (N, c) of ``targets`` at ``temperature`` and the entropy (N, c) (``None`` unless
-    ``with_entropy``: its softmax over the vocabulary is skipped)."""
-    logits = head(h).float() / temperature  # (N, c, V)
-    logz = torch.logsumexp(logits, dim=-1)  # (N, c)
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz  # (N, c)
-    if not with_entropy:
-        return logp, None
-    probs = torch.softmax(logits, dim=-1)  # (N, c, V)
-    entropy = logz - (probs * logits).sum(-1)  # (N, c)
-    return logp, entropy
-
-
-def completion_mask_from_ids(completion: torch.Tensor, stop_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask (N, C) that is 1 up to and including the first stop token, and whether no stop token came.
-
-    Example: stop 9, completion [5, 9, 7] → mask [1, 1, 0], truncated False; [5, 6, 7] → [1, 1, 1], True.
-    """
-    is_stop = torch.isin(completion, torch.tensor(list(stop_ids), device=completion.device))  # (N, C)
-    seen_before = torch.cumsum(is_stop.long(), dim=1) - is_stop.long()  # (N, C): stops strictly before
-    mask = (seen_before == 0).long()  # (N, C)
-    truncated = ~is_stop.any(dim=1)  # (N,)
-    return mask, truncated

@@ -177,7 +177,7 @@ class RolloutEngine(Protocol):
 
     - ``HFEngine`` (here, the default): ``Policy.generate`` — Hugging Face's own sampling loop; with
       ``shared_prefill`` each image is encoded and each prompt prefilled once and the G rows decode from copies
-      of its KV cache (``radvlm.policy.shared_prefill_generate``).
+      of its KV cache (``radvlm.generation.shared_prefill_generate``).
     - ``radvlm.fast_engine.FastHFEngine``: the same loop with LoRA merged into the weights for the rollout
       (restored bit-exactly after), decoding chunked by a memory budget, optional static cache + compile.
     - ``radvlm.vllm_engine.VLLMEngine``: vLLM colocated with training (optional extra ``radvlm[vllm]``).

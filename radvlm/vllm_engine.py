@@ -281,7 +281,7 @@ def _world() -> tuple[int, int]:
 def rollout_from_outputs(policy: Any, prompt_batch: dict[str, Any], sampling: Sampling, outputs: list[Any]) -> Rollout:
     """vLLM ``RequestOutput`` s (one per prompt, ``n`` completions each) → a ``Rollout`` (rows grouped) with the
     engine's log-probs of the sampled tokens (NaN where unknown: a stop token vLLM left out; 0 on padding)."""
-    from radvlm.policy import completion_mask_from_ids
+    from radvlm.generation import completion_mask_from_ids
 
     g = sampling.num_generations
     stops = list(policy.stop_token_ids)

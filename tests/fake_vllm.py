@@ -136,7 +136,7 @@ class LLM:
         torch.manual_seed(seed)
         from transformers import AutoModelForImageTextToText
 
-        from radvlm.policy import load_processor
+        from radvlm.processor import load_processor
 
         hf = AutoModelForImageTextToText.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
         size = (mm_processor_kwargs or {}).get("size", {})

@@ -74,7 +74,7 @@ def test_an_existing_export_is_not_overwritten(tiny_ckpt, phantom_dir, tmp_path)
     # the export loads with plain transformers (model) and with load_processor (no torchvision needed)
     from transformers import AutoModelForImageTextToText
 
-    from radvlm.policy import load_processor
+    from radvlm.processor import load_processor
 
     assert AutoModelForImageTextToText.from_pretrained(str(export)).config.model_type == "qwen3_vl"
     assert load_processor(str(export)).tokenizer is not None

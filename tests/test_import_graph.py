@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = {"tasks", "chat", "grpo", "lora", "policy", "rollout", "tiny", "batch", "rewards", "sharding",
-        "rollout_correction", "fast_engine", "vllm_engine", "objectives"}
+CORE = {"tasks", "chat", "grpo", "lora", "policy", "processor", "generation", "prefix", "vocab_chunks", "rollout",
+        "tiny", "batch", "rewards", "sharding", "rollout_correction", "fast_engine", "vllm_engine", "objectives"}
 TOOLS = {"evaluate", "eval_metrics", "eval_tables", "prediction_files", "bootstrap", "draw", "infer",
          "shuffle_control", "synthesize_thinking", "teachers", "demo", "ablation", "console"}
 ALLOWED = {

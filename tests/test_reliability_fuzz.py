@@ -208,7 +208,7 @@ def test_fuzzed_record_files_give_records_or_clear_errors(image_folder):
 def test_accepted_fuzzed_records_decode_and_collate(image_folder, tiny_ckpt):
     """Records accepted with image checks go through the data module's full decode and both collators."""
     from datamodules.collate import PromptCollator, SFTCollator
-    from radvlm.policy import load_processor
+    from radvlm.processor import load_processor
 
     processor = load_processor(str(tiny_ckpt))
     collators = [SFTCollator(processor, max_length=None).for_evaluation(), PromptCollator(processor, max_length=None)]

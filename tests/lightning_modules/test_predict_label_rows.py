@@ -9,7 +9,7 @@ import torch
 from datamodules.collate import PromptCollator
 from datamodules.records import load_records
 from lightning_modules.common import PolicyModule
-from radvlm.policy import load_processor
+from radvlm.processor import load_processor
 from radvlm_tools.evaluate import evaluate_file
 from tests.helpers import write_records
 

@@ -7,7 +7,7 @@ from radvlm.chat import (
     render_segments,
     split_thinking,
 )
-from radvlm.policy import load_processor
+from radvlm.processor import load_processor
 
 
 def test_split_thinking_closed_returns_text_after_last_close():

@@ -14,7 +14,7 @@ import pytest
 
 import radvlm.chat as chat
 from radvlm.chat import IGNORE_INDEX, encode_conversation, render_segments, template_opens_thinking
-from radvlm.policy import load_processor
+from radvlm.processor import load_processor
 from radvlm.tiny import CHAT_TEMPLATE
 
 DATA = Path(__file__).resolve().parents[1] / "data"

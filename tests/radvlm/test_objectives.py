@@ -17,7 +17,7 @@ from radvlm.objectives import (
     PerTermNormalization,
     SAPOLoss,
 )
-from radvlm.policy import _chunk_logprobs
+from radvlm.vocab_chunks import chunk_logprobs
 
 NAN = float("nan")
 
@@ -187,9 +187,9 @@ def test_chunk_entropy_is_over_the_full_vocabulary_at_the_temperature():
     target = torch.tensor([[1]])
     for temperature, entropy, logp in ((1.0, 0.5623351446188083, math.log(0.75)),
                                        (2.0, 0.6568063976894717, math.log(math.sqrt(3) / (1 + math.sqrt(3))))):
-        lp, ent = _chunk_logprobs(head, h, target, temperature)
+        lp, ent = chunk_logprobs(head, h, target, temperature)
         assert ent.item() == pytest.approx(entropy, rel=1e-6) and lp.item() == pytest.approx(logp, rel=1e-6)  # float32
-    lp, ent = _chunk_logprobs(head, h, target, 1.0, with_entropy=False)
+    lp, ent = chunk_logprobs(head, h, target, 1.0, with_entropy=False)
     assert ent is None and lp.item() == pytest.approx(math.log(0.75), rel=1e-6)
 
 

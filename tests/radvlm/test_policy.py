@@ -3,7 +3,8 @@ import torch
 
 from datamodules.collate import PromptCollator, SFTCollator
 from datamodules.records import load_records
-from radvlm.policy import LoRASettings, Policy, completion_mask_from_ids, repeat_batch
+from radvlm.generation import completion_mask_from_ids
+from radvlm.policy import LoRASettings, Policy, repeat_batch
 from tests.helpers import report_record, write_records
 
 

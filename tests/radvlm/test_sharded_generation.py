@@ -98,7 +98,7 @@ def _prompts(ckpt: str, rank: int, folder: Path):
 
     from datamodules.collate import PromptCollator
     from datamodules.records import Record, Turn
-    from radvlm.policy import load_processor
+    from radvlm.processor import load_processor
 
     processor = load_processor(ckpt)
     collator = PromptCollator(processor)

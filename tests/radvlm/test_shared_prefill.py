@@ -5,14 +5,9 @@ import torch
 
 from datamodules.collate import PromptCollator
 from datamodules.records import load_records
-from radvlm import policy as policy_module
-from radvlm.policy import (
-    LoRASettings,
-    Policy,
-    mrope_position_ids,
-    repeat_batch,
-    shared_prefill_generate,
-)
+from radvlm import generation as generation_module
+from radvlm.generation import mrope_position_ids, shared_prefill_generate
+from radvlm.policy import LoRASettings, Policy, repeat_batch
 from tests.helpers import report_record, write_records
 
 
@@ -131,7 +126,7 @@ def test_wrong_rope_positions_would_change_the_logits(policy, prompts, monkeypat
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         return text.unsqueeze(0).expand(4, -1, -1)
 
-    monkeypatch.setattr(policy_module, "mrope_position_ids", text_only)
+    monkeypatch.setattr(generation_module, "mrope_position_ids", text_only)
     wrong = shared_prefill_generate(hf, inputs, 2, config)
     assert (wrong.logits[0] - right.logits[0]).abs().max() > 1e-4
 

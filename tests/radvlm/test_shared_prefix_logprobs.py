@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from radvlm.batch import append_completions, repeat_batch, select_rows
-from radvlm.policy import Policy, prefix_groups, row_image_ids
+from radvlm.policy import Policy
+from radvlm.prefix import prefix_groups, row_image_ids
 from radvlm.rollout import Rollout
 from tests.radvlm.test_vision_once import G, _completions, _policy, prompt_batch  # noqa: F401  (fixture)
 

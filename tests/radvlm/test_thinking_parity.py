@@ -16,7 +16,7 @@ from metrics.grounding import BoxFormat, GroundingMAP, SoftF1
 from metrics.radcliq import RadCliQ
 from metrics.text import BLEU, GLEU, ROUGEL
 from radvlm.chat import answer_of, resolve_thinking, split_thinking
-from radvlm.policy import load_processor
+from radvlm.processor import load_processor
 from radvlm.rewards import RewardTerm, compute_rewards
 from radvlm.tasks import task_think_split
 from radvlm_tools.evaluate import scored_answer
