@@ -197,6 +197,10 @@ class Collator(ABC):
         batch = stack_samples([s for _, s in kept], self.pad_id, self.image_token_id, self.left)
         batch["n_dropped"] = n_dropped
         batch["tasks"] = [r.task for r, _ in kept]
+        # evaluation copies that even out the ranks' shards: run, never counted (no label: no loss token)
+        batch["padding"] = [r.padding for r, _ in kept]
+        if any(batch["padding"]):
+            batch["labels"][torch.tensor(batch["padding"])] = IGNORE_INDEX
         if self.keeps_images:
             batch["pil_images"] = [s.image for _, s in kept]
         self.extend(batch, [r for r, _ in kept])

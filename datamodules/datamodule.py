@@ -7,6 +7,7 @@ records carry none). Not in the paper: lenient reading with a per-reason report 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 
 class RecordDataset:
-    """A list of records as a map-style dataset (items are ``Record`` objects; the collator encodes)."""
+    """A list of records as a map-style dataset (items are ``Record`` objects; the collator encodes). An index
+    past the end (``EvalShardSampler``'s padding) gives a copy of record ``(i − n) mod n`` marked ``padding``."""
 
     def __init__(self, records: list[Record]) -> None:
         self.records = records
@@ -47,7 +49,24 @@ class RecordDataset:
         return len(self.records)
 
     def __getitem__(self, i: int) -> Record:
-        return self.records[i]
+        n = len(self.records)
+        if i < n:
+            return self.records[i]
+        return dataclasses.replace(self.records[(i - n) % n], padding=True)
+
+
+class EvalShardSampler(DistributedSampler):
+    """The validation and test shards of several ranks: record order kept, rank ``r`` taking positions
+    ``r, r + R, …`` of ``n`` records padded to a multiple of the ``R`` ranks, as Lightning's sampler does, but
+    the padding positions are ``n, n + 1, …`` (``RecordDataset`` gives them as ``padding`` copies) instead of
+    the first records again. Every rank runs as many batches (generation and the sharded forward are
+    collectives), and no record is counted twice in a metric."""
+
+    def __init__(self, dataset: RecordDataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 def apply_task_weights(records: list[Record], weights: dict[str, float], seed: int = 0) -> list[Record]:
@@ -99,7 +118,7 @@ class RadVLMDataModule(L.LightningDataModule):
       combined with bad images of the records checked) passes it, setup fails listing counts per reason; it is
       checked after reading (before any image is decoded) and after the image check. ``self.n_bad`` counts all.
     - Loaders are torchdata ``StatefulDataLoader``s shuffled from the global RNG (``seed_everything``), or on
-      several ranks by a ``DistributedSampler`` seeded the same way (``_distributed_train_sampler``): Lightning
+      several ranks by a ``DistributedSampler`` seeded the same way (``_distributed_sampler``): Lightning
       stores their position in checkpoints, so a run resumed mid-epoch sees exactly the batches it would have.
     - ``collator`` is injected (``datamodules.collate.CollatorFactory``): ``SFTCollator`` (default: conversation +
       labels; validation batches also carry the prompts for greedy generation) or, in a config,
@@ -337,7 +356,7 @@ class RadVLMDataModule(L.LightningDataModule):
             raise RuntimeError(f"no {split} data: give {split}_files or phantom_dir")
         hp = self.hparams
         dataset = RecordDataset(self.splits[split])
-        sampler = self._distributed_train_sampler(dataset) if train else None
+        sampler = self._distributed_sampler(dataset, train)
         return StatefulDataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
@@ -349,9 +368,12 @@ class RadVLMDataModule(L.LightningDataModule):
             persistent_workers=hp.num_workers > 0,
         )
 
-    def _distributed_train_sampler(self, dataset: RecordDataset) -> DistributedSampler | None:
-        """The training sampler when this process is one of several data-parallel ranks, else None.
+    def _distributed_sampler(self, dataset: RecordDataset, train: bool) -> DistributedSampler | None:
+        """The sampler when this process is one of several data-parallel ranks, else None (Lightning's
+        ``distributed_sampler_kwargs``). Training: ``DistributedSampler`` shuffled as below; validation and
+        test: ``EvalShardSampler`` (padding marked, never counted).
 
+        Training
         A ``DistributedSampler`` whose order depends only on the seed (``seed_everything``'s, as Lightning's
         own) and the epoch, which Lightning sets each epoch: the same permutation on every rank, and after a
         resume, so the loader's fast-forward past the batches already trained (its checkpointed position)
@@ -364,6 +386,8 @@ class RadVLMDataModule(L.LightningDataModule):
         kwargs = getattr(trainer.strategy, "distributed_sampler_kwargs", None)  # Lightning's own data-parallel ranks
         if not kwargs or int(kwargs.get("num_replicas", 1)) <= 1:
             return None
+        if not train:
+            return EvalShardSampler(dataset, num_replicas=int(kwargs["num_replicas"]), rank=int(kwargs["rank"]))
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         return DistributedSampler(dataset, num_replicas=int(kwargs["num_replicas"]), rank=int(kwargs["rank"]),
                                   shuffle=True, seed=seed, drop_last=False)

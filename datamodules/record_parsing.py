@@ -46,6 +46,9 @@ class Record:
     source: str = ""  # the file the record came from
     index: int = 0  # position in that file
     extra: dict[str, Any] = field(default_factory=dict)  # every other key of the JSON object
+    #: a copy that evens out the ranks' evaluation shards (``datamodules.datamodule.EvalShardSampler``): run like
+    #: every record, so all ranks make the same passes, and left out of every metric and loss
+    padding: bool = False
 
     @property
     def has_image(self) -> bool:

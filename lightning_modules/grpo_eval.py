@@ -36,10 +36,12 @@ class GRPOEvaluation:
         by_split = {split: [answer_of(t, th, split)[0] for t, th in zip(gen.texts, batch["thinking"])]
                     for split in ("first", "last")}
         answers = [by_split[task_think_split(task)][i] for i, task in enumerate(batch["tasks"])]
-        self._val_chars.extend(len(a) for a in answers)
+        # copies that only even out the ranks' shards (EvalShardSampler) are generated and never counted
+        counted = [i for i, pad in enumerate(batch.get("padding") or [False] * len(answers)) if not pad]
+        self._val_chars.extend(len(answers[i]) for i in counted)
         for term in self.val_terms:
             metric = self.val_metric_modules[term.name] if term.name in self.val_metric_modules else None
-            rows = [i for i, task in enumerate(batch["tasks"]) if term.applies(task)]
+            rows = [i for i in counted if term.applies(batch["tasks"][i])]
             if metric is None or not rows:
                 continue
             preds, targets = [by_split[term.think_split][i] for i in rows], [batch["targets"][i] for i in rows]
@@ -47,13 +49,13 @@ class GRPOEvaluation:
                 metric.update(preds, targets, gt_boxes=[batch["gt_boxes"][i] for i in rows])
             else:
                 metric.update(preds, targets)
-        if len(self._val_rows) < self.hparams.num_logged_samples:
-            for i in range(min(len(answers), self.hparams.num_logged_samples - len(self._val_rows))):
-                self._val_rows.append({"id": batch["ids"][i], "task": batch["tasks"][i], "generated": answers[i],
-                                       "reference": batch["targets"][i]})
+        for i in counted[: max(0, self.hparams.num_logged_samples - len(self._val_rows))]:
+            self._val_rows.append({"id": batch["ids"][i], "task": batch["tasks"][i], "generated": answers[i],
+                                   "reference": batch["targets"][i]})
         return {"samples": [{"image": batch["images"][i], "answer": answers[i], "gt_boxes": batch["gt_boxes"][i],
-                             "prompt": batch["prompts"][i], "task": task, "reference": batch["targets"][i]}
-                            for i, task in enumerate(batch["tasks"]) if is_box_task(task)]}
+                             "prompt": batch["prompts"][i], "task": batch["tasks"][i],
+                             "reference": batch["targets"][i]}
+                            for i in counted if is_box_task(batch["tasks"][i])]}
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

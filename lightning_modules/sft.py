@@ -124,18 +124,21 @@ class SFTModule(PolicyModule):
         batch, filler = self.shared_batch(batch)
         if batch is None:
             return
-        loss_sum, n_tokens = self.policy.sft_loss(batch)
-        # a filler is logged with weight 0, so that every process holds val/loss and joins its epoch-end
-        # reduction (a process whose every batch was empty would otherwise leave the others waiting in it)
-        value = loss_sum.new_zeros(()) if filler else loss_sum / max(n_tokens, 1)
-        self.log("val/loss", value, on_epoch=True, prog_bar=True, batch_size=0 if filler else max(n_tokens, 1),
-                 sync_dist=True)
+        loss_sum, n_tokens = self.policy.sft_loss(batch)  # padding rows have no labelled token
+        # a filler (or a batch of padding only) is logged with weight 0, so that every process holds val/loss
+        # and joins its epoch-end reduction (a process whose every batch was empty would otherwise leave the
+        # others waiting in it); the value is the token-weighted mean over the real rows of every process
+        weight = 0 if filler else n_tokens
+        value = loss_sum / n_tokens if weight else loss_sum.new_zeros(())
+        self.log("val/loss", value, on_epoch=True, prog_bar=True, batch_size=weight, sync_dist=True)
         want = self.num_generation_samples - self._shown  # the same on every process
         if want > 0 and "prompt" in batch and not batch["prompt"].get("empty"):
             prompt = _take(batch["prompt"], want)
             out = self.policy.generate(prompt, max_new_tokens=self.max_new_tokens,
                                        synced_gpus=self.synced_generation)
             for i, text in enumerate(out.texts if not filler else []):
+                if prompt.get("padding") and prompt["padding"][i]:
+                    continue  # a copy that evens out the ranks' shards
                 answer, _ = answer_of(text, prompt["thinking"][i])
                 self._gen_rows.append({"id": prompt["ids"][i], "task": prompt["tasks"][i],
                                        "generated": answer, "reference": prompt["targets"][i]})

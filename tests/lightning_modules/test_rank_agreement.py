@@ -16,7 +16,9 @@ processes, as ``python main.py fit`` does on one node. The scenarios, each on ra
   resumed to step 2 ends with the weights of the uninterrupted fit;
 - ``sft_text_only`` / ``grpo_text_only``: every record of rank 1 without its image (text-only batches beside
   rank 0's image batches: the vision units must still gather and reduce on rank 1);
-- ``sft_val_empty``: every validation batch of rank 1 empty (rank 1 never has a ``val/loss`` of its own).
+- ``sft_val_empty``: every validation batch of rank 1 empty (rank 1 never has a ``val/loss`` of its own);
+- ``eval_padding``: ``validate`` of SFT and GRPO on 5 records (rank 1's shard padded with a copy): the metrics
+  equal a single process's on the same 5 records, the copy counted nowhere.
 
 Every process has a hard timeout (``faulthandler`` prints the stacks of a hang and exits); the test kills the
 process group past its own limit. Each rank writes what it saw to ``OUT/SCENARIO/rankR.json``.
@@ -91,7 +93,7 @@ def reward_failure_run(tiny_ckpt, data_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_only_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("textonly")
-    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only", "sft_val_empty"], 300)
+    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only", "sft_val_empty", "eval_padding"], 360)
     return out
 
 
@@ -171,6 +173,18 @@ def test_every_validation_batch_empty_on_one_rank_gives_one_val_loss_on_both(tex
     _same_run(ranks)
     assert ranks[0]["val_loss"] == ranks[1]["val_loss"] and math.isfinite(ranks[0]["val_loss"])
     assert ranks[1]["val_dropped"] > 0 and ranks[0]["val_dropped"] == 0  # rank 1's batches were all empty
+
+
+def test_evaluation_on_two_ranks_counts_every_record_once_as_one_process_does(text_only_runs, tiny_ckpt,
+                                                                              data_file):
+    ranks = _ranks(text_only_runs, "eval_padding")
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    alone = _eval_padding_metrics(str(tiny_ckpt), str(data_file), Path(text_only_runs) / "alone", devices=1)
+    assert set(alone) == set(ranks[0]["metrics"]) == {"sft/val/loss", "grpo/val/length"}
+    for key, value in alone.items():
+        assert ranks[0]["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    # rank 1 ran a padding copy in each module's validation (its shard of 5 records: 2 + 1 copy)
+    assert ranks[1]["padding_rows"] == 2 and ranks[0]["padding_rows"] == 0
 
 
 @pytest.mark.parametrize("scenario", ["hybrid_sft", "hybrid_grpo"])
@@ -437,15 +451,48 @@ def _full_weights_of_checkpoint(ckpt: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in Policy.from_pretrained(ckpt).model.state_dict().items()}
 
 
-def _val_file(data_file: str, folder: Path) -> str:
-    """This rank's copy of the training records as validation records (ids "v…", the same images)."""
-    records = json.loads(Path(data_file).read_text())[:8]
+def _val_file(data_file: str, folder: Path, n: int = 8) -> str:
+    """This rank's copy of the first ``n`` training records as validation records (ids "v…", the same images)."""
+    records = json.loads(Path(data_file).read_text())[:n]
+    folder.mkdir(parents=True, exist_ok=True)
     out = folder / f"val{torch.distributed.get_rank() if torch.distributed.is_initialized() else 0}.json"
     for rec in records:
         rec["id"] = "v" + rec["id"]
         rec["image"] = str(Path(data_file).parent / rec["image"])
     out.write_text(json.dumps(records))
     return str(out)
+
+
+class _PaddingRows(L.Callback):
+    """Counts the padding rows (``EvalShardSampler``'s copies) of this rank's validation batches."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.rows += sum(batch.get("padding") or [])
+
+
+def _eval_padding_metrics(ckpt: str, data_file: str, folder: Path, devices: int) -> dict:
+    """``validate`` of a fresh SFT and GRPO module on the first 5 records, on ``devices`` processes (FSDP2 when
+    several): the logged metrics, and this rank's padding rows under ``"padding_rows"`` when asked."""
+    from datamodules.datamodule import RadVLMDataModule
+    from lightning_modules.strategies import FSDP2Strategy
+
+    val_file = _val_file(data_file, folder, n=5)
+    out, padding = {}, 0
+    for kind, collator in (("sft", SFTCollator), ("grpo", PromptCollator)):
+        L.seed_everything(0)
+        rows = _PaddingRows()
+        data = RadVLMDataModule(ckpt, train_files=[data_file], val_files=[val_file], collator=collator,
+                                batch_size=2)
+        trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=FSDP2Strategy() if devices > 1 else "auto",
+                            logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=folder / kind, callbacks=[rows])
+        (metrics,) = trainer.validate(_module(kind, ckpt), data, verbose=False)
+        out.update({f"{kind}/{k}": float(v) for k, v in metrics.items() if k in ("val/loss", "val/length")})
+        padding += rows.rows
+    return {**out, "padding_rows": padding} if devices > 1 else out
 
 
 def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) -> None:
@@ -465,6 +512,11 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
         kind = "sft" if "sft" in scenario else "grpo"
         if scenario == "precision":
             info = _precision(ckpt, data_file, folder)
+            rank = torch.distributed.get_rank()
+        elif scenario == "eval_padding":
+            info = _eval_padding_metrics(ckpt, data_file, folder, devices=_world())
+            info = {"metrics": {k: v for k, v in info.items() if k != "padding_rows"},
+                    "padding_rows": info["padding_rows"]}
             rank = torch.distributed.get_rank()
         elif scenario == "hybrid_resume":
             info = _hybrid_resume(ckpt, data_file, folder)
