@@ -56,3 +56,20 @@ def test_ranks_split_one_seeded_permutation_and_a_resumed_loader_continues_it(ti
     loader = _data(tiny_ckpt, phantom_dir, world=2, rank=1).train_dataloader()
     loader.sampler.set_epoch(1)
     assert _ids(loader) != whole
+
+
+def test_evaluation_shards_pad_with_marked_copies_and_the_copies_carry_no_label(tiny_ckpt, phantom_dir):
+    from datamodules.datamodule import EvalShardSampler, RecordDataset
+
+    data = _data(tiny_ckpt, phantom_dir, world=2, rank=1)
+    records = data.splits["train"][:3]
+    dataset = RecordDataset(records)
+    # 3 records on 2 ranks: positions 0..3, the 4th (3) a copy of record 0; on 5 ranks 0..4, copies of 0 and 1
+    assert [list(EvalShardSampler(dataset, 2, r)) for r in (0, 1)] == [[0, 2], [1, 3]]
+    assert [list(EvalShardSampler(dataset, 5, r)) for r in range(5)] == [[0], [1], [2], [3], [4]]
+    assert [dataset[i].padding for i in range(5)] == [False] * 3 + [True] * 2
+    assert [dataset[i].id for i in (3, 4)] == [records[0].id, records[1].id]
+    batch = data.collator.for_evaluation()([dataset[2], dataset[3]])
+    assert batch["padding"] == [False, True]
+    assert bool((batch["labels"][1] == -100).all()) and bool((batch["labels"][0] != -100).any())
+    assert batch["prompt"]["padding"] == [False, True]  # the prompts of validation generation carry it too
