@@ -1,7 +1,8 @@
 """On several data-parallel ranks the training loader samples with a ``DistributedSampler`` seeded by
 ``seed_everything``'s seed and the epoch (``RadVLMDataModule._distributed_sampler``): the ranks split one
 permutation, and a resumed loader's fast-forward lands on the uninterrupted run's batches. The 2- and 4-process
-FSDP2 resumes are in tests/lightning_modules/test_rank_agreement.py (``hybrid_resume``)."""
+FSDP2 resumes are in tests/lightning_modules/test_rank_agreement.py (``hybrid_resume``). Validation and test
+shards are padded with marked copies (``EvalShardSampler``) that carry no label (``eval_padding`` there)."""
 
 from __future__ import annotations
 
