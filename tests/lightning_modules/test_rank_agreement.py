@@ -15,7 +15,8 @@ processes, as ``python main.py fit`` does on one node. The scenarios, each on ra
 - ``hybrid_resume`` (4 processes): a 2 × 2 hybrid fit saved as a distributed checkpoint after step 1 and
   resumed to step 2 ends with the weights of the uninterrupted fit;
 - ``sft_text_only`` / ``grpo_text_only``: every record of rank 1 without its image (text-only batches beside
-  rank 0's image batches: the vision units must still gather and reduce on rank 1);
+  rank 0's image batches: the vision units must still gather and reduce on rank 1); ``sft_ddp_text_only``: the
+  same SFT fit under Lightning's DDP (every parameter must get a gradient on every rank);
 - ``sft_val_empty``: every validation batch of rank 1 empty (rank 1 never has a ``val/loss`` of its own);
 - ``eval_padding``: ``validate`` of SFT and GRPO on 5 records (rank 1's shard padded with a copy): the metrics
   equal a single process's on the same 5 records, the copy counted nowhere.
@@ -93,7 +94,8 @@ def reward_failure_run(tiny_ckpt, data_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def text_only_runs(tiny_ckpt, data_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("textonly")
-    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only", "sft_val_empty", "eval_padding"], 360)
+    _launch(tiny_ckpt, data_file, out, 2, ["sft_text_only", "grpo_text_only", "sft_ddp_text_only", "sft_val_empty",
+                                 "eval_padding"], 420)
     return out
 
 
@@ -160,7 +162,7 @@ def test_float32_master_weights_learn_at_lr_1e_6_where_bf16_weights_do_not(agree
         assert lora["global_step"] == 1 and lora["lora_b_moved"]
 
 
-@pytest.mark.parametrize("scenario", ["sft_text_only", "grpo_text_only"])
+@pytest.mark.parametrize("scenario", ["sft_text_only", "grpo_text_only", "sft_ddp_text_only"])
 def test_text_only_batches_on_one_rank_beside_image_batches_train_together(text_only_runs, scenario):
     ranks = _ranks(text_only_runs, scenario)
     _same_run(ranks)
@@ -507,6 +509,7 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
         MISBEHAVE.clear()
         MISBEHAVE["mode"] = {"sft_empty": "empty_first", "grpo_empty": "empty_first", "grpo_drop": "drop_one",
                              "sft_text_only": "text_only", "grpo_text_only": "text_only",
+                             "sft_ddp_text_only": "text_only",
                              "sft_val_empty": "empty_val"}.get(scenario)
         _Misbehaving.images_seen = _Misbehaving.val_dropped = 0
         kind = "sft" if "sft" in scenario else "grpo"
@@ -529,6 +532,7 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
             watch = _Watch(watch_batch=1 if scenario == "sft_nan" else None)
             callbacks = [watch] + ([_NaNAt(1)] if scenario == "sft_nan" else [])
             strategy = FSDP2Strategy(hybrid_shard=True, shard_size=2) if scenario.startswith("hybrid") else None
+            strategy = "ddp" if "ddp" in scenario else strategy
             val_file = _val_file(data_file, folder) if scenario == "sft_val_empty" else None
             trainer, module = _fit(kind, ckpt, data_file, folder, callbacks, strategy=strategy,
                                    batches=3 if scenario == "sft_nan" else 2, val_file=val_file)
@@ -536,8 +540,9 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
             info["images_seen"], info["val_dropped"] = _Misbehaving.images_seen, _Misbehaving.val_dropped
             if val_file:
                 info["val_loss"] = float(trainer.callback_metrics["val/loss"])
-            mesh = trainer.strategy.fsdp_mesh
-            info["mesh"] = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names)}
+            mesh = getattr(trainer.strategy, "fsdp_mesh", None)  # None under DDP
+            if mesh is not None:
+                info["mesh"] = {"shape": list(mesh.shape), "names": list(mesh.mesh_dim_names)}
             rank = trainer.global_rank
         (folder / f"rank{rank}.json").write_text(json.dumps(info))
 
