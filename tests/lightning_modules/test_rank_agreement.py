@@ -13,7 +13,8 @@ processes, as ``python main.py fit`` does on one node. The scenarios, each on ra
   under pure bf16 (``bf16-true`` + ``master_dtype: bfloat16``): which weights moved;
 - ``hybrid_sft`` / ``hybrid_grpo`` (4 processes): hybrid sharding as a 2 × 2 mesh;
 - ``hybrid_resume`` (4 processes): a 2 × 2 hybrid fit saved as a distributed checkpoint after step 1 and
-  resumed to step 2 ends with the weights of the uninterrupted fit;
+  resumed to step 2 ends with the weights of the uninterrupted fit; ``grpo_resume`` the same for GRPO on 2
+  processes (1-D FSDP2), after the first batch's two updates;
 - ``sft_text_only`` / ``grpo_text_only``: every record of rank 1 without its image (text-only batches beside
   rank 0's image batches: the vision units must still gather and reduce on rank 1); ``sft_ddp_text_only``: the
   same SFT fit under Lightning's DDP (every parameter must get a gradient on every rank);
@@ -201,13 +202,29 @@ def test_hybrid_sharding_as_2x2_trains_with_identical_replicas(hybrid_runs, scen
     assert ranks[0]["shard"] != ranks[1]["shard"]
 
 
-def test_hybrid_sharding_resumes_from_a_distributed_checkpoint_to_the_uninterrupted_weights(hybrid_runs):
-    ranks = _ranks(hybrid_runs, "hybrid_resume", n=4)
+@pytest.fixture(scope="module")
+def grpo_resume_run(tiny_ckpt, data_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grporesume")
+    _launch(tiny_ckpt, data_file, out, 2, ["grpo_resume"], 300)
+    return out
+
+
+def _check_resume(ranks: list[dict]) -> None:
     for info in ranks:
         assert info["checkpoint_is_folder"] and info["interrupted_step"] == 1 and info["resumed_step"] == 2
         assert info["resumed_weights"] == info["whole_weights"]  # bitwise: every shard of every replica
         assert info["interrupted_weights"] != info["whole_weights"]  # the resumed fit did train its step
+        whole, first, resumed = info["grad_norms"]
+        assert first + resumed == whole  # every update of the resumed fit saw the uninterrupted one's samples
     assert len({info["whole_weights"] for info in ranks}) == 1
+
+
+def test_hybrid_sharding_resumes_from_a_distributed_checkpoint_to_the_uninterrupted_weights(hybrid_runs):
+    _check_resume(_ranks(hybrid_runs, "hybrid_resume", n=4))
+
+
+def test_grpo_on_two_ranks_resumes_to_the_uninterrupted_rollouts_and_weights(grpo_resume_run):
+    _check_resume(_ranks(grpo_resume_run, "grpo_resume"))
 
 
 # ---------------------------------------------------------------------------------------------- the worker
@@ -380,28 +397,31 @@ def _fit(kind: str, ckpt: str, data_file: str, folder: Path, callbacks, max_step
     return trainer, module
 
 
-def _hybrid_resume(ckpt: str, data_file: str, folder: Path) -> dict:
-    """Two SFT steps under a 2 × 2 hybrid mesh, once uninterrupted and once stopped after step 1 (a distributed
-    checkpoint: a folder of shards) and resumed: the digests of the full weights after each."""
+def _resume(kind: str, ckpt: str, data_file: str, folder: Path, hybrid: bool) -> dict:
+    """Two batches of ``kind`` (SFT: 1 step each; GRPO: 2 updates each), once uninterrupted and once stopped
+    after the first batch (a distributed checkpoint: a folder of shards) and resumed, under a 2 × 2 hybrid
+    mesh or 1-D FSDP2: the digests of the full weights after each, and the batches' sample ids."""
     from lightning_modules.strategies import FSDP2Strategy
 
     def strategy():
-        return FSDP2Strategy(hybrid_shard=True, shard_size=2, save_distributed_checkpoint=True)
+        return FSDP2Strategy(hybrid_shard=hybrid, shard_size=2 if hybrid else None, save_distributed_checkpoint=True)
 
     def digest(module) -> str:
         weights = _full_weights(module.policy)
         return _digest(weights[k] for k in sorted(weights))
 
-    _, whole = _fit("sft", ckpt, data_file, folder / "whole", [_Watch()], max_steps=2, strategy=strategy())
-    saver = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True, every_n_train_steps=1)
-    first, stopped = _fit("sft", ckpt, data_file, folder / "first", [_Watch(), saver], max_steps=1,
+    steps = 1 if kind == "sft" else 2  # optimizer steps per batch
+    watches = [_Watch(), _Watch(), _Watch()]
+    _, whole = _fit(kind, ckpt, data_file, folder / "whole", [watches[0]], max_steps=2 * steps, strategy=strategy())
+    saver = ModelCheckpoint(dirpath=folder / "ckpt", save_last=True, every_n_train_steps=steps)
+    first, stopped = _fit(kind, ckpt, data_file, folder / "first", [watches[1], saver], max_steps=steps,
                           strategy=strategy())
     last = folder / "ckpt" / "last.ckpt"
-    resumed, module = _fit("sft", ckpt, data_file, folder / "resumed", [_Watch()], max_steps=2, strategy=strategy(),
-                           ckpt_path=str(last))
+    resumed, module = _fit(kind, ckpt, data_file, folder / "resumed", [watches[2]], max_steps=2 * steps,
+                           strategy=strategy(), ckpt_path=str(last))
     return {"whole_weights": digest(whole), "interrupted_weights": digest(stopped), "resumed_weights": digest(module),
-            "interrupted_step": first.global_step, "resumed_step": resumed.global_step,
-            "checkpoint_is_folder": last.is_dir()}
+            "interrupted_step": first.global_step // steps, "resumed_step": resumed.global_step // steps,
+            "checkpoint_is_folder": last.is_dir(), "grad_norms": [w.grad_norms for w in watches]}
 
 
 def _summary(trainer, module, record: _Watch) -> dict:
@@ -521,8 +541,9 @@ def _worker(ckpt: str, data_file: str, out: str, devices: str, *scenarios: str) 
             info = {"metrics": {k: v for k, v in info.items() if k != "padding_rows"},
                     "padding_rows": info["padding_rows"]}
             rank = torch.distributed.get_rank()
-        elif scenario == "hybrid_resume":
-            info = _hybrid_resume(ckpt, data_file, folder)
+        elif scenario in ("hybrid_resume", "grpo_resume"):
+            info = _resume("sft" if scenario == "hybrid_resume" else "grpo", ckpt, data_file, folder,
+                           hybrid=scenario == "hybrid_resume")
             rank = torch.distributed.get_rank()
         elif scenario == "grpo_reward_fail":
             MISBEHAVE["reward_fail"] = True
