@@ -369,13 +369,12 @@ class RadVLMDataModule(L.LightningDataModule):
         )
 
     def _distributed_sampler(self, dataset: RecordDataset, train: bool) -> DistributedSampler | None:
-        """The sampler when this process is one of several data-parallel ranks, else None (Lightning's
-        ``distributed_sampler_kwargs``). Training: ``DistributedSampler`` shuffled as below; validation and
-        test: ``EvalShardSampler`` (padding marked, never counted).
+        """The sampler when this process is one of several data-parallel ranks (Lightning's
+        ``distributed_sampler_kwargs``), else None. Validation and test: ``EvalShardSampler`` (padding marked,
+        never counted).
 
-        Training
-        A ``DistributedSampler`` whose order depends only on the seed (``seed_everything``'s, as Lightning's
-        own) and the epoch, which Lightning sets each epoch: the same permutation on every rank, and after a
+        Training: a ``DistributedSampler`` whose order depends only on the seed (``seed_everything``'s, as
+        Lightning's own) and the epoch, which Lightning sets each epoch: the same permutation on every rank, and after a
         resume, so the loader's fast-forward past the batches already trained (its checkpointed position)
         lands on the very batches the uninterrupted run would see. Left to Lightning, the loader's stateful
         random sampler would be wrapped (``DistributedSamplerWrapper``) and drawn afresh from each process's
